@@ -1,0 +1,186 @@
+package advisory
+
+import (
+	"context"
+	"errors"
+	"sync"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+)
+
+// Lock is one session-level advisory lock on a connection of its own: a
+// Session holding one key. Acquire returns it; Release ends it.
+//
+// A Lock is safe for concurrent use.
+type Lock struct {
+	key  Key
+	mode Mode
+	s    *Session // nil when not acquired
+
+	ttl *time.Timer // ends the session when the TTL passes; nil without TTL
+
+	mu       sync.Mutex
+	released bool
+}
+
+// closedChan is the Done channel of a Lock that was not acquired.
+var closedChan = func() chan struct{} {
+	c := make(chan struct{})
+	close(c)
+	return c
+}()
+
+// Acquire takes key on a connection of its own from pool, and keeps that
+// connection until Release. Options: Shared, NoWait, WaitTimeout, TTL,
+// HealthInterval.
+//
+// When the key is held elsewhere and NoWait (or WaitTimeout(0)) was given,
+// Acquire returns a Lock with Acquired() == false and a nil error: the
+// connection is already back in the pool and Release does nothing.
+//
+// Waiting is done by the server, in its FIFO queue, with its deadlock
+// detection. A wait bounded by WaitTimeout or ctx's deadline fails with
+// ErrTimeout (also matching context.DeadlineExceeded for the deadline);
+// a cancelled ctx ends the wait at once with ctx's error. On any error no
+// lock is held and the connection is back in the pool, or closed if its
+// state could not be known.
+func Acquire(ctx context.Context, pool *pgxpool.Pool, key Key, opts ...Option) (*Lock, error) {
+	cfg, err := newConfig(opts)
+	if err != nil {
+		return nil, err
+	}
+	if !key.Valid() {
+		return nil, invalidKey("lock")
+	}
+	s, err := newSession(ctx, pool, cfg)
+	if err != nil {
+		return nil, err
+	}
+	ok, err := s.lock(ctx, key, cfg)
+	if err != nil || !ok {
+		_ = s.Close(ctx) // after a failed lock, its error is the lock error's consequence
+		if err != nil {
+			return nil, err
+		}
+		return &Lock{key: key, mode: cfg.mode}, nil
+	}
+	l := &Lock{key: key, mode: cfg.mode, s: s}
+	if cfg.ttl > 0 {
+		l.ttl = time.AfterFunc(cfg.ttl, l.expire)
+	}
+	return l, nil
+}
+
+// errTTL is the end reason of a Lock whose TTL passed.
+var errTTL = &Error{Op: "ttl", Kind: ErrTTLExceeded}
+
+// expire ends the lock's session at its TTL: the statement in flight is
+// interrupted and the lock released.
+func (l *Lock) expire() {
+	if l.s.beginEnd(errTTL, false) {
+		l.s.finish(errTTL)
+	}
+}
+
+// Acquired reports whether the lock was taken. A Lock that was not acquired
+// holds nothing and no connection.
+func (l *Lock) Acquired() bool { return l.s != nil }
+
+// Key returns the key the lock is for.
+func (l *Lock) Key() Key { return l.key }
+
+// Mode returns how the lock was asked for: ModeExclusive or ModeShared.
+func (l *Lock) Mode() Mode { return l.mode }
+
+// Done returns a channel that is closed when the lock is no longer held:
+// after Release, when its TTL passed, or when its connection was lost. For a
+// lock that was not acquired it is already closed.
+func (l *Lock) Done() <-chan struct{} {
+	if l.s == nil {
+		return closedChan
+	}
+	return l.s.Done()
+}
+
+// Err returns nil while the lock is held, after Release, and for a lock that
+// was not acquired; ErrLockLost (as an *Error) once the lock was lost;
+// ErrTTLExceeded once its TTL passed.
+func (l *Lock) Err() error {
+	if l.s == nil {
+		return nil
+	}
+	return l.s.Err()
+}
+
+// Release unlocks the key exactly once, checking the boolean
+// pg_advisory_unlock returns, and gives the connection back to the pool when
+// it is known to hold no lock; otherwise it closes the connection and
+// returns an error matching ErrLockLost. It runs even when ctx is already
+// cancelled, bounded by a timeout of its own. A second Release, and Release
+// of a lock that was not acquired, do nothing and return nil. After the TTL
+// passed, the first Release returns ErrTTLExceeded.
+func (l *Lock) Release(ctx context.Context) error {
+	if l.s == nil {
+		return nil
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.released {
+		return nil
+	}
+	l.released = true
+	if l.ttl != nil {
+		l.ttl.Stop()
+	}
+	err := l.s.Unlock(context.WithoutCancel(ctx), l.key, modeOption(l.mode))
+	closeErr := l.s.Close(ctx)
+	if closeErr != nil {
+		return closeErr // the session ended before: lost, or TTL passed
+	}
+	return err
+}
+
+// modeOption is the Option for mode m.
+func modeOption(m Mode) Option {
+	return func(c *config) { c.mode = m }
+}
+
+// WithConn runs fn with exclusive use of the lock's own connection: see
+// Session.WithConn. Statements fn runs there cannot run after the lock is
+// lost. It returns ErrLockLost (joined with fn's error) if the lock was lost
+// before or during fn, and ErrClosed after Release or for a lock that was
+// not acquired.
+func (l *Lock) WithConn(ctx context.Context, fn func(*pgx.Conn) error) error {
+	if l.s == nil {
+		return &Error{Op: "with_conn", Key: l.key, Kind: ErrClosed}
+	}
+	return l.s.WithConn(ctx, fn)
+}
+
+// Do runs fn while holding key, the context-manager form of Acquire: fn
+// runs only if the lock was acquired, and the lock is released when fn
+// returns or panics (the panic goes on after the release). acquired reports
+// whether fn ran.
+//
+// fn's context is cancelled when the lock is lost or its TTL passes; Do
+// then returns, once fn has returned, an error matching ErrLockLost or
+// ErrTTLExceeded joined with fn's own error. Errors from Acquire are
+// returned with acquired == false.
+func Do(ctx context.Context, pool *pgxpool.Pool, key Key, fn func(context.Context) error, opts ...Option) (acquired bool, err error) {
+	lock, err := Acquire(ctx, pool, key, opts...)
+	if err != nil || !lock.Acquired() {
+		return false, err
+	}
+	fnCtx, cancel := context.WithCancelCause(ctx)
+	stop := context.AfterFunc(lock.s.ctx, func() { cancel(context.Cause(lock.s.ctx)) })
+	defer func() {
+		stop()
+		cancel(nil)
+		if releaseErr := lock.Release(ctx); releaseErr != nil {
+			err = errors.Join(releaseErr, err)
+		}
+	}()
+	return true, fn(fnCtx)
+}

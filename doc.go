@@ -1,0 +1,77 @@
+// Package advisory takes PostgreSQL advisory locks through pgx v5, and keeps
+// the promises other libraries quietly break: a held lock never leaks back
+// into a connection pool, waits are done by the server (no polling), a
+// cancelled wait leaves nothing behind, and a lost lock is reported.
+//
+// # Keys
+//
+// PostgreSQL has two advisory key spaces that never collide: one bigint
+// (Int64Key; pg_locks.objsubid = 1) and a pair of int4 (PairKey; objsubid =
+// 2). StringKey(s) is Int64Key of the XXH64 hash (seed 0) of s's UTF-8
+// bytes, a fixed public mapping that other programs can reproduce
+// (`xxhsum -H1`). Key is a comparable value; the zero Key is invalid and
+// rejected before any SQL is sent. KeyFromLockRow reads a pg_locks row back.
+//
+// # Session locks
+//
+// A session lock is held by one database session (connection) until it is
+// unlocked or the session ends. So a session lock must own its connection:
+// Acquire takes a connection from a pgxpool.Pool and keeps it until Release,
+// and a Session holds any number of keys on one connection. The connection
+// goes back to the pool only when the library knows it holds no lock;
+// otherwise it is closed. Holds are re-entrant as in PostgreSQL: lock twice,
+// unlock twice; shared and exclusive holds of one key are counted apart.
+//
+// Waits happen on the server, in its FIFO queue, with its deadlock
+// detection: a waiter wakes as soon as the lock is released. A wait bound
+// (WaitTimeout or the context's deadline) is the server's lock_timeout for
+// that one statement: a timed-out wait returns ErrTimeout and the connection
+// stays healthy. A cancelled context interrupts the wait with a cancel
+// request, not by closing the connection. Because a cancel or lock_timeout
+// can land just after the server granted the lock, and a session lock
+// survives the failed statement, the library then reads the session's own
+// pg_locks rows and releases what was granted, or closes the connection if
+// it cannot tell: a failed acquire never leaves a lock behind.
+//
+// A deadlock victim (ErrDeadlock) loses only the wait that failed: its
+// session keeps the locks it already held, as PostgreSQL does.
+//
+// # Transaction locks
+//
+// LockTx takes a lock that ends with a pgx.Tx (pg_advisory_xact_lock); DoTx
+// runs a function in a transaction that holds one. They cannot be released
+// early and need no connection of their own, and they are the only kind that
+// works through PgBouncer in transaction pooling mode: there, consecutive
+// statements of one client may run on different server sessions, so a
+// session lock is taken on one server session and its unlock sent to
+// another, and the lock stays behind on a server connection other clients
+// then use. Do not use Acquire or Session through a transaction pooler.
+//
+// # Lost locks
+//
+// A session lock lives exactly as long as its session. A health watcher
+// checks each lock's connection every HealthInterval (one small round trip,
+// default 1 s) and, when the connection is found closed or the backend
+// terminated, ends the session: Done is closed and Err matches ErrLockLost.
+// Do cancels its function's context then. Work that must not outlive the
+// lock runs on the lock's own connection through WithConn: its statements
+// fail once the session is gone.
+//
+// # Pool sizing
+//
+// Every Lock, every Session and every waiting Acquire pins one pool
+// connection, and pgxpool's default MaxConns is max(4, NumCPU). Size the
+// pool for the locks and waiters you run at once plus your other queries,
+// or give locks a pool of their own. pgxpool.Pool.Close waits for every
+// acquired connection, so Release every Lock and Close every Session before
+// closing the pool.
+//
+// # Concurrency
+//
+// Lock and Session are safe for concurrent use. One connection runs one
+// statement at a time, so calls on one Session take turns: a Lock waiting on
+// the server delays the Session's other calls until it ends (each bounded by
+// its context), except Close, which interrupts it. Release, Unlock and Close
+// run even when their context is already cancelled, bounded by a timeout of
+// their own.
+package advisory

@@ -1,0 +1,642 @@
+package advisory
+
+import (
+	"cmp"
+	"context"
+	"errors"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+)
+
+// Timeouts of the library's own statements and clean-up.
+const (
+	// cleanupTimeout bounds an unlock, Close or Release, which do not obey
+	// the caller's context (they must run even when it is cancelled). When
+	// it passes, the connection is closed instead, which also ends its locks.
+	cleanupTimeout = 5 * time.Second
+	// cancelRequestTimeout bounds sending a cancel request; if it cannot be
+	// sent, the connection is closed instead.
+	cancelRequestTimeout = 2 * time.Second
+	// cancelGrace is how long a cancelled statement may take to return
+	// before its connection is closed under it.
+	cancelGrace = 2 * time.Second
+)
+
+// Session is one connection taken from a pool and kept for as long as the
+// Session lives, holding any number of session-level advisory locks.
+//
+// Holds are re-entrant with PostgreSQL's counts: Lock a key twice, Unlock it
+// twice. Shared and exclusive holds of one key are counted separately. The
+// Session sends a lock statement only for the first hold of a (key, mode)
+// and an unlock only for the last release, so re-entry costs no round trip.
+//
+// A Session is safe for concurrent use, but its one connection runs one
+// statement at a time: Lock, Unlock, WithConn and Close wait for the
+// statement in progress, so a Lock waiting for a busy key delays the others
+// (bounded by their contexts, except Close, which interrupts it). Held, Done
+// and Err never block.
+//
+// The Session ends when Close is called or when its connection is lost
+// (closed, backend terminated, server restarted, network cut): then every
+// hold is gone, Done is closed and Err says why. A health watcher checks the
+// connection every HealthInterval while the Session holds locks.
+//
+// The connection returns to the pool only when the Session knows it holds
+// no advisory lock; otherwise it is closed, never handed to another user.
+type Session struct {
+	conn   *pgxpool.Conn
+	health time.Duration
+
+	// turn is a token: whoever holds it may use conn. Taking it obeys a
+	// context; Close takes it after interrupting the holder.
+	turn chan struct{}
+
+	// stmt is the statement in flight, for interrupting it.
+	stmtMu   sync.Mutex
+	stmtGen  uint64      // counts statements; an interrupt names the one it is for
+	inFlight bool        // a statement (or WithConn callback) is running
+	stopper  *time.Timer // closes the connection if a cancelled statement hangs
+
+	mu      sync.Mutex
+	holds   map[hold]int
+	rawUsed bool  // WithConn ran: the connection may hold locks the Session did not take
+	ending  bool  // Close began or the session was lost
+	closed  bool  // Close has returned the end reason once
+	err     error // why it ended; nil after a clean Close
+
+	ctx     context.Context // cancelled, with the reason, when the session starts ending
+	cancel  context.CancelCauseFunc
+	done    chan struct{} // closed once the connection is given back or closed
+	watcher sync.WaitGroup
+}
+
+// grantedThenCancelled counts lock statements that failed after the server
+// had granted the lock (found by dropIfGranted), for tests to report how
+// often they hit that race.
+var grantedThenCancelled atomic.Int64
+
+// hold is one (key, mode) a Session holds.
+type hold struct {
+	key  Key
+	mode Mode
+}
+
+// Hold is one key a Session holds, in one mode, Count times.
+type Hold struct {
+	Key   Key
+	Mode  Mode
+	Count int
+}
+
+// NewSession takes a connection from pool for the life of the Session. Only
+// HealthInterval applies among opts. It fails if pool is nil, if an option is
+// invalid, or if no connection can be had before ctx ends.
+//
+// Every Session keeps one pool connection until Close: size the pool for the
+// sessions, locks and waiters you run at once, plus your other queries.
+func NewSession(ctx context.Context, pool *pgxpool.Pool, opts ...Option) (*Session, error) {
+	cfg, err := newConfig(opts)
+	if err != nil {
+		return nil, err
+	}
+	return newSession(ctx, pool, cfg)
+}
+
+func newSession(ctx context.Context, pool *pgxpool.Pool, cfg config) (*Session, error) {
+	if pool == nil {
+		return nil, errorf("nil *pgxpool.Pool")
+	}
+	conn, err := pool.Acquire(ctx)
+	if err != nil {
+		return nil, &Error{Op: "session", Err: err}
+	}
+	s := &Session{
+		conn:   conn,
+		health: cfg.health,
+		turn:   make(chan struct{}, 1),
+		holds:  make(map[hold]int),
+		done:   make(chan struct{}),
+	}
+	s.ctx, s.cancel = context.WithCancelCause(context.Background())
+	s.watcher.Add(1)
+	go s.watch()
+	return s, nil
+}
+
+// Lock takes key on the session: exclusively, or with Shared(); waiting on
+// the server, or trying once with NoWait(), or waiting at most WaitTimeout(d)
+// or until ctx's deadline. It returns true when the session holds the key
+// (again, if it already did: holds are counted), false with a nil error when
+// NoWait found it held elsewhere.
+//
+// On error nothing new is held and the session's earlier holds are kept:
+// ErrTimeout when the wait bound passed (also matching
+// context.DeadlineExceeded when that bound was ctx's deadline), ErrDeadlock
+// when PostgreSQL broke a deadlock by failing this wait, ErrTooManyLocks
+// when the server's lock table is full, the context's error when ctx was
+// cancelled (the wait is interrupted with a cancel request; the connection
+// survives). If the connection is lost the session ends and every hold goes
+// with it: the error then matches ErrLockLost and Done is closed.
+func (s *Session) Lock(ctx context.Context, key Key, opts ...Option) (bool, error) {
+	cfg, err := newConfig(opts)
+	if err != nil {
+		return false, err
+	}
+	return s.lock(ctx, key, cfg)
+}
+
+func (s *Session) lock(ctx context.Context, key Key, cfg config) (bool, error) {
+	if !key.Valid() {
+		return false, invalidKey("lock")
+	}
+	if err := s.takeTurn(ctx); err != nil {
+		return false, keyError("lock", key, nil, err)
+	}
+	defer s.giveTurn()
+
+	h := hold{key, cfg.mode}
+	s.mu.Lock()
+	if s.holds[h] > 0 {
+		s.holds[h]++
+		s.mu.Unlock()
+		return true, nil
+	}
+	s.mu.Unlock()
+
+	w, bound, byDeadline := cfg.waitPlan(ctx)
+	sql, args := lockStatement(scopeSession, cfg.mode, w, key, bound)
+	got := true
+	err := s.run(ctx, true, func(ctx context.Context, c *pgx.Conn) error {
+		if w == waitTry {
+			return c.QueryRow(ctx, sql, args...).Scan(&got)
+		}
+		_, err := c.Exec(ctx, sql, args...)
+		return err
+	})
+	if err == nil {
+		if got {
+			s.mu.Lock()
+			s.holds[h] = 1
+			s.mu.Unlock()
+		}
+		return got, nil
+	}
+	return false, s.lockFailed(ctx, h, byDeadline, err)
+}
+
+// lockFailed makes sure a failed lock statement left nothing held, and
+// returns the error for it. A cancel or lock_timeout can land after the
+// server granted the lock, and a session lock outlives the statement that
+// failed, so unless the error says the lock cannot have been granted, the
+// session's own pg_locks rows decide; if that cannot be known, the session
+// ends and its connection is closed.
+func (s *Session) lockFailed(ctx context.Context, h hold, byDeadline bool, err error) error {
+	if lost := s.lostErr(err); lost != nil {
+		return keyError("lock", h.key, ErrLockLost, errors.Join(err, lost))
+	}
+	kind := kindOf(err)
+	if code := sqlState(err); code != codeDeadlock && code != codeOutOfMemory {
+		if err := s.dropIfGranted(h); err != nil {
+			return keyError("lock", h.key, ErrLockLost, err)
+		}
+	}
+	if s.ctx.Err() != nil {
+		return keyError("lock", h.key, ErrClosed, err)
+	}
+	if ctxErr := ctx.Err(); ctxErr != nil {
+		if errors.Is(ctxErr, context.DeadlineExceeded) && byDeadline {
+			kind = ErrTimeout
+		}
+		if kind == nil {
+			err = errors.Join(context.Cause(ctx), err)
+		}
+	}
+	e := keyError("lock", h.key, kind, err)
+	e.deadline = kind == ErrTimeout && byDeadline
+	return e
+}
+
+// dropIfGranted asks the server whether the session holds h after an
+// ambiguous failure and, if it does, releases it. Any failure ends the
+// session, which is then the only way to be sure.
+func (s *Session) dropIfGranted(h hold) error {
+	classid, objid, objsubid := h.key.LockRow()
+	var held bool
+	err := s.runCleanup(func(ctx context.Context, c *pgx.Conn) error {
+		return c.QueryRow(ctx, heldSQL, int64(classid), int64(objid), objsubid, h.mode.lockMode()).Scan(&held)
+	})
+	if err == nil && held {
+		grantedThenCancelled.Add(1)
+		err = s.unlockStatement(h)
+	}
+	if err != nil {
+		s.lose(err)
+		return errors.Join(err, s.Err())
+	}
+	return nil
+}
+
+// Unlock releases one hold of key in the mode opts say (exclusive unless
+// Shared()). The last hold of a (key, mode) is released on the server, and
+// the boolean pg_advisory_unlock returns is checked.
+//
+// It returns ErrNotHeld, sending nothing, when the session does not hold key
+// in that mode. It sends the unlock even when ctx is already cancelled (ctx
+// only bounds the wait for the connection's turn); the statement is bounded
+// by its own timeout. If the server did not hold the lock, or the unlock
+// fails, the session ends and its connection is closed (which releases
+// whatever it held), and the error matches ErrLockLost.
+func (s *Session) Unlock(ctx context.Context, key Key, opts ...Option) error {
+	cfg, err := newConfig(opts)
+	if err != nil {
+		return err
+	}
+	if !key.Valid() {
+		return invalidKey("unlock")
+	}
+	if err := s.takeTurn(ctx); err != nil {
+		return keyError("unlock", key, nil, err)
+	}
+	defer s.giveTurn()
+	h := hold{key, cfg.mode}
+	s.mu.Lock()
+	n := s.holds[h]
+	if n > 1 {
+		s.holds[h] = n - 1
+	}
+	s.mu.Unlock()
+	switch {
+	case n == 0:
+		return keyError("unlock", key, ErrNotHeld, nil)
+	case n > 1:
+		return nil
+	}
+	err = s.unlockStatement(h)
+	s.mu.Lock()
+	delete(s.holds, h)
+	s.mu.Unlock()
+	if err != nil {
+		s.lose(err)
+		return keyError("unlock", key, ErrLockLost, err)
+	}
+	return nil
+}
+
+// errUnlockFalse is the cause when pg_advisory_unlock returns false for a
+// lock the session had recorded as held.
+var errUnlockFalse = errors.New("pg_advisory_unlock returned false: the server did not hold the lock")
+
+// unlockStatement releases h on the server once. The caller holds the turn.
+func (s *Session) unlockStatement(h hold) error {
+	var ok bool
+	err := s.runCleanup(func(ctx context.Context, c *pgx.Conn) error {
+		return c.QueryRow(ctx, unlockSQL[h.mode][h.key.space-1], h.key.args()...).Scan(&ok)
+	})
+	if err == nil && !ok {
+		err = errUnlockFalse
+	}
+	return err
+}
+
+// Held returns the session's holds, ordered by key and mode. It never
+// blocks.
+func (s *Session) Held() []Hold {
+	s.mu.Lock()
+	held := make([]Hold, 0, len(s.holds))
+	for h, n := range s.holds {
+		held = append(held, Hold{Key: h.key, Mode: h.mode, Count: n})
+	}
+	s.mu.Unlock()
+	slices.SortFunc(held, func(a, b Hold) int {
+		return cmp.Or(cmp.Compare(a.Key.space, b.Key.space), cmp.Compare(a.Key.classid, b.Key.classid),
+			cmp.Compare(a.Key.objid, b.Key.objid), cmp.Compare(a.Mode, b.Mode))
+	})
+	return held
+}
+
+// Done returns a channel that is closed when the session has ended: after
+// Close, or once its connection is found lost (then every hold is gone).
+func (s *Session) Done() <-chan struct{} { return s.done }
+
+// Err returns nil while the session lives and after a Close; otherwise why
+// it ended, matching ErrLockLost (or ErrTTLExceeded for a Lock's TTL).
+func (s *Session) Err() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.err
+}
+
+// WithConn runs fn with exclusive use of the session's own connection: the
+// same backend that holds the session's locks, so fn's statements can only
+// run while those locks are held and fail once the session is gone (fenced
+// work). Other calls on the session, and its health watcher, wait for fn.
+//
+// It returns ErrLockLost (joined with fn's error) if the session was lost
+// before or during fn, and ErrClosed after Close. fn must not keep the
+// connection, or rows read from it, after it returns, and must not leave a
+// transaction open (WithConn rolls it back and returns an error). Locks fn
+// takes with its own SQL are the caller's to release, though Close releases
+// them too. When ctx is cancelled while fn runs, the statement in flight is
+// cancelled.
+func (s *Session) WithConn(ctx context.Context, fn func(*pgx.Conn) error) error {
+	if err := s.takeTurn(ctx); err != nil {
+		return &Error{Op: "with_conn", Err: err}
+	}
+	defer s.giveTurn()
+	s.mu.Lock()
+	s.rawUsed = true
+	s.mu.Unlock()
+	err := s.run(ctx, true, func(_ context.Context, c *pgx.Conn) error { return fn(c) })
+	if lost := s.lostErr(err); lost != nil {
+		return &Error{Op: "with_conn", Kind: ErrLockLost, Err: errors.Join(err, lost)}
+	}
+	if s.conn.Conn().PgConn().TxStatus() != 'I' {
+		rollback := s.runCleanup(func(ctx context.Context, c *pgx.Conn) error {
+			_, err := c.Exec(ctx, "ROLLBACK")
+			return err
+		})
+		if rollback != nil {
+			s.lose(rollback)
+		}
+		return &Error{Op: "with_conn", Err: errors.Join(err, errorf("the callback left a transaction open; it was rolled back"), rollback)}
+	}
+	if s.ctx.Err() != nil {
+		return &Error{Op: "with_conn", Kind: s.endKind(), Err: err}
+	}
+	return err
+}
+
+// Close releases every hold and gives the connection back to the pool, or,
+// if the session cannot be sure its connection holds no lock, closes it.
+// It interrupts a Lock waiting on the session and waits for a WithConn
+// callback to return. It does not obey ctx: it is bounded by its own
+// timeout, after which the connection is closed (which also ends its locks).
+//
+// The first Close returns nil when the session ended cleanly, and otherwise
+// why it ended (matching ErrLockLost, or ErrTTLExceeded). Later calls return
+// nil.
+func (s *Session) Close(ctx context.Context) error {
+	if s.beginEnd(nil, false) {
+		s.finish(nil)
+	}
+	<-s.done
+	s.watcher.Wait()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return nil
+	}
+	s.closed = true
+	return s.err
+}
+
+// beginEnd marks the session as ending with cause (nil for Close) and
+// cancels its context, which interrupts the statement in flight and stops
+// the watcher. Only the first call returns true; it must then call finish,
+// in a goroutine counted by the watcher group if inBackground.
+func (s *Session) beginEnd(cause error, inBackground bool) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.ending {
+		return false
+	}
+	s.ending = true
+	s.err = cause
+	if inBackground {
+		s.watcher.Add(1)
+	}
+	if cause == nil {
+		s.cancel(ErrClosed)
+	} else {
+		s.cancel(cause)
+	}
+	return true
+}
+
+// finish completes the end begun by beginEnd: it takes the turn (the
+// statement in flight was interrupted; a WithConn callback that ignores
+// that is cut off by closing the connection once cleanupTimeout passes),
+// releases every hold and returns the connection clean, or closes it when
+// the session was lost or the release fails. Then it closes done.
+func (s *Session) finish(cause error) {
+	select {
+	case s.turn <- struct{}{}:
+	case <-time.After(cleanupTimeout):
+		s.conn.Conn().PgConn().Conn().Close()
+		s.turn <- struct{}{}
+	}
+	defer s.giveTurn()
+
+	clean := !errors.Is(cause, ErrLockLost) && !s.conn.Conn().IsClosed()
+	s.mu.Lock()
+	mustUnlock := len(s.holds) > 0 || s.rawUsed
+	clear(s.holds)
+	s.mu.Unlock()
+	if clean && mustUnlock {
+		err := s.runCleanup(func(ctx context.Context, c *pgx.Conn) error {
+			_, err := c.Exec(ctx, unlockAllSQL)
+			return err
+		})
+		if err != nil {
+			clean = false
+			s.mu.Lock()
+			s.err = &Error{Op: "close", Kind: ErrLockLost, Err: err}
+			s.mu.Unlock()
+		}
+	}
+	if clean {
+		s.conn.Release()
+	} else {
+		s.closeConn()
+	}
+	close(s.done)
+}
+
+// lose ends the session because its connection was lost or its lock state
+// cannot be known: it closes the connection at once, so nothing more is
+// sent on it, and finishes the end in the background (the caller may hold
+// the turn).
+func (s *Session) lose(cause error) {
+	err := &Error{Op: "session", Kind: ErrLockLost, Err: cause}
+	if !s.beginEnd(err, true) {
+		return
+	}
+	s.conn.Conn().PgConn().Conn().Close()
+	go func() {
+		defer s.watcher.Done()
+		s.finish(err)
+	}()
+}
+
+// lostErr reports whether err means the session's connection is gone, and
+// if so ends the session and returns its reason.
+func (s *Session) lostErr(err error) error {
+	if err == nil || !s.conn.Conn().IsClosed() {
+		return nil
+	}
+	s.lose(err)
+	return ErrLockLost
+}
+
+// endKind is the sentinel for a call made after the session started ending.
+func (s *Session) endKind() error {
+	if err := s.Err(); err != nil {
+		return err
+	}
+	return ErrClosed
+}
+
+// closeConn closes the connection and hands it to the pool, which destroys
+// it. The caller holds the turn.
+func (s *Session) closeConn() {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	_ = s.conn.Conn().Close(ctx)
+	s.conn.Release()
+}
+
+// takeTurn waits for exclusive use of the connection, or for ctx to end. It
+// fails with the session's end reason once the session is ending.
+func (s *Session) takeTurn(ctx context.Context) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	select {
+	case s.turn <- struct{}{}:
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-s.ctx.Done():
+		return s.endKind()
+	}
+	if s.ctx.Err() != nil {
+		s.giveTurn()
+		return s.endKind()
+	}
+	return nil
+}
+
+// giveTurn ends a takeTurn.
+func (s *Session) giveTurn() { <-s.turn }
+
+// run runs f on the connection; the caller holds the turn. f gets a context
+// that is never cancelled: when ctx ends (or, if untilEnd, when the
+// session starts ending) the statement in flight is interrupted with a
+// cancel request, so the connection survives, and closed if that cannot be
+// done. f fails at once, sending nothing, if ctx is already done.
+func (s *Session) run(ctx context.Context, untilEnd bool, f func(context.Context, *pgx.Conn) error) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	s.stmtMu.Lock()
+	s.stmtGen++
+	gen := s.stmtGen
+	s.inFlight = true
+	s.stmtMu.Unlock()
+
+	interrupt := func() { s.interrupt(gen) }
+	stopCtx := context.AfterFunc(ctx, interrupt)
+	stopEnd := func() bool { return true }
+	if untilEnd {
+		stopEnd = context.AfterFunc(s.ctx, interrupt)
+	}
+	err := f(context.WithoutCancel(ctx), s.conn.Conn())
+	stopCtx()
+	stopEnd()
+
+	// Wait for an interrupt already under way, so that its cancel request
+	// cannot reach a later statement.
+	s.stmtMu.Lock()
+	s.inFlight = false
+	if s.stopper != nil {
+		s.stopper.Stop()
+		s.stopper = nil
+	}
+	s.stmtMu.Unlock()
+	return err
+}
+
+// runCleanup runs one of the library's own clean-up statements, bounded by
+// cleanupTimeout and not interrupted by the session's end.
+func (s *Session) runCleanup(f func(context.Context, *pgx.Conn) error) error {
+	ctx, cancel := context.WithTimeout(context.Background(), cleanupTimeout)
+	defer cancel()
+	return s.run(ctx, false, f)
+}
+
+// interrupt cancels statement gen if it is still in flight: it sends a
+// cancel request and returns once the server has taken it, so the cancel
+// can only hit that statement (PostgreSQL drops a cancel that arrives while
+// the backend is idle). If the request cannot be sent, or the statement does
+// not return within cancelGrace, the connection is closed.
+func (s *Session) interrupt(gen uint64) {
+	s.stmtMu.Lock()
+	defer s.stmtMu.Unlock()
+	if !s.inFlight || s.stmtGen != gen || s.stopper != nil {
+		return
+	}
+	pg := s.conn.Conn().PgConn()
+	ctx, cancel := context.WithTimeout(context.Background(), cancelRequestTimeout)
+	err := pg.CancelRequest(ctx)
+	cancel()
+	if err != nil {
+		pg.Conn().Close()
+		return
+	}
+	s.stopper = time.AfterFunc(cancelGrace, func() {
+		s.stmtMu.Lock()
+		defer s.stmtMu.Unlock()
+		if s.inFlight && s.stmtGen == gen {
+			pg.Conn().Close()
+		}
+	})
+}
+
+// watch checks the connection every health interval while the session holds
+// locks, and ends the session when a check fails. A check is skipped while
+// another statement runs: that statement fails by itself if the connection
+// is gone.
+func (s *Session) watch() {
+	defer s.watcher.Done()
+	tick := time.NewTicker(s.health)
+	defer tick.Stop()
+	for {
+		select {
+		case <-s.ctx.Done():
+			return
+		case <-tick.C:
+		}
+		s.mu.Lock()
+		idle := len(s.holds) == 0 && !s.rawUsed
+		s.mu.Unlock()
+		if idle {
+			continue
+		}
+		select {
+		case s.turn <- struct{}{}:
+		default:
+			continue
+		}
+		err := s.ping()
+		s.giveTurn()
+		if err != nil {
+			s.lose(err)
+			return
+		}
+	}
+}
+
+// ping is one round trip, bounded by the health interval; a timeout closes
+// the connection.
+func (s *Session) ping() error {
+	if s.ctx.Err() != nil {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), s.health)
+	defer cancel()
+	return s.conn.Conn().PgConn().Ping(ctx)
+}

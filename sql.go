@@ -1,0 +1,96 @@
+package advisory
+
+import (
+	"fmt"
+	"time"
+)
+
+// Every statement the library sends is in this file.
+//
+// Lock statements come from one table indexed by scope (session or
+// transaction), mode (exclusive or shared), wait (try, wait, or wait bounded
+// by a server-side lock_timeout) and key space (one bigint or two int4).
+// Key arguments always come last: $1 for Int64Key, $1, $2 for PairKey; a
+// bounded wait puts the lock_timeout text first and shifts the key.
+
+// scope is the lifetime of a lock on the server.
+type scope int
+
+const (
+	scopeSession scope = iota // held until unlocked or the session ends
+	scopeTx                   // held until the transaction ends
+)
+
+// wait is how a lock statement waits for a lock held elsewhere.
+type wait int
+
+const (
+	waitTry     wait = iota // pg_try_*: never waits, returns a boolean
+	waitForever             // pg_advisory_*lock: waits on the server, returns void
+	waitBounded             // as waitForever, under a lock_timeout set for this statement only
+)
+
+// boundedLockSQL runs LOCKCALL with lock_timeout set to $1 for the statement
+// and restores the previous value afterwards, so a bounded wait never changes
+// the session's or the transaction's own lock_timeout. Each level is an
+// OFFSET 0 subquery, which PostgreSQL neither flattens nor reorders, so the
+// order is fixed: read the old value, set the bound, lock, restore. A lock
+// that fails aborts the statement, and set_config(..., true) is then undone
+// with it.
+const boundedLockSQL = `SELECT set_config('lock_timeout', locked.old, true) FROM (` +
+	`SELECT bound.old, %s AS lock FROM (` +
+	`SELECT saved.old, set_config('lock_timeout', $1, true) AS new FROM (` +
+	`SELECT current_setting('lock_timeout') AS old OFFSET 0) AS saved OFFSET 0) AS bound OFFSET 0) AS locked`
+
+// lockSQL[scope][mode][wait][space-1] is the statement that takes a lock.
+var lockSQL [2][2][3][2]string
+
+// unlockSQL[mode][space-1] releases one session-level hold and returns the
+// boolean PostgreSQL reports (false, with a WARNING, when it was not held).
+var unlockSQL [2][2]string
+
+func init() {
+	for sc, xact := range []string{scopeSession: "", scopeTx: "xact_"} {
+		for m, shared := range []string{ModeExclusive: "", ModeShared: "_shared"} {
+			// Key parameters: alone, and after a bounded wait's $1.
+			for sp, params := range [][2]string{{"$1", "$2"}, {"$1, $2", "$2, $3"}} {
+				lockSQL[sc][m][waitTry][sp] = fmt.Sprintf("SELECT pg_try_advisory_%slock%s(%s)", xact, shared, params[0])
+				lockSQL[sc][m][waitForever][sp] = fmt.Sprintf("SELECT pg_advisory_%slock%s(%s)", xact, shared, params[0])
+				lockSQL[sc][m][waitBounded][sp] = fmt.Sprintf(boundedLockSQL, fmt.Sprintf("pg_advisory_%slock%s(%s)", xact, shared, params[1]))
+				unlockSQL[m][sp] = fmt.Sprintf("SELECT pg_advisory_unlock%s(%s)", shared, params[0])
+			}
+		}
+	}
+}
+
+// unlockAllSQL releases every session-level advisory lock of the session.
+const unlockAllSQL = `SELECT pg_advisory_unlock_all()`
+
+// heldSQL reports whether this session holds a key in a mode, granted. It is
+// how an ambiguous error from a lock statement (a cancel or lock_timeout that
+// may have arrived just after the grant) is resolved.
+// Arguments: classid, objid, objsubid, pg_locks mode name.
+const heldSQL = `SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_locks ` +
+	`WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND granted ` +
+	`AND database = (SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database()) ` +
+	`AND classid::int8 = $1 AND objid::int8 = $2 AND objsubid = $3 AND mode = $4)`
+
+// lockTimeoutText formats a wait bound for lock_timeout. The server rounds to
+// milliseconds and treats 0 as "no timeout", so the bound is rounded up to at
+// least one millisecond.
+func lockTimeoutText(d time.Duration) string {
+	ms := (d + time.Millisecond - 1) / time.Millisecond
+	if ms < 1 {
+		ms = 1
+	}
+	return fmt.Sprintf("%dms", ms)
+}
+
+// lockStatement returns the SQL and arguments that lock key.
+func lockStatement(sc scope, m Mode, w wait, key Key, bound time.Duration) (string, []any) {
+	sql := lockSQL[sc][m][w][key.space-1]
+	if w == waitBounded {
+		return sql, append([]any{lockTimeoutText(bound)}, key.args()...)
+	}
+	return sql, key.args()
+}
