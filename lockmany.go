@@ -1,0 +1,292 @@
+package advisory
+
+import (
+	"cmp"
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+
+	"github.com/jackc/pgx/v5"
+)
+
+// LockMany takes every key in keys on the session, in one mode (exclusive,
+// or Shared()), and returns true when the session holds them all. It is
+// Lock for a set of keys, in a constant number of round trips: one
+// statement takes all the keys the session does not hold yet in that mode;
+// keys it already holds only have their counts raised, with no SQL.
+//
+// keys is a set: Int64Key (and StringKey) and PairKey keys may be mixed, and
+// a key listed more than once is taken once and counted once. An empty set
+// returns true at once. Any invalid key fails the call with ErrInvalidKey
+// before anything is sent.
+//
+// The keys are taken in one canonical order, whatever the order of keys:
+// the Int64Key space first, by the key's value as an unsigned number, then
+// the PairKey space, by (uint32(a), uint32(b)). Two sessions that LockMany
+// overlapping sets therefore never deadlock on each other; keys a session
+// took before, with Lock or an earlier LockMany, are outside that promise.
+//
+// Waiting is as for Lock: on the server, for each key in turn. With NoWait
+// it is all or nothing: if any key is held elsewhere, LockMany releases the
+// keys it took and returns false and a nil error. WaitTimeout(d) bounds each
+// key's wait on the server (lock_timeout) and the whole call; ctx's deadline
+// bounds the whole call; either fails with ErrTimeout.
+//
+// On error nothing new is held and the session's earlier holds are kept,
+// with their counts: the keys the failed statement had already taken are
+// found in the session's own pg_locks rows and released. The errors are
+// Lock's: ErrTimeout, ErrDeadlock, ErrTooManyLocks (the server's lock
+// table is too small for the set), the context's error when ctx was
+// cancelled. If the connection is lost, or the clean-up fails, the session
+// ends, every hold goes with it, and the error matches ErrLockLost. Errors
+// are an *Error with Op "lock_many" and the zero Key.
+//
+// Like every call on a Session, LockMany holds the connection's turn for
+// its whole wait.
+func (s *Session) LockMany(ctx context.Context, keys []Key, opts ...Option) (bool, error) {
+	cfg, err := newConfig(opts)
+	if err != nil {
+		return false, err
+	}
+	set, err := canonicalKeys("lock_many", keys)
+	if err != nil {
+		return false, err
+	}
+	if err := s.takeTurn(ctx); err != nil {
+		return false, &Error{Op: "lock_many", Err: err}
+	}
+	defer s.giveTurn()
+
+	var fresh []Key
+	s.mu.Lock()
+	for _, k := range set {
+		if s.holds[hold{k, cfg.mode}] == 0 {
+			fresh = append(fresh, k)
+		}
+	}
+	s.mu.Unlock()
+	if len(fresh) > 0 {
+		if ok, err := s.lockFresh(ctx, fresh, cfg); err != nil || !ok {
+			return false, err
+		}
+	}
+	s.mu.Lock()
+	for _, k := range set {
+		s.holds[hold{k, cfg.mode}]++
+	}
+	s.mu.Unlock()
+	return true, nil
+}
+
+// lockFresh takes keys, none of which the session holds in cfg.mode, with
+// one statement. It returns false, nil when NoWait found a key busy, after
+// releasing the ones it took. The caller holds the turn.
+func (s *Session) lockFresh(ctx context.Context, keys []Key, cfg config) (bool, error) {
+	w, bound, byDeadline := cfg.waitPlan(ctx)
+	runCtx := ctx
+	if w == waitBounded && !byDeadline {
+		// lock_timeout bounds each key's wait; this bounds their sum.
+		var cancel context.CancelFunc
+		runCtx, cancel = context.WithTimeout(ctx, bound)
+		defer cancel()
+	}
+	sql, args := lockManySQL[cfg.mode][w], manyArgs(keys)
+	if w == waitBounded {
+		args = append([]any{lockTimeoutText(bound)}, args...)
+	}
+	var (
+		n        int64 // keys taken, when waiting
+		failedAt int64 // 1-based position of the first busy key, with NoWait
+	)
+	err := s.run(runCtx, true, func(ctx context.Context, c *pgx.Conn) error {
+		switch w {
+		case waitTry:
+			err := c.QueryRow(ctx, sql, args...).Scan(&failedAt)
+			if errors.Is(err, pgx.ErrNoRows) {
+				return nil
+			}
+			return err
+		case waitBounded:
+			return c.QueryRow(ctx, sql, args...).Scan(nil, &n)
+		}
+		return c.QueryRow(ctx, sql, args...).Scan(&n)
+	})
+	if err == nil && w != waitTry && n != int64(len(keys)) {
+		err = fmt.Errorf("the lock statement took %d of %d keys", n, len(keys))
+	}
+	if err != nil {
+		return false, s.lockManyFailed(ctx, runCtx, keys, cfg.mode, byDeadline, err)
+	}
+	if failedAt == 0 {
+		return true, nil
+	}
+	// NoWait: the keys before the busy one were taken; give them back.
+	if failedAt > 1 {
+		if err := s.unlockManyStatement(keys[:failedAt-1], cfg.mode); err != nil {
+			s.lose(err)
+			return false, &Error{Op: "lock_many", Kind: ErrLockLost, Err: errors.Join(err, s.Err())}
+		}
+	}
+	return false, nil
+}
+
+// lockManyFailed makes sure a failed many-key lock statement left none of
+// keys held, and returns the error for it. Unlike one key, a statement that
+// failed on its k-th key holds the keys before it, whatever the error, so
+// the session's pg_locks rows always decide; if they cannot, the session
+// ends. runCtx is ctx, or ctx bounded by WaitTimeout.
+func (s *Session) lockManyFailed(ctx, runCtx context.Context, keys []Key, m Mode, byDeadline bool, err error) error {
+	if lost := s.lostErr(err); lost != nil {
+		return &Error{Op: "lock_many", Kind: ErrLockLost, Err: errors.Join(err, lost)}
+	}
+	if err := s.dropGrantedMany(keys, m); err != nil {
+		return &Error{Op: "lock_many", Kind: ErrLockLost, Err: err}
+	}
+	if s.ctx.Err() != nil {
+		return &Error{Op: "lock_many", Kind: ErrClosed, Err: err}
+	}
+	kind := kindOf(err)
+	switch {
+	case ctx.Err() != nil:
+		if errors.Is(ctx.Err(), context.DeadlineExceeded) && byDeadline {
+			kind = ErrTimeout
+		} else if kind == nil {
+			err = errors.Join(context.Cause(ctx), err)
+		}
+	case runCtx.Err() != nil:
+		kind = ErrTimeout // the WaitTimeout bound on the whole call
+	}
+	return &Error{Op: "lock_many", Kind: kind, Err: err, deadline: kind == ErrTimeout && byDeadline}
+}
+
+// dropGrantedMany reads which of keys the session holds in mode m on the
+// server and releases them. Any failure ends the session, which is then
+// the only way to be sure.
+func (s *Session) dropGrantedMany(keys []Key, m Mode) error {
+	want := make(map[Key]bool, len(keys))
+	for _, k := range keys {
+		want[k] = true
+	}
+	var granted []Key
+	err := s.runCleanup(func(ctx context.Context, c *pgx.Conn) error {
+		rows, err := c.Query(ctx, heldInModeSQL, m.lockMode())
+		if err != nil {
+			return err
+		}
+		var classid, objid int64
+		var objsubid int16
+		_, err = pgx.ForEachRow(rows, []any{&classid, &objid, &objsubid}, func() error {
+			k, err := KeyFromLockRow(uint32(classid), uint32(objid), objsubid)
+			if err == nil && want[k] {
+				granted = append(granted, k)
+			}
+			return err
+		})
+		return err
+	})
+	if err == nil && len(granted) > 0 {
+		grantedThenCancelled.Add(1)
+		err = s.unlockManyStatement(granted, m)
+	}
+	if err != nil {
+		s.lose(err)
+		return errors.Join(err, s.Err())
+	}
+	return nil
+}
+
+// UnlockMany releases one hold of every key in keys, in the mode opts say
+// (exclusive unless Shared()): Unlock for a set of keys. keys is a set, as
+// for LockMany: a key listed more than once is released once. The keys
+// whose last hold this releases are unlocked on the server in one
+// statement, and every boolean pg_advisory_unlock returns is checked;
+// keys still held more than once only have their counts lowered.
+//
+// It is all or nothing: if the session does not hold some key in that
+// mode, it returns an error matching ErrNotHeld (its Key is the first such
+// key in canonical order), sends nothing and changes no count. An invalid
+// key fails with ErrInvalidKey, also before anything changes. Like Unlock,
+// it sends the unlock even when ctx is already cancelled (ctx only bounds
+// the wait for the connection's turn), bounded by its own timeout. If the
+// server did not hold one of the keys, or the unlock fails, the session
+// ends and its connection is closed (which releases whatever it held), and
+// the error matches ErrLockLost.
+func (s *Session) UnlockMany(ctx context.Context, keys []Key, opts ...Option) error {
+	cfg, err := newConfig(opts)
+	if err != nil {
+		return err
+	}
+	set, err := canonicalKeys("unlock_many", keys)
+	if err != nil {
+		return err
+	}
+	if err := s.takeTurn(ctx); err != nil {
+		return &Error{Op: "unlock_many", Err: err}
+	}
+	defer s.giveTurn()
+
+	var last []Key
+	s.mu.Lock()
+	for _, k := range set {
+		if s.holds[hold{k, cfg.mode}] == 0 {
+			s.mu.Unlock()
+			return keyError("unlock_many", k, ErrNotHeld, nil)
+		}
+	}
+	for _, k := range set {
+		h := hold{k, cfg.mode}
+		if s.holds[h] == 1 {
+			last = append(last, k)
+		} else {
+			s.holds[h]--
+		}
+	}
+	s.mu.Unlock()
+	if len(last) == 0 {
+		return nil
+	}
+	err = s.unlockManyStatement(last, cfg.mode)
+	s.mu.Lock()
+	for _, k := range last {
+		delete(s.holds, hold{k, cfg.mode})
+	}
+	s.mu.Unlock()
+	if err != nil {
+		s.lose(err)
+		return &Error{Op: "unlock_many", Kind: ErrLockLost, Err: err}
+	}
+	return nil
+}
+
+// unlockManyStatement releases keys in mode m on the server, once each,
+// with one statement. The caller holds the turn.
+func (s *Session) unlockManyStatement(keys []Key, m Mode) error {
+	var notHeld int64
+	err := s.runCleanup(func(ctx context.Context, c *pgx.Conn) error {
+		return c.QueryRow(ctx, unlockManySQL[m], manyArgs(keys)...).Scan(&notHeld)
+	})
+	if err == nil && notHeld > 0 {
+		err = fmt.Errorf("%w (%d of %d keys)", errUnlockFalse, notHeld, len(keys))
+	}
+	return err
+}
+
+// canonicalKeys returns keys sorted in the canonical lock order (key space,
+// then classid, then objid, as unsigned numbers) without duplicates, or an
+// ErrInvalidKey error for op if any key is invalid.
+func canonicalKeys(op string, keys []Key) ([]Key, error) {
+	for _, k := range keys {
+		if !k.Valid() {
+			return nil, invalidKey(op)
+		}
+	}
+	set := slices.Clone(keys)
+	slices.SortFunc(set, compareKeys)
+	return slices.Compact(set), nil
+}
+
+// compareKeys orders keys canonically: by key space, classid, objid.
+func compareKeys(a, b Key) int {
+	return cmp.Or(cmp.Compare(a.space, b.space), cmp.Compare(a.classid, b.classid), cmp.Compare(a.objid, b.objid))
+}
