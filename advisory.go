@@ -141,8 +141,11 @@ func (l *Lock) Release(ctx context.Context) error {
 	}
 	err := l.s.Unlock(context.WithoutCancel(ctx), l.key, modeOption(l.mode))
 	closeErr := l.s.Close(ctx)
-	if closeErr != nil {
+	switch {
+	case closeErr != nil:
 		return closeErr // the session ended before: lost, or TTL passed
+	case errors.Is(err, ErrClosed):
+		return nil // ended cleanly by ReleaseAll
 	}
 	return err
 }

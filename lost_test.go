@@ -337,3 +337,34 @@ func TestNetworkCut(t *testing.T) {
 	t.Logf("network cut: holder stepped down after %v, server freed the lock after %v (health interval 200ms; server bound %s)",
 		d, freedAfter, fmt.Sprint(keepaliveArgs(200*time.Millisecond)))
 }
+
+// ReleaseAll ends every lock and session on a pool, so pool.Close does not
+// wait for them; their later Release does nothing.
+func TestReleaseAll(t *testing.T) {
+	e := newEnv(t)
+	pool := e.pool()
+	other := e.pool()
+	a, err := Acquire(e.ctx, pool, Int64Key(1))
+	must(t, err)
+	s, err := NewSession(e.ctx, pool)
+	must(t, err)
+	_, err = s.Lock(e.ctx, Int64Key(2))
+	must(t, err)
+	kept, err := Acquire(e.ctx, other, Int64Key(3))
+	must(t, err)
+
+	must(t, ReleaseAll(e.ctx, pool))
+	if n := pool.Stat().AcquiredConns(); n != 0 {
+		t.Errorf("%d connections still acquired after ReleaseAll", n)
+	}
+	for _, d := range []<-chan struct{}{a.Done(), s.Done()} {
+		e.awaitDone(d, "released by ReleaseAll")
+	}
+	if rows := e.lockRows(Int64Key(3)); len(rows) != 1 {
+		t.Errorf("ReleaseAll touched another pool's lock: rows %+v", rows)
+	}
+	if err := a.Release(e.ctx); err != nil || a.Err() != nil {
+		t.Errorf("Release after ReleaseAll = %v, Err() = %v; want nil, nil", err, a.Err())
+	}
+	must(t, kept.Release(e.ctx))
+}

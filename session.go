@@ -50,6 +50,7 @@ const (
 // The connection returns to the pool only when the Session knows it holds
 // no advisory lock; otherwise it is closed, never handed to another user.
 type Session struct {
+	pool      *pgxpool.Pool
 	conn      *pgxpool.Conn
 	health    time.Duration
 	keepalive []any // keepaliveSQL's arguments for this health interval
@@ -125,6 +126,7 @@ func newSession(ctx context.Context, pool *pgxpool.Pool, cfg config) (*Session, 
 		return nil, &Error{Op: "session", Err: err}
 	}
 	s := &Session{
+		pool:      pool,
 		conn:      conn,
 		health:    cfg.health,
 		keepalive: keepaliveArgs(cfg.health),
@@ -135,6 +137,7 @@ func newSession(ctx context.Context, pool *pgxpool.Pool, cfg config) (*Session, 
 		done:      make(chan struct{}),
 	}
 	s.ctx, s.cancel = context.WithCancelCause(context.Background())
+	register(pool, s)
 	s.watcher.Add(1)
 	go s.watch()
 	return s, nil
@@ -501,6 +504,7 @@ func (s *Session) finish(cause error) {
 	} else {
 		s.closeConn()
 	}
+	unregister(s.pool, s)
 	close(s.done)
 }
 
