@@ -70,10 +70,14 @@ func init() {
 const keepaliveSettings = `'tcp_keepalives_idle', 'tcp_keepalives_interval', 'tcp_keepalives_count', 'tcp_user_timeout'`
 
 // keepaliveSQL sets them for the session. Arguments, as text: idle and
-// interval seconds, probe count, user timeout in milliseconds. It goes in the
-// same round trip as a session's first lock statement.
-const keepaliveSQL = `SELECT set_config('tcp_keepalives_idle', $1, false), set_config('tcp_keepalives_interval', $2, false), ` +
-	`set_config('tcp_keepalives_count', $3, false), set_config('tcp_user_timeout', $4, false)`
+// interval seconds, probe count, user timeout in milliseconds. A setting the
+// server does not have (tcp_user_timeout before PostgreSQL 12) is skipped
+// rather than failing the lock. It goes in the same round trip as a
+// session's first lock statement.
+const keepaliveSQL = `SELECT count(set_config(s.name, v.value, false)) FROM (VALUES ` +
+	`('tcp_keepalives_idle', $1::text), ('tcp_keepalives_interval', $2::text), ` +
+	`('tcp_keepalives_count', $3::text), ('tcp_user_timeout', $4::text)) AS v(name, value) ` +
+	`JOIN pg_catalog.pg_settings AS s ON s.name = v.name`
 
 // resetKeepaliveSQL puts them back to the connection's defaults, so a
 // connection returns to the pool as it came.
