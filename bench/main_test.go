@@ -81,13 +81,20 @@ func awaitWaiter(b *testing.B, monitor *pgx.Conn) {
 // "p50-ns" and "p99-ns".
 func reportPercentiles(b *testing.B, samples []time.Duration) {
 	b.Helper()
+	reportPercentilesAs(b, samples, "")
+}
+
+// reportPercentilesAs reports the p50 and p99 of samples as the metrics
+// PREFIX+"p50-ns" and PREFIX+"p99-ns".
+func reportPercentilesAs(b *testing.B, samples []time.Duration, prefix string) {
+	b.Helper()
 	if len(samples) == 0 {
 		return
 	}
 	slices.Sort(samples)
 	at := func(p float64) time.Duration { return samples[min(len(samples)-1, int(p*float64(len(samples))))] }
-	b.ReportMetric(float64(at(0.50).Nanoseconds()), "p50-ns")
-	b.ReportMetric(float64(at(0.99).Nanoseconds()), "p99-ns")
+	b.ReportMetric(float64(at(0.50).Nanoseconds()), prefix+"p50-ns")
+	b.ReportMetric(float64(at(0.99).Nanoseconds()), prefix+"p99-ns")
 }
 
 // warm opens n connections of pool at once and puts them back idle, so that
