@@ -76,6 +76,7 @@ func (s *Session) LockMany(ctx context.Context, keys []Key, opts ...Option) (boo
 		s.holds[hold{k, cfg.mode}]++
 	}
 	s.mu.Unlock()
+	s.arm()
 	return true, nil
 }
 
@@ -99,18 +100,37 @@ func (s *Session) lockFresh(ctx context.Context, keys []Key, cfg config) (bool, 
 		n        int64 // keys taken, when waiting
 		failedAt int64 // 1-based position of the first busy key, with NoWait
 	)
-	err := s.run(runCtx, true, func(ctx context.Context, c *pgx.Conn) error {
+	scan := func(row pgx.Row) error {
 		switch w {
 		case waitTry:
-			err := c.QueryRow(ctx, sql, args...).Scan(&failedAt)
-			if errors.Is(err, pgx.ErrNoRows) {
-				return nil
+			if err := row.Scan(&failedAt); !errors.Is(err, pgx.ErrNoRows) {
+				return err
 			}
-			return err
+			return nil
 		case waitBounded:
-			return c.QueryRow(ctx, sql, args...).Scan(nil, &n)
+			return row.Scan(nil, &n)
 		}
-		return c.QueryRow(ctx, sql, args...).Scan(&n)
+		return row.Scan(&n)
+	}
+	err := s.run(runCtx, true, func(ctx context.Context, c *pgx.Conn) error {
+		if s.tuned {
+			return scan(c.QueryRow(ctx, sql, args...))
+		}
+		// The session's first lock: set the keep-alives in the same round
+		// trip, as Lock does, so the server's bound holds from the grant on.
+		batch := &pgx.Batch{}
+		batch.Queue(keepaliveSQL, s.keepalive...)
+		batch.Queue(sql, args...)
+		results := c.SendBatch(ctx, batch)
+		_, err := results.Exec()
+		if err == nil {
+			s.tuned = true
+			err = scan(results.QueryRow())
+		}
+		if closeErr := results.Close(); err == nil {
+			err = closeErr
+		}
+		return err
 	})
 	if err == nil && w != waitTry && n != int64(len(keys)) {
 		err = fmt.Errorf("the lock statement took %d of %d keys", n, len(keys))

@@ -79,6 +79,18 @@ func (e *env) session(pool *pgxpool.Pool) *Session {
 	return s
 }
 
+// roundTrips counts the statements a pool sends, a batch (which Session
+// sends for its first lock, with its keep-alive settings) as one.
+type roundTrips struct{ queryCounter }
+
+func (r *roundTrips) TraceBatchStart(ctx context.Context, _ *pgx.Conn, _ pgx.TraceBatchStartData) context.Context {
+	r.n.Add(1)
+	return ctx
+}
+
+func (r *roundTrips) TraceBatchQuery(context.Context, *pgx.Conn, pgx.TraceBatchQueryData) {}
+func (r *roundTrips) TraceBatchEnd(context.Context, *pgx.Conn, pgx.TraceBatchEndData)     {}
+
 // mixedKeys returns n distinct keys of both spaces, with negative values,
 // in no particular order, and the same keys in canonical order.
 func mixedKeys(n int) (keys, canonical []Key) {
@@ -153,7 +165,7 @@ func TestLockManyOrderOnce(t *testing.T) {
 // key not held is ErrNotHeld and changes nothing.
 func TestLockManyCounts(t *testing.T) {
 	e := newEnv(t)
-	var counter queryCounter
+	var counter roundTrips
 	pool := e.pool(func(c *pgxpool.Config) { c.ConnConfig.Tracer = &counter })
 	s := e.session(pool)
 	a, b, c, d := Int64Key(1), PairKey(1, 2), StringKey("c"), Int64Key(-4)
@@ -240,7 +252,7 @@ func TestLockManyCounts(t *testing.T) {
 // leaves nothing new held, keeps the earlier holds, and is not an error.
 func TestLockManyNoWait(t *testing.T) {
 	e := newEnv(t)
-	var counter queryCounter
+	var counter roundTrips
 	pool := e.pool(func(c *pgxpool.Config) { c.ConnConfig.Tracer = &counter })
 	blocker := e.conn()
 	blockerPID := blocker.PgConn().PID()
@@ -429,7 +441,7 @@ func TestLockMany10k(t *testing.T) {
 	must(t, err)
 	t.Cleanup(func() { must(t, srv.Stop()) })
 	e := newEnvOn(t, srv)
-	var counter queryCounter
+	var counter roundTrips
 	pool := e.pool(func(c *pgxpool.Config) { c.ConnConfig.Tracer = &counter })
 	s := e.session(pool)
 	keys, canonical := mixedKeys(10_000)
@@ -458,4 +470,35 @@ func TestLockMany10k(t *testing.T) {
 		}
 	}
 	must(t, s.Close(e.ctx))
+}
+
+// A session whose only holds come from LockMany is set up and watched like
+// one that used Lock: its keep-alives are set with the first LockMany, and
+// the loss of its connection ends it.
+func TestLockManyWatched(t *testing.T) {
+	e := newEnv(t)
+	pool := e.pool()
+	s := e.session(pool)
+	keys := []Key{Int64Key(5), PairKey(5, 5)}
+	if ok, err := s.LockMany(e.ctx, keys); err != nil || !ok {
+		t.Fatalf("LockMany = %v, %v", ok, err)
+	}
+	var userTimeout string
+	var pid uint32
+	must(t, s.WithConn(e.ctx, func(c *pgx.Conn) error {
+		pid = c.PgConn().PID()
+		return c.QueryRow(e.ctx, "SHOW tcp_user_timeout").Scan(&userTimeout)
+	}))
+	if userTimeout == "0" {
+		t.Errorf("tcp_user_timeout after the first LockMany = %q; want it set", userTimeout)
+	}
+	e.terminate(pid)
+	e.awaitDone(s.Done(), "session holding LockMany keys")
+	if err := s.Close(e.ctx); !errors.Is(err, ErrLockLost) {
+		t.Errorf("Close after the loss = %v; want ErrLockLost", err)
+	}
+	// The pool destroys the closed connection in the background.
+	for start := time.Now(); pool.Stat().AcquiredConns() != 0 && time.Since(start) < 5*time.Second; {
+		time.Sleep(time.Millisecond)
+	}
 }
