@@ -217,7 +217,8 @@ var perKeyKeys = func() int {
 	return 1_000
 }()
 
-// queryCounter is a pgx tracer that counts the statements sent.
+// queryCounter is a pgx tracer that counts the statements sent, a batch as
+// one.
 type queryCounter struct{ n atomic.Int64 }
 
 func (q *queryCounter) TraceQueryStart(ctx context.Context, _ *pgx.Conn, _ pgx.TraceQueryStartData) context.Context {
@@ -226,6 +227,16 @@ func (q *queryCounter) TraceQueryStart(ctx context.Context, _ *pgx.Conn, _ pgx.T
 }
 
 func (q *queryCounter) TraceQueryEnd(context.Context, *pgx.Conn, pgx.TraceQueryEndData) {}
+
+// TraceBatchStart counts a batch (a Session's first lock goes out as one,
+// with its keep-alive settings) as one statement: one round trip.
+func (q *queryCounter) TraceBatchStart(ctx context.Context, _ *pgx.Conn, _ pgx.TraceBatchStartData) context.Context {
+	q.n.Add(1)
+	return ctx
+}
+
+func (q *queryCounter) TraceBatchQuery(context.Context, *pgx.Conn, pgx.TraceBatchQueryData) {}
+func (q *queryCounter) TraceBatchEnd(context.Context, *pgx.Conn, pgx.TraceBatchEndData)     {}
 
 // BenchmarkManyKeys: many keys on one Session, taken and released, per op:
 // 10,000 with LockMany/UnlockMany, and perKeyKeys with one Lock/Unlock per
