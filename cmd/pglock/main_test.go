@@ -7,7 +7,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -42,7 +41,8 @@ func testMain(m *testing.M) int {
 	if raceEnabled {
 		args = append(args, "-race")
 	}
-	build := exec.Command(goTool(), append(args, ".")...)
+	// go test puts its own GOROOT/bin first on PATH.
+	build := exec.Command("go", append(args, ".")...)
 	if out, err := build.CombinedOutput(); err != nil {
 		fmt.Fprintf(os.Stderr, "go build pglock: %v\n%s", err, out)
 		return 1
@@ -50,21 +50,13 @@ func testMain(m *testing.M) int {
 	return pgtest.RunMain(m, pgtest.Options{}, func(s *pgtest.Server) { server = s })
 }
 
-// goTool is the go command that runs these tests.
-func goTool() string {
-	if p := filepath.Join(runtime.GOROOT(), "bin", "go"); fileExists(p) {
-		return p
-	}
-	return "go"
-}
-
 func fileExists(p string) bool {
 	_, err := os.Stat(p)
 	return err == nil
 }
 
-// testTimeout bounds every wait in a test.
-const testTimeout = 30 * time.Second
+// testTimeout bounds each test: its subprocesses and every wait in it.
+const testTimeout = 90 * time.Second
 
 // env is one test's view of the server. When the test ends it awaits that
 // no advisory lock is left in the database and checks that no goroutine
@@ -280,7 +272,10 @@ func (e *env) wait(p *proc) int {
 	select {
 	case <-p.done:
 	case <-e.ctx.Done():
-		e.t.Fatalf("pglock %q did not exit in time; stderr: %s", p.cmd.Args[1:], p.stderr.String())
+		_ = p.cmd.Process.Kill()
+		<-p.done
+		e.t.Fatalf("pglock %q did not exit in time (killed after %v); stdout: %s\nstderr: %s",
+			p.cmd.Args[1:], p.elapsed, p.stdout.String(), p.stderr.String())
 	}
 	return p.code
 }

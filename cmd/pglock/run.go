@@ -110,8 +110,14 @@ func (r *runner) failf(format string, args ...any) {
 }
 
 func (r *runner) run() int {
+	// A signal ignored when pglock started (as for a background job of a
+	// non-interactive shell) stays ignored, for pglock and for CMD.
 	sigs := make(chan os.Signal, 4)
-	signal.Notify(sigs, forwarded...)
+	for _, s := range forwarded {
+		if !signal.Ignored(s) {
+			signal.Notify(sigs, s)
+		}
+	}
 	defer signal.Stop(sigs)
 
 	cfg, err := r.conn.poolConfig("pglock run: " + strings.Join(r.argv, " "))
