@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 )
 
@@ -51,6 +52,10 @@ func Acquire(ctx context.Context, pool *pgxpool.Pool, key Key, opts ...Option) (
 	if err != nil {
 		return nil, err
 	}
+	return acquire(ctx, pool, key, cfg)
+}
+
+func acquire(ctx context.Context, pool *pgxpool.Pool, key Key, cfg config) (*Lock, error) {
 	if !key.Valid() {
 		return nil, invalidKey("lock")
 	}
@@ -136,8 +141,11 @@ func (l *Lock) Release(ctx context.Context) error {
 	}
 	err := l.s.Unlock(context.WithoutCancel(ctx), l.key, modeOption(l.mode))
 	closeErr := l.s.Close(ctx)
-	if closeErr != nil {
+	switch {
+	case closeErr != nil:
 		return closeErr // the session ended before: lost, or TTL passed
+	case errors.Is(err, ErrClosed):
+		return nil // ended cleanly by ReleaseAll
 	}
 	return err
 }
@@ -173,14 +181,34 @@ func Do(ctx context.Context, pool *pgxpool.Pool, key Key, fn func(context.Contex
 	if err != nil || !lock.Acquired() {
 		return false, err
 	}
-	fnCtx, cancel := context.WithCancelCause(ctx)
-	stop := context.AfterFunc(lock.s.ctx, func() { cancel(context.Cause(lock.s.ctx)) })
 	defer func() {
-		stop()
-		cancel(nil)
 		if releaseErr := lock.Release(ctx); releaseErr != nil {
 			err = errors.Join(releaseErr, err)
 		}
 	}()
-	return true, fn(fnCtx)
+	return true, lock.run(ctx, fn)
+}
+
+// run calls fn with a context derived from ctx that is cancelled, with the
+// reason as its cause, when the lock is lost or its TTL passes.
+func (l *Lock) run(ctx context.Context, fn func(context.Context) error) error {
+	fnCtx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	stop := context.AfterFunc(l.s.ctx, func() {
+		if err := l.s.Err(); err != nil {
+			cancel(err)
+		}
+	})
+	defer stop()
+	return fn(fnCtx)
+}
+
+// Exec runs one statement on the lock's own connection (see WithConn): it
+// cannot run after the lock is lost.
+func (l *Lock) Exec(ctx context.Context, sql string, args ...any) (tag pgconn.CommandTag, err error) {
+	err = l.WithConn(ctx, func(c *pgx.Conn) error {
+		tag, err = c.Exec(ctx, sql, args...)
+		return err
+	})
+	return tag, err
 }

@@ -49,13 +49,30 @@
 //
 // # Lost locks
 //
-// A session lock lives exactly as long as its session. A health watcher
-// checks each lock's connection every HealthInterval (one small round trip,
-// default 1 s) and, when the connection is found closed or the backend
-// terminated, ends the session: Done is closed and Err matches ErrLockLost.
-// Do cancels its function's context then. Work that must not outlive the
-// lock runs on the lock's own connection through WithConn: its statements
-// fail once the session is gone.
+// A session lock lives exactly as long as its session. While a Session holds
+// locks and nobody is using its connection, a health watcher sits in a read
+// on it: a terminated backend or a stopped server (a FATAL message or a
+// closed socket) is noticed at once, with no round trip. Every
+// HealthInterval (default 1 s) it also pings, for a network cut that sends
+// nothing: a ping unanswered within the interval closes the connection, so
+// the holder steps down within about two intervals. The server side is
+// bounded too: a session's first lock sets tcp_keepalives_idle, _interval,
+// _count and tcp_user_timeout on its backend (in the same round trip), so
+// the server drops a silent client, and frees its locks, about four
+// intervals after the cut (4 s by default: 2 s idle, two probes 1 s apart),
+// always after the holder has stepped down. The last unlock resets those
+// settings, so connections return to the pool as they came.
+//
+// When the session ends, Done is closed and Err matches ErrLockLost; Do and
+// Lead cancel their function's context. Until the holder has noticed, it may
+// still believe it holds the lock while the server has already granted it to
+// another session: work that must never overlap runs on the lock's own
+// connection through WithConn (or Lock.Exec), whose statements fail once the
+// session is gone. A TTL bounds how long a lock may be held at all.
+//
+// Lead elects one leader per key: candidates wait on the server, so when a
+// leader's session ends the next candidate takes over as soon as the server
+// frees the lock, not after a poll period.
 //
 // # Pool sizing
 //
@@ -64,7 +81,12 @@
 // pool for the locks and waiters you run at once plus your other queries,
 // or give locks a pool of their own. pgxpool.Pool.Close waits for every
 // acquired connection, so Release every Lock and Close every Session before
-// closing the pool.
+// closing the pool, or call ReleaseAll.
+//
+// The watcher's reads are ended with a socket deadline, as pgx's default
+// context handling does; a pool configured with a different
+// BuildContextWatcherHandler still works, but a call that has to wake the
+// watcher may wait for that handler's delay.
 //
 // # Concurrency
 //

@@ -24,14 +24,15 @@ func TestMain(m *testing.M) {
 
 // testTimeout bounds every wait in a test, so a broken promise fails the test
 // instead of hanging it.
-const testTimeout = 20 * time.Second
+const testTimeout = 60 * time.Second
 
 // env is one test's view of the server: a context, pools made for it, and
 // the checks that run when it ends.
 type env struct {
-	t   *testing.T
-	ctx context.Context
-	dsn string
+	t     *testing.T
+	ctx   context.Context
+	dsn   string
+	admin *pgx.Conn // for the test's own queries about the server; see adminConn
 }
 
 // newEnv starts a test on the shared server. When the test ends it checks,
@@ -139,8 +140,7 @@ type lockRow struct {
 func (e *env) lockRows(key Key) []lockRow {
 	e.t.Helper()
 	classid, objid, objsubid := key.LockRow()
-	c := e.conn()
-	rows, err := c.Query(e.ctx, `SELECT pid, mode, granted FROM pg_locks WHERE locktype = 'advisory'
+	rows, err := e.adminConn().Query(e.ctx, `SELECT pid, mode, granted FROM pg_locks WHERE locktype = 'advisory'
 		AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
 		AND classid::int8 = $1 AND objid::int8 = $2 AND objsubid = $3 ORDER BY pid, mode`,
 		int64(classid), int64(objid), objsubid)
@@ -151,8 +151,16 @@ func (e *env) lockRows(key Key) []lockRow {
 	if err != nil {
 		e.t.Fatal(err)
 	}
-	c.Close(e.ctx)
 	return out
+}
+
+// adminConn is one plain connection for the test's questions to the server,
+// opened on first use.
+func (e *env) adminConn() *pgx.Conn {
+	if e.admin == nil {
+		e.admin = e.conn()
+	}
+	return e.admin
 }
 
 // awaitWaiter waits until n backends wait on an advisory lock of this

@@ -83,13 +83,7 @@ func WaitTimeout(d time.Duration) Option {
 // and returns ErrTTLExceeded. A d that is not positive makes the call fail
 // before any SQL is sent.
 func TTL(d time.Duration) Option {
-	return func(c *config) {
-		if d <= 0 {
-			c.setErr(errorf("TTL(%v): the TTL must be positive", d))
-			return
-		}
-		c.ttl = d
-	}
+	return positive("TTL", d, func(c *config) { c.ttl = d })
 }
 
 // HealthInterval sets how often a session's connection is checked while it
@@ -100,12 +94,18 @@ func TTL(d time.Duration) Option {
 // within one interval closes the connection. A d that is not positive makes
 // the call fail before any SQL is sent.
 func HealthInterval(d time.Duration) Option {
+	return positive("HealthInterval", d, func(c *config) { c.health = d })
+}
+
+// positive is the Option that applies set if d > 0, and otherwise fails the
+// call naming the option.
+func positive(name string, d time.Duration, set func(*config)) Option {
 	return func(c *config) {
 		if d <= 0 {
-			c.setErr(errorf("HealthInterval(%v): the interval must be positive", d))
+			c.setErr(errorf("%s(%v): the duration must be positive", name, d))
 			return
 		}
-		c.health = d
+		set(c)
 	}
 }
 

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"slices"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -49,12 +50,21 @@ const (
 // The connection returns to the pool only when the Session knows it holds
 // no advisory lock; otherwise it is closed, never handed to another user.
 type Session struct {
-	conn   *pgxpool.Conn
-	health time.Duration
+	pool      *pgxpool.Pool
+	conn      *pgxpool.Conn
+	health    time.Duration
+	keepalive []any // keepaliveSQL's arguments for this health interval
+	tuned     bool  // keepaliveSQL was sent since the last reset; guarded by turn
 
 	// turn is a token: whoever holds it may use conn. Taking it obeys a
 	// context; Close takes it after interrupting the holder.
 	turn chan struct{}
+	// wake asks the watcher to give the turn back; armed tells it the
+	// session holds something to watch; lastUse is when a caller last gave
+	// the turn back (Unix nanoseconds). See watch.go.
+	wake    chan struct{}
+	armed   chan struct{}
+	lastUse atomic.Int64
 
 	// stmt is the statement in flight, for interrupting it.
 	stmtMu   sync.Mutex
@@ -116,13 +126,18 @@ func newSession(ctx context.Context, pool *pgxpool.Pool, cfg config) (*Session, 
 		return nil, &Error{Op: "session", Err: err}
 	}
 	s := &Session{
-		conn:   conn,
-		health: cfg.health,
-		turn:   make(chan struct{}, 1),
-		holds:  make(map[hold]int),
-		done:   make(chan struct{}),
+		pool:      pool,
+		conn:      conn,
+		health:    cfg.health,
+		keepalive: keepaliveArgs(cfg.health),
+		turn:      make(chan struct{}, 1),
+		wake:      make(chan struct{}, 1),
+		armed:     make(chan struct{}, 1),
+		holds:     make(map[hold]int),
+		done:      make(chan struct{}),
 	}
 	s.ctx, s.cancel = context.WithCancelCause(context.Background())
+	register(pool, s)
 	s.watcher.Add(1)
 	go s.watch()
 	return s, nil
@@ -172,10 +187,31 @@ func (s *Session) lock(ctx context.Context, key Key, cfg config) (bool, error) {
 	sql, args := lockStatement(scopeSession, cfg.mode, w, key, bound)
 	got := true
 	err := s.run(ctx, true, func(ctx context.Context, c *pgx.Conn) error {
-		if w == waitTry {
-			return c.QueryRow(ctx, sql, args...).Scan(&got)
+		if s.tuned {
+			if w == waitTry {
+				return c.QueryRow(ctx, sql, args...).Scan(&got)
+			}
+			_, err := c.Exec(ctx, sql, args...)
+			return err
 		}
-		_, err := c.Exec(ctx, sql, args...)
+		// The session's first lock: set the keep-alives in the same round
+		// trip, so the server's bound holds from the grant on.
+		batch := &pgx.Batch{}
+		batch.Queue(keepaliveSQL, s.keepalive...)
+		batch.Queue(sql, args...)
+		results := c.SendBatch(ctx, batch)
+		_, err := results.Exec()
+		if err == nil {
+			s.tuned = true
+			if w == waitTry {
+				err = results.QueryRow().Scan(&got)
+			} else {
+				_, err = results.Exec()
+			}
+		}
+		if closeErr := results.Close(); err == nil {
+			err = closeErr
+		}
 		return err
 	})
 	if err == nil {
@@ -183,6 +219,7 @@ func (s *Session) lock(ctx context.Context, key Key, cfg config) (bool, error) {
 			s.mu.Lock()
 			s.holds[h] = 1
 			s.mu.Unlock()
+			s.arm()
 		}
 		return got, nil
 	}
@@ -292,11 +329,23 @@ func (s *Session) Unlock(ctx context.Context, key Key, opts ...Option) error {
 var errUnlockFalse = errors.New("pg_advisory_unlock returned false: the server did not hold the lock")
 
 // unlockStatement releases h on the server once. The caller holds the turn.
+// When h is the session's last hold, the same statement resets the
+// keep-alive settings.
 func (s *Session) unlockStatement(h hold) error {
+	s.mu.Lock()
+	last := len(s.holds) == 1 && s.holds[h] > 0
+	s.mu.Unlock()
+	sql := unlockSQL[h.mode][h.key.space-1]
+	if last && s.tuned {
+		sql = unlockLastSQL[h.mode][h.key.space-1]
+	}
 	var ok bool
 	err := s.runCleanup(func(ctx context.Context, c *pgx.Conn) error {
-		return c.QueryRow(ctx, unlockSQL[h.mode][h.key.space-1], h.key.args()...).Scan(&ok)
+		return c.QueryRow(ctx, sql, h.key.args()...).Scan(&ok)
 	})
+	if err == nil && sql != unlockSQL[h.mode][h.key.space-1] {
+		s.tuned = false
+	}
 	if err == nil && !ok {
 		err = errUnlockFalse
 	}
@@ -351,6 +400,7 @@ func (s *Session) WithConn(ctx context.Context, fn func(*pgx.Conn) error) error 
 	s.mu.Lock()
 	s.rawUsed = true
 	s.mu.Unlock()
+	s.arm()
 	err := s.run(ctx, true, func(_ context.Context, c *pgx.Conn) error { return fn(c) })
 	if lost := s.lostErr(err); lost != nil {
 		return &Error{Op: "with_conn", Kind: ErrLockLost, Err: errors.Join(err, lost)}
@@ -434,7 +484,7 @@ func (s *Session) finish(cause error) {
 
 	clean := !errors.Is(cause, ErrLockLost) && !s.conn.Conn().IsClosed()
 	s.mu.Lock()
-	mustUnlock := len(s.holds) > 0 || s.rawUsed
+	mustUnlock := len(s.holds) > 0 || s.rawUsed || s.tuned
 	clear(s.holds)
 	s.mu.Unlock()
 	if clean && mustUnlock {
@@ -454,6 +504,7 @@ func (s *Session) finish(cause error) {
 	} else {
 		s.closeConn()
 	}
+	unregister(s.pool, s)
 	close(s.done)
 }
 
@@ -500,6 +551,21 @@ func (s *Session) closeConn() {
 	s.conn.Release()
 }
 
+// keepaliveArgs returns keepaliveSQL's arguments for a session checked every
+// health interval h. A silent network cut is noticed by the holder within
+// about 2h (a check every h, each allowed h to answer). The server drops the
+// silent client, freeing its locks, about idle + interval×count after the
+// last packet it got: 2h + 2×h rounded up to whole seconds (at least 4 s
+// for h = 1 s), and tcp_user_timeout bounds unacknowledged data the same
+// way. As the last packet came at most h before the cut, the server frees
+// the lock after at least 3h from the cut, later than the holder steps down.
+func keepaliveArgs(h time.Duration) []any {
+	secs := func(d time.Duration) int { return max(1, int((d+time.Second-1)/time.Second)) }
+	idle, interval, count := secs(2*h), secs(h), 2
+	userTimeoutMS := (idle + interval*count) * 1000
+	return []any{strconv.Itoa(idle), strconv.Itoa(interval), strconv.Itoa(count), strconv.Itoa(userTimeoutMS)}
+}
+
 // takeTurn waits for exclusive use of the connection, or for ctx to end. It
 // fails with the session's end reason once the session is ending.
 func (s *Session) takeTurn(ctx context.Context) error {
@@ -508,10 +574,15 @@ func (s *Session) takeTurn(ctx context.Context) error {
 	}
 	select {
 	case s.turn <- struct{}{}:
-	case <-ctx.Done():
-		return ctx.Err()
-	case <-s.ctx.Done():
-		return s.endKind()
+	default:
+		s.wakeWatcher()
+		select {
+		case s.turn <- struct{}{}:
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-s.ctx.Done():
+			return s.endKind()
+		}
 	}
 	if s.ctx.Err() != nil {
 		s.giveTurn()
@@ -521,7 +592,10 @@ func (s *Session) takeTurn(ctx context.Context) error {
 }
 
 // giveTurn ends a takeTurn.
-func (s *Session) giveTurn() { <-s.turn }
+func (s *Session) giveTurn() {
+	s.lastUse.Store(time.Now().UnixNano())
+	<-s.turn
+}
 
 // run runs f on the connection; the caller holds the turn. f gets a context
 // that is never cancelled: when ctx ends (or, if untilEnd, when the
@@ -594,49 +668,4 @@ func (s *Session) interrupt(gen uint64) {
 			pg.Conn().Close()
 		}
 	})
-}
-
-// watch checks the connection every health interval while the session holds
-// locks, and ends the session when a check fails. A check is skipped while
-// another statement runs: that statement fails by itself if the connection
-// is gone.
-func (s *Session) watch() {
-	defer s.watcher.Done()
-	tick := time.NewTicker(s.health)
-	defer tick.Stop()
-	for {
-		select {
-		case <-s.ctx.Done():
-			return
-		case <-tick.C:
-		}
-		s.mu.Lock()
-		idle := len(s.holds) == 0 && !s.rawUsed
-		s.mu.Unlock()
-		if idle {
-			continue
-		}
-		select {
-		case s.turn <- struct{}{}:
-		default:
-			continue
-		}
-		err := s.ping()
-		s.giveTurn()
-		if err != nil {
-			s.lose(err)
-			return
-		}
-	}
-}
-
-// ping is one round trip, bounded by the health interval; a timeout closes
-// the connection.
-func (s *Session) ping() error {
-	if s.ctx.Err() != nil {
-		return nil
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), s.health)
-	defer cancel()
-	return s.conn.Conn().PgConn().Ping(ctx)
 }

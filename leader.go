@@ -1,0 +1,75 @@
+package advisory
+
+import (
+	"context"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+)
+
+// Lead runs fn whenever this process is the leader for key, until ctx ends.
+//
+// It campaigns by waiting for key on the server (always waiting: NoWait and
+// WaitTimeout are ignored; Shared is not allowed to matter either, as a
+// leader holds key exclusively), then runs fn with a context that is
+// cancelled when leadership is lost (the lock's connection died, or its TTL
+// passed) or ctx ends. Then:
+//   - after a loss, it campaigns again, whatever fn returned;
+//   - if fn returns nil while still leader, it resigns (releases key) and
+//     campaigns again;
+//   - if fn returns an error while still leader, it resigns and returns that
+//     error.
+//
+// It returns ctx.Err() (or its cause) when ctx ends. When a campaign fails
+// for another reason (the server is restarting, the pool cannot connect) it
+// waits one health interval, or less, and campaigns again.
+//
+// Fail-over is done by the server: the next candidate's wait ends as soon as
+// the old leader's session ends, so a leader whose backend is terminated is
+// replaced at once; the old leader's fn learns of the loss within one health
+// interval. Until then two fn calls may run at once: work that must never
+// run twice goes through the lock's connection (see Lock.WithConn), which is
+// fenced.
+func Lead(ctx context.Context, pool *pgxpool.Pool, key Key, fn func(leaderCtx context.Context) error, opts ...Option) error {
+	cfg, err := newConfig(opts)
+	if err != nil {
+		return err
+	}
+	if !key.Valid() {
+		return invalidKey("lead")
+	}
+	if pool == nil {
+		return errorf("lead %s: nil *pgxpool.Pool", key)
+	}
+	cfg.mode, cfg.noWait, cfg.waitTimeout = ModeExclusive, false, 0
+	retry := time.NewTimer(0)
+	defer retry.Stop()
+	for {
+		lock, err := acquire(ctx, pool, key, cfg)
+		if err != nil {
+			if ctx.Err() != nil {
+				return context.Cause(ctx)
+			}
+			retry.Reset(min(cfg.health, 100*time.Millisecond))
+			select {
+			case <-ctx.Done():
+				return context.Cause(ctx)
+			case <-retry.C:
+			}
+			continue
+		}
+		fnErr := lock.run(ctx, fn)
+		lost := lock.Err() != nil
+		if err := lock.Release(ctx); err != nil {
+			lost = true
+		}
+		switch {
+		case ctx.Err() != nil:
+			return context.Cause(ctx)
+		case lost, fnErr == nil:
+			continue
+		default:
+			return fnErr
+		}
+	}
+}

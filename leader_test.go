@@ -1,0 +1,197 @@
+package advisory
+
+import (
+	"context"
+	"errors"
+	"slices"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+)
+
+// candidates runs Lead for n candidates on key, each with its own cancel,
+// and reports every term: which candidate became leader, and when its term
+// ended.
+type candidates struct {
+	cancels []context.CancelFunc
+	elected chan int // candidate index, when its fn starts
+	results chan error
+	wg      sync.WaitGroup
+}
+
+func startCandidates(e *env, pool *pgxpool.Pool, key Key, n int) *candidates {
+	c := &candidates{elected: make(chan int, 16), results: make(chan error, n)}
+	for i := range n {
+		ctx, cancel := context.WithCancel(e.ctx)
+		c.cancels = append(c.cancels, cancel)
+		c.wg.Add(1)
+		go func() {
+			defer c.wg.Done()
+			c.results <- Lead(ctx, pool, key, func(leaderCtx context.Context) error {
+				c.elected <- i
+				<-leaderCtx.Done()
+				return nil
+			}, HealthInterval(50*time.Millisecond))
+		}()
+	}
+	return c
+}
+
+// leaderPID returns the one backend granted key; it fails the test unless
+// exactly one is.
+func (e *env) leaderPID(key Key) uint32 {
+	e.t.Helper()
+	var granted []uint32
+	for _, r := range e.lockRows(key) {
+		if r.Granted {
+			granted = append(granted, r.PID)
+		}
+	}
+	if len(granted) != 1 {
+		e.t.Fatalf("%d backends hold the leader key; want exactly one", len(granted))
+	}
+	return granted[0]
+}
+
+// Three candidates: one leader at a time (from pg_locks), fail-over when the
+// leader's backend is terminated and when the leader's ctx is cancelled.
+func TestLead(t *testing.T) {
+	e := newEnv(t)
+	pool := e.pool()
+	key := StringKey("leader")
+	c := startCandidates(e, pool, key, 3)
+
+	first := <-c.elected
+	e.awaitWaiters(2)
+	e.terminate(e.leaderPID(key))
+	second := <-c.elected
+	e.awaitWaiters(2) // the first candidate campaigns again after its loss
+	e.leaderPID(key)
+	t.Logf("candidate %d led, its backend was terminated, candidate %d took over", first, second)
+
+	c.cancels[second]()
+	if err := <-c.results; !errors.Is(err, context.Canceled) {
+		t.Errorf("Lead after its ctx was cancelled = %v; want context.Canceled", err)
+	}
+	third := <-c.elected
+	if third == second {
+		t.Errorf("candidate %d led again after its ctx was cancelled", third)
+	}
+	e.awaitWaiters(1)
+	e.leaderPID(key)
+
+	for _, cancel := range c.cancels {
+		cancel()
+	}
+	for range 2 {
+		if err := <-c.results; !errors.Is(err, context.Canceled) {
+			t.Errorf("Lead = %v; want context.Canceled", err)
+		}
+	}
+	c.wg.Wait()
+}
+
+// fn's error while still leader ends Lead with it (after resigning); fn's
+// nil resigns and campaigns again.
+func TestLeadFnReturns(t *testing.T) {
+	e := newEnv(t)
+	pool := e.pool()
+	other := e.conn()
+	key := Int64Key(500)
+	terms := 0
+	stop := errors.New("stop")
+	err := Lead(e.ctx, pool, key, func(ctx context.Context) error {
+		terms++
+		if e.tryFrom(other, key) {
+			t.Error("fn runs while the key is free")
+		}
+		if terms < 3 {
+			return nil
+		}
+		return stop
+	})
+	if !errors.Is(err, stop) || terms != 3 {
+		t.Errorf("Lead = %v after %d terms; want fn's error after 3", err, terms)
+	}
+	if !e.tryFrom(other, key) {
+		t.Error("Lead returned still holding the key")
+	}
+	if err := Lead(e.ctx, pool, Key{}, func(context.Context) error { return nil }); !errors.Is(err, ErrInvalidKey) {
+		t.Errorf("Lead(Key{}) = %v", err)
+	}
+}
+
+// BenchmarkLeadFailover measures fail-over: the leader's backend is
+// terminated at t0; the next leader's fn starts at t1. Reports the median
+// of t1 − t0, and of the old leader learning of its loss.
+func BenchmarkLeadFailover(b *testing.B) {
+	bg := context.Background()
+	cfg, err := pgxpool.ParseConfig(server.DSN)
+	if err != nil {
+		b.Fatal(err)
+	}
+	pool, err := pgxpool.NewWithConfig(bg, cfg)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer pool.Close()
+	admin, err := pgx.Connect(bg, server.DSN)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer admin.Close(bg)
+	key := StringKey("bench-failover")
+	ctx, cancel := context.WithCancel(bg)
+	type term struct {
+		pid     uint32
+		started time.Time
+		lost    chan time.Time
+	}
+	terms := make(chan term, 4)
+	var wg sync.WaitGroup
+	for range 2 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			_ = Lead(ctx, pool, key, func(leaderCtx context.Context) error {
+				tm := term{started: time.Now(), lost: make(chan time.Time, 1)}
+				err := pool.QueryRow(leaderCtx, `SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted
+					AND classid::int8 = $1 AND objid::int8 = $2`, int64(key.classid), int64(key.objid)).Scan(&tm.pid)
+				if err != nil {
+					return nil
+				}
+				terms <- tm
+				<-leaderCtx.Done()
+				tm.lost <- time.Now()
+				return nil
+			}, HealthInterval(time.Second))
+		}()
+	}
+	var failover, noticed []time.Duration
+	leader := <-terms
+	b.ResetTimer()
+	for range b.N {
+		t0 := time.Now()
+		if _, err := admin.Exec(bg, "SELECT pg_terminate_backend($1)", int64(leader.pid)); err != nil {
+			b.Fatal(err)
+		}
+		next := <-terms
+		failover = append(failover, next.started.Sub(t0))
+		noticed = append(noticed, (<-leader.lost).Sub(t0))
+		leader = next
+	}
+	b.StopTimer()
+	cancel()
+	wg.Wait()
+	b.ReportMetric(float64(median(failover).Microseconds())/1000, "failover-ms")
+	b.ReportMetric(float64(median(noticed).Microseconds())/1000, "old-leader-notified-ms")
+}
+
+func median(ds []time.Duration) time.Duration {
+	s := slices.Clone(ds)
+	slices.Sort(s)
+	return s[len(s)/2]
+}

@@ -1,0 +1,370 @@
+package advisory
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os/exec"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/seed0ad592b7/advisory/internal/pgtest"
+)
+
+// lockPID returns the backend pid of the lock's own connection.
+func lockPID(t *testing.T, ctx context.Context, l *Lock) uint32 {
+	t.Helper()
+	var pid uint32
+	must(t, l.WithConn(ctx, func(c *pgx.Conn) error { pid = c.PgConn().PID(); return nil }))
+	return pid
+}
+
+func (e *env) terminate(pid uint32) {
+	e.t.Helper()
+	var ok bool
+	must(e.t, e.adminConn().QueryRow(e.ctx, "SELECT pg_terminate_backend($1)", int64(pid)).Scan(&ok))
+	if !ok {
+		e.t.Fatalf("pg_terminate_backend(%d) = false", pid)
+	}
+}
+
+// awaitDone waits for a lock or session to report its end.
+func (e *env) awaitDone(done <-chan struct{}, what string) {
+	e.t.Helper()
+	select {
+	case <-done:
+	case <-e.ctx.Done():
+		e.t.Fatalf("%s: Done() never closed", what)
+	}
+}
+
+// Terminating the holder's backend: Done closes, Err and Release say
+// ErrLockLost, fenced statements fail, and another session can take the key.
+func TestTerminatedHolder(t *testing.T) {
+	e := newEnv(t)
+	pool := e.pool()
+	other := e.conn()
+	key := StringKey("terminated")
+	lock, err := Acquire(e.ctx, pool, key, HealthInterval(50*time.Millisecond))
+	must(t, err)
+	if _, err := lock.Exec(e.ctx, "SELECT 1"); err != nil {
+		t.Fatalf("fenced statement while held: %v", err)
+	}
+	start := time.Now()
+	e.terminate(lockPID(t, e.ctx, lock))
+	e.awaitDone(lock.Done(), "terminated holder")
+	t.Logf("loss noticed %v after pg_terminate_backend (health interval 50ms)", time.Since(start))
+	if !errors.Is(lock.Err(), ErrLockLost) {
+		t.Errorf("Err() = %v; want ErrLockLost", lock.Err())
+	}
+	if _, err := lock.Exec(e.ctx, "SELECT 1"); !errors.Is(err, ErrLockLost) {
+		t.Errorf("fenced statement after the loss = %v; want ErrLockLost", err)
+	}
+	if err := lock.Release(e.ctx); !errors.Is(err, ErrLockLost) {
+		t.Errorf("Release after the loss = %v; want ErrLockLost", err)
+	}
+	if err := lock.Release(e.ctx); err != nil {
+		t.Errorf("second Release = %v; want nil", err)
+	}
+	if !e.tryFrom(other, key) {
+		t.Error("another session cannot take the key after the holder's backend died")
+	}
+}
+
+// Do cancels fn's context when the lock is lost and returns ErrLockLost
+// joined with fn's error.
+func TestDoLost(t *testing.T) {
+	e := newEnv(t)
+	pool := e.pool()
+	key := Int64Key(31)
+	pids := make(chan uint32, 1)
+	type result struct {
+		acquired bool
+		err      error
+		cause    error
+	}
+	done := make(chan result, 1)
+	go func() {
+		var cause error
+		acquired, err := Do(e.ctx, pool, key, func(ctx context.Context) error {
+			var pid uint32
+			if err := pool.QueryRow(ctx, `SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND objid = 31 AND granted`).Scan(&pid); err != nil {
+				return err
+			}
+			pids <- pid
+			<-ctx.Done()
+			cause = context.Cause(ctx)
+			return ctx.Err()
+		}, HealthInterval(50*time.Millisecond))
+		done <- result{acquired, err, cause}
+	}()
+	select {
+	case pid := <-pids:
+		e.terminate(pid)
+	case r := <-done:
+		t.Fatalf("Do returned before the loss: %+v", r)
+	}
+	r := <-done
+	if !r.acquired || !errors.Is(r.err, ErrLockLost) || !errors.Is(r.err, context.Canceled) {
+		t.Errorf("Do after the loss = %v, %v; want true and ErrLockLost joined with fn's context.Canceled", r.acquired, r.err)
+	}
+	if !errors.Is(r.cause, ErrLockLost) {
+		t.Errorf("fn's context cause = %v; want ErrLockLost", r.cause)
+	}
+}
+
+// Sessions are told too, with every hold gone.
+func TestSessionLost(t *testing.T) {
+	e := newEnv(t)
+	pool := e.pool()
+	s, err := NewSession(e.ctx, pool, HealthInterval(50*time.Millisecond))
+	must(t, err)
+	for _, k := range []Key{Int64Key(1), PairKey(2, 3)} {
+		_, err := s.Lock(e.ctx, k)
+		must(t, err)
+	}
+	var pid uint32
+	must(t, s.WithConn(e.ctx, func(c *pgx.Conn) error { pid = c.PgConn().PID(); return nil }))
+	e.terminate(pid)
+	e.awaitDone(s.Done(), "terminated session")
+	if !errors.Is(s.Err(), ErrLockLost) {
+		t.Errorf("Err() = %v; want ErrLockLost", s.Err())
+	}
+	if held := s.Held(); len(held) != 0 {
+		t.Errorf("Held() after the loss = %+v", held)
+	}
+	if _, err := s.Lock(e.ctx, Int64Key(4)); !errors.Is(err, ErrLockLost) {
+		t.Errorf("Lock after the loss = %v; want ErrLockLost", err)
+	}
+	if err := s.Close(e.ctx); !errors.Is(err, ErrLockLost) {
+		t.Errorf("first Close after the loss = %v; want ErrLockLost", err)
+	}
+	if err := s.Close(e.ctx); err != nil {
+		t.Errorf("second Close = %v", err)
+	}
+}
+
+// A server restart ends every session; afterwards new locks work and the
+// pool recovers.
+func TestServerRestart(t *testing.T) {
+	srv, err := pgtest.Start(context.Background(), pgtest.Options{Private: true})
+	must(t, err)
+	t.Cleanup(func() { must(t, srv.Stop()) })
+	e := newEnvOn(t, srv)
+	pool := e.pool()
+	a, err := Acquire(e.ctx, pool, Int64Key(1), HealthInterval(50*time.Millisecond))
+	must(t, err)
+	b, err := Acquire(e.ctx, pool, PairKey(1, 2), Shared(), HealthInterval(50*time.Millisecond))
+	must(t, err)
+	s, err := NewSession(e.ctx, pool, HealthInterval(50*time.Millisecond))
+	must(t, err)
+	_, err = s.Lock(e.ctx, Int64Key(3))
+	must(t, err)
+
+	must(t, srv.Restart(e.ctx))
+	for name, d := range map[string]interface {
+		Done() <-chan struct{}
+		Err() error
+	}{"lock a": a, "lock b": b, "session": s} {
+		e.awaitDone(d.Done(), name)
+		if !errors.Is(d.Err(), ErrLockLost) {
+			t.Errorf("%s: Err() = %v; want ErrLockLost", name, d.Err())
+		}
+	}
+	for _, err := range []error{a.Release(e.ctx), b.Release(e.ctx), s.Close(e.ctx)} {
+		if !errors.Is(err, ErrLockLost) {
+			t.Errorf("release after the restart = %v; want ErrLockLost", err)
+		}
+	}
+	lock, err := Acquire(e.ctx, pool, Int64Key(1))
+	must(t, err)
+	if !lock.Acquired() {
+		t.Error("cannot lock after the restart")
+	}
+	must(t, lock.Release(e.ctx))
+}
+
+// TTL: fn's context is cancelled at the deadline and the lock released even
+// while fn ignores its context; Do returns ErrTTLExceeded.
+func TestTTL(t *testing.T) {
+	e := newEnv(t)
+	pool := e.pool()
+	other := e.conn()
+	key := StringKey("ttl")
+
+	var cause error
+	acquired, err := Do(e.ctx, pool, key, func(ctx context.Context) error {
+		<-ctx.Done()
+		cause = context.Cause(ctx)
+		return nil
+	}, TTL(50*time.Millisecond))
+	if !acquired || !errors.Is(err, ErrTTLExceeded) || !errors.Is(cause, ErrTTLExceeded) {
+		t.Errorf("Do with TTL = %v, %v, fn's cause %v; want ErrTTLExceeded", acquired, err, cause)
+	}
+	if !e.tryFrom(other, key) {
+		t.Error("key held after the TTL")
+	}
+
+	// fn ignores its context: the lock is released under it anyway.
+	released := make(chan struct{})
+	acquired, err = Do(e.ctx, pool, key, func(context.Context) error {
+		e.eventually("the key freed by its TTL while fn runs", func(c *pgx.Conn) (bool, error) {
+			return e.tryFrom(c, key), nil
+		})
+		close(released)
+		return nil
+	}, TTL(50*time.Millisecond))
+	<-released
+	if !acquired || !errors.Is(err, ErrTTLExceeded) {
+		t.Errorf("Do with TTL and a stubborn fn = %v, %v; want ErrTTLExceeded", acquired, err)
+	}
+
+	lock, err := Acquire(e.ctx, pool, key, TTL(20*time.Millisecond))
+	must(t, err)
+	e.awaitDone(lock.Done(), "lock with TTL")
+	if !errors.Is(lock.Err(), ErrTTLExceeded) || !errors.Is(lock.Release(e.ctx), ErrTTLExceeded) {
+		t.Errorf("Err() after the TTL = %v; want ErrTTLExceeded from Err and Release", lock.Err())
+	}
+}
+
+// While a lock is held its session carries the keep-alive settings that
+// bound the server side of a network cut; the connection goes back to the
+// pool with the defaults.
+func TestKeepaliveSettings(t *testing.T) {
+	e := newEnv(t)
+	pool := e.pool(func(c *pgxpool.Config) { c.MaxConns = 1 })
+	show := func(q interface {
+		QueryRow(context.Context, string, ...any) pgx.Row
+	}) string {
+		var idle, interval, count, user string
+		must(t, q.QueryRow(e.ctx, `SELECT current_setting('tcp_keepalives_idle'), current_setting('tcp_keepalives_interval'),
+			current_setting('tcp_keepalives_count'), current_setting('tcp_user_timeout')`).Scan(&idle, &interval, &count, &user))
+		return strings.Join([]string{idle, interval, count, user}, " ")
+	}
+	before := show(pool)
+	for _, release := range []string{"Release", "Session.Close"} {
+		var held string
+		if release == "Release" {
+			lock, err := Acquire(e.ctx, pool, Int64Key(8))
+			must(t, err)
+			must(t, lock.WithConn(e.ctx, func(c *pgx.Conn) error { held = show(c); return nil }))
+			must(t, lock.Release(e.ctx))
+		} else {
+			s, err := NewSession(e.ctx, pool)
+			must(t, err)
+			_, err = s.Lock(e.ctx, Int64Key(8))
+			must(t, err)
+			must(t, s.WithConn(e.ctx, func(c *pgx.Conn) error { held = show(c); return nil }))
+			must(t, s.Close(e.ctx))
+		}
+		if held != "2 1 2 4000" {
+			t.Errorf("settings while held = %q; want \"2 1 2 4000\" for the default 1s health interval", held)
+		}
+		if after := show(pool); after != before {
+			t.Errorf("after %s the pooled connection has %q; want the defaults %q", release, after, before)
+		}
+	}
+}
+
+// A silent network cut (packets of the lock's connection dropped both ways):
+// the holder steps down, and only after that does the server free the lock,
+// which it does within its keep-alive bound. The cut is made with iptables
+// on the loopback interface, since only dropped packets are silent for
+// both ends (a proxy in between would keep answering the server's
+// keep-alives).
+func TestNetworkCut(t *testing.T) {
+	if _, err := exec.LookPath("iptables"); err != nil {
+		t.Fatalf("this test needs iptables (apt-get install -y iptables): %v", err)
+	}
+	e := newEnv(t)
+	pool := e.pool()
+	key := StringKey("cut")
+	lock, err := Acquire(e.ctx, pool, key, HealthInterval(200*time.Millisecond))
+	must(t, err)
+	var port string
+	must(t, lock.WithConn(e.ctx, func(c *pgx.Conn) error {
+		port = strconv.Itoa(c.PgConn().Conn().LocalAddr().(*net.TCPAddr).Port)
+		return nil
+	}))
+	rules := [][]string{
+		{"INPUT", "-i", "lo", "-p", "tcp", "--sport", port, "-j", "DROP"},
+		{"INPUT", "-i", "lo", "-p", "tcp", "--dport", port, "-j", "DROP"},
+	}
+	for _, r := range rules {
+		if out, err := exec.Command("iptables", append([]string{"-I"}, r...)...).CombinedOutput(); err != nil {
+			t.Fatalf("iptables: %v: %s", err, out)
+		}
+		t.Cleanup(func() { exec.Command("iptables", append([]string{"-D"}, r...)...).Run() })
+	}
+	cut := time.Now()
+	stepDown := make(chan time.Duration, 1)
+	go func() {
+		<-lock.Done()
+		stepDown <- time.Since(cut)
+	}()
+	var heldWhenSteppedDown bool
+	var freedAfter time.Duration
+	e.eventually("the server frees the cut holder's lock", func(c *pgx.Conn) (bool, error) {
+		var n int
+		classid, objid, objsubid := key.LockRow()
+		err := c.QueryRow(context.Background(), `SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'
+			AND classid::int8 = $1 AND objid::int8 = $2 AND objsubid = $3`, int64(classid), int64(objid), objsubid).Scan(&n)
+		select {
+		case <-lock.Done():
+			if n > 0 {
+				heldWhenSteppedDown = true
+			}
+		default:
+		}
+		if n == 0 {
+			freedAfter = time.Since(cut)
+		}
+		return n == 0, err
+	})
+	d := <-stepDown
+	if !heldWhenSteppedDown {
+		t.Errorf("the server freed the lock (after %v) before the holder stepped down (after %v)", freedAfter, d)
+	}
+	if !errors.Is(lock.Err(), ErrLockLost) || !errors.Is(lock.Release(e.ctx), ErrLockLost) {
+		t.Errorf("Err() = %v; want ErrLockLost", lock.Err())
+	}
+	t.Logf("network cut: holder stepped down after %v, server freed the lock after %v (health interval 200ms; server bound %s)",
+		d, freedAfter, fmt.Sprint(keepaliveArgs(200*time.Millisecond)))
+}
+
+// ReleaseAll ends every lock and session on a pool, so pool.Close does not
+// wait for them; their later Release does nothing.
+func TestReleaseAll(t *testing.T) {
+	e := newEnv(t)
+	pool := e.pool()
+	other := e.pool()
+	a, err := Acquire(e.ctx, pool, Int64Key(1))
+	must(t, err)
+	s, err := NewSession(e.ctx, pool)
+	must(t, err)
+	_, err = s.Lock(e.ctx, Int64Key(2))
+	must(t, err)
+	kept, err := Acquire(e.ctx, other, Int64Key(3))
+	must(t, err)
+
+	must(t, ReleaseAll(e.ctx, pool))
+	if n := pool.Stat().AcquiredConns(); n != 0 {
+		t.Errorf("%d connections still acquired after ReleaseAll", n)
+	}
+	for _, d := range []<-chan struct{}{a.Done(), s.Done()} {
+		e.awaitDone(d, "released by ReleaseAll")
+	}
+	if rows := e.lockRows(Int64Key(3)); len(rows) != 1 {
+		t.Errorf("ReleaseAll touched another pool's lock: rows %+v", rows)
+	}
+	if err := a.Release(e.ctx); err != nil || a.Err() != nil {
+		t.Errorf("Release after ReleaseAll = %v, Err() = %v; want nil, nil", err, a.Err())
+	}
+	must(t, kept.Release(e.ctx))
+}

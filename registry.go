@@ -1,0 +1,54 @@
+package advisory
+
+import (
+	"context"
+	"errors"
+	"sync"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+)
+
+// registry knows every Session (and so every Lock) open on each pool, so
+// that ReleaseAll can end them before the pool is closed.
+var registry = struct {
+	sync.Mutex
+	open map[*pgxpool.Pool]map[*Session]struct{}
+}{open: make(map[*pgxpool.Pool]map[*Session]struct{})}
+
+func register(pool *pgxpool.Pool, s *Session) {
+	registry.Lock()
+	defer registry.Unlock()
+	if registry.open[pool] == nil {
+		registry.open[pool] = make(map[*Session]struct{})
+	}
+	registry.open[pool][s] = struct{}{}
+}
+
+func unregister(pool *pgxpool.Pool, s *Session) {
+	registry.Lock()
+	defer registry.Unlock()
+	delete(registry.open[pool], s)
+	if len(registry.open[pool]) == 0 {
+		delete(registry.open, pool)
+	}
+}
+
+// ReleaseAll ends every Session and Lock this process has open on pool, as
+// Close and Release do, so that pool.Close, which waits for every acquired
+// connection, does not wait for them. Call it at shutdown, after the work
+// done under the locks has stopped. Locks ended this way report a nil Err;
+// a later Release of them does nothing. It returns the errors of the
+// sessions that had already been lost (matching ErrLockLost).
+func ReleaseAll(ctx context.Context, pool *pgxpool.Pool) error {
+	registry.Lock()
+	sessions := make([]*Session, 0, len(registry.open[pool]))
+	for s := range registry.open[pool] {
+		sessions = append(sessions, s)
+	}
+	registry.Unlock()
+	var errs []error
+	for _, s := range sessions {
+		errs = append(errs, s.Close(ctx))
+	}
+	return errors.Join(errs...)
+}

@@ -1,0 +1,135 @@
+package advisory
+
+import (
+	"context"
+	"time"
+)
+
+// The health watcher: one goroutine per Session that notices a lost
+// connection while the session holds locks and nobody is using it.
+//
+// Between the holder's own calls the watcher takes the connection's turn and
+// sits in a read on it (pgconn's WaitForNotification). A terminated backend
+// or a stopped server sends a FATAL error or closes the socket, which ends
+// that read at once: such a loss is noticed immediately, with no round trip.
+// A silent network cut sends nothing, so every health interval the watcher
+// also pings (one small round trip), and a ping that gets no answer within
+// the interval closes the connection.
+//
+// The holder's calls come first: the watcher starts only once the session
+// has been quiet for watchQuiet, and a caller that finds the watcher holding
+// the turn wakes it (wake), which ends its read by a socket deadline (pgx's
+// default context handling), leaving the connection intact. A statement
+// that a caller runs detects a closed connection by itself.
+
+// watchQuiet is how long the session must be unused before the watcher takes
+// the connection, so that a holder's quick sequence of calls never waits for
+// it.
+const watchQuiet = 2 * time.Millisecond
+
+// arm tells the watcher the session holds something to watch.
+func (s *Session) arm() {
+	select {
+	case s.armed <- struct{}{}:
+	default:
+	}
+}
+
+// wakeWatcher asks the watcher to give the turn back.
+func (s *Session) wakeWatcher() {
+	select {
+	case s.wake <- struct{}{}:
+	default:
+	}
+}
+
+// holding reports whether the session has anything to watch.
+func (s *Session) holding() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.holds) > 0 || s.rawUsed
+}
+
+// watch runs until the session ends; when it finds the connection lost it
+// ends the session.
+func (s *Session) watch() {
+	defer s.watcher.Done()
+	timer := time.NewTimer(s.health)
+	defer timer.Stop()
+	var nextPing time.Time
+	for {
+		if !s.holding() {
+			select {
+			case <-s.ctx.Done():
+				return
+			case <-s.armed:
+				nextPing = time.Now().Add(s.health)
+			}
+			continue
+		}
+		if wait := time.Until(time.Unix(0, s.lastUse.Load()).Add(watchQuiet)); wait > 0 {
+			timer.Reset(wait)
+			select {
+			case <-s.ctx.Done():
+				return
+			case <-timer.C:
+			}
+			continue
+		}
+		select {
+		case <-s.ctx.Done():
+			return
+		case s.turn <- struct{}{}:
+		}
+		var err error
+		if time.Since(time.Unix(0, s.lastUse.Load())) < watchQuiet {
+			// A caller used the session while we waited for the turn.
+		} else if !time.Now().Before(nextPing) {
+			err = s.ping()
+			nextPing = time.Now().Add(s.health)
+		} else if s.holding() {
+			err = s.listen(time.Until(nextPing))
+		}
+		<-s.turn // not giveTurn: the watcher's use does not count as the holder's
+		if err != nil {
+			s.lose(err)
+			return
+		}
+	}
+}
+
+// ping is one round trip, bounded by the health interval; a timeout closes
+// the connection.
+func (s *Session) ping() error {
+	if s.ctx.Err() != nil {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), s.health)
+	defer cancel()
+	return s.conn.Conn().PgConn().Ping(ctx)
+}
+
+// listen reads from the connection for up to d, or until a caller wakes the
+// watcher or the session ends. It returns an error only when the connection
+// is closed (a FATAL from the server, EOF, a network error).
+func (s *Session) listen(d time.Duration) error {
+	ctx, cancel := context.WithTimeout(s.ctx, d)
+	defer cancel()
+	woken := make(chan struct{})
+	go func() {
+		defer close(woken)
+		select {
+		case <-s.wake:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	pg := s.conn.Conn().PgConn()
+	err := pg.WaitForNotification(ctx)
+	cancel()
+	<-woken
+	if err != nil && pg.IsClosed() {
+		return err
+	}
+	return nil // a notification (pgx keeps it for the connection), or the read was ended on purpose
+}
