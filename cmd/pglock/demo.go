@@ -232,7 +232,7 @@ func (d *demo) failover(ctx context.Context, pool *pgxpool.Pool, key advisory.Ke
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			err := lead(leadCtx, pool, key, func(ctx context.Context) error {
+			err := advisory.Lead(leadCtx, pool, key, func(ctx context.Context) error {
 				events <- leadership{candidate: i + 1, elected: true, at: time.Now()}
 				<-ctx.Done()
 				events <- leadership{candidate: i + 1, elected: false, at: time.Now()}
@@ -293,9 +293,10 @@ func (d *demo) failover(ctx context.Context, pool *pgxpool.Pool, key advisory.Ke
 	}
 	d.printf("   candidate %d leads: fail-over %v (from the terminate to the new leader running)\n",
 		newLeader.candidate, newLeader.at.Sub(killed).Round(100*time.Microsecond))
-	d.printf("   candidate %d learned it had lost %v after the terminate (its health check runs every %v);\n"+
-		"   until then it still believed it led: fence its writes through Lock.WithConn\n",
-		first.candidate, steppedDown.at.Sub(killed).Round(time.Millisecond), demoHealth)
+	d.printf("   candidate %d learned it had lost %v after the terminate (a terminated backend is seen\n"+
+		"   at once, a silent network cut within about two health intervals of %v); until then it\n"+
+		"   still believed it led: fence its writes through Lock.WithConn\n",
+		first.candidate, steppedDown.at.Sub(killed).Round(100*time.Microsecond), demoHealth)
 	stopLead()
 	wg.Wait()
 	return errors.Join(errs...)
@@ -340,39 +341,4 @@ func randomTag() string {
 	b := make([]byte, 4)
 	_, _ = rand.Read(b)
 	return hex.EncodeToString(b)
-}
-
-// lead campaigns for key until ctx ends, running fn while leader with a
-// context cancelled when the lock is lost; it returns ctx's error. It
-// stands in for advisory.Lead until that lands, built on Acquire: a waiting
-// Acquire per campaign and Lock.Done for the loss.
-func lead(ctx context.Context, pool *pgxpool.Pool, key advisory.Key, fn func(context.Context) error, opts ...advisory.Option) error {
-	for ctx.Err() == nil {
-		lock, err := advisory.Acquire(ctx, pool, key, opts...)
-		if err != nil {
-			if ctx.Err() != nil {
-				break
-			}
-			return err
-		}
-		leaderCtx, cancel := context.WithCancel(ctx)
-		watched := make(chan struct{})
-		go func() {
-			defer close(watched)
-			select {
-			case <-lock.Done():
-				cancel()
-			case <-leaderCtx.Done():
-			}
-		}()
-		err = fn(leaderCtx)
-		cancel()
-		<-watched
-		relErr := lock.Release(context.Background())
-		if err != nil {
-			return err
-		}
-		_ = relErr // a lost lock: campaign again
-	}
-	return ctx.Err()
 }

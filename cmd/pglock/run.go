@@ -37,8 +37,9 @@ process group). The lock is held by a session whose application_name is
 
 When the lock is not acquired (busy with --no-wait, or --timeout passed),
 CMD does not run and pglock exits 75 (--conflict-exit-code). When the lock
-is lost while CMD runs (the session ended: backend terminated, server
-restarted, network cut; noticed within a second) or --ttl passes, CMD gets
+is lost while CMD runs (the session ended: backend terminated or server
+stopped, noticed at once; network cut, noticed within about two seconds)
+or --ttl passes, CMD gets
 SIGTERM, then SIGKILL after --grace, and pglock exits 76 with the reason on
 stderr. A signal while waiting for the lock ends the wait; pglock then
 exits 128+N. DUR is a number of seconds (1.5) or a Go duration (300ms, 2m).
