@@ -84,8 +84,10 @@ func Holders(ctx context.Context, q Querier, key Key) ([]Holder, error) {
 }
 
 // AllHolders returns every advisory lock hold and wait in the current
-// database, ordered by key (int64 keys first, then pair keys), then holders
-// before waiters, then Since. Errors and caveats are those of Holders.
+// database, ordered by key as pg_locks stores it (int64 keys first, then
+// pair keys; within a space by classid, then objid, as unsigned numbers),
+// then holders before waiters, then Since. Errors and caveats are those of
+// Holders.
 func AllHolders(ctx context.Context, q Querier) ([]Holder, error) {
 	if q == nil {
 		return nil, errorf("all_holders: nil Querier")
