@@ -182,6 +182,7 @@ func TestRunLockLost(t *testing.T) {
 		t.Errorf("CMD did not get SIGTERM; marks = %q", readLines(t, marks))
 	}
 	stderr := p.stderr.String()
+	t.Logf("pglock exited %d %v after the terminate; stderr: %s", p.code, time.Since(terminated), stderr)
 	if strings.Count(stderr, "\n") != 1 || !strings.Contains(stderr, "lost the lock on int64:76") {
 		t.Errorf("stderr = %q, want one line saying the lock was lost", stderr)
 	}
