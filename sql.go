@@ -210,3 +210,28 @@ func manyArgs(keys []Key) []any {
 	}
 	return []any{ints, as, bs}
 }
+
+// holdersSQL lists advisory lock rows of the current database, granted and
+// waiting, joined with the activity of the backend that holds or awaits
+// each: pid, classid, objid, objsubid, mode, granted, application_name,
+// client address, state, since, backend_start. since is pg_locks.waitstart
+// for a waiter (PostgreSQL 14 or later; it can be NULL for a moment after
+// the wait begins, when the statement's query_start stands in) and the
+// backend's state_change for a holder (PostgreSQL records no grant time).
+// %s is an extra WHERE condition: "" for every key, or holdersKeyFilter.
+const holdersSQL = `SELECT COALESCE(l.pid, 0), l.classid::int8, l.objid::int8, l.objsubid, l.mode, l.granted, ` +
+	`COALESCE(a.application_name, ''), COALESCE(host(a.client_addr), ''), COALESCE(a.state, ''), ` +
+	`CASE WHEN l.granted THEN a.state_change ELSE COALESCE(l.waitstart, a.query_start) END, a.backend_start ` +
+	`FROM pg_catalog.pg_locks l LEFT JOIN pg_catalog.pg_stat_activity a ON a.pid = l.pid ` +
+	`WHERE l.locktype = 'advisory' ` +
+	`AND l.database = (SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database())%s ` +
+	`ORDER BY l.objsubid, l.classid, l.objid, l.granted DESC, 10, 1, 5`
+
+// holdersKeyFilter narrows holdersSQL to one key.
+// Arguments: classid, objid, objsubid.
+const holdersKeyFilter = ` AND l.classid::int8 = $1 AND l.objid::int8 = $2 AND l.objsubid = $3`
+
+var (
+	holdersOneSQL = fmt.Sprintf(holdersSQL, holdersKeyFilter)
+	holdersAllSQL = fmt.Sprintf(holdersSQL, "")
+)

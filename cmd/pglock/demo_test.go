@@ -1,0 +1,80 @@
+package main
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestDemoOwnServer(t *testing.T) {
+	e := newEnv(t)
+	// The throw-away server's files go under a TMPDIR of the test's own,
+	// reachable by the postgres user when the tests run as root.
+	tmp, err := os.MkdirTemp("", "pglock-demo-test-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(tmp) })
+	if err := os.Chmod(tmp, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	p := e.pglock([]string{"TMPDIR=" + tmp}, "demo")
+	e.want(p, 0)
+	t.Logf("pglock demo took %v:\n%s", p.elapsed, p.stdout.String())
+	out := p.stdout.String()
+	for _, want := range []string{"started a throw-away PostgreSQL", "mutual exclusion held", "fail-over",
+		"no advisory lock left", "stopped the throw-away server and removed its files", "all checks passed"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("demo output lacks %q", want)
+		}
+	}
+	if p.elapsed > time.Minute {
+		t.Errorf("demo took %v, want well under a minute", p.elapsed)
+	}
+	left, err := os.ReadDir(tmp)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range left {
+		t.Errorf("demo left %s behind", filepath.Join(tmp, f.Name()))
+	}
+	if procs := processesMentioning(t, tmp); len(procs) > 0 {
+		t.Errorf("demo left processes behind: %q", procs)
+	}
+}
+
+func TestDemoConfiguredDatabase(t *testing.T) {
+	e := newEnv(t)
+	p := e.pglock([]string{"DATABASE_URL=" + e.withPassword(secret)}, "demo")
+	e.want(p, 0)
+	noSecret(t, p)
+	out := p.stdout.String()
+	if !strings.Contains(out, "using the configured database") || strings.Contains(out, "throw-away") ||
+		!strings.Contains(out, "fail-over") {
+		t.Errorf("demo on the configured database:\n%s", out)
+	}
+	// newEnv's check: no advisory lock left on the server.
+}
+
+// processesMentioning returns the command lines of running processes that
+// contain s.
+func processesMentioning(t *testing.T, s string) []string {
+	t.Helper()
+	dirs, err := filepath.Glob("/proc/[0-9]*/cmdline")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []string
+	for _, f := range dirs {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			continue // gone meanwhile
+		}
+		if cmdline := strings.ReplaceAll(string(b), "\x00", " "); strings.Contains(cmdline, s) {
+			out = append(out, cmdline)
+		}
+	}
+	return out
+}

@@ -1,0 +1,204 @@
+package advisory
+
+import (
+	"context"
+	"errors"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+)
+
+// The types Holders is documented to take.
+var (
+	_ Querier = (*pgx.Conn)(nil)
+	_ Querier = (*pgxpool.Pool)(nil)
+	_ Querier = (*pgxpool.Conn)(nil)
+	_ Querier = pgx.Tx(nil)
+)
+
+// namedConn returns a plain connection with the given application_name,
+// closed when the test ends.
+func (e *env) namedConn(app string) *pgx.Conn {
+	e.t.Helper()
+	cfg, err := pgx.ParseConfig(e.dsn)
+	must(e.t, err)
+	cfg.RuntimeParams["application_name"] = app
+	c, err := pgx.ConnectConfig(e.ctx, cfg)
+	must(e.t, err)
+	e.t.Cleanup(func() { c.Close(context.Background()) })
+	return c
+}
+
+func backendPID(t *testing.T, c *pgx.Conn) int32 {
+	t.Helper()
+	return int32(c.PgConn().PID())
+}
+
+func TestHoldersHolderAndWaiter(t *testing.T) {
+	e := newEnv(t)
+	key := Int64Key(-7_000_000_000_123)
+	holder, waiter := e.namedConn("inspect-holder"), e.namedConn("inspect-waiter")
+	before := time.Now()
+	_, err := holder.Exec(e.ctx, `SELECT pg_advisory_lock($1)`, int64(-7_000_000_000_123))
+	must(t, err)
+
+	waited := make(chan error, 1)
+	go func() {
+		_, err := waiter.Exec(e.ctx, `SELECT pg_advisory_lock($1)`, int64(-7_000_000_000_123))
+		waited <- err
+	}()
+	e.awaitWaiters(1)
+
+	hs, err := Holders(e.ctx, e.conn(), key)
+	must(t, err)
+	if len(hs) != 2 {
+		t.Fatalf("Holders = %+v, want a holder and a waiter", hs)
+	}
+	h, w := hs[0], hs[1]
+	if h.PID != backendPID(t, holder) || !h.Granted || h.Mode != ModeExclusive || h.Key != key ||
+		h.ApplicationName != "inspect-holder" || h.ClientAddr != "127.0.0.1" || h.State != "idle" {
+		t.Errorf("holder = %+v, want pid %d, granted, exclusive, %s, inspect-holder from 127.0.0.1, idle",
+			h, backendPID(t, holder), key)
+	}
+	if w.PID != backendPID(t, waiter) || w.Granted || w.Mode != ModeExclusive || w.Key != key ||
+		w.ApplicationName != "inspect-waiter" || w.State != "active" {
+		t.Errorf("waiter = %+v, want pid %d, waiting, exclusive, %s, inspect-waiter, active",
+			w, backendPID(t, waiter), key)
+	}
+	now := time.Now()
+	for _, x := range hs {
+		// Server and test share a clock; allow for rounding.
+		if x.Since.Before(before.Add(-time.Second)) || x.Since.After(now.Add(time.Second)) {
+			t.Errorf("pid %d: Since = %v, want between %v and %v", x.PID, x.Since, before, now)
+		}
+		if x.BackendStart.IsZero() || x.BackendStart.After(x.Since) {
+			t.Errorf("pid %d: BackendStart = %v, want set and not after Since %v", x.PID, x.BackendStart, x.Since)
+		}
+	}
+	if !h.Since.Before(w.Since) && !h.Since.Equal(w.Since) {
+		t.Errorf("holder's Since %v is after the waiter's %v", h.Since, w.Since)
+	}
+
+	_, err = holder.Exec(e.ctx, `SELECT pg_advisory_unlock($1)`, int64(-7_000_000_000_123))
+	must(t, err)
+	must(t, <-waited)
+	hs, err = Holders(e.ctx, e.conn(), key)
+	must(t, err)
+	if len(hs) != 1 || hs[0].PID != backendPID(t, waiter) || !hs[0].Granted {
+		t.Errorf("after the hand-off Holders = %+v, want the former waiter as the one holder", hs)
+	}
+	_, err = waiter.Exec(e.ctx, `SELECT pg_advisory_unlock($1)`, int64(-7_000_000_000_123))
+	must(t, err)
+}
+
+func TestHoldersPairKeyShared(t *testing.T) {
+	e := newEnv(t)
+	key := PairKey(-5, 9)
+	a, b := e.conn(), e.conn()
+	for _, c := range []*pgx.Conn{a, b} {
+		_, err := c.Exec(e.ctx, `SELECT pg_advisory_lock_shared($1::int4, $2::int4)`, int32(-5), int32(9))
+		must(t, err)
+	}
+	pool := e.pool()
+	hs, err := Holders(e.ctx, pool, key)
+	must(t, err)
+	if len(hs) != 2 {
+		t.Fatalf("Holders = %+v, want two shared holders", hs)
+	}
+	pids := map[int32]bool{}
+	for _, h := range hs {
+		if !h.Granted || h.Mode != ModeShared || h.Key != key {
+			t.Errorf("holder %+v: want granted, shared, %s", h, key)
+		}
+		pids[h.PID] = true
+	}
+	if !pids[backendPID(t, a)] || !pids[backendPID(t, b)] {
+		t.Errorf("Holders pids = %v, want %d and %d", pids, backendPID(t, a), backendPID(t, b))
+	}
+
+	// The int64 key with the same classid and objid is another lock.
+	classid, objid, _ := key.LockRow()
+	same := Int64Key(int64(uint64(classid)<<32 | uint64(objid)))
+	hs, err = Holders(e.ctx, pool, same)
+	must(t, err)
+	if len(hs) != 0 {
+		t.Errorf("Holders(%s) = %+v, want none: the int64 space is separate", same, hs)
+	}
+
+	// Through a transaction too.
+	tx, err := pool.Begin(e.ctx)
+	must(t, err)
+	all, err := AllHolders(e.ctx, tx)
+	must(t, err)
+	must(t, tx.Rollback(e.ctx))
+	if len(all) != 2 || all[0].Key != key || all[1].Key != key {
+		t.Errorf("AllHolders = %+v, want the two shared holds of %s", all, key)
+	}
+
+	for _, c := range []*pgx.Conn{a, b} {
+		_, err := c.Exec(e.ctx, `SELECT pg_advisory_unlock_shared($1::int4, $2::int4)`, int32(-5), int32(9))
+		must(t, err)
+	}
+}
+
+func TestHoldersOfAcquire(t *testing.T) {
+	e := newEnv(t)
+	pool := e.pool(func(c *pgxpool.Config) { c.ConnConfig.RuntimeParams["application_name"] = "inspect-acquire" })
+	k1, k2 := StringKey("inspect/one"), PairKey(1, 2)
+	l1, err := Acquire(e.ctx, pool, k1)
+	must(t, err)
+	l2, err := Acquire(e.ctx, pool, k2, Shared())
+	must(t, err)
+	s, err := NewSession(e.ctx, pool)
+	must(t, err)
+	_, err = s.Lock(e.ctx, k1, Shared(), NoWait()) // busy: not held, nothing reported
+	must(t, err)
+
+	all, err := AllHolders(e.ctx, pool)
+	must(t, err)
+	if len(all) != 2 {
+		t.Fatalf("AllHolders = %+v, want two holds", all)
+	}
+	// int64 keys sort before pair keys.
+	if all[0].Key != k1 || all[0].Mode != ModeExclusive || all[1].Key != k2 || all[1].Mode != ModeShared {
+		t.Errorf("AllHolders = %+v, want %s exclusive then %s shared", all, k1, k2)
+	}
+	for _, h := range all {
+		if h.ApplicationName != "inspect-acquire" || !h.Granted {
+			t.Errorf("hold %+v: want granted, inspect-acquire", h)
+		}
+	}
+	must(t, s.Close(e.ctx))
+	must(t, l1.Release(e.ctx))
+	must(t, l2.Release(e.ctx))
+	all, err = AllHolders(e.ctx, pool)
+	must(t, err)
+	if len(all) != 0 {
+		t.Errorf("AllHolders after Release = %+v, want none", all)
+	}
+}
+
+func TestHoldersInvalid(t *testing.T) {
+	e := newEnv(t)
+	counter := &queryCounter{}
+	pool := e.pool(func(c *pgxpool.Config) { c.ConnConfig.Tracer = counter })
+	if _, err := Holders(e.ctx, pool, Key{}); !errors.Is(err, ErrInvalidKey) {
+		t.Errorf("Holders(zero Key) = %v, want ErrInvalidKey", err)
+	}
+	if n := counter.n.Load(); n != 0 {
+		t.Errorf("Holders(zero Key) sent %d statements, want none", n)
+	}
+	if _, err := Holders(e.ctx, nil, Int64Key(1)); err == nil {
+		t.Error("Holders(nil Querier) succeeded")
+	}
+	if _, err := AllHolders(e.ctx, nil); err == nil {
+		t.Error("AllHolders(nil Querier) succeeded")
+	}
+	ctx, cancel := context.WithCancel(e.ctx)
+	cancel()
+	if _, err := AllHolders(ctx, pool); !errors.Is(err, context.Canceled) {
+		t.Errorf("AllHolders(cancelled ctx) = %v, want context.Canceled", err)
+	}
+}
