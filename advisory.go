@@ -139,7 +139,7 @@ func (l *Lock) Release(ctx context.Context) error {
 	if l.ttl != nil {
 		l.ttl.Stop()
 	}
-	err := l.s.Unlock(context.WithoutCancel(ctx), l.key, modeOption(l.mode))
+	err := l.s.unlock(context.WithoutCancel(ctx), hold{l.key, l.mode}, true)
 	closeErr := l.s.Close(ctx)
 	switch {
 	case closeErr != nil:
@@ -148,11 +148,6 @@ func (l *Lock) Release(ctx context.Context) error {
 		return nil // ended cleanly by ReleaseAll
 	}
 	return err
-}
-
-// modeOption is the Option for mode m.
-func modeOption(m Mode) Option {
-	return func(c *config) { c.mode = m }
 }
 
 // WithConn runs fn with exclusive use of the lock's own connection: see

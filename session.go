@@ -269,7 +269,7 @@ func (s *Session) dropIfGranted(h hold) error {
 	})
 	if err == nil && held {
 		grantedThenCancelled.Add(1)
-		err = s.unlockStatement(h)
+		err = s.unlockStatement(h, false)
 	}
 	if err != nil {
 		s.lose(err)
@@ -293,6 +293,14 @@ func (s *Session) Unlock(ctx context.Context, key Key, opts ...Option) error {
 	if err != nil {
 		return err
 	}
+	return s.unlock(ctx, hold{key, cfg.mode}, false)
+}
+
+// unlock releases one hold of h. closing says the session closes next (a
+// Lock's Release): the last unlock then also resets the keep-alive settings,
+// in the same statement, so Close has nothing left to send.
+func (s *Session) unlock(ctx context.Context, h hold, closing bool) error {
+	key := h.key
 	if !key.Valid() {
 		return invalidKey("unlock")
 	}
@@ -300,7 +308,6 @@ func (s *Session) Unlock(ctx context.Context, key Key, opts ...Option) error {
 		return keyError("unlock", key, nil, err)
 	}
 	defer s.giveTurn()
-	h := hold{key, cfg.mode}
 	s.mu.Lock()
 	n := s.holds[h]
 	if n > 1 {
@@ -313,7 +320,7 @@ func (s *Session) Unlock(ctx context.Context, key Key, opts ...Option) error {
 	case n > 1:
 		return nil
 	}
-	err = s.unlockStatement(h)
+	err := s.unlockStatement(h, closing)
 	s.mu.Lock()
 	delete(s.holds, h)
 	s.mu.Unlock()
@@ -329,14 +336,14 @@ func (s *Session) Unlock(ctx context.Context, key Key, opts ...Option) error {
 var errUnlockFalse = errors.New("pg_advisory_unlock returned false: the server did not hold the lock")
 
 // unlockStatement releases h on the server once. The caller holds the turn.
-// When h is the session's last hold, the same statement resets the
-// keep-alive settings.
-func (s *Session) unlockStatement(h hold) error {
+// When h is the session's last hold and the session closes next, the same
+// statement resets the keep-alive settings.
+func (s *Session) unlockStatement(h hold, closing bool) error {
 	s.mu.Lock()
 	last := len(s.holds) == 1 && s.holds[h] > 0
 	s.mu.Unlock()
 	sql := unlockSQL[h.mode][h.key.space-1]
-	if last && s.tuned {
+	if closing && last && s.tuned {
 		sql = unlockLastSQL[h.mode][h.key.space-1]
 	}
 	var ok bool

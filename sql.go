@@ -58,38 +58,35 @@ func init() {
 				lockSQL[sc][m][waitForever][sp] = fmt.Sprintf("SELECT pg_advisory_%slock%s(%s)", xact, shared, params[0])
 				lockSQL[sc][m][waitBounded][sp] = fmt.Sprintf(boundedLockSQL, fmt.Sprintf("pg_advisory_%slock%s(%s)", xact, shared, params[1]))
 				unlockSQL[m][sp] = fmt.Sprintf("SELECT pg_advisory_unlock%s(%s)", shared, params[0])
-				unlockLastSQL[m][sp] = fmt.Sprintf("SELECT unlock.ok FROM (SELECT pg_advisory_unlock%s(%s) AS ok OFFSET 0) AS unlock, (%s OFFSET 0) AS reset",
-					shared, params[0], resetKeepaliveSQL)
+				unlockLastSQL[m][sp] = fmt.Sprintf("SELECT unlock.ok FROM (SELECT pg_advisory_unlock%s(%s) AS ok OFFSET 0) AS unlock, (SELECT %s OFFSET 0) AS reset",
+					shared, params[0], resetKeepalive)
 			}
 		}
 	}
 }
 
-// keepaliveSettings are the server-side settings that bound how long the
-// server keeps a silent client's session, and so its locks (see keepalive).
-const keepaliveSettings = `'tcp_keepalives_idle', 'tcp_keepalives_interval', 'tcp_keepalives_count', 'tcp_user_timeout'`
+// keepaliveSQL sets, for the session, the server-side settings that bound
+// how long the server keeps a silent client's session, and so its locks (see
+// keepaliveArgs). Arguments, as text: idle and interval seconds, probe count,
+// user timeout in milliseconds. It goes in the same round trip as a
+// session's first lock statement. (tcp_user_timeout needs PostgreSQL 12.)
+const keepaliveSQL = `SELECT set_config('tcp_keepalives_idle', $1, false), set_config('tcp_keepalives_interval', $2, false), ` +
+	`set_config('tcp_keepalives_count', $3, false), set_config('tcp_user_timeout', $4, false)`
 
-// keepaliveSQL sets them for the session. Arguments, as text: idle and
-// interval seconds, probe count, user timeout in milliseconds. A setting the
-// server does not have (tcp_user_timeout before PostgreSQL 12) is skipped
-// rather than failing the lock. It goes in the same round trip as a
-// session's first lock statement.
-const keepaliveSQL = `SELECT count(set_config(s.name, v.value, false)) FROM (VALUES ` +
-	`('tcp_keepalives_idle', $1::text), ('tcp_keepalives_interval', $2::text), ` +
-	`('tcp_keepalives_count', $3::text), ('tcp_user_timeout', $4::text)) AS v(name, value) ` +
-	`JOIN pg_catalog.pg_settings AS s ON s.name = v.name`
+// resetKeepalive puts them back to the connection's defaults (set_config
+// with NULL is RESET), so a connection returns to the pool as it came. It is
+// a select list, folded into the statement that ends a session's holds.
+const resetKeepalive = `set_config('tcp_keepalives_idle', NULL, false), set_config('tcp_keepalives_interval', NULL, false), ` +
+	`set_config('tcp_keepalives_count', NULL, false), set_config('tcp_user_timeout', NULL, false)`
 
-// resetKeepaliveSQL puts them back to the connection's defaults, so a
-// connection returns to the pool as it came.
-const resetKeepaliveSQL = `SELECT count(set_config(name, reset_val, false)) FROM pg_catalog.pg_settings WHERE name IN (` + keepaliveSettings + `)`
-
-// unlockLastSQL[mode][space-1] is unlockSQL for a session's last hold: it
-// also resets the keep-alive settings, in the same statement.
+// unlockLastSQL[mode][space-1] is unlockSQL for the hold a Lock releases
+// before its session closes: it also resets the keep-alive settings, in the
+// same statement.
 var unlockLastSQL [2][2]string
 
 // unlockAllSQL releases every session-level advisory lock of the session and
 // resets the keep-alive settings.
-const unlockAllSQL = `SELECT pg_advisory_unlock_all(), (` + resetKeepaliveSQL + `)`
+const unlockAllSQL = `SELECT pg_advisory_unlock_all(), ` + resetKeepalive
 
 // heldSQL reports whether this session holds a key in a mode, granted. It is
 // how an ambiguous error from a lock statement (a cancel or lock_timeout that
@@ -97,7 +94,6 @@ const unlockAllSQL = `SELECT pg_advisory_unlock_all(), (` + resetKeepaliveSQL + 
 // Arguments: classid, objid, objsubid, pg_locks mode name.
 const heldSQL = `SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_locks ` +
 	`WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND granted ` +
-	`AND database = (SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database()) ` +
 	`AND classid::int8 = $1 AND objid::int8 = $2 AND objsubid = $3 AND mode = $4)`
 
 // lockTimeoutText formats a wait bound for lock_timeout. The server rounds to
