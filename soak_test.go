@@ -140,8 +140,14 @@ func TestSoak(t *testing.T) {
 	// Closed connections leave the pool's count a moment after their
 	// release (pgxpool destroys them in the background): await it.
 	awaitNoAcquired(t, pool)
+	// A context of its own: the soak may outlast e.ctx on a loaded machine.
+	ctx, cancel := context.WithTimeout(context.Background(), testTimeout)
+	defer cancel()
+	c, err := pgx.Connect(ctx, e.dsn)
+	must(t, err)
+	defer c.Close(context.Background())
 	var idleInTx int
-	must(t, e.conn().QueryRow(e.ctx, `SELECT count(*) FROM pg_stat_activity
+	must(t, c.QueryRow(ctx, `SELECT count(*) FROM pg_stat_activity
 		WHERE datname = current_database() AND state LIKE 'idle in transaction%'`).Scan(&idleInTx))
 	t.Logf("soak: %d operations in %v across 8 goroutines: acquired %d, not acquired (try) %d, timeouts %d, cancels %d, "+
 		"ErrNotHeld %d, TTL %d, deadlocks %d, panics %d, body errors %d; max overrun past ctx %v, max cleanup %v, "+

@@ -402,19 +402,19 @@ func duration(t *testing.T, short time.Duration, share float64) time.Duration {
 
 func TestExclusiveClean(t *testing.T) {
 	run{name: "exclusive, clean", procs: 3, goroutines: 4, keys: 3, keyBase: 1000,
-		writerRatio: 1, duration: duration(t, 5*time.Second, 0.15)}.exec(t)
+		writerRatio: 1, duration: duration(t, 4*time.Second, 0.15)}.exec(t)
 }
 
 func TestSharedClean(t *testing.T) {
 	res := run{name: "shared, clean", procs: 3, goroutines: 4, keys: 2, keyBase: 2000,
-		writerRatio: 0.3, duration: duration(t, 5*time.Second, 0.15)}.exec(t)
+		writerRatio: 0.3, duration: duration(t, 4*time.Second, 0.15)}.exec(t)
 	if res.readerOver == 0 {
 		t.Error("no two readers ever overlapped: shared locks did not share (or the run was too short)")
 	}
 }
 
 func TestFaults(t *testing.T) {
-	d := duration(t, 12*time.Second, 0.7)
+	d := duration(t, 10*time.Second, 0.7)
 	restarts := 1
 	if longMode(t) > 0 {
 		restarts = max(1, int(d/time.Minute))

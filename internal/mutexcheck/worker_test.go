@@ -173,6 +173,9 @@ func (w *worker) loop(stop context.Context, g int) {
 		}
 	}()
 	for stop.Err() == nil {
+		// A moment between sections, so that the checker does not take
+		// the whole CPU from the tests run in parallel with it.
+		time.Sleep(time.Duration(rng.IntN(1000)) * time.Microsecond)
 		key := rng.IntN(w.cfg.Keys)
 		writer := rng.Float64() < w.cfg.WriterRatio
 		opts := []advisory.Option{advisory.HealthInterval(w.cfg.Health)}
@@ -229,8 +232,14 @@ func (w *worker) waitFailed(what string, err error) {
 	switch {
 	case errors.Is(err, advisory.ErrTimeout), errors.Is(err, context.DeadlineExceeded):
 		atomic.AddInt64(&w.stats.Timeouts, 1)
+		if !w.cfg.Faults {
+			w.sample("%s: %v", what, err)
+		}
 	case errors.Is(err, context.Canceled):
 		atomic.AddInt64(&w.stats.Cancels, 1)
+		if !w.cfg.Faults {
+			w.sample("%s: %v", what, err)
+		}
 	case errors.Is(err, advisory.ErrLockLost):
 		atomic.AddInt64(&w.stats.LostWaiting, 1)
 	default:
