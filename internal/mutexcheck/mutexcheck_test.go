@@ -18,6 +18,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"go.uber.org/goleak"
 
+	"github.com/seed0ad592b7/advisory"
 	"github.com/seed0ad592b7/advisory/internal/pgtest"
 )
 
@@ -132,12 +133,20 @@ func (r run) exec(t *testing.T) result {
 	}
 	procs := make([]*proc, r.procs)
 	seed := rand.Uint64()
+	// The health check's ping times out after one interval and then ends
+	// the session. Under faults a short interval tells holders quickly;
+	// clean runs use the default, as a 50 ms ping on a loaded machine
+	// ends healthy sessions (see RELIABILITY.md).
+	health := advisory.DefaultHealthInterval
+	if r.faults {
+		health = 50 * time.Millisecond
+	}
 	t.Logf("%s: %d processes × %d goroutines, %d keys, writer ratio %.1f, faults %v, %v, seed %d",
 		r.name, r.procs, r.goroutines, r.keys, r.writerRatio, r.faults, r.duration, seed)
 	for i := range procs {
 		spec, _ := json.Marshal(workerConfig{
 			DSN: server.DSN, Proc: i, Goroutines: r.goroutines, Keys: r.keys, KeyBase: r.keyBase,
-			WriterRatio: r.writerRatio, Faults: r.faults, Health: 50 * time.Millisecond,
+			WriterRatio: r.writerRatio, Faults: r.faults, Health: health,
 			Seed: seed, MaxRun: r.duration + 2*time.Minute,
 		})
 		p := &proc{cmd: exec.Command(os.Args[0], "-test.run=^$")}

@@ -230,6 +230,14 @@ func (w *worker) waitCtx(rng *rand.Rand) (context.Context, context.CancelFunc) {
 // waitFailed classifies an error from a lock wait.
 func (w *worker) waitFailed(what string, err error) {
 	switch {
+	case errors.Is(err, advisory.ErrLockLost):
+		// First: the error of a call on a session that ended also wraps
+		// the session's end reason, which may be a context error (a
+		// health check that timed out).
+		atomic.AddInt64(&w.stats.LostWaiting, 1)
+		if !w.cfg.Faults {
+			w.sample("%s: %v", what, err)
+		}
 	case errors.Is(err, advisory.ErrTimeout), errors.Is(err, context.DeadlineExceeded):
 		atomic.AddInt64(&w.stats.Timeouts, 1)
 		if !w.cfg.Faults {
@@ -240,8 +248,6 @@ func (w *worker) waitFailed(what string, err error) {
 		if !w.cfg.Faults {
 			w.sample("%s: %v", what, err)
 		}
-	case errors.Is(err, advisory.ErrLockLost):
-		atomic.AddInt64(&w.stats.LostWaiting, 1)
 	default:
 		w.failed(what, err)
 	}
