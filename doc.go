@@ -46,6 +46,19 @@
 // session lock is taken on one server session and its unlock sent to
 // another, and the lock stays behind on a server connection other clients
 // then use. Do not use Acquire or Session through a transaction pooler.
+// What happens there (PgBouncer 1.18, tested): an unrelated client whose
+// statement lands on the lock's server session takes the "held" lock too
+// (session locks are re-entrant), so mutual exclusion is gone; when the
+// unlock lands on another server session, pg_advisory_unlock returns false,
+// Release returns ErrLockLost and the lock stays held on the first server
+// session, by no client, until that server connection ends.
+//
+// Through PgBouncer 1.18 in transaction mode, pgx needs a query exec mode
+// without named prepared statements: default_query_exec_mode=exec or
+// simple_protocol in the connection string (cache_describe works as well).
+// The default, cache_statement, fails ("prepared statement ... already
+// exists" or "does not exist"), and describe_exec fails outside a
+// transaction ("unnamed prepared statement does not exist").
 //
 // # Lost locks
 //

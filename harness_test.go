@@ -23,7 +23,10 @@ func TestMain(m *testing.M) {
 }
 
 // testTimeout bounds every wait in a test, so a broken promise fails the test
-// instead of hanging it.
+// instead of hanging it. It is generous: go test runs packages in parallel
+// (internal/mutexcheck and internal/pgtest start servers and processes of
+// their own) on machines whose CPU is shared, and a test that opens a
+// connection per round can take several times its unloaded duration.
 const testTimeout = 60 * time.Second
 
 // env is one test's view of the server: a context, pools made for it, and

@@ -123,7 +123,7 @@ func newSession(ctx context.Context, pool *pgxpool.Pool, cfg config) (*Session, 
 	}
 	conn, err := pool.Acquire(ctx)
 	if err != nil {
-		return nil, &Error{Op: "session", Err: err}
+		return nil, &Error{Op: "session", Kind: kindOf(err), Err: err}
 	}
 	s := &Session{
 		pool:      pool,

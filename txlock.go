@@ -97,7 +97,7 @@ func DoTx(ctx context.Context, pool *pgxpool.Pool, key Key, fn func(context.Cont
 	}
 	tx, err := pool.Begin(ctx)
 	if err != nil {
-		return false, keyError("lock_tx", key, nil, err)
+		return false, keyError("lock_tx", key, kindOf(err), err)
 	}
 	committed := false
 	defer func() {

@@ -313,8 +313,20 @@ func TestBadSettings(t *testing.T) {
 			t.Errorf("Start accepted setting %q", key)
 		}
 	}
+	// A temporary directory of its own, so that servers other test
+	// processes start meanwhile (go test runs packages in parallel) do not
+	// count as left behind. The postgres user must be able to enter it.
+	tmp, err := os.MkdirTemp("", "pgtest-badsettings-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(tmp)
+	if err := os.Chmod(tmp, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("TMPDIR", tmp)
 	before, _ := filepath.Glob(filepath.Join(os.TempDir(), "pgtest-*"))
-	_, err := Start(ctx, Options{Private: true, Settings: map[string]string{"no_such_setting_pgtest": "1"}})
+	_, err = Start(ctx, Options{Private: true, Settings: map[string]string{"no_such_setting_pgtest": "1"}})
 	if err == nil {
 		t.Fatal("Start accepted an unknown setting")
 	}
