@@ -176,7 +176,7 @@ func increment(ctx context.Context, tx pgx.Tx) error {
 
 // backendPID is pg_backend_pid() of the server session a query through q
 // runs on.
-func serverPID(t *testing.T, ctx context.Context, q interface {
+func queryPID(t *testing.T, ctx context.Context, q interface {
 	QueryRow(context.Context, string, ...any) pgx.Row
 }) uint32 {
 	t.Helper()
@@ -259,7 +259,7 @@ func TestPgBouncerSessionLocksUnsafe(t *testing.T) {
 		// statement, the unlock, runs on the other one.
 		tx, err := other.Begin(e.ctx)
 		must(t, err)
-		if pid := serverPID(t, e.ctx, tx); pid != serverPID {
+		if pid := queryPID(t, e.ctx, tx); pid != serverPID {
 			_ = tx.Rollback(e.ctx)
 			_, _ = c.Exec(e.ctx, `SELECT pg_terminate_backend($1)`, serverPID)
 			_ = lock.Release(e.ctx)
