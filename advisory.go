@@ -139,7 +139,7 @@ func (l *Lock) Release(ctx context.Context) error {
 	if l.ttl != nil {
 		l.ttl.Stop()
 	}
-	err := l.s.unlock(context.WithoutCancel(ctx), hold{l.key, l.mode}, true)
+	err := l.s.unlock(context.WithoutCancel(ctx), hold{l.key, l.mode})
 	closeErr := l.s.Close(ctx)
 	switch {
 	case closeErr != nil:

@@ -67,14 +67,21 @@
 // on it: a terminated backend or a stopped server (a FATAL message or a
 // closed socket) is noticed at once, with no round trip. Every
 // HealthInterval (default 1 s) it also pings, for a network cut that sends
-// nothing: a ping unanswered within the interval closes the connection, so
-// the holder steps down within about two intervals. The server side is
-// bounded too: a session's first lock sets tcp_keepalives_idle, _interval,
-// _count and tcp_user_timeout on its backend (in the same round trip), so
-// the server drops a silent client, and frees its locks, about four
-// intervals after the cut (4 s by default: 2 s idle, two probes 1 s apart),
-// always after the holder has stepped down. The last unlock resets those
-// settings, so connections return to the pool as they came.
+// nothing: a ping unanswered within the interval (at least 1 s) closes the
+// connection, so the holder steps down within about two intervals. The
+// server side is bounded too: the first lock on a connection sets
+// tcp_keepalives_idle, _interval, _count and tcp_user_timeout on its backend
+// (in the same round trip), so the server drops a silent client, and frees
+// its locks, about four intervals after the cut (4 s by default: 2 s idle,
+// two probes 1 s apart), always after the holder has stepped down.
+//
+// Those settings stay on the connection when it goes back to the pool, so
+// the next lock on it costs nothing extra. They are harmless for most other
+// use, with one exception: with tcp_user_timeout set (4 s by default) the
+// server drops a connection whose client leaves data unacknowledged that
+// long, for instance a client that stops reading a large result for a few
+// seconds. If the pool also serves such queries, give locks a pool of their
+// own.
 //
 // When the session ends, Done is closed and Err matches ErrLockLost; Do and
 // Lead cancel their function's context. Until the holder has noticed, it may

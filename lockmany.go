@@ -54,7 +54,7 @@ func (s *Session) LockMany(ctx context.Context, keys []Key, opts ...Option) (boo
 		return false, err
 	}
 	if err := s.takeTurn(ctx); err != nil {
-		return false, &Error{Op: "lock_many", Err: err}
+		return false, turnError("lock_many", Key{}, err)
 	}
 	defer s.giveTurn()
 
@@ -113,24 +113,7 @@ func (s *Session) lockFresh(ctx context.Context, keys []Key, cfg config) (bool, 
 		return row.Scan(&n)
 	}
 	err := s.run(runCtx, true, func(ctx context.Context, c *pgx.Conn) error {
-		if s.tuned {
-			return scan(c.QueryRow(ctx, sql, args...))
-		}
-		// The session's first lock: set the keep-alives in the same round
-		// trip, as Lock does, so the server's bound holds from the grant on.
-		batch := &pgx.Batch{}
-		batch.Queue(keepaliveSQL, s.keepalive...)
-		batch.Queue(sql, args...)
-		results := c.SendBatch(ctx, batch)
-		_, err := results.Exec()
-		if err == nil {
-			s.tuned = true
-			err = scan(results.QueryRow())
-		}
-		if closeErr := results.Close(); err == nil {
-			err = closeErr
-		}
-		return err
+		return s.lockQuery(ctx, c, sql, args, scan)
 	})
 	if err == nil && w != waitTry && n != int64(len(keys)) {
 		err = fmt.Errorf("the lock statement took %d of %d keys", n, len(keys))

@@ -233,43 +233,50 @@ func TestTTL(t *testing.T) {
 	}
 }
 
-// While a lock is held its session carries the keep-alive settings that
-// bound the server side of a network cut; the connection goes back to the
-// pool with the defaults.
+// While a lock is held its connection carries the keep-alive settings that
+// bound the server side of a network cut. They are sent once per connection,
+// in the first lock's round trip, and stay: the next lock on that
+// connection costs its two statements only.
 func TestKeepaliveSettings(t *testing.T) {
 	e := newEnv(t)
-	pool := e.pool(func(c *pgxpool.Config) { c.MaxConns = 1 })
-	show := func(q interface {
-		QueryRow(context.Context, string, ...any) pgx.Row
-	}) string {
+	var counter queryCounter
+	pool := e.pool(func(c *pgxpool.Config) { c.MaxConns = 1; c.ConnConfig.Tracer = &counter })
+	show := func(c *pgx.Conn) string {
 		var idle, interval, count, user string
-		must(t, q.QueryRow(e.ctx, `SELECT current_setting('tcp_keepalives_idle'), current_setting('tcp_keepalives_interval'),
+		must(t, c.QueryRow(e.ctx, `SELECT current_setting('tcp_keepalives_idle'), current_setting('tcp_keepalives_interval'),
 			current_setting('tcp_keepalives_count'), current_setting('tcp_user_timeout')`).Scan(&idle, &interval, &count, &user))
 		return strings.Join([]string{idle, interval, count, user}, " ")
 	}
-	before := show(pool)
-	for _, release := range []string{"Release", "Session.Close"} {
+	for round := range 2 {
+		lock, err := Acquire(e.ctx, pool, Int64Key(8))
+		must(t, err)
 		var held string
-		if release == "Release" {
-			lock, err := Acquire(e.ctx, pool, Int64Key(8))
-			must(t, err)
-			must(t, lock.WithConn(e.ctx, func(c *pgx.Conn) error { held = show(c); return nil }))
-			must(t, lock.Release(e.ctx))
-		} else {
-			s, err := NewSession(e.ctx, pool)
-			must(t, err)
-			_, err = s.Lock(e.ctx, Int64Key(8))
-			must(t, err)
-			must(t, s.WithConn(e.ctx, func(c *pgx.Conn) error { held = show(c); return nil }))
-			must(t, s.Close(e.ctx))
-		}
+		must(t, lock.WithConn(e.ctx, func(c *pgx.Conn) error { held = show(c); return nil }))
 		if held != "2 1 2 4000" {
-			t.Errorf("settings while held = %q; want \"2 1 2 4000\" for the default 1s health interval", held)
+			t.Errorf("round %d: settings while held = %q; want \"2 1 2 4000\" for the default 1s health interval", round, held)
 		}
-		if after := show(pool); after != before {
-			t.Errorf("after %s the pooled connection has %q; want the defaults %q", release, after, before)
+		before := counter.n.Load()
+		must(t, lock.Release(e.ctx))
+		lock, err = Acquire(e.ctx, pool, Int64Key(8))
+		must(t, err)
+		must(t, lock.Release(e.ctx))
+		// One pooled connection: the second Acquire reuses it, keep-alives
+		// already set: unlock (and unlock_all, as WithConn was used), then
+		// lock + unlock, nothing else.
+		if n := counter.n.Load() - before; n != 4 {
+			t.Errorf("round %d: %d statements for Release, Acquire, Release on a tuned connection; want 4", round, n)
 		}
 	}
+	s, err := NewSession(e.ctx, pool, HealthInterval(3*time.Second))
+	must(t, err)
+	_, err = s.Lock(e.ctx, Int64Key(9))
+	must(t, err)
+	var held string
+	must(t, s.WithConn(e.ctx, func(c *pgx.Conn) error { held = show(c); return nil }))
+	if held != "6 3 2 12000" {
+		t.Errorf("a session with a 3s health interval has %q; want its own keep-alives \"6 3 2 12000\"", held)
+	}
+	must(t, s.Close(e.ctx))
 }
 
 // A silent network cut (packets of the lock's connection dropped both ways):

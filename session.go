@@ -4,6 +4,7 @@ import (
 	"cmp"
 	"context"
 	"errors"
+	"fmt"
 	"slices"
 	"strconv"
 	"sync"
@@ -54,7 +55,6 @@ type Session struct {
 	conn      *pgxpool.Conn
 	health    time.Duration
 	keepalive []any // keepaliveSQL's arguments for this health interval
-	tuned     bool  // keepaliveSQL was sent since the last reset; guarded by turn
 
 	// turn is a token: whoever holds it may use conn. Taking it obeys a
 	// context; Close takes it after interrupting the holder.
@@ -170,7 +170,7 @@ func (s *Session) lock(ctx context.Context, key Key, cfg config) (bool, error) {
 		return false, invalidKey("lock")
 	}
 	if err := s.takeTurn(ctx); err != nil {
-		return false, keyError("lock", key, nil, err)
+		return false, turnError("lock", key, err)
 	}
 	defer s.giveTurn()
 
@@ -187,32 +187,12 @@ func (s *Session) lock(ctx context.Context, key Key, cfg config) (bool, error) {
 	sql, args := lockStatement(scopeSession, cfg.mode, w, key, bound)
 	got := true
 	err := s.run(ctx, true, func(ctx context.Context, c *pgx.Conn) error {
-		if s.tuned {
+		return s.lockQuery(ctx, c, sql, args, func(row pgx.Row) error {
 			if w == waitTry {
-				return c.QueryRow(ctx, sql, args...).Scan(&got)
+				return row.Scan(&got)
 			}
-			_, err := c.Exec(ctx, sql, args...)
-			return err
-		}
-		// The session's first lock: set the keep-alives in the same round
-		// trip, so the server's bound holds from the grant on.
-		batch := &pgx.Batch{}
-		batch.Queue(keepaliveSQL, s.keepalive...)
-		batch.Queue(sql, args...)
-		results := c.SendBatch(ctx, batch)
-		_, err := results.Exec()
-		if err == nil {
-			s.tuned = true
-			if w == waitTry {
-				err = results.QueryRow().Scan(&got)
-			} else {
-				_, err = results.Exec()
-			}
-		}
-		if closeErr := results.Close(); err == nil {
-			err = closeErr
-		}
-		return err
+			return row.Scan(nil)
+		})
 	})
 	if err == nil {
 		if got {
@@ -269,7 +249,7 @@ func (s *Session) dropIfGranted(h hold) error {
 	})
 	if err == nil && held {
 		grantedThenCancelled.Add(1)
-		err = s.unlockStatement(h, false)
+		err = s.unlockStatement(h)
 	}
 	if err != nil {
 		s.lose(err)
@@ -293,13 +273,11 @@ func (s *Session) Unlock(ctx context.Context, key Key, opts ...Option) error {
 	if err != nil {
 		return err
 	}
-	return s.unlock(ctx, hold{key, cfg.mode}, false)
+	return s.unlock(ctx, hold{key, cfg.mode})
 }
 
-// unlock releases one hold of h. closing says the session closes next (a
-// Lock's Release): the last unlock then also resets the keep-alive settings,
-// in the same statement, so Close has nothing left to send.
-func (s *Session) unlock(ctx context.Context, h hold, closing bool) error {
+// unlock releases one hold of h.
+func (s *Session) unlock(ctx context.Context, h hold) error {
 	key := h.key
 	if !key.Valid() {
 		return invalidKey("unlock")
@@ -320,7 +298,7 @@ func (s *Session) unlock(ctx context.Context, h hold, closing bool) error {
 	case n > 1:
 		return nil
 	}
-	err := s.unlockStatement(h, closing)
+	err := s.unlockStatement(h)
 	s.mu.Lock()
 	delete(s.holds, h)
 	s.mu.Unlock()
@@ -336,23 +314,11 @@ func (s *Session) unlock(ctx context.Context, h hold, closing bool) error {
 var errUnlockFalse = errors.New("pg_advisory_unlock returned false: the server did not hold the lock")
 
 // unlockStatement releases h on the server once. The caller holds the turn.
-// When h is the session's last hold and the session closes next, the same
-// statement resets the keep-alive settings.
-func (s *Session) unlockStatement(h hold, closing bool) error {
-	s.mu.Lock()
-	last := len(s.holds) == 1 && s.holds[h] > 0
-	s.mu.Unlock()
-	sql := unlockSQL[h.mode][h.key.space-1]
-	if closing && last && s.tuned {
-		sql = unlockLastSQL[h.mode][h.key.space-1]
-	}
+func (s *Session) unlockStatement(h hold) error {
 	var ok bool
 	err := s.runCleanup(func(ctx context.Context, c *pgx.Conn) error {
-		return c.QueryRow(ctx, sql, h.key.args()...).Scan(&ok)
+		return c.QueryRow(ctx, unlockSQL[h.mode][h.key.space-1], h.key.args()...).Scan(&ok)
 	})
-	if err == nil && sql != unlockSQL[h.mode][h.key.space-1] {
-		s.tuned = false
-	}
 	if err == nil && !ok {
 		err = errUnlockFalse
 	}
@@ -491,7 +457,7 @@ func (s *Session) finish(cause error) {
 
 	clean := !errors.Is(cause, ErrLockLost) && !s.conn.Conn().IsClosed()
 	s.mu.Lock()
-	mustUnlock := len(s.holds) > 0 || s.rawUsed || s.tuned
+	mustUnlock := len(s.holds) > 0 || s.rawUsed
 	clear(s.holds)
 	s.mu.Unlock()
 	if clean && mustUnlock {
@@ -558,14 +524,45 @@ func (s *Session) closeConn() {
 	s.conn.Release()
 }
 
+// keepaliveKey marks, in a connection's pgconn CustomData, the keep-alive
+// arguments it was given, so they are sent once per connection.
+const keepaliveKey = "advisory.keepalive"
+
+// lockQuery runs a lock statement on c and scans its one row. On a
+// connection that does not have this session's keep-alives yet, it sets them
+// in the same round trip (a pipelined batch), so the server's bound holds
+// from the grant on.
+func (s *Session) lockQuery(ctx context.Context, c *pgx.Conn, sql string, args []any, scan func(pgx.Row) error) error {
+	data := c.PgConn().CustomData()
+	tag := fmt.Sprint(s.keepalive...)
+	if data[keepaliveKey] == tag {
+		return scan(c.QueryRow(ctx, sql, args...))
+	}
+	batch := &pgx.Batch{}
+	batch.Queue(keepaliveSQL, s.keepalive...)
+	batch.Queue(sql, args...)
+	results := c.SendBatch(ctx, batch)
+	_, err := results.Exec()
+	if err == nil {
+		data[keepaliveKey] = tag
+		err = scan(results.QueryRow())
+	}
+	if closeErr := results.Close(); err == nil {
+		err = closeErr
+	}
+	return err
+}
+
 // keepaliveArgs returns keepaliveSQL's arguments for a session checked every
 // health interval h. A silent network cut is noticed by the holder within
-// about 2h (a check every h, each allowed h to answer). The server drops the
-// silent client, freeing its locks, about idle + interval×count after the
-// last packet it got: 2h + 2×h rounded up to whole seconds (at least 4 s
-// for h = 1 s), and tcp_user_timeout bounds unacknowledged data the same
-// way. As the last packet came at most h before the cut, the server frees
-// the lock after at least 3h from the cut, later than the holder steps down.
+// h + max(h, 1 s) (a check every h, each allowed max(h, 1 s) to answer). The
+// server drops the silent client, freeing its locks, idle + interval×count
+// after the last packet it got: 2h + 2×h, each rounded up to whole seconds
+// (4 s for h = 1 s; 3 s for any h ≤ 500 ms); tcp_user_timeout bounds data
+// the server sent and never got acknowledged the same way. The last packet
+// came at most h before the cut, so the server frees the lock at least 3h
+// after it (and at least 3 s − h for short intervals), later than the holder
+// steps down.
 func keepaliveArgs(h time.Duration) []any {
 	secs := func(d time.Duration) int { return max(1, int((d+time.Second-1)/time.Second)) }
 	idle, interval, count := secs(2*h), secs(h), 2
@@ -596,6 +593,18 @@ func (s *Session) takeTurn(ctx context.Context) error {
 		return s.endKind()
 	}
 	return nil
+}
+
+// turnError is the error of op on key when takeTurn failed: a context
+// deadline that passed while waiting for the connection is a wait that timed
+// out, and matches ErrTimeout as a server-side timeout does.
+func turnError(op string, key Key, err error) *Error {
+	if errors.Is(err, context.DeadlineExceeded) {
+		e := keyError(op, key, ErrTimeout, nil)
+		e.deadline = true
+		return e
+	}
+	return keyError(op, key, nil, err)
 }
 
 // giveTurn ends a takeTurn.

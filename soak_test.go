@@ -292,7 +292,7 @@ func soakOp(t *testing.T, st *soakStats, pool *pgxpool.Pool, keys []Key, rng *ra
 				continue // left for Close
 			}
 			for range n {
-				cleanup(func() error { return s.unlock(context.Background(), h, false) }, "unlock")
+				cleanup(func() error { return s.unlock(context.Background(), h) }, "unlock")
 			}
 		}
 		if err := s.Unlock(context.Background(), Int64Key(424242)); !errors.Is(err, ErrNotHeld) {

@@ -58,8 +58,6 @@ func init() {
 				lockSQL[sc][m][waitForever][sp] = fmt.Sprintf("SELECT pg_advisory_%slock%s(%s)", xact, shared, params[0])
 				lockSQL[sc][m][waitBounded][sp] = fmt.Sprintf(boundedLockSQL, fmt.Sprintf("pg_advisory_%slock%s(%s)", xact, shared, params[1]))
 				unlockSQL[m][sp] = fmt.Sprintf("SELECT pg_advisory_unlock%s(%s)", shared, params[0])
-				unlockLastSQL[m][sp] = fmt.Sprintf("SELECT unlock.ok FROM (SELECT pg_advisory_unlock%s(%s) AS ok OFFSET 0) AS unlock, (SELECT %s OFFSET 0) AS reset",
-					shared, params[0], resetKeepalive)
 			}
 		}
 	}
@@ -67,26 +65,16 @@ func init() {
 
 // keepaliveSQL sets, for the session, the server-side settings that bound
 // how long the server keeps a silent client's session, and so its locks (see
-// keepaliveArgs). Arguments, as text: idle and interval seconds, probe count,
-// user timeout in milliseconds. It goes in the same round trip as a
-// session's first lock statement. (tcp_user_timeout needs PostgreSQL 12.)
+// keepaliveArgs): TCP keep-alives for an idle connection, and
+// tcp_user_timeout for data the client never acknowledges (PostgreSQL 12 or
+// later). Arguments, as text: idle and interval seconds, probe count, user
+// timeout in milliseconds. It goes in the same round trip as the first lock
+// statement on a connection, which keeps the settings afterwards.
 const keepaliveSQL = `SELECT set_config('tcp_keepalives_idle', $1, false), set_config('tcp_keepalives_interval', $2, false), ` +
 	`set_config('tcp_keepalives_count', $3, false), set_config('tcp_user_timeout', $4, false)`
 
-// resetKeepalive puts them back to the connection's defaults (set_config
-// with NULL is RESET), so a connection returns to the pool as it came. It is
-// a select list, folded into the statement that ends a session's holds.
-const resetKeepalive = `set_config('tcp_keepalives_idle', NULL, false), set_config('tcp_keepalives_interval', NULL, false), ` +
-	`set_config('tcp_keepalives_count', NULL, false), set_config('tcp_user_timeout', NULL, false)`
-
-// unlockLastSQL[mode][space-1] is unlockSQL for the hold a Lock releases
-// before its session closes: it also resets the keep-alive settings, in the
-// same statement.
-var unlockLastSQL [2][2]string
-
-// unlockAllSQL releases every session-level advisory lock of the session and
-// resets the keep-alive settings.
-const unlockAllSQL = `SELECT pg_advisory_unlock_all(), ` + resetKeepalive
+// unlockAllSQL releases every session-level advisory lock of the session.
+const unlockAllSQL = `SELECT pg_advisory_unlock_all()`
 
 // heldSQL reports whether this session holds a key in a mode, granted. It is
 // how an ambiguous error from a lock statement (a cancel or lock_timeout that

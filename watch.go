@@ -2,6 +2,7 @@ package advisory
 
 import (
 	"context"
+	"fmt"
 	"time"
 )
 
@@ -14,7 +15,7 @@ import (
 // that read at once: such a loss is noticed immediately, with no round trip.
 // A silent network cut sends nothing, so every health interval the watcher
 // also pings (one small round trip), and a ping that gets no answer within
-// the interval closes the connection.
+// the interval (at least minPingTimeout) closes the connection.
 //
 // The holder's calls come first: the watcher starts only once the session
 // has been quiet for watchQuiet, and a caller that finds the watcher holding
@@ -98,15 +99,27 @@ func (s *Session) watch() {
 	}
 }
 
-// ping is one round trip, bounded by the health interval; a timeout closes
-// the connection.
+// minPingTimeout is the least time a health check waits for its answer, so
+// that a short health interval on a busy machine does not end healthy
+// sessions. keepaliveArgs keeps the server's bound above it.
+const minPingTimeout = time.Second
+
+// ping is one round trip, bounded by the health interval (at least
+// minPingTimeout); a timeout closes the connection. A timeout is reported as
+// such, not as a context error: the caller's context had nothing to do with
+// it.
 func (s *Session) ping() error {
 	if s.ctx.Err() != nil {
 		return nil
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), s.health)
+	timeout := max(s.health, minPingTimeout)
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
-	return s.conn.Conn().PgConn().Ping(ctx)
+	err := s.conn.Conn().PgConn().Ping(ctx)
+	if err != nil && ctx.Err() != nil {
+		return fmt.Errorf("no answer to a health check within %v (network cut or server stalled): %v", timeout, err)
+	}
+	return err
 }
 
 // listen reads from the connection for up to d, or until a caller wakes the
