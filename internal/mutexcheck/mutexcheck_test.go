@@ -12,6 +12,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -66,6 +67,8 @@ type run struct {
 // result is what a run found.
 type result struct {
 	workers    []workerStats
+	reported   map[int]workerStats // by proc, the workers that reported
+	writersBy  map[int]int64       // by proc, completed writer sections recorded on the server
 	total      workerStats
 	terminated int64 // backends terminated by the injector
 	restarts   int
@@ -185,17 +188,27 @@ func (r run) exec(t *testing.T) result {
 		t.Errorf("restart: %v", restartErr)
 	}
 
-	// Stop the workers and collect their stats.
+	// Stop the workers and collect their stats. A worker bounds each of
+	// its steps (a wait, a section, a Close: 30 s at most each, then 10 s
+	// for its pools); one that has not exited after stopGrace is stuck, and
+	// SIGQUIT makes it print every goroutine's stack before it exits.
 	for _, p := range procs {
 		_ = p.stdin.Close()
 	}
+	stuck := time.AfterFunc(stopGrace, func() {
+		for _, p := range procs {
+			_ = p.cmd.Process.Signal(syscall.SIGQUIT) // an exited process ignores it
+		}
+	})
+	defer stuck.Stop()
+	res.reported = make(map[int]workerStats)
 	for i, p := range procs {
 		err := p.cmd.Wait()
 		if s := strings.TrimSpace(p.stderr.String()); s != "" {
 			t.Logf("worker %d stderr:\n%s", i, s)
 		}
 		if err != nil {
-			t.Errorf("worker %d: %v", i, err)
+			t.Errorf("worker %d: %v%s", i, err, exitReason(p.stderr.String()))
 			continue
 		}
 		lines := strings.Split(strings.TrimSpace(p.stdout.String()), "\n")
@@ -205,8 +218,10 @@ func (r run) exec(t *testing.T) result {
 			continue
 		}
 		res.workers = append(res.workers, st)
+		res.reported[i] = st
 		res.total.add(st)
 	}
+	stuck.Stop()
 
 	// Check on the server.
 	admin = connect(t, ctx)
@@ -217,6 +232,20 @@ func (r run) exec(t *testing.T) result {
 	if err := admin.QueryRow(ctx, `SELECT (SELECT coalesce(sum(n), 0) FROM counters),
 		(SELECT count(*) FROM intervals WHERE role = 'w' AND t_exit IS NOT NULL),
 		(SELECT count(*) FROM zombie)`).Scan(&res.counters, &res.writersSrv, &res.zombies); err != nil {
+		t.Fatal(err)
+	}
+	res.writersBy = make(map[int]int64)
+	rows, err := admin.Query(ctx, `SELECT proc, count(*) FROM intervals
+		WHERE role = 'w' AND t_exit IS NOT NULL GROUP BY proc`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var procID int
+	var n int64
+	if _, err := pgx.ForEachRow(rows, []any{&procID, &n}, func() error {
+		res.writersBy[procID] = n
+		return nil
+	}); err != nil {
 		t.Fatal(err)
 	}
 	res.locksLeft = awaitNoLocks(t, ctx, admin)
@@ -289,7 +318,22 @@ func (r run) report(t *testing.T, res result) {
 	if tot.LeakedConns != 0 || tot.Leaked != "" {
 		t.Errorf("workers leaked %d pool connections; goroutines: %s", tot.LeakedConns, tot.Leaked)
 	}
-	if res.writersSrv != tot.Sections {
+	// Completed writer sections, worker by worker: what each worker counted
+	// must be what the server recorded for it. A worker that did not report
+	// has already failed the run (above); what the server recorded for it
+	// is logged, as its sections are missing from the workers' total.
+	for i := range r.procs {
+		st, ok := res.reported[i]
+		switch {
+		case !ok:
+			t.Logf("worker %d did not report; the server recorded %d completed writer sections for it",
+				i, res.writersBy[i])
+		case res.writersBy[i] != st.Sections:
+			t.Errorf("worker %d: server recorded %d completed writer sections, the worker %d",
+				i, res.writersBy[i], st.Sections)
+		}
+	}
+	if len(res.reported) == r.procs && res.writersSrv != tot.Sections {
 		t.Errorf("server recorded %d completed writer sections, workers %d", res.writersSrv, tot.Sections)
 	}
 	if tot.Sections == 0 || (r.writerRatio < 1 && tot.ReadSections == 0) {
@@ -316,6 +360,25 @@ func (r run) report(t *testing.T, res result) {
 	if tot.Failed != 0 || tot.Lost != 0 || tot.LostWaiting != 0 || tot.Timeouts != 0 || tot.Cancels != 0 {
 		t.Errorf("a clean run had %d errors, %d losses, %d timeouts, %d cancels", tot.Failed, tot.Lost, tot.Timeouts, tot.Cancels)
 	}
+}
+
+// stopGrace is how long the workers get to exit once told to stop: longer
+// than any one of their bounded steps (see runWorker and loop).
+const stopGrace = 2 * time.Minute
+
+// exitReason summarises why a worker process failed, from its stderr: the
+// first line of a panic or fatal error, or a note that it was stuck.
+func exitReason(stderr string) string {
+	for _, line := range strings.Split(stderr, "\n") {
+		line = strings.TrimSpace(line)
+		switch {
+		case strings.HasPrefix(line, "SIGQUIT"):
+			return " (stuck after the stop: killed with SIGQUIT; the stacks are in its stderr above)"
+		case strings.HasPrefix(line, "panic:"), strings.HasPrefix(line, "fatal error:"):
+			return " (crashed: " + line + "; the stack is in its stderr above)"
+		}
+	}
+	return ""
 }
 
 // injectFaults terminates the backend of a random holder every few tens of
