@@ -73,12 +73,28 @@ func (e *env) pool(mods ...func(*pgxpool.Config)) *pgxpool.Pool {
 		e.t.Fatal(err)
 	}
 	e.t.Cleanup(func() {
-		if n := pool.Stat().AcquiredConns(); n != 0 {
+		if n := awaitReleased(pool); n != 0 {
 			e.t.Errorf("pool has %d connections still acquired at the end of the test", n)
 		}
 		pool.Close()
 	})
 	return pool
+}
+
+// awaitReleased returns the pool's acquired connection count once it is
+// zero, or after testTimeout. A connection the library closed is handed back
+// at once but leaves the acquired count only when pgxpool has destroyed it,
+// in the background, a moment later (SPEC §2); a connection still held
+// never leaves it.
+func awaitReleased(pool *pgxpool.Pool) int32 {
+	deadline := time.Now().Add(testTimeout)
+	for {
+		n := pool.Stat().AcquiredConns()
+		if n == 0 || time.Now().After(deadline) {
+			return n
+		}
+		time.Sleep(time.Millisecond) // pgxpool offers nothing to wait on
+	}
 }
 
 // conn returns a plain connection, closed when the test ends.

@@ -83,6 +83,9 @@ type Session struct {
 	cancel  context.CancelCauseFunc
 	done    chan struct{} // closed once the connection is given back or closed
 	watcher sync.WaitGroup
+	// watchStart starts the watcher once the session first holds something
+	// (see arm); nil until then. Guarded by mu.
+	watchStart *time.Timer
 }
 
 // grantedThenCancelled counts lock statements that failed after the server
@@ -138,8 +141,6 @@ func newSession(ctx context.Context, pool *pgxpool.Pool, cfg config) (*Session, 
 	}
 	s.ctx, s.cancel = context.WithCancelCause(context.Background())
 	register(pool, s)
-	s.watcher.Add(1)
-	go s.watch()
 	return s, nil
 }
 
@@ -432,6 +433,9 @@ func (s *Session) beginEnd(cause error, inBackground bool) bool {
 	s.err = cause
 	if inBackground {
 		s.watcher.Add(1)
+	}
+	if s.watchStart != nil && s.watchStart.Stop() {
+		s.watcher.Done() // the watcher never started
 	}
 	if cause == nil {
 		s.cancel(ErrClosed)

@@ -28,8 +28,17 @@ import (
 // it.
 const watchQuiet = 2 * time.Millisecond
 
-// arm tells the watcher the session holds something to watch.
+// arm tells the watcher the session holds something to watch. The first
+// call schedules the watcher to start after watchQuiet, so a lock released
+// sooner (an Acquire and Release in quick succession) never starts a
+// goroutine at all.
 func (s *Session) arm() {
+	s.mu.Lock()
+	if s.watchStart == nil && !s.ending {
+		s.watcher.Add(1)
+		s.watchStart = time.AfterFunc(watchQuiet, s.watch)
+	}
+	s.mu.Unlock()
 	select {
 	case s.armed <- struct{}{}:
 	default:
@@ -57,7 +66,7 @@ func (s *Session) watch() {
 	defer s.watcher.Done()
 	timer := time.NewTimer(s.health)
 	defer timer.Stop()
-	var nextPing time.Time
+	nextPing := time.Now().Add(s.health)
 	for {
 		if !s.holding() {
 			select {
