@@ -91,6 +91,12 @@ func (s *Session) watch() {
 			return
 		case s.turn <- struct{}{}:
 		}
+		if s.ctx.Err() != nil {
+			// The session ended while we waited: finish may already have
+			// given the connection back, and it must not be touched.
+			<-s.turn
+			return
+		}
 		var err error
 		if time.Since(time.Unix(0, s.lastUse.Load())) < watchQuiet {
 			// A caller used the session while we waited for the turn.
