@@ -59,12 +59,15 @@ type Session struct {
 	// turn is a token: whoever holds it may use conn. Taking it obeys a
 	// context; Close takes it after interrupting the holder.
 	turn chan struct{}
-	// wake asks the watcher to give the turn back; armed tells it the
-	// session holds something to watch; lastUse is when a caller last gave
-	// the turn back (Unix nanoseconds). See watch.go.
-	wake    chan struct{}
-	armed   chan struct{}
-	lastUse atomic.Int64
+	// armed tells the watcher the session holds something to watch;
+	// lastUse is when a caller last gave the turn back (Unix nanoseconds).
+	// waiting counts callers blocked in takeTurn, and listenStop ends the
+	// watcher's read; both guarded by listenMu. See watch.go.
+	armed      chan struct{}
+	lastUse    atomic.Int64
+	listenMu   sync.Mutex
+	waiting    int
+	listenStop context.CancelFunc
 
 	// stmt is the statement in flight, for interrupting it.
 	stmtMu   sync.Mutex
@@ -134,7 +137,6 @@ func newSession(ctx context.Context, pool *pgxpool.Pool, cfg config) (*Session, 
 		health:    cfg.health,
 		keepalive: keepaliveArgs(cfg.health),
 		turn:      make(chan struct{}, 1),
-		wake:      make(chan struct{}, 1),
 		armed:     make(chan struct{}, 1),
 		holds:     make(map[hold]int),
 		done:      make(chan struct{}),
@@ -583,7 +585,8 @@ func (s *Session) takeTurn(ctx context.Context) error {
 	select {
 	case s.turn <- struct{}{}:
 	default:
-		s.wakeWatcher()
+		s.wantTurn(1)
+		defer s.wantTurn(-1)
 		select {
 		case s.turn <- struct{}{}:
 		case <-ctx.Done():

@@ -19,7 +19,7 @@ import (
 //
 // The holder's calls come first: the watcher starts only once the session
 // has been quiet for watchQuiet, and a caller that finds the watcher holding
-// the turn wakes it (wake), which ends its read by a socket deadline (pgx's
+// the turn ends its read (wantTurn), by a socket deadline (pgx's
 // default context handling), leaving the connection intact. A statement
 // that a caller runs detects a closed connection by itself.
 
@@ -45,11 +45,16 @@ func (s *Session) arm() {
 	}
 }
 
-// wakeWatcher asks the watcher to give the turn back.
-func (s *Session) wakeWatcher() {
-	select {
-	case s.wake <- struct{}{}:
-	default:
+// wantTurn counts a caller that starts (delta 1) or stops (delta -1)
+// waiting for the turn. A caller that starts ends the watcher's read, if it
+// is in one; and the watcher does not start a read while anyone waits. So a
+// waiting caller is never left behind a read, whatever the interleaving.
+func (s *Session) wantTurn(delta int) {
+	s.listenMu.Lock()
+	defer s.listenMu.Unlock()
+	s.waiting += delta
+	if delta > 0 && s.listenStop != nil {
+		s.listenStop()
 	}
 }
 
@@ -137,26 +142,26 @@ func (s *Session) ping() error {
 	return err
 }
 
-// listen reads from the connection for up to d, or until a caller wakes the
-// watcher or the session ends. It returns an error only when the connection
+// listen reads from the connection for up to d, or until a caller wants
+// the turn or the session ends. It returns an error only when the connection
 // is closed (a FATAL from the server, EOF, a network error).
 func (s *Session) listen(d time.Duration) error {
 	ctx, cancel := context.WithTimeout(s.ctx, d)
 	defer cancel()
-	woken := make(chan struct{})
-	go func() {
-		defer close(woken)
-		select {
-		case <-s.wake:
-			cancel()
-		case <-ctx.Done():
-		}
+	s.listenMu.Lock()
+	if s.waiting > 0 {
+		s.listenMu.Unlock()
+		return nil
+	}
+	s.listenStop = cancel
+	s.listenMu.Unlock()
+	defer func() {
+		s.listenMu.Lock()
+		s.listenStop = nil
+		s.listenMu.Unlock()
 	}()
 	pg := s.conn.Conn().PgConn()
-	err := pg.WaitForNotification(ctx)
-	cancel()
-	<-woken
-	if err != nil && pg.IsClosed() {
+	if err := pg.WaitForNotification(ctx); err != nil && pg.IsClosed() {
 		return err
 	}
 	return nil // a notification (pgx keeps it for the connection), or the read was ended on purpose
