@@ -70,7 +70,8 @@
 // nothing: a ping unanswered within the interval (at least 1 s) closes the
 // connection, so the holder steps down within about two intervals. The
 // server side is bounded too: the first lock on a connection sets
-// tcp_keepalives_idle, _interval, _count and tcp_user_timeout on its backend
+// tcp_keepalives_idle, _interval, _count and tcp_user_timeout (PostgreSQL 12
+// or later, which the library needs) on its backend
 // (in the same round trip), so the server drops a silent client, and frees
 // its locks, about four intervals after the cut (4 s by default: 2 s idle,
 // two probes 1 s apart), always after the holder has stepped down.
