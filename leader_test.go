@@ -3,12 +3,10 @@ package advisory
 import (
 	"context"
 	"errors"
-	"slices"
 	"sync"
 	"testing"
 	"time"
 
-	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 )
 
@@ -122,76 +120,4 @@ func TestLeadFnReturns(t *testing.T) {
 	if err := Lead(e.ctx, pool, Key{}, func(context.Context) error { return nil }); !errors.Is(err, ErrInvalidKey) {
 		t.Errorf("Lead(Key{}) = %v", err)
 	}
-}
-
-// BenchmarkLeadFailover measures fail-over: the leader's backend is
-// terminated at t0; the next leader's fn starts at t1. Reports the median
-// of t1 − t0, and of the old leader learning of its loss.
-func BenchmarkLeadFailover(b *testing.B) {
-	bg := context.Background()
-	cfg, err := pgxpool.ParseConfig(server.DSN)
-	if err != nil {
-		b.Fatal(err)
-	}
-	pool, err := pgxpool.NewWithConfig(bg, cfg)
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer pool.Close()
-	admin, err := pgx.Connect(bg, server.DSN)
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer admin.Close(bg)
-	key := StringKey("bench-failover")
-	ctx, cancel := context.WithCancel(bg)
-	type term struct {
-		pid     uint32
-		started time.Time
-		lost    chan time.Time
-	}
-	terms := make(chan term, 4)
-	var wg sync.WaitGroup
-	for range 2 {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			_ = Lead(ctx, pool, key, func(leaderCtx context.Context) error {
-				tm := term{started: time.Now(), lost: make(chan time.Time, 1)}
-				err := pool.QueryRow(leaderCtx, `SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted
-					AND classid::int8 = $1 AND objid::int8 = $2`, int64(key.classid), int64(key.objid)).Scan(&tm.pid)
-				if err != nil {
-					return nil
-				}
-				terms <- tm
-				<-leaderCtx.Done()
-				tm.lost <- time.Now()
-				return nil
-			}, HealthInterval(time.Second))
-		}()
-	}
-	var failover, noticed []time.Duration
-	leader := <-terms
-	b.ResetTimer()
-	for range b.N {
-		t0 := time.Now()
-		if _, err := admin.Exec(bg, "SELECT pg_terminate_backend($1)", int64(leader.pid)); err != nil {
-			b.Fatal(err)
-		}
-		next := <-terms
-		failover = append(failover, next.started.Sub(t0))
-		noticed = append(noticed, (<-leader.lost).Sub(t0))
-		leader = next
-	}
-	b.StopTimer()
-	cancel()
-	wg.Wait()
-	b.ReportMetric(float64(median(failover).Microseconds())/1000, "failover-ms")
-	b.ReportMetric(float64(median(noticed).Microseconds())/1000, "old-leader-notified-ms")
-}
-
-func median(ds []time.Duration) time.Duration {
-	s := slices.Clone(ds)
-	slices.Sort(s)
-	return s[len(s)/2]
 }
