@@ -27,7 +27,11 @@ import (
 // overlapping sets therefore never deadlock on each other; keys a session
 // took before, with Lock or an earlier LockMany, are outside that promise.
 //
-// Waiting is as for Lock: on the server, for each key in turn. With NoWait
+// Waiting is as for Lock. On a session that holds nothing it is a sequence
+// of wait slices, each of which takes every key or none (so between slices
+// the session holds nothing); on a session that holds locks it is one
+// server-side wait for each key in turn, which the deadlock detector sees.
+// With NoWait
 // it is all or nothing: if any key is held elsewhere, LockMany releases the
 // keys it took and returns false and a nil error. WaitTimeout(d) bounds each
 // key's wait on the server (lock_timeout) and the whole call; ctx's deadline

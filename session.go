@@ -151,6 +151,13 @@ func newSession(ctx context.Context, pool *pgxpool.Pool, cfg config) (*Session, 
 // (again, if it already did: holds are counted), false with a nil error when
 // NoWait found it held elsewhere.
 //
+// On a session that holds nothing, a wait is a sequence of short wait
+// slices that hold no snapshot for long; on a session that already holds
+// locks it is one server-side wait, which PostgreSQL's deadlock detector
+// sees and which holds a snapshot while it lasts (see the package
+// documentation, "What waiting costs the server"). Either way the session's
+// other calls wait for it: the wait keeps the connection's turn.
+//
 // On error nothing new is held and the session's earlier holds are kept:
 // ErrTimeout when the wait bound passed (also matching
 // context.DeadlineExceeded when that bound was ctx's deadline), ErrDeadlock

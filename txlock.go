@@ -18,12 +18,15 @@ import (
 // Transaction locks work through PgBouncer in transaction pooling mode;
 // session locks (Acquire, Session) do not.
 //
-// Like any failed statement, a failed wait (ErrTimeout, ErrDeadlock,
-// ErrTooManyLocks) aborts tx: roll it back. A try (NoWait) never does. A
-// cancelled ctx is handled as pgx handles it for any statement (by default
-// the connection is closed, ending tx). A nil, committed or rolled-back tx
-// is an error. The lock_timeout of a bounded wait is set for the one
-// statement and then restored, so tx's own lock_timeout is unchanged.
+// It tries once and, if it must wait, waits in slices (see the package
+// documentation, "What waiting costs the server"), each ended by the server
+// without an error: a wait that reaches its bound returns ErrTimeout and
+// leaves tx usable, and tx's own lock_timeout is unchanged. Other failures
+// (ErrTooManyLocks, a server error) abort tx, as any failed statement does:
+// roll it back. A cancelled ctx is handled as pgx handles it for any
+// statement (by default the connection is closed, ending tx); a ctx
+// deadline is the wait's bound. A nil, committed or rolled-back tx is an
+// error.
 func LockTx(ctx context.Context, tx pgx.Tx, key Key, opts ...Option) (bool, error) {
 	cfg, err := newConfig(opts)
 	if err != nil {
