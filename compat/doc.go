@@ -3,8 +3,9 @@
 // its own work out of their way (advisory.Acquire on the same key), or tell
 // an operator what a row of pg_locks is (advisory.KeyFromLockRow, then ==).
 //
-//	// Wait until no golang-migrate run is migrating this database.
-//	lock, err := advisory.Acquire(ctx, pool, compat.GolangMigrate("app", "public", "schema_migrations"))
+//	// Wait until no "migrate -database postgres://host/app up" is running
+//	// (the CLI hashes the URL's path, "/app"; see GolangMigrate).
+//	lock, err := advisory.Acquire(ctx, pool, compat.GolangMigrate("/app", "public", "schema_migrations"))
 //
 // Each function reproduces the tool's own formula, read from the file and
 // version its doc comment cites, and is pinned by test vectors: for
