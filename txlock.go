@@ -83,9 +83,8 @@ func lockTx(ctx context.Context, tx pgx.Tx, key Key, m Mode, w wait, bound time.
 				return false, nil
 			}
 		}
-		held, err := lastInt(tx.Conn().PgConn().Exec(ctx, txSliceSQL(key, m, left)).ReadAll())
-		if err != nil || held == 1 {
-			return held == 1, err
+		if got, err := sliceReport(tx.Conn().PgConn().Exec(ctx, txSliceSQL(key, m, left)).ReadAll()); err != nil || got {
+			return got, err
 		}
 	}
 }

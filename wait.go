@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"strconv"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -65,45 +64,36 @@ func (s *Session) waitSlices(ctx context.Context, keys []Key, m Mode, bound time
 			}
 		}
 		sql := sessionSliceSQL(keys, m, left, s.keepalive)
-		var held int64
+		var got bool
 		runErr := s.run(runCtx, true, func(ctx context.Context, c *pgx.Conn) error {
 			stall := time.AfterFunc(s.sliceStall(), func() { _ = c.PgConn().Conn().Close() })
 			defer stall.Stop()
 			var err error
-			held, err = lastInt(c.PgConn().Exec(ctx, sql).ReadAll())
+			got, err = sliceReport(c.PgConn().Exec(ctx, sql).ReadAll())
 			return err
 		})
-		switch {
-		case runErr != nil:
-			return false, runErr
-		case held == int64(len(keys)):
-			return true, nil
-		case held != 0:
-			return false, fmt.Errorf("a wait slice left %d of %d keys held", held, len(keys))
+		if runErr != nil || got {
+			return got, runErr
 		}
 	}
 }
 
-// lastInt reads the one integer the last statement of a simple-protocol
-// message returned (a slice's report).
-func lastInt(results []*pgconn.Result, err error) (int64, error) {
+// sliceReport reads the boolean the last statement of a slice's message
+// returned: whether the slice got its keys.
+func sliceReport(results []*pgconn.Result, err error) (bool, error) {
 	if err != nil {
-		return 0, err
+		return false, err
 	}
 	if len(results) == 0 || len(results[len(results)-1].Rows) != 1 {
-		return 0, fmt.Errorf("a wait slice returned no report")
+		return false, errors.New("a wait slice returned no report")
 	}
-	last := results[len(results)-1]
-	if err := last.Err; err != nil {
-		return 0, err
-	}
-	switch v := string(last.Rows[0][0]); v {
+	switch v := string(results[len(results)-1].Rows[0][0]); v {
 	case "t":
-		return 1, nil
+		return true, nil
 	case "f":
-		return 0, nil
+		return false, nil
 	default:
-		return strconv.ParseInt(v, 10, 64)
+		return false, fmt.Errorf("a wait slice reported %q", v)
 	}
 }
 

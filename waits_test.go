@@ -332,3 +332,49 @@ func TestWaitSlicesHandOffRace(t *testing.T) {
 	}
 	wg.Wait()
 }
+
+// No waiter starves when every wait lasts several slices: six workers take
+// turns on one key for a while, each section (20 ms of work) as long as two
+// slices (deadlock_timeout 20 ms: 10 ms slices), so waiters go out of and
+// back into the server's queue many times per wait. Each worker must be
+// served; how evenly is logged (strict FIFO is not promised).
+func TestWaitSlicesNoStarvation(t *testing.T) {
+	e := newEnv(t)
+	pool := e.pool(deadlockTimeout("20ms", 10))
+	key := StringKey("slice-fairness")
+	const workers = 6
+	stop := time.Now().Add(3 * time.Second)
+	var served [workers]int
+	var running atomic.Int32
+	var wg sync.WaitGroup
+	for w := range workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for time.Now().Before(stop) {
+				ok, err := Do(e.ctx, pool, key, func(ctx context.Context) error {
+					if running.Add(1) != 1 {
+						t.Error("two holders at once")
+					}
+					defer running.Add(-1)
+					time.Sleep(20 * time.Millisecond) // the work: longer than a slice
+					return nil
+				})
+				if err != nil || !ok {
+					t.Errorf("worker %d: acquired %v, err %v", w, ok, err)
+					return
+				}
+				served[w]++
+			}
+		}()
+	}
+	wg.Wait()
+	least, most, total := served[0], served[0], 0
+	for _, n := range served {
+		least, most, total = min(least, n), max(most, n), total+n
+		if n == 0 {
+			t.Errorf("a worker was never served: %v", served)
+		}
+	}
+	t.Logf("sections per worker %v: total %d, least %d, most %d", served, total, least, most)
+}
