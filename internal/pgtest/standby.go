@@ -5,6 +5,9 @@ import (
 	"fmt"
 	"strconv"
 	"strings"
+	"time"
+
+	"github.com/jackc/pgx/v5"
 )
 
 // StartStandby starts a hot standby of s that streams s's WAL: it takes a
@@ -38,9 +41,11 @@ func (s *Server) StartStandby(ctx context.Context) (*Server, error) {
 }
 
 // Promote turns a standby started by StartStandby into a primary (pg_ctl
-// promote) and waits until it accepts writes. It returns an error for a
-// server that is not a running local standby, or if the promotion fails or
-// does not finish before ctx ends.
+// promote) and returns as soon as it accepts writes: it asks the server
+// every few milliseconds rather than relying on pg_ctl's 100 ms polling,
+// so a caller can time what follows the promotion. It returns an error for
+// a server that is not a running local standby, or if the promotion fails
+// or does not finish before ctx ends.
 func (s *Server) Promote(ctx context.Context) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -48,10 +53,28 @@ func (s *Server) Promote(ctx context.Context) error {
 		return err
 	}
 	l := s.local
-	if err := l.run(ctx, "pg_ctl", "promote", "-D", l.dataDir(), "-w", "-t", strconv.Itoa(waitSeconds(ctx))); err != nil {
-		return fmt.Errorf("pgtest: promote: %w\nserver log (tail):\n%s", err, tailFile(l.logFile(), 20))
+	conn, err := pgx.Connect(ctx, s.DSN)
+	if err != nil {
+		return fmt.Errorf("pgtest: promote: %w", err)
 	}
-	return nil
+	defer conn.Close(context.Background())
+	if err := l.run(ctx, "pg_ctl", "promote", "-D", l.dataDir(), "-W"); err != nil {
+		return fmt.Errorf("pgtest: promote: %w", err)
+	}
+	for {
+		var recovering bool
+		if err := conn.QueryRow(ctx, "SELECT pg_is_in_recovery()").Scan(&recovering); err != nil {
+			return fmt.Errorf("pgtest: promote: %w\nserver log (tail):\n%s", err, tailFile(l.logFile(), 20))
+		}
+		if !recovering {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("pgtest: promote: still in recovery: %w\nserver log (tail):\n%s", ctx.Err(), tailFile(l.logFile(), 20))
+		case <-time.After(2 * time.Millisecond):
+		}
+	}
 }
 
 // FailoverDSN returns a multi-host connection string (keyword/value form)
