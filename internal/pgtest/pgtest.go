@@ -12,6 +12,9 @@
 //
 // If none of them works, Start returns an error that explains how to get
 // PostgreSQL. Callers are expected to fail, not skip, on that error.
+// Options.Local asks for local binaries only; such a server can be halted
+// in any shutdown mode (Halt) and given a streaming standby (StartStandby)
+// to promote (Promote), for fail-over tests (FailoverDSN).
 //
 // A local server is also removed by a small watchdog process (a shell in its
 // own session) if the calling process dies without calling Stop: a panic,
