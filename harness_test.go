@@ -49,10 +49,17 @@ func newEnv(t *testing.T) *env {
 
 func newEnvOn(t *testing.T, srv *pgtest.Server) *env {
 	t.Helper()
+	return newEnvDSN(t, srv.DSN)
+}
+
+// newEnvDSN is newEnv on the server dsn reaches; with a multi-host dsn the
+// checks at the end look at whichever server it reaches then.
+func newEnvDSN(t *testing.T, dsn string) *env {
+	t.Helper()
 	t.Cleanup(func() { goleak.VerifyNone(t) })
 	ctx, cancel := context.WithTimeout(context.Background(), testTimeout)
 	t.Cleanup(cancel)
-	e := &env{t: t, ctx: ctx, dsn: srv.DSN}
+	e := &env{t: t, ctx: ctx, dsn: dsn}
 	t.Cleanup(e.checkNoLocks)
 	return e
 }

@@ -20,9 +20,11 @@ import (
 //   - if fn returns an error while still leader, it resigns and returns that
 //     error.
 //
-// It returns ctx.Err() (or its cause) when ctx ends. When a campaign fails
-// for another reason (the server is restarting, the pool cannot connect) it
-// waits one health interval, or less, and campaigns again.
+// It returns ctx.Err() (or its cause) when ctx ends; fn is never called
+// once ctx has ended, even when a campaign is won at that moment. When a
+// campaign fails for another reason (the server is restarting, the pool
+// cannot connect) it waits one health interval, or less, and campaigns
+// again.
 //
 // Fail-over is done by the server: the next candidate's wait ends as soon as
 // the old leader's session ends, so a leader whose backend is terminated is
@@ -58,7 +60,10 @@ func Lead(ctx context.Context, pool *pgxpool.Pool, key Key, fn func(leaderCtx co
 			}
 			continue
 		}
-		fnErr := lock.run(ctx, fn)
+		var fnErr error
+		if ctx.Err() == nil { // a campaign won just as ctx ended does not run fn
+			fnErr = lock.run(ctx, fn)
+		}
 		lost := lock.Err() != nil
 		if err := lock.Release(ctx); err != nil {
 			lost = true

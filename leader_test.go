@@ -3,10 +3,13 @@ package advisory
 import (
 	"context"
 	"errors"
+	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 )
 
@@ -119,5 +122,76 @@ func TestLeadFnReturns(t *testing.T) {
 	}
 	if err := Lead(e.ctx, pool, Key{}, func(context.Context) error { return nil }); !errors.Is(err, ErrInvalidKey) {
 		t.Errorf("Lead(Key{}) = %v", err)
+	}
+}
+
+// cancelOnGrant is a pgx tracer that calls cancel the moment a lock
+// statement comes back without error, that is when the server has just
+// granted a lock: the caller's context ends between the grant and the
+// library's next step, deterministically.
+type cancelOnGrant struct {
+	cancel context.CancelFunc
+	fired  atomic.Bool
+}
+
+type lockStatementKey struct{}
+
+// isLockSQL reports whether sql takes an advisory lock (any mode or wait).
+func isLockSQL(sql string) bool { return strings.Contains(sql, "advisory_lock") }
+
+func (c *cancelOnGrant) granted(err error) {
+	if err == nil && !c.fired.Swap(true) {
+		c.cancel()
+	}
+}
+
+func (c *cancelOnGrant) TraceQueryStart(ctx context.Context, _ *pgx.Conn, data pgx.TraceQueryStartData) context.Context {
+	if isLockSQL(data.SQL) {
+		return context.WithValue(ctx, lockStatementKey{}, true)
+	}
+	return ctx
+}
+
+func (c *cancelOnGrant) TraceQueryEnd(ctx context.Context, _ *pgx.Conn, data pgx.TraceQueryEndData) {
+	if ctx.Value(lockStatementKey{}) != nil {
+		c.granted(data.Err)
+	}
+}
+
+func (c *cancelOnGrant) TraceBatchStart(ctx context.Context, _ *pgx.Conn, _ pgx.TraceBatchStartData) context.Context {
+	return ctx
+}
+
+func (c *cancelOnGrant) TraceBatchQuery(_ context.Context, _ *pgx.Conn, data pgx.TraceBatchQueryData) {
+	if isLockSQL(data.SQL) {
+		c.granted(data.Err)
+	}
+}
+
+func (c *cancelOnGrant) TraceBatchEnd(context.Context, *pgx.Conn, pgx.TraceBatchEndData) {}
+
+// A campaign won just as ctx ends does not run fn: Lead resigns and returns
+// ctx's error. The tracer cancels ctx as the server's grant comes back, so
+// Lead holds the lock with its ctx already ended (before the fix, fn ran
+// with that dead context).
+func TestLeadCtxEndsAsCampaignWins(t *testing.T) {
+	e := newEnv(t)
+	ctx, cancel := context.WithCancel(e.ctx)
+	defer cancel()
+	tracer := &cancelOnGrant{cancel: cancel}
+	pool := e.pool(func(c *pgxpool.Config) { c.ConnConfig.Tracer = tracer })
+	ran := false
+	err := Lead(ctx, pool, Int64Key(502), func(context.Context) error {
+		ran = true
+		return nil
+	})
+	if !tracer.fired.Load() {
+		t.Fatal("no lock statement was granted: the test proves nothing")
+	}
+	if ran {
+		t.Error("Lead ran fn after its ctx had ended")
+	}
+	if !errors.Is(err, context.Canceled) {
+		t.Errorf("Lead = %v; want context.Canceled", err)
 	}
 }

@@ -34,6 +34,17 @@ func (l *localServer) pidFile() string { return filepath.Join(l.dataDir(), "post
 // startLocal runs initdb in a new temporary directory and starts the
 // server on a free loopback port.
 func startLocal(ctx context.Context, settings map[string]string) (*Server, error) {
+	return newLocal(ctx, settings, func(l *localServer) error {
+		return l.run(ctx, "initdb", "-D", l.dataDir(), "-U", "postgres", "--auth=trust",
+			"-E", "UTF8", "--locale=C", "--no-sync")
+	})
+}
+
+// newLocal creates a temporary directory, has makeData fill its data
+// directory (initdb, or a base backup), and starts the server on a free
+// loopback port. On failure nothing is left running and the directory is
+// removed.
+func newLocal(ctx context.Context, settings map[string]string, makeData func(*localServer) error) (*Server, error) {
 	binDir, err := findBinDir()
 	if err != nil {
 		return nil, err
@@ -64,8 +75,7 @@ func startLocal(ctx context.Context, settings map[string]string) (*Server, error
 			return nil, err
 		}
 	}
-	if err := l.run(ctx, "initdb", "-D", l.dataDir(), "-U", "postgres", "--auth=trust",
-		"-E", "UTF8", "--locale=C", "--no-sync"); err != nil {
+	if err := makeData(l); err != nil {
 		return nil, err
 	}
 	// The watchdog stops the server and removes the directory if this

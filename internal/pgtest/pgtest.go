@@ -12,6 +12,9 @@
 //
 // If none of them works, Start returns an error that explains how to get
 // PostgreSQL. Callers are expected to fail, not skip, on that error.
+// Options.Local asks for local binaries only; such a server can be halted
+// in any shutdown mode (Halt) and given a streaming standby (StartStandby)
+// to promote (Promote), for fail-over tests (FailoverDSN).
 //
 // A local server is also removed by a small watchdog process (a shell in its
 // own session) if the calling process dies without calling Stop: a panic,
@@ -59,6 +62,10 @@ type Options struct {
 	// Private requires a server this process controls (Restart works), so
 	// ADVISORY_TEST_DSN is ignored.
 	Private bool
+	// Local requires a server run from local binaries, skipping both
+	// ADVISORY_TEST_DSN and Docker: Halt, StartStandby and Promote work
+	// only on such a server. Start fails if the binaries cannot be found.
+	Local bool
 }
 
 // Server is a running PostgreSQL server. Its methods are safe for
@@ -93,6 +100,13 @@ type Server struct {
 func Start(ctx context.Context, opts Options) (*Server, error) {
 	if err := validateSettings(opts.Settings); err != nil {
 		return nil, err
+	}
+	if opts.Local {
+		s, err := startLocal(ctx, opts.Settings)
+		if err != nil {
+			return nil, noServerError([]string{"local (Options.Local is set): " + err.Error()})
+		}
+		return s, nil
 	}
 	var reasons []string
 	dsn := os.Getenv(EnvDSN)
@@ -246,6 +260,61 @@ func (s *Server) Restart(ctx context.Context) error {
 	}
 	if err != nil {
 		return fmt.Errorf("pgtest: restart %s server: %w", s.source, err)
+	}
+	return nil
+}
+
+// ShutdownMode is how Halt stops a server: pg_ctl's -m.
+type ShutdownMode string
+
+// The shutdown modes of pg_ctl stop.
+const (
+	// ShutdownSmart waits for every client to disconnect.
+	ShutdownSmart ShutdownMode = "smart"
+	// ShutdownFast terminates every session (clients see FATAL 57P01),
+	// rejects new connections meanwhile ("the database system is shutting
+	// down"), writes a checkpoint and, on a primary, waits until its
+	// streaming standbys have received all of its WAL.
+	ShutdownFast ShutdownMode = "fast"
+	// ShutdownImmediate kills the server at once, as a crash would:
+	// sessions end without a message and the next start runs crash
+	// recovery.
+	ShutdownImmediate ShutdownMode = "immediate"
+)
+
+// Halt stops a local server in the given mode and waits until it has
+// exited, keeping its data directory: Restart starts it again, and Stop
+// removes it. Halting a server that is not running does nothing. It returns
+// an error for a server not started with local binaries (see
+// Options.Local), for an unknown mode, after Stop, or if pg_ctl fails.
+func (s *Server) Halt(ctx context.Context, mode ShutdownMode) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if err := s.needLocal("halt"); err != nil {
+		return err
+	}
+	switch mode {
+	case ShutdownSmart, ShutdownFast, ShutdownImmediate:
+	default:
+		return fmt.Errorf("pgtest: halt: unknown shutdown mode %q; want smart, fast or immediate", mode)
+	}
+	if !fileExists(s.local.pidFile()) {
+		return nil
+	}
+	if err := s.local.pgCtlStop(ctx, string(mode)); err != nil {
+		return fmt.Errorf("pgtest: halt (%s): %w", mode, err)
+	}
+	return nil
+}
+
+// needLocal returns an error unless s is a running local server, for op.
+// The caller holds s.mu.
+func (s *Server) needLocal(op string) error {
+	switch {
+	case s.local == nil:
+		return fmt.Errorf("pgtest: %s needs a server run from local binaries (Options.Local); this one is %s", op, s.source)
+	case s.stopped:
+		return fmt.Errorf("pgtest: %s: the server was stopped", op)
 	}
 	return nil
 }
