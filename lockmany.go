@@ -95,7 +95,7 @@ func (s *Session) LockMany(ctx context.Context, keys []Key, opts ...Option) (boo
 func (s *Session) lockFresh(ctx context.Context, keys []Key, cfg config, first bool) (bool, error) {
 	w, bound, byDeadline := cfg.waitPlan(ctx)
 	if first && w != waitTry {
-		got, err := s.waitSlices(ctx, keys, cfg.mode, bound)
+		got, err := s.waitSlices(ctx, 0, bound, func(ms int64) string { return manySliceSQL(keys, cfg.mode, ms, s.keepalive) })
 		switch {
 		case err != nil:
 			return false, s.lockManyFailed(ctx, ctx, keys, cfg.mode, byDeadline, err)

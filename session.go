@@ -227,13 +227,14 @@ func (s *Session) lock(ctx context.Context, key Key, cfg config) (bool, error) {
 // or the bound passed. The caller holds the turn.
 func (s *Session) lockFirst(ctx context.Context, key Key, m Mode, w wait, bound time.Duration) (got bool, err error) {
 	args := append(key.args(), s.keepalive...)
+	var dtMs int64
 	err = s.run(ctx, true, func(ctx context.Context, c *pgx.Conn) error {
-		return c.QueryRow(ctx, firstTrySQL[m][key.space-1], args...).Scan(&got, nil)
+		return c.QueryRow(ctx, firstTrySQL[m][key.space-1], args...).Scan(&got, nil, &dtMs)
 	})
 	if err != nil || got || w == waitTry {
 		return got, err
 	}
-	return s.waitSlices(ctx, []Key{key}, m, bound)
+	return s.waitSlices(ctx, dtMs, bound, func(ms int64) string { return oneSliceSQL(key, m, ms, s.keepalive) })
 }
 
 // lockMore takes key on a session that already holds locks (and so has its

@@ -56,10 +56,15 @@ var unlockSQL, unlockLastSQL [2][2]string
 // firstTrySQL[mode][space-1] is the first statement of a lock on a session
 // that holds nothing: it tries the key once and, only if it got it, sets the
 // keep-alives in the same statement. Columns: got, the text of the last
-// keep-alive set (NULL when not got). Arguments: the key, then the four
+// keep-alive set (NULL when not got), deadlock_timeout in milliseconds (to
+// size wait slices). Arguments: the key, then the four
 // keep-alive values (keepaliveArgs). An uncontended lock is this one round
 // trip; a contended one goes on with wait slices (sliceSQL).
 var firstTrySQL [2][2]string
+
+// txFirstTrySQL[mode][space-1] is the first statement of LockTx: a try, and
+// deadlock_timeout in milliseconds.
+var txFirstTrySQL [2][2]string
 
 func init() {
 	for sc, xact := range []string{scopeSession: "", scopeTx: "xact_"} {
@@ -71,10 +76,13 @@ func init() {
 				lockSQL[sc][m][waitBounded][sp] = fmt.Sprintf(boundedLockSQL, fmt.Sprintf("pg_advisory_%slock%s(%s)", xact, shared, params[1]))
 				unlockSQL[m][sp] = fmt.Sprintf("SELECT pg_advisory_unlock%s(%s)", shared, params[0])
 				unlockLastSQL[m][sp] = unlockSQL[m][sp] + ", " + keepaliveResetSQL
+				if sc == int(scopeTx) {
+					txFirstTrySQL[m][sp] = fmt.Sprintf("SELECT pg_try_advisory_xact_lock%s(%s), %s", shared, params[0], deadlockTimeoutSQL)
+				}
 				if sc == int(scopeSession) {
 					n := strings.Count(params[0], "$")
-					firstTrySQL[m][sp] = fmt.Sprintf("SELECT t.got, CASE WHEN t.got THEN %s END FROM (SELECT pg_try_advisory_lock%s(%s) AS got OFFSET 0) AS t",
-						keepaliveSetExpr(numberedParams(n+1)), shared, params[0])
+					firstTrySQL[m][sp] = fmt.Sprintf("SELECT t.got, CASE WHEN t.got THEN %s END, %s FROM (SELECT pg_try_advisory_lock%s(%s) AS got OFFSET 0) AS t",
+						keepaliveSetExpr(numberedParams(n+1)), deadlockTimeoutSQL, shared, params[0])
 				}
 			}
 		}
@@ -288,96 +296,149 @@ var (
 // to the server log (two lines a second for every waiting standby) and would
 // abort the caller's transaction. So the wait runs in a PL/pgSQL DO block
 // whose exception handler catches lock_not_available; a DO block takes no
-// parameters, so the keys (integers) are formatted into its text, and it is
-// sent with the simple protocol, never prepared. A second statement in the
-// same message reports, from the server's own lock table, what the slice
-// left held.
+// parameters, so the keys and the slice's length (integers) are formatted
+// into its text, and it is sent with the simple protocol, never prepared. A
+// second statement in the same message reports whether the slice got its
+// keys. A DO block is compiled each time it runs, so the blocks are kept to
+// the few statements they need: each costs the server about 0.1 ms.
 //
-// Session scope (sliceSessionSQL), for one key or many: the keys are taken
-// in canonical order, all or nothing. When the slice ends before it has
-// them all, the handler releases what it took (pg_advisory_unlock_all: the
-// session held nothing before) unless the last key was granted just as the
-// slice ended, in which case every key is held and the slice counts as a
-// success. On success the keep-alives are set in the same statement. The
-// outcome reaches the report through lock_timeout's transaction-local value
-// (1ms: got them all; 2ms: got none), which the report reads and which ends
-// with the message's implicit transaction. (Reading pg_locks instead costs
-// about 0.2 ms of server time, on the path of every hand-off.)
+// Session scope, one key (sliceOneSQL) or many (sliceManySQL, all or
+// nothing, in canonical order): when the slice ends, the handler keeps a
+// lock granted just as it ended (read from pg_locks: the session held
+// nothing before) and, for many keys, releases the keys of an incomplete
+// slice (pg_advisory_unlock_all). The statement that gets the keys also sets
+// the keep-alives. The outcome reaches the report through lock_timeout's
+// transaction-local value (1ms: got the keys; 2ms: did not), which ends with
+// the message's implicit transaction. (Reading pg_locks in the report
+// instead would cost about 0.2 ms of server time on every hand-off.)
 //
-// Transaction scope (sliceTxSQL), one key: a transaction lock granted in
-// the block's subtransaction outlives it, and one granted just as the slice
-// ended is released with the handler's rolled-back subtransaction. The
-// report is one more try of the key (pg_try_advisory_xact_lock), which is
-// true exactly when the transaction then holds it: granted in the slice
-// (re-entry), or free at that moment. lock_timeout is restored inside the
-// block (set_config(..., true) would otherwise last as long as the caller's
-// transaction).
+// Transaction scope (sliceTxSQL), one key: a transaction lock granted just
+// as the slice ended is released with the handler's rolled-back
+// subtransaction. The report is one more try of the key
+// (pg_try_advisory_xact_lock), true exactly when the transaction then holds
+// it: granted in the slice (re-entry), or free at that moment. lock_timeout
+// is restored inside the block (set_config(..., true) would otherwise last as
+// long as the caller's transaction).
 
 // sliceCap is the longest slice, whatever the server's deadlock_timeout.
 const sliceCap = time.Second
 
-// sliceMsSQL is the length of a slice in milliseconds, at most %d (sliceCap
-// or the time left of the caller's bound): half of deadlock_timeout, at
-// least 1.
-const sliceMsSQL = `least(%d, greatest(1, extract(epoch FROM current_setting('deadlock_timeout')::interval) * 500))`
+// deadlockTimeoutSQL is the server's deadlock_timeout in milliseconds; it
+// comes with a wait's first try, to size the slices that may follow.
+const deadlockTimeoutSQL = `(extract(epoch FROM current_setting('deadlock_timeout')::interval) * 1000)::int8`
 
-// sliceLeftSQL sets lock_timeout to what is left of the slice ending at dl.
-const sliceLeftSQL = `PERFORM set_config('lock_timeout', greatest(1, ceil(extract(epoch FROM dl - clock_timestamp()) * 1000))::int8 || 'ms', true);`
+// sliceReportSQL is the report of a session slice.
+const sliceReportSQL = `SELECT current_setting('lock_timeout') = '1ms'`
 
-var sliceSessionSQL = `DO $advisory$DECLARE
+// sliceGotSQL, in a session slice, sets the keep-alives (%s) and flags the
+// slice as a success.
+const sliceGotSQL = `PERFORM %s || set_config('lock_timeout', '1ms', true);`
+
+// sliceMissedSQL flags a session slice as a failure.
+const sliceMissedSQL = `PERFORM set_config('lock_timeout', '2ms', true);`
+
+// sliceOneSQL: one key. Arguments: slice ms, function suffix, key
+// arguments, keep-alive expression, classid, objid, objsubid.
+var sliceOneSQL = `DO $advisory$BEGIN
+	PERFORM set_config('lock_timeout', '%[1]dms', true);
+	PERFORM pg_advisory_lock%[2]s(%[3]s);
+	` + strings.Replace(sliceGotSQL, "%s", "%[4]s", 1) + `
+EXCEPTION WHEN lock_not_available THEN
+	IF EXISTS (SELECT FROM pg_catalog.pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND granted ` +
+	`AND classid::int8 = %[5]d AND objid::int8 = %[6]d AND objsubid = %[7]d) THEN
+		` + strings.Replace(sliceGotSQL, "%s", "%[4]s", 1) + `
+	ELSE
+		` + sliceMissedSQL + `
+	END IF;
+END$advisory$;
+` + sliceReportSQL
+
+// sliceManySQL: many keys, each waited for with lock_timeout set to what is
+// left of the slice ending at dl (LockMany has no first try to learn
+// deadlock_timeout from, so the block reads it). Arguments: int8 keys, int4 first halves,
+// int4 second halves (comma-separated), slice ms, function suffix, key
+// count, keep-alive expression.
+var sliceManySQL = `DO $advisory$DECLARE
 	ints int8[] := '{%[1]s}';
 	as_ int4[] := '{%[2]s}';
 	bs int4[] := '{%[3]s}';
-	dl timestamptz := clock_timestamp() + make_interval(secs => ` + strings.Replace(sliceMsSQL, "%d", "%[4]d", 1) + ` / 1000.0);
+	dl timestamptz := clock_timestamp() + make_interval(secs => least(%[4]d, greatest(1, ` + deadlockTimeoutSQL + ` / 2)) / 1000.0);
 	k int8;
 	i int;
 BEGIN
-	BEGIN
-		FOREACH k IN ARRAY ints LOOP
-			` + sliceLeftSQL + `
-			PERFORM pg_advisory_lock%[5]s(k);
-		END LOOP;
-		FOR i IN 1 .. cardinality(as_) LOOP
-			` + sliceLeftSQL + `
-			PERFORM pg_advisory_lock%[5]s(as_[i], bs[i]);
-		END LOOP;
-		PERFORM %[7]s || set_config('lock_timeout', '1ms', true);
-	EXCEPTION WHEN lock_not_available THEN
-		IF (SELECT count(*) FROM pg_catalog.pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND granted) = %[6]d THEN
-			PERFORM %[7]s || set_config('lock_timeout', '1ms', true);
-		ELSE
-			PERFORM pg_advisory_unlock_all(), set_config('lock_timeout', '2ms', true);
-		END IF;
-	END;
+	FOREACH k IN ARRAY ints LOOP
+		PERFORM set_config('lock_timeout', greatest(1, ceil(extract(epoch FROM dl - clock_timestamp()) * 1000))::int8 || 'ms', true);
+		PERFORM pg_advisory_lock%[5]s(k);
+	END LOOP;
+	FOR i IN 1 .. cardinality(as_) LOOP
+		PERFORM set_config('lock_timeout', greatest(1, ceil(extract(epoch FROM dl - clock_timestamp()) * 1000))::int8 || 'ms', true);
+		PERFORM pg_advisory_lock%[5]s(as_[i], bs[i]);
+	END LOOP;
+	` + strings.Replace(sliceGotSQL, "%s", "%[7]s", 1) + `
+EXCEPTION WHEN lock_not_available THEN
+	IF (SELECT count(*) FROM pg_catalog.pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND granted) = %[6]d THEN
+		` + strings.Replace(sliceGotSQL, "%s", "%[7]s", 1) + `
+	ELSE
+		PERFORM pg_advisory_unlock_all();
+		` + sliceMissedSQL + `
+	END IF;
 END$advisory$;
-SELECT current_setting('lock_timeout') = '1ms'`
+` + sliceReportSQL
 
-var sliceTxSQL = `DO $advisory$DECLARE
+// sliceTxSQL: one key, transaction scope. Arguments: slice ms, function
+// suffix, key arguments.
+const sliceTxSQL = `DO $advisory$DECLARE
 	old text := current_setting('lock_timeout');
 BEGIN
-	BEGIN
-		PERFORM set_config('lock_timeout', ` + strings.Replace(sliceMsSQL, "%d", "%[1]d", 1) + `::int8 || 'ms', true);
-		PERFORM pg_advisory_xact_lock%[2]s(%[3]s);
-		PERFORM set_config('lock_timeout', old, true);
-	EXCEPTION WHEN lock_not_available THEN
-	END;
+	PERFORM set_config('lock_timeout', '%[1]dms', true);
+	PERFORM pg_advisory_xact_lock%[2]s(%[3]s);
+	PERFORM set_config('lock_timeout', old, true);
+EXCEPTION WHEN lock_not_available THEN
 END$advisory$;
 SELECT pg_try_advisory_xact_lock%[2]s(%[3]s)`
 
-// sliceMs is the %d of sliceMsSQL: sliceCap, or less if the caller's bound
-// leaves less (left > 0), in whole milliseconds, at least 1.
-func sliceMs(left time.Duration) int64 {
+// sliceLen is the length of the next slice, in whole milliseconds: half of
+// the server's deadlock_timeout (dtMs; unknown when 0), at most sliceCap and
+// at most left (when left > 0), at least 1.
+func sliceLen(dtMs int64, left time.Duration) int64 {
 	d := sliceCap
-	if left > 0 && left < d {
-		d = left
+	if dtMs > 0 {
+		d = min(d, time.Duration(dtMs)*time.Millisecond/2)
+	}
+	if left > 0 {
+		d = min(d, left)
 	}
 	return max(1, int64((d+time.Millisecond-1)/time.Millisecond))
 }
 
-// sessionSliceSQL is one slice of a session-scope wait for keys (in
-// canonical order) in mode m, setting the keep-alives keepalive
-// (keepaliveArgs) on success.
-func sessionSliceSQL(keys []Key, m Mode, left time.Duration, keepalive []any) string {
+// keyLiterals returns a key's arguments as SQL text, for a DO block.
+func keyLiterals(key Key) string {
+	if a, b, ok := key.Pair(); ok {
+		return strconv.Itoa(int(a)) + ", " + strconv.Itoa(int(b))
+	}
+	v, _ := key.Int64()
+	return strconv.FormatInt(v, 10)
+}
+
+// keepaliveLiterals is keepaliveSetExpr of keepalive (keepaliveArgs), as
+// literals, for a DO block.
+func keepaliveLiterals(keepalive []any) string {
+	var values [4]string
+	for i, v := range keepalive {
+		values[i] = "'" + v.(string) + "'" // digits only: keepaliveArgs
+	}
+	return keepaliveSetExpr(values)
+}
+
+// oneSliceSQL is one slice of a session-scope wait for key in mode m.
+func oneSliceSQL(key Key, m Mode, ms int64, keepalive []any) string {
+	classid, objid, objsubid := key.LockRow()
+	return fmt.Sprintf(sliceOneSQL, ms, m.sqlSuffix(), keyLiterals(key), keepaliveLiterals(keepalive), classid, objid, objsubid)
+}
+
+// manySliceSQL is one slice of a session-scope wait for keys (in canonical
+// order) in mode m.
+func manySliceSQL(keys []Key, m Mode, ms int64, keepalive []any) string {
 	var ints, as, bs []string
 	for _, k := range keys {
 		if a, b, ok := k.Pair(); ok {
@@ -387,22 +448,11 @@ func sessionSliceSQL(keys []Key, m Mode, left time.Duration, keepalive []any) st
 		v, _ := k.Int64()
 		ints = append(ints, strconv.FormatInt(v, 10))
 	}
-	var values [4]string
-	for i, v := range keepalive {
-		values[i] = "'" + v.(string) + "'" // digits only: keepaliveArgs
-	}
-	return fmt.Sprintf(sliceSessionSQL, strings.Join(ints, ","), strings.Join(as, ","), strings.Join(bs, ","),
-		sliceMs(left), m.sqlSuffix(), len(keys), keepaliveSetExpr(values))
+	return fmt.Sprintf(sliceManySQL, strings.Join(ints, ","), strings.Join(as, ","), strings.Join(bs, ","),
+		ms, m.sqlSuffix(), len(keys), keepaliveLiterals(keepalive))
 }
 
 // txSliceSQL is one slice of a transaction-scope wait for key in mode m.
-func txSliceSQL(key Key, m Mode, left time.Duration) string {
-	var args string
-	if a, b, ok := key.Pair(); ok {
-		args = strconv.Itoa(int(a)) + ", " + strconv.Itoa(int(b))
-	} else {
-		v, _ := key.Int64()
-		args = strconv.FormatInt(v, 10)
-	}
-	return fmt.Sprintf(sliceTxSQL, sliceMs(left), m.sqlSuffix(), args)
+func txSliceSQL(key Key, m Mode, ms int64) string {
+	return fmt.Sprintf(sliceTxSQL, ms, m.sqlSuffix(), keyLiterals(key))
 }

@@ -64,7 +64,8 @@ func LockTx(ctx context.Context, tx pgx.Tx, key Key, opts ...Option) (bool, erro
 // sliceTxSQL) until it holds key, the bound (0: none) passes (got == false,
 // nil error) or a statement fails.
 func lockTx(ctx context.Context, tx pgx.Tx, key Key, m Mode, w wait, bound time.Duration) (got bool, err error) {
-	if err := tx.QueryRow(ctx, lockSQL[scopeTx][m][waitTry][key.space-1], key.args()...).Scan(&got); err != nil || got || w == waitTry {
+	var dtMs int64
+	if err := tx.QueryRow(ctx, txFirstTrySQL[m][key.space-1], key.args()...).Scan(&got, &dtMs); err != nil || got || w == waitTry {
 		return got, err
 	}
 	var end time.Time
@@ -83,7 +84,8 @@ func lockTx(ctx context.Context, tx pgx.Tx, key Key, m Mode, w wait, bound time.
 				return false, nil
 			}
 		}
-		if got, err := sliceReport(tx.Conn().PgConn().Exec(ctx, txSliceSQL(key, m, left)).ReadAll()); err != nil || got {
+		sql := txSliceSQL(key, m, sliceLen(dtMs, left))
+		if got, err := sliceReport(tx.Conn().PgConn().Exec(ctx, sql).ReadAll()); err != nil || got {
 			return got, err
 		}
 	}

@@ -33,19 +33,20 @@ func (s *Session) sliceStall() time.Duration {
 	return sliceCap + max(s.health, minPingTimeout)
 }
 
-// waitSlices waits for keys (in canonical order, none of them held by the
-// session, which holds nothing) in mode m, slice after slice, until they are
-// all granted, the bound (0: none) passes, or ctx ends. The caller holds the
-// turn. It returns got == true when the session holds every key; got ==
-// false and err == nil when the bound passed (nothing is held); err when a
-// slice failed (a cancel, a lost connection, a full lock table), for the
-// caller's clean-up, which must find out what is held.
+// waitSlices waits, slice after slice, until a slice gets its keys, the
+// bound (0: none) passes, or ctx ends; slice(ms) is the message of one slice
+// of ms milliseconds, and dtMs the server's deadlock_timeout (0: unknown).
+// The session holds nothing, and the caller holds the turn. It returns got
+// == true when the session holds the keys; got == false and err == nil when
+// the bound passed (nothing is held); err when a slice failed (a cancel, a
+// lost connection, a full lock table), for the caller's clean-up, which
+// must find out what is held.
 //
 // ctx's deadline is the bound's business (the caller passes the earlier of
-// the two), so a slice is interrupted only when ctx is cancelled, never when
-// its deadline passes: the server ends the last slice on time, without an
-// error.
-func (s *Session) waitSlices(ctx context.Context, keys []Key, m Mode, bound time.Duration) (got bool, err error) {
+// the two), so a slice is interrupted only when ctx is cancelled, or once
+// the deadline is deadlineGrace past: the server ends the last slice on
+// time, without an error.
+func (s *Session) waitSlices(ctx context.Context, dtMs int64, bound time.Duration, slice func(ms int64) string) (got bool, err error) {
 	var end time.Time
 	if bound > 0 {
 		end = time.Now().Add(bound)
@@ -63,8 +64,7 @@ func (s *Session) waitSlices(ctx context.Context, keys []Key, m Mode, bound time
 				return false, nil
 			}
 		}
-		sql := sessionSliceSQL(keys, m, left, s.keepalive)
-		var got bool
+		sql := slice(sliceLen(dtMs, left))
 		runErr := s.run(runCtx, true, func(ctx context.Context, c *pgx.Conn) error {
 			stall := time.AfterFunc(s.sliceStall(), func() { _ = c.PgConn().Conn().Close() })
 			defer stall.Stop()
