@@ -1,6 +1,6 @@
 module github.com/seed0ad592b7/advisory
 
-go 1.26.8
+go 1.25.0
 
 require (
 	github.com/cespare/xxhash/v2 v2.3.0
