@@ -41,8 +41,9 @@ var closedChan = func() chan struct{} {
 // Acquire returns a Lock with Acquired() == false and a nil error: the
 // connection is already back in the pool and Release does nothing.
 //
-// Waiting is done by the server, in its FIFO queue, with its deadlock
-// detection. A wait bounded by WaitTimeout or ctx's deadline fails with
+// Waiting is done by the server, in wait slices that hold no snapshot for
+// longer than a slice (see the package documentation: "What waiting costs
+// the server"). A wait bounded by WaitTimeout or ctx's deadline fails with
 // ErrTimeout (also matching context.DeadlineExceeded for the deadline);
 // a cancelled ctx ends the wait at once with ctx's error. On any error no
 // lock is held and the connection is back in the pool, or closed if its

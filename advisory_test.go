@@ -200,10 +200,12 @@ func TestWaitTimeout(t *testing.T) {
 	must(t, err)
 	defer holder.Release(e.ctx)
 
+	// The wait ends at the bound inside a wait slice, which the server ends
+	// without an error (SPEC §2a): ErrTimeout, and no server error behind it.
 	_, err = Acquire(e.ctx, pool, key, WaitTimeout(20*time.Millisecond))
 	var pgErr *pgconn.PgError
-	if !errors.Is(err, ErrTimeout) || !errors.As(err, &pgErr) || pgErr.Code != "55P03" {
-		t.Errorf("WaitTimeout: err = %v; want ErrTimeout with a 55P03 PgError", err)
+	if !errors.Is(err, ErrTimeout) || errors.As(err, &pgErr) {
+		t.Errorf("WaitTimeout: err = %v; want ErrTimeout with no PgError", err)
 	}
 	if errors.Is(err, context.DeadlineExceeded) {
 		t.Errorf("WaitTimeout: err matches context.DeadlineExceeded without a context deadline: %v", err)

@@ -22,16 +22,49 @@
 // otherwise it is closed. Holds are re-entrant as in PostgreSQL: lock twice,
 // unlock twice; shared and exclusive holds of one key are counted apart.
 //
-// Waits happen on the server, in its FIFO queue, with its deadlock
-// detection: a waiter wakes as soon as the lock is released. A wait bound
-// (WaitTimeout or the context's deadline) is the server's lock_timeout for
-// that one statement: a timed-out wait returns ErrTimeout and the connection
-// stays healthy. A cancelled context interrupts the wait with a cancel
-// request, not by closing the connection. Because a cancel or lock_timeout
-// can land just after the server granted the lock, and a session lock
-// survives the failed statement, the library then reads the session's own
-// pg_locks rows and releases what was granted, or closes the connection if
-// it cannot tell: a failed acquire never leaves a lock behind.
+// Waits happen on the server, never by polling: a waiter wakes as soon as
+// the lock is released, by any client. A wait bound (WaitTimeout or the
+// context's deadline) is enforced by the server: a timed-out wait returns
+// ErrTimeout and the connection stays healthy. A cancelled context
+// interrupts the wait with a cancel request, not by closing the connection.
+// Because a cancel can land just after the server granted the lock, and a
+// session lock survives the failed statement, the library then reads the
+// session's own pg_locks rows and releases what was granted, or closes the
+// connection if it cannot tell: a failed acquire never leaves a lock behind.
+//
+// # What waiting costs the server
+//
+// A backend blocked in pg_advisory_lock holds a snapshot for its whole
+// wait. Held for long, that harms the whole database: VACUUM cannot remove
+// any row that died after the wait began (a Lead standby waits for as long
+// as the leader leads: days of bloat), and CREATE INDEX CONCURRENTLY, which
+// waits for every older snapshot, waits for the waiters while they wait for
+// the migration that runs it (a migration guard that hangs its own
+// migration).
+//
+// So every wait that can be is cut into slices. A wait first tries the key
+// (an uncontended lock is that one round trip); if it must wait, each slice
+// is one round trip that waits on the server for at most half of the
+// server's deadlock_timeout (at most 1 s, at most what is left of the
+// bound), inside a PL/pgSQL DO block that ends the slice without an error:
+// nothing in the server log, the caller's transaction still usable. A waiter
+// holds a snapshot for at most one slice, shows as waiting in pg_locks, and
+// wakes at once on a release, but is out of the queue for the moment
+// between two slices: waiters are served in about, not exactly, FIFO order.
+// This holds for Acquire, Do, Lead, LockTx, DoTx, LockMany and Session.Lock
+// on a Session that holds nothing; a LockMany slice takes all its keys or
+// none. Because the DO block's text carries the key, a server that tracks
+// utility statements in pg_stat_statements sees one entry per waited key.
+//
+// A Session that already holds locks waits in one server-side wait instead,
+// because it can be part of a deadlock cycle and PostgreSQL's deadlock
+// detector, which looks once per wait after deadlock_timeout, must see it
+// (ErrDeadlock). Such a wait holds a snapshot for as long as it lasts, and
+// a bounded one that times out is logged by the server as a lock_timeout
+// error. Take long waits on a Session that holds nothing, or on its own
+// Lock. LockTx inside a transaction that already holds other locks slices
+// too: a deadlock through it is found only if the other side's detector
+// sees it waiting.
 //
 // A deadlock victim (ErrDeadlock) loses only the wait that failed: its
 // session keeps the locks it already held, as PostgreSQL does.
@@ -68,21 +101,21 @@
 // closed socket) is noticed at once, with no round trip. Every
 // HealthInterval (default 1 s) it also pings, for a network cut that sends
 // nothing: a ping unanswered within the interval (at least 1 s) closes the
-// connection, so the holder steps down within about two intervals. The
-// server side is bounded too: the first lock on a connection sets
+// connection, so the holder steps down within about two intervals. A
+// waiting session notices a stalled connection too: a wait slice that does
+// not return within a slice plus that allowance closes it. The server side
+// is bounded as well: the statement that takes a session's first lock sets
 // tcp_keepalives_idle, _interval, _count and tcp_user_timeout (PostgreSQL 12
-// or later, which the library needs) on its backend
-// (in the same round trip), so the server drops a silent client, and frees
+// or later, which the library needs) on its backend, in the same
+// transaction as the grant, so the server drops a silent client, and frees
 // its locks, about four intervals after the cut (4 s by default: 2 s idle,
 // two probes 1 s apart), always after the holder has stepped down.
 //
-// Those settings stay on the connection when it goes back to the pool, so
-// the next lock on it costs nothing extra. They are harmless for most other
-// use, with one exception: with tcp_user_timeout set (4 s by default) the
-// server drops a connection whose client leaves data unacknowledged that
-// long, for instance a client that stops reading a large result for a few
-// seconds. If the pool also serves such queries, give locks a pool of their
-// own.
+// The settings are in force only while the session holds a lock: the
+// statement that releases its last hold resets them (RESET: to the values
+// the connection started with), so a connection goes back to the pool as
+// the pool lent it, and other users of the pool (a client that reads a large
+// result slowly, say) are not held to a lock's tight timeouts.
 //
 // When the session ends, Done is closed and Err matches ErrLockLost; Do and
 // Lead cancel their function's context. Until the holder has noticed, it may

@@ -27,7 +27,11 @@ import (
 // overlapping sets therefore never deadlock on each other; keys a session
 // took before, with Lock or an earlier LockMany, are outside that promise.
 //
-// Waiting is as for Lock: on the server, for each key in turn. With NoWait
+// Waiting is as for Lock. On a session that holds nothing it is a sequence
+// of wait slices, each of which takes every key or none (so between slices
+// the session holds nothing); on a session that holds locks it is one
+// server-side wait for each key in turn, which the deadlock detector sees.
+// With NoWait
 // it is all or nothing: if any key is held elsewhere, LockMany releases the
 // keys it took and returns false and a nil error. WaitTimeout(d) bounds each
 // key's wait on the server (lock_timeout) and the whole call; ctx's deadline
@@ -65,9 +69,10 @@ func (s *Session) LockMany(ctx context.Context, keys []Key, opts ...Option) (boo
 			fresh = append(fresh, k)
 		}
 	}
+	first := len(s.holds) == 0 && !s.rawUsed
 	s.mu.Unlock()
 	if len(fresh) > 0 {
-		if ok, err := s.lockFresh(ctx, fresh, cfg); err != nil || !ok {
+		if ok, err := s.lockFresh(ctx, fresh, cfg, first); err != nil || !ok {
 			return false, err
 		}
 	}
@@ -80,11 +85,25 @@ func (s *Session) LockMany(ctx context.Context, keys []Key, opts ...Option) (boo
 	return true, nil
 }
 
-// lockFresh takes keys, none of which the session holds in cfg.mode, with
-// one statement. It returns false, nil when NoWait found a key busy, after
-// releasing the ones it took. The caller holds the turn.
-func (s *Session) lockFresh(ctx context.Context, keys []Key, cfg config) (bool, error) {
+// lockFresh takes keys, none of which the session holds in cfg.mode. On a
+// session that holds nothing (first), a wait is a sequence of wait slices,
+// all or nothing each, and the statement that takes the keys also sets the
+// keep-alives; on a session that holds locks, one statement takes them all,
+// waiting for each in turn on the server. It returns false, nil when NoWait
+// found a key busy (after releasing the ones it took) and, for a first
+// lock, when the WaitTimeout bound passed. The caller holds the turn.
+func (s *Session) lockFresh(ctx context.Context, keys []Key, cfg config, first bool) (bool, error) {
 	w, bound, byDeadline := cfg.waitPlan(ctx)
+	if first && w != waitTry {
+		got, err := s.waitSlices(ctx, keys, cfg.mode, bound)
+		switch {
+		case err != nil:
+			return false, s.lockManyFailed(ctx, ctx, keys, cfg.mode, byDeadline, err)
+		case !got:
+			return false, &Error{Op: "lock_many", Kind: ErrTimeout, deadline: byDeadline}
+		}
+		return true, nil
+	}
 	runCtx := ctx
 	if w == waitBounded && !byDeadline {
 		// lock_timeout bounds each key's wait; this bounds their sum.
@@ -93,27 +112,32 @@ func (s *Session) lockFresh(ctx context.Context, keys []Key, cfg config) (bool, 
 		defer cancel()
 	}
 	sql, args := lockManySQL[cfg.mode][w], manyArgs(keys)
-	if w == waitBounded {
+	switch {
+	case w == waitTry && first:
+		sql, args = manyFirstTrySQL[cfg.mode], append(args, s.keepalive...)
+	case w == waitBounded:
 		args = append([]any{lockTimeoutText(bound)}, args...)
 	}
 	var (
-		n        int64 // keys taken, when waiting
-		failedAt int64 // 1-based position of the first busy key, with NoWait
+		n        int64  // keys taken, when waiting
+		failedAt *int64 // 1-based position of the first busy key, with NoWait
 	)
 	scan := func(row pgx.Row) error {
-		switch w {
-		case waitTry:
+		switch {
+		case w == waitTry && first:
+			return row.Scan(&failedAt, nil)
+		case w == waitTry:
 			if err := row.Scan(&failedAt); !errors.Is(err, pgx.ErrNoRows) {
 				return err
 			}
 			return nil
-		case waitBounded:
+		case w == waitBounded:
 			return row.Scan(nil, &n)
 		}
 		return row.Scan(&n)
 	}
 	err := s.run(runCtx, true, func(ctx context.Context, c *pgx.Conn) error {
-		return s.lockQuery(ctx, c, sql, args, scan)
+		return scan(c.QueryRow(ctx, sql, args...))
 	})
 	if err == nil && w != waitTry && n != int64(len(keys)) {
 		err = fmt.Errorf("the lock statement took %d of %d keys", n, len(keys))
@@ -121,12 +145,12 @@ func (s *Session) lockFresh(ctx context.Context, keys []Key, cfg config) (bool, 
 	if err != nil {
 		return false, s.lockManyFailed(ctx, runCtx, keys, cfg.mode, byDeadline, err)
 	}
-	if failedAt == 0 {
+	if failedAt == nil {
 		return true, nil
 	}
 	// NoWait: the keys before the busy one were taken; give them back.
-	if failedAt > 1 {
-		if err := s.unlockManyStatement(keys[:failedAt-1], cfg.mode); err != nil {
+	if *failedAt > 1 {
+		if err := s.unlockManyStatement(keys[:*failedAt-1], cfg.mode, !s.holding()); err != nil {
 			s.lose(err)
 			return false, &Error{Op: "lock_many", Kind: ErrLockLost, Err: errors.Join(err, s.Err())}
 		}
@@ -190,7 +214,7 @@ func (s *Session) dropGrantedMany(keys []Key, m Mode) error {
 	})
 	if err == nil && len(granted) > 0 {
 		grantedThenCancelled.Add(1)
-		err = s.unlockManyStatement(granted, m)
+		err = s.unlockManyStatement(granted, m, !s.holding())
 	}
 	if err != nil {
 		s.lose(err)
@@ -249,13 +273,13 @@ func (s *Session) UnlockMany(ctx context.Context, keys []Key, opts ...Option) er
 	if len(last) == 0 {
 		return nil
 	}
-	err = s.unlockManyStatement(last, cfg.mode)
 	s.mu.Lock()
 	for _, k := range last {
 		delete(s.holds, hold{k, cfg.mode})
 	}
+	none := len(s.holds) == 0 && !s.rawUsed
 	s.mu.Unlock()
-	if err != nil {
+	if err := s.unlockManyStatement(last, cfg.mode, none); err != nil {
 		s.lose(err)
 		return &Error{Op: "unlock_many", Kind: ErrLockLost, Err: err}
 	}
@@ -263,10 +287,14 @@ func (s *Session) UnlockMany(ctx context.Context, keys []Key, opts ...Option) er
 }
 
 // unlockManyStatement releases keys in mode m on the server, once each,
-// with one statement. The caller holds the turn.
-func (s *Session) unlockManyStatement(keys []Key, m Mode) error {
+// with one statement; if they are the session's last holds, the same
+// statement resets the keep-alives. The caller holds the turn.
+func (s *Session) unlockManyStatement(keys []Key, m Mode, last bool) error {
 	var notHeld int64
 	err := s.runCleanup(func(ctx context.Context, c *pgx.Conn) error {
+		if last {
+			return c.QueryRow(ctx, unlockManyLastSQL[m], manyArgs(keys)...).Scan(&notHeld, nil)
+		}
 		return c.QueryRow(ctx, unlockManySQL[m], manyArgs(keys)...).Scan(&notHeld)
 	})
 	if err == nil && notHeld > 0 {

@@ -23,6 +23,15 @@ func (m Mode) String() string {
 	return "exclusive"
 }
 
+// sqlSuffix is the suffix of the advisory lock functions for the mode:
+// "_shared" or "".
+func (m Mode) sqlSuffix() string {
+	if m == ModeShared {
+		return "_shared"
+	}
+	return ""
+}
+
 // lockMode is the pg_locks.mode of a hold in this mode.
 func (m Mode) lockMode() string {
 	if m == ModeShared {

@@ -4,7 +4,6 @@ import (
 	"cmp"
 	"context"
 	"errors"
-	"fmt"
 	"slices"
 	"strconv"
 	"sync"
@@ -54,7 +53,7 @@ type Session struct {
 	pool      *pgxpool.Pool
 	conn      *pgxpool.Conn
 	health    time.Duration
-	keepalive []any // keepaliveSQL's arguments for this health interval
+	keepalive []any // the keep-alive values for this health interval (keepaliveArgs)
 
 	// turn is a token: whoever holds it may use conn. Taking it obeys a
 	// context; Close takes it after interrupting the holder.
@@ -152,6 +151,13 @@ func newSession(ctx context.Context, pool *pgxpool.Pool, cfg config) (*Session, 
 // (again, if it already did: holds are counted), false with a nil error when
 // NoWait found it held elsewhere.
 //
+// On a session that holds nothing, a wait is a sequence of short wait
+// slices that hold no snapshot for long; on a session that already holds
+// locks it is one server-side wait, which PostgreSQL's deadlock detector
+// sees and which holds a snapshot while it lasts (see the package
+// documentation, "What waiting costs the server"). Either way the session's
+// other calls wait for it: the wait keeps the connection's turn.
+//
 // On error nothing new is held and the session's earlier holds are kept:
 // ErrTimeout when the wait bound passed (also matching
 // context.DeadlineExceeded when that bound was ctx's deadline), ErrDeadlock
@@ -184,29 +190,67 @@ func (s *Session) lock(ctx context.Context, key Key, cfg config) (bool, error) {
 		s.mu.Unlock()
 		return true, nil
 	}
+
+	first := len(s.holds) == 0 && !s.rawUsed
 	s.mu.Unlock()
 
 	w, bound, byDeadline := cfg.waitPlan(ctx)
-	sql, args := lockStatement(scopeSession, cfg.mode, w, key, bound)
-	got := true
-	err := s.run(ctx, true, func(ctx context.Context, c *pgx.Conn) error {
-		return s.lockQuery(ctx, c, sql, args, func(row pgx.Row) error {
-			if w == waitTry {
-				return row.Scan(&got)
-			}
-			return row.Scan(nil)
-		})
-	})
-	if err == nil {
-		if got {
-			s.mu.Lock()
-			s.holds[h] = 1
-			s.mu.Unlock()
-			s.arm()
-		}
-		return got, nil
+	var (
+		got bool
+		err error
+	)
+	if first {
+		got, err = s.lockFirst(ctx, key, cfg.mode, w, bound)
+	} else {
+		got, err = s.lockMore(ctx, key, cfg.mode, w, bound)
 	}
-	return false, s.lockFailed(ctx, h, byDeadline, err)
+	switch {
+	case err != nil:
+		return false, s.lockFailed(ctx, h, byDeadline, err)
+	case got:
+		s.mu.Lock()
+		s.holds[h] = 1
+		s.mu.Unlock()
+		s.arm()
+		return true, nil
+	case w != waitTry:
+		e := keyError("lock", key, ErrTimeout, nil)
+		e.deadline = byDeadline
+		return false, e
+	}
+	return false, nil
+}
+
+// lockFirst takes key on a session that holds nothing: one try that also
+// sets the keep-alives if it got the key, then, if it must wait, wait
+// slices. got == false with a nil error means not acquired: busy (waitTry)
+// or the bound passed. The caller holds the turn.
+func (s *Session) lockFirst(ctx context.Context, key Key, m Mode, w wait, bound time.Duration) (got bool, err error) {
+	args := append(key.args(), s.keepalive...)
+	err = s.run(ctx, true, func(ctx context.Context, c *pgx.Conn) error {
+		return c.QueryRow(ctx, firstTrySQL[m][key.space-1], args...).Scan(&got, nil)
+	})
+	if err != nil || got || w == waitTry {
+		return got, err
+	}
+	return s.waitSlices(ctx, []Key{key}, m, bound)
+}
+
+// lockMore takes key on a session that already holds locks (and so has its
+// keep-alives set), in one statement: a try, or one server-side wait that
+// PostgreSQL's deadlock detector can see, under lock_timeout if bounded. The
+// caller holds the turn.
+func (s *Session) lockMore(ctx context.Context, key Key, m Mode, w wait, bound time.Duration) (got bool, err error) {
+	sql, args := lockStatement(scopeSession, m, w, key, bound)
+	got = true
+	err = s.run(ctx, true, func(ctx context.Context, c *pgx.Conn) error {
+		row := c.QueryRow(ctx, sql, args...)
+		if w == waitTry {
+			return row.Scan(&got)
+		}
+		return row.Scan(nil)
+	})
+	return got, err
 }
 
 // lockFailed makes sure a failed lock statement left nothing held, and
@@ -252,7 +296,7 @@ func (s *Session) dropIfGranted(h hold) error {
 	})
 	if err == nil && held {
 		grantedThenCancelled.Add(1)
-		err = s.unlockStatement(h)
+		err = s.unlockStatement(h, !s.holding())
 	}
 	if err != nil {
 		s.lose(err)
@@ -301,11 +345,11 @@ func (s *Session) unlock(ctx context.Context, h hold) error {
 	case n > 1:
 		return nil
 	}
-	err := s.unlockStatement(h)
 	s.mu.Lock()
 	delete(s.holds, h)
+	last := len(s.holds) == 0 && !s.rawUsed
 	s.mu.Unlock()
-	if err != nil {
+	if err := s.unlockStatement(h, last); err != nil {
 		s.lose(err)
 		return keyError("unlock", key, ErrLockLost, err)
 	}
@@ -316,10 +360,15 @@ func (s *Session) unlock(ctx context.Context, h hold) error {
 // lock the session had recorded as held.
 var errUnlockFalse = errors.New("pg_advisory_unlock returned false: the server did not hold the lock")
 
-// unlockStatement releases h on the server once. The caller holds the turn.
-func (s *Session) unlockStatement(h hold) error {
+// unlockStatement releases h on the server once; if it is the session's
+// last hold, the same statement resets the keep-alives. The caller holds the
+// turn.
+func (s *Session) unlockStatement(h hold, last bool) error {
 	var ok bool
 	err := s.runCleanup(func(ctx context.Context, c *pgx.Conn) error {
+		if last {
+			return c.QueryRow(ctx, unlockLastSQL[h.mode][h.key.space-1], h.key.args()...).Scan(&ok, nil)
+		}
 		return c.QueryRow(ctx, unlockSQL[h.mode][h.key.space-1], h.key.args()...).Scan(&ok)
 	})
 	if err == nil && !ok {
@@ -528,35 +577,6 @@ func (s *Session) closeConn() {
 	defer cancel()
 	_ = s.conn.Conn().Close(ctx)
 	s.conn.Release()
-}
-
-// keepaliveKey marks, in a connection's pgconn CustomData, the keep-alive
-// arguments it was given, so they are sent once per connection.
-const keepaliveKey = "advisory.keepalive"
-
-// lockQuery runs a lock statement on c and scans its one row. On a
-// connection that does not have this session's keep-alives yet, it sets them
-// in the same round trip (a pipelined batch), so the server's bound holds
-// from the grant on.
-func (s *Session) lockQuery(ctx context.Context, c *pgx.Conn, sql string, args []any, scan func(pgx.Row) error) error {
-	data := c.PgConn().CustomData()
-	tag := fmt.Sprint(s.keepalive...)
-	if data[keepaliveKey] == tag {
-		return scan(c.QueryRow(ctx, sql, args...))
-	}
-	batch := &pgx.Batch{}
-	batch.Queue(keepaliveSQL, s.keepalive...)
-	batch.Queue(sql, args...)
-	results := c.SendBatch(ctx, batch)
-	_, err := results.Exec()
-	if err == nil {
-		data[keepaliveKey] = tag
-		err = scan(results.QueryRow())
-	}
-	if closeErr := results.Close(); err == nil {
-		err = closeErr
-	}
-	return err
 }
 
 // keepaliveArgs returns keepaliveSQL's arguments for a session checked every

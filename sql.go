@@ -2,6 +2,8 @@ package advisory
 
 import (
 	"fmt"
+	"strconv"
+	"strings"
 	"time"
 )
 
@@ -47,7 +49,17 @@ var lockSQL [2][2][3][2]string
 
 // unlockSQL[mode][space-1] releases one session-level hold and returns the
 // boolean PostgreSQL reports (false, with a WARNING, when it was not held).
-var unlockSQL [2][2]string
+// unlockLastSQL does the same for a session's last hold, and resets the
+// keep-alives in the same statement (a second column).
+var unlockSQL, unlockLastSQL [2][2]string
+
+// firstTrySQL[mode][space-1] is the first statement of a lock on a session
+// that holds nothing: it tries the key once and, only if it got it, sets the
+// keep-alives in the same statement. Columns: got, the text of the last
+// keep-alive set (NULL when not got). Arguments: the key, then the four
+// keep-alive values (keepaliveArgs). An uncontended lock is this one round
+// trip; a contended one goes on with wait slices (sliceSQL).
+var firstTrySQL [2][2]string
 
 func init() {
 	for sc, xact := range []string{scopeSession: "", scopeTx: "xact_"} {
@@ -58,23 +70,50 @@ func init() {
 				lockSQL[sc][m][waitForever][sp] = fmt.Sprintf("SELECT pg_advisory_%slock%s(%s)", xact, shared, params[0])
 				lockSQL[sc][m][waitBounded][sp] = fmt.Sprintf(boundedLockSQL, fmt.Sprintf("pg_advisory_%slock%s(%s)", xact, shared, params[1]))
 				unlockSQL[m][sp] = fmt.Sprintf("SELECT pg_advisory_unlock%s(%s)", shared, params[0])
+				unlockLastSQL[m][sp] = unlockSQL[m][sp] + ", " + keepaliveResetSQL
+				if sc == int(scopeSession) {
+					n := strings.Count(params[0], "$")
+					firstTrySQL[m][sp] = fmt.Sprintf("SELECT t.got, CASE WHEN t.got THEN %s END FROM (SELECT pg_try_advisory_lock%s(%s) AS got OFFSET 0) AS t",
+						keepaliveSetExpr(numberedParams(n+1)), shared, params[0])
+				}
 			}
 		}
 	}
 }
 
-// keepaliveSQL sets, for the session, the server-side settings that bound
-// how long the server keeps a silent client's session, and so its locks (see
-// keepaliveArgs): TCP keep-alives for an idle connection, and
-// tcp_user_timeout for data the client never acknowledges (PostgreSQL 12 or
-// later). Arguments, as text: idle and interval seconds, probe count, user
-// timeout in milliseconds. It goes in the same round trip as the first lock
-// statement on a connection, which keeps the settings afterwards.
-const keepaliveSQL = `SELECT set_config('tcp_keepalives_idle', $1, false), set_config('tcp_keepalives_interval', $2, false), ` +
-	`set_config('tcp_keepalives_count', $3, false), set_config('tcp_user_timeout', $4, false)`
+// Keep-alive settings bound how long the server keeps a silent client's
+// session, and so its locks (see keepaliveArgs): TCP keep-alives for an idle
+// connection, and tcp_user_timeout for data the client never acknowledges
+// (PostgreSQL 12 or later). They are in force exactly while a session holds
+// a lock: the statement that takes a session's first hold sets them, in the
+// same transaction as the grant (so a failed lock never leaves them half
+// set), and the statement that releases its last hold resets them to the
+// connection's defaults, so a connection goes back to the pool as the pool
+// lent it.
+var keepaliveNames = [...]string{"tcp_keepalives_idle", "tcp_keepalives_interval", "tcp_keepalives_count", "tcp_user_timeout"}
 
-// unlockAllSQL releases every session-level advisory lock of the session.
-const unlockAllSQL = `SELECT pg_advisory_unlock_all()`
+// keepaliveSetExpr is a text expression that sets the keep-alives, session
+// wide, to the values given as SQL expressions (parameters or literals).
+func keepaliveSetExpr(values [4]string) string {
+	var b strings.Builder
+	for i, name := range keepaliveNames {
+		if i > 0 {
+			b.WriteString(" || ")
+		}
+		fmt.Fprintf(&b, "set_config('%s', %s, false)", name, values[i])
+	}
+	return b.String()
+}
+
+// keepaliveResetSQL is a text expression that resets the keep-alives to the
+// connection's defaults (set_config with a NULL value is RESET): the values
+// of its startup packet, role or database, or the server's. A keep-alive the
+// host SET on the connection itself after connecting is reset too.
+var keepaliveResetSQL = keepaliveSetExpr([4]string{"NULL", "NULL", "NULL", "NULL"})
+
+// unlockAllSQL releases every session-level advisory lock of the session and
+// resets the keep-alives.
+var unlockAllSQL = `SELECT pg_advisory_unlock_all(), ` + keepaliveResetSQL
 
 // heldSQL reports whether this session holds a key in a mode, granted. It is
 // how an ambiguous error from a lock statement (a cancel or lock_timeout that
@@ -83,6 +122,14 @@ const unlockAllSQL = `SELECT pg_advisory_unlock_all()`
 const heldSQL = `SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_locks ` +
 	`WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND granted ` +
 	`AND classid::int8 = $1 AND objid::int8 = $2 AND objsubid = $3 AND mode = $4)`
+
+// numberedParams returns the four parameter references $first..$first+3.
+func numberedParams(first int) (p [4]string) {
+	for i := range p {
+		p[i] = "$" + strconv.Itoa(first+i)
+	}
+	return p
+}
 
 // lockTimeoutText formats a wait bound for lock_timeout. The server rounds to
 // milliseconds and treats 0 as "no timeout", so the bound is rounded up to at
@@ -151,10 +198,16 @@ const (
 )
 
 // lockManySQL[mode][wait] takes many keys; unlockManySQL[mode] releases
-// them.
+// them. manyFirstTrySQL is the NoWait form for a session that holds nothing:
+// it returns one row, the position of the first busy key or NULL when it
+// took them all, and then also sets the keep-alives (arguments $4..$7).
+// unlockManyLastSQL releases a session's last holds and resets the
+// keep-alives (a second column).
 var (
-	lockManySQL   [2][3]string
-	unlockManySQL [2]string
+	lockManySQL       [2][3]string
+	unlockManySQL     [2]string
+	manyFirstTrySQL   [2]string
+	unlockManyLastSQL [2]string
 )
 
 func init() {
@@ -164,6 +217,9 @@ func init() {
 		lockManySQL[m][waitBounded] = fmt.Sprintf(manyBoundedSQL,
 			fmt.Sprintf(manyWaitSQL, shared, "$2", "$3", "$4", " WHERE bound.new IS NOT NULL"))
 		unlockManySQL[m] = fmt.Sprintf(manyUnlockSQL, shared)
+		manyFirstTrySQL[m] = fmt.Sprintf("SELECT t.failed, CASE WHEN t.failed IS NULL THEN %s END FROM (SELECT (%s) AS failed OFFSET 0) AS t",
+			keepaliveSetExpr(numberedParams(4)), lockManySQL[m][waitTry])
+		unlockManyLastSQL[m] = fmt.Sprintf("SELECT u.n, %s FROM (%s OFFSET 0) AS u(n)", keepaliveResetSQL, unlockManySQL[m])
 	}
 }
 
@@ -219,3 +275,135 @@ var (
 	holdersOneSQL = fmt.Sprintf(holdersSQL, holdersKeyFilter)
 	holdersAllSQL = fmt.Sprintf(holdersSQL, "")
 )
+
+// Wait slices (SPEC §2a). A session blocked in pg_advisory_lock holds a
+// snapshot for its whole wait, which holds back VACUUM and makes CREATE
+// INDEX CONCURRENTLY wait for the waiter. So a wait on a session that holds
+// nothing is a sequence of slices: each is one round trip that waits on the
+// server for at most half of the server's deadlock_timeout (at most
+// sliceCap, and at most the time left of the caller's bound), then lets the
+// snapshot go.
+//
+// A slice must end without an error: a lock_timeout error would be written
+// to the server log (two lines a second for every waiting standby) and would
+// abort the caller's transaction. So the wait runs in a PL/pgSQL DO block
+// whose exception handler catches lock_not_available; a DO block takes no
+// parameters, so the keys (integers) are formatted into its text, and it is
+// sent with the simple protocol, never prepared. A second statement in the
+// same message reports, from the server's own lock table, what the slice
+// left held.
+//
+// Session scope (sliceSessionSQL), for one key or many: the keys are taken
+// in canonical order, all or nothing. When the slice ends before it has
+// them all, the handler releases what it took (pg_advisory_unlock_all: the
+// session held nothing before) unless the last key was granted just as the
+// slice ended, in which case every key is held and the slice counts as a
+// success. On success the keep-alives are set in the same statement. The
+// report is the number of advisory locks the session holds: all the keys,
+// or none.
+//
+// Transaction scope (sliceTxSQL), one key: the handler's subtransaction
+// releases a transaction lock granted just as the slice ended, so the handler
+// tries the key once more, taking it if it is still free. lock_timeout is
+// restored inside the block (set_config(..., true) would otherwise last as
+// long as the caller's transaction). The report is whether the transaction
+// holds the key.
+
+// sliceCap is the longest slice, whatever the server's deadlock_timeout.
+const sliceCap = time.Second
+
+// sliceMsSQL is the length of a slice in milliseconds, at most %d (sliceCap
+// or the time left of the caller's bound): half of deadlock_timeout, at
+// least 1.
+const sliceMsSQL = `least(%d, greatest(1, extract(epoch FROM current_setting('deadlock_timeout')::interval) * 500))`
+
+// sliceLeftSQL sets lock_timeout to what is left of the slice ending at dl.
+const sliceLeftSQL = `PERFORM set_config('lock_timeout', greatest(1, ceil(extract(epoch FROM dl - clock_timestamp()) * 1000))::int8 || 'ms', true);`
+
+// heldCountSQL counts the advisory locks the session holds, granted.
+const heldCountSQL = `SELECT count(*) FROM pg_catalog.pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND granted`
+
+var sliceSessionSQL = `DO $advisory$DECLARE
+	ints int8[] := '{%[1]s}';
+	as_ int4[] := '{%[2]s}';
+	bs int4[] := '{%[3]s}';
+	dl timestamptz := clock_timestamp() + make_interval(secs => ` + strings.Replace(sliceMsSQL, "%d", "%[4]d", 1) + ` / 1000.0);
+	k int8;
+	i int;
+BEGIN
+	BEGIN
+		FOREACH k IN ARRAY ints LOOP
+			` + sliceLeftSQL + `
+			PERFORM pg_advisory_lock%[5]s(k);
+		END LOOP;
+		FOR i IN 1 .. cardinality(as_) LOOP
+			` + sliceLeftSQL + `
+			PERFORM pg_advisory_lock%[5]s(as_[i], bs[i]);
+		END LOOP;
+	EXCEPTION WHEN lock_not_available THEN
+		IF (` + heldCountSQL + `) < %[6]d THEN
+			PERFORM pg_advisory_unlock_all();
+			RETURN;
+		END IF;
+	END;
+	PERFORM %[7]s;
+END$advisory$;
+` + heldCountSQL
+
+var sliceTxSQL = `DO $advisory$DECLARE
+	old text := current_setting('lock_timeout');
+BEGIN
+	BEGIN
+		PERFORM set_config('lock_timeout', ` + strings.Replace(sliceMsSQL, "%d", "%[1]d", 1) + `::int8 || 'ms', true);
+		PERFORM pg_advisory_xact_lock%[2]s(%[3]s);
+		PERFORM set_config('lock_timeout', old, true);
+	EXCEPTION WHEN lock_not_available THEN
+		PERFORM pg_try_advisory_xact_lock%[2]s(%[3]s);
+	END;
+END$advisory$;
+SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND granted ` +
+	`AND classid::int8 = %[4]d AND objid::int8 = %[5]d AND objsubid = %[6]d AND mode = '%[7]s')`
+
+// sliceMs is the %d of sliceMsSQL: sliceCap, or less if the caller's bound
+// leaves less (left > 0), in whole milliseconds, at least 1.
+func sliceMs(left time.Duration) int64 {
+	d := sliceCap
+	if left > 0 && left < d {
+		d = left
+	}
+	return max(1, int64((d+time.Millisecond-1)/time.Millisecond))
+}
+
+// sessionSliceSQL is one slice of a session-scope wait for keys (in
+// canonical order) in mode m, setting the keep-alives keepalive
+// (keepaliveArgs) on success.
+func sessionSliceSQL(keys []Key, m Mode, left time.Duration, keepalive []any) string {
+	var ints, as, bs []string
+	for _, k := range keys {
+		if a, b, ok := k.Pair(); ok {
+			as, bs = append(as, strconv.Itoa(int(a))), append(bs, strconv.Itoa(int(b)))
+			continue
+		}
+		v, _ := k.Int64()
+		ints = append(ints, strconv.FormatInt(v, 10))
+	}
+	var values [4]string
+	for i, v := range keepalive {
+		values[i] = "'" + v.(string) + "'" // digits only: keepaliveArgs
+	}
+	return fmt.Sprintf(sliceSessionSQL, strings.Join(ints, ","), strings.Join(as, ","), strings.Join(bs, ","),
+		sliceMs(left), m.sqlSuffix(), len(keys), keepaliveSetExpr(values))
+}
+
+// txSliceSQL is one slice of a transaction-scope wait for key in mode m.
+func txSliceSQL(key Key, m Mode, left time.Duration) string {
+	var args string
+	if a, b, ok := key.Pair(); ok {
+		args = strconv.Itoa(int(a)) + ", " + strconv.Itoa(int(b))
+	} else {
+		v, _ := key.Int64()
+		args = strconv.FormatInt(v, 10)
+	}
+	classid, objid, objsubid := key.LockRow()
+	return fmt.Sprintf(sliceTxSQL, sliceMs(left), m.sqlSuffix(), args, classid, objid, objsubid, m.lockMode())
+}

@@ -9,11 +9,6 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 )
 
-// txDeadlineGrace is how long past ctx's deadline a bounded LockTx lets its
-// statement run, so that the server's lock_timeout (set to the deadline)
-// ends the wait and pgx does not close the transaction's connection.
-const txDeadlineGrace = 500 * time.Millisecond
-
 // LockTx takes key for the rest of transaction tx, with
 // pg_advisory_xact_lock (or its _shared and try forms): the lock ends when
 // tx commits or rolls back, and cannot be released earlier. Options:
@@ -23,12 +18,15 @@ const txDeadlineGrace = 500 * time.Millisecond
 // Transaction locks work through PgBouncer in transaction pooling mode;
 // session locks (Acquire, Session) do not.
 //
-// Like any failed statement, a failed wait (ErrTimeout, ErrDeadlock,
-// ErrTooManyLocks) aborts tx: roll it back. A try (NoWait) never does. A
-// cancelled ctx is handled as pgx handles it for any statement (by default
-// the connection is closed, ending tx). A nil, committed or rolled-back tx
-// is an error. The lock_timeout of a bounded wait is set for the one
-// statement and then restored, so tx's own lock_timeout is unchanged.
+// It tries once and, if it must wait, waits in slices (see the package
+// documentation, "What waiting costs the server"), each ended by the server
+// without an error: a wait that reaches its bound returns ErrTimeout and
+// leaves tx usable, and tx's own lock_timeout is unchanged. Other failures
+// (ErrTooManyLocks, a server error) abort tx, as any failed statement does:
+// roll it back. A cancelled ctx is handled as pgx handles it for any
+// statement (by default the connection is closed, ending tx); a ctx
+// deadline is the wait's bound. A nil, committed or rolled-back tx is an
+// error.
 func LockTx(ctx context.Context, tx pgx.Tx, key Key, opts ...Option) (bool, error) {
 	cfg, err := newConfig(opts)
 	if err != nil {
@@ -44,42 +42,52 @@ func LockTx(ctx context.Context, tx pgx.Tx, key Key, opts ...Option) (bool, erro
 		return false, keyError("lock_tx", key, nil, err)
 	}
 	w, bound, byDeadline := cfg.waitPlan(ctx)
-	sql, args := lockStatement(scopeTx, cfg.mode, w, key, bound)
-	stmtCtx := ctx
-	if byDeadline {
-		var cancel context.CancelFunc
-		stmtCtx, cancel = pastDeadline(ctx, txDeadlineGrace)
-		defer cancel()
+	got, err := lockTx(ctx, tx, key, cfg.mode, w, bound)
+	switch {
+	case err != nil:
+		kind := kindOf(err)
+		if kind == nil && byDeadline && errors.Is(ctx.Err(), context.DeadlineExceeded) {
+			kind = ErrTimeout
+		}
+		e := keyError("lock_tx", key, kind, err)
+		e.deadline = kind == ErrTimeout && byDeadline
+		return false, e
+	case !got && w != waitTry:
+		e := keyError("lock_tx", key, ErrTimeout, nil)
+		e.deadline = byDeadline
+		return false, e
 	}
-	got := true
-	if w == waitTry {
-		err = tx.QueryRow(stmtCtx, sql, args...).Scan(&got)
-	} else {
-		_, err = tx.Exec(stmtCtx, sql, args...)
-	}
-	if err == nil {
-		return got, nil
-	}
-	kind := kindOf(err)
-	if kind == nil && byDeadline && errors.Is(ctx.Err(), context.DeadlineExceeded) {
-		kind = ErrTimeout
-	}
-	e := keyError("lock_tx", key, kind, err)
-	e.deadline = kind == ErrTimeout && byDeadline
-	return false, e
+	return got, nil
 }
 
-// pastDeadline returns a context that is cancelled when ctx is cancelled,
-// but that outlives ctx's deadline by grace.
-func pastDeadline(ctx context.Context, grace time.Duration) (context.Context, context.CancelFunc) {
-	d, _ := ctx.Deadline()
-	c, cancel := context.WithDeadline(context.WithoutCancel(ctx), d.Add(grace))
-	stop := context.AfterFunc(ctx, func() {
-		if !errors.Is(ctx.Err(), context.DeadlineExceeded) {
-			cancel()
+// lockTx tries key once and, if it must wait, waits in slices (see
+// sliceTxSQL) until it holds key, the bound (0: none) passes (got == false,
+// nil error) or a statement fails.
+func lockTx(ctx context.Context, tx pgx.Tx, key Key, m Mode, w wait, bound time.Duration) (got bool, err error) {
+	if err := tx.QueryRow(ctx, lockSQL[scopeTx][m][waitTry][key.space-1], key.args()...).Scan(&got); err != nil || got || w == waitTry {
+		return got, err
+	}
+	var end time.Time
+	if bound > 0 {
+		end = time.Now().Add(bound)
+	}
+	if _, ok := ctx.Deadline(); ok {
+		var cancel context.CancelFunc
+		ctx, cancel = pastDeadline(ctx, deadlineGrace)
+		defer cancel()
+	}
+	for {
+		var left time.Duration
+		if !end.IsZero() {
+			if left = time.Until(end); left <= 0 {
+				return false, nil
+			}
 		}
-	})
-	return c, func() { stop(); cancel() }
+		held, err := lastInt(tx.Conn().PgConn().Exec(ctx, txSliceSQL(key, m, left)).ReadAll())
+		if err != nil || held == 1 {
+			return held == 1, err
+		}
+	}
 }
 
 // DoTx runs fn in a transaction that holds key: it begins a transaction on

@@ -74,53 +74,77 @@ const pollingHandoffs = 3
 // shows it waiting; a polling client (goose) is released at a uniformly
 // random moment of its first poll interval, as a real holder would be.
 func BenchmarkHandoff(b *testing.B) {
-	ctx := context.Background()
 	for i, s := range subjects {
-		b.Run(s.name, func(b *testing.B) {
-			pool := newPool(b, 4)
-			warm(b, pool, 2)
-			monitor := newConn(b)
-			key := handoffKey + int64(i)
-			holder, waiter := s.open(b, pool, key), s.open(b, pool, key)
-			n := b.N
-			if s.polls {
-				n = min(n, pollingHandoffs)
-			}
-			if err := holder.lock(ctx); err != nil {
-				b.Fatal(err)
-			}
-			samples := make([]time.Duration, 0, n)
-			b.ResetTimer()
-			for range n {
-				got := make(chan error, 1)
-				var t1 time.Time
-				go func() {
-					err := waiter.lock(ctx)
-					t1 = time.Now()
-					got <- err
-				}()
-				if s.polls {
-					time.Sleep(rand.N(5 * time.Second))
-				} else {
-					awaitWaiter(b, monitor)
-				}
-				t0 := time.Now()
-				if err := holder.unlock(ctx); err != nil {
-					b.Fatal(err)
-				}
-				if err := <-got; err != nil {
-					b.Fatal(err)
-				}
-				samples = append(samples, t1.Sub(t0))
-				holder, waiter = waiter, holder
-			}
-			b.StopTimer()
-			if err := holder.unlock(ctx); err != nil {
-				b.Fatal(err)
-			}
-			reportPercentiles(b, samples)
-		})
+		b.Run(s.name, func(b *testing.B) { handoff(b, s, handoffKey+int64(i), 0) })
 	}
+}
+
+// longWait is how long BenchmarkHandoffLong's waiter waits before the
+// release: longer than one wait slice (half of the default deadlock_timeout,
+// 1 s), so the waiter is in a later slice when the key is released.
+const longWait = 700 * time.Millisecond
+
+// BenchmarkHandoffLong is BenchmarkHandoff after a wait of longWait, for the
+// subjects that wait on the server: the hand-off must stay at the floor's
+// when waits are cut into slices (SPEC §2a). ns/op means nothing.
+func BenchmarkHandoffLong(b *testing.B) {
+	for i, s := range subjects {
+		if s.polls || s.name == "pgxpool-naive" || s.name == "migrate-pgx5" {
+			continue
+		}
+		b.Run(s.name, func(b *testing.B) { handoff(b, s, handoffKey+100+int64(i), longWait) })
+	}
+}
+
+// handoff measures b.N hand-offs of key between two clients of s, the
+// waiter having waited at least wait (0: released as soon as it is queued).
+func handoff(b *testing.B, s subject, key int64, wait time.Duration) {
+	ctx := context.Background()
+	pool := newPool(b, 4)
+	warm(b, pool, 2)
+	monitor := newConn(b)
+	holder, waiter := s.open(b, pool, key), s.open(b, pool, key)
+	n := b.N
+	if s.polls {
+		n = min(n, pollingHandoffs)
+	}
+	if err := holder.lock(ctx); err != nil {
+		b.Fatal(err)
+	}
+	samples := make([]time.Duration, 0, n)
+	b.ResetTimer()
+	for range n {
+		got := make(chan error, 1)
+		var t1 time.Time
+		go func() {
+			err := waiter.lock(ctx)
+			t1 = time.Now()
+			got <- err
+		}()
+		if s.polls {
+			time.Sleep(rand.N(5 * time.Second))
+		} else {
+			awaitWaiter(b, monitor)
+		}
+		if wait > 0 {
+			time.Sleep(wait) // the scenario: a wait longer than a slice
+			awaitWaiter(b, monitor)
+		}
+		t0 := time.Now()
+		if err := holder.unlock(ctx); err != nil {
+			b.Fatal(err)
+		}
+		if err := <-got; err != nil {
+			b.Fatal(err)
+		}
+		samples = append(samples, t1.Sub(t0))
+		holder, waiter = waiter, holder
+	}
+	b.StopTimer()
+	if err := holder.unlock(ctx); err != nil {
+		b.Fatal(err)
+	}
+	reportPercentiles(b, samples)
 }
 
 // Contended throughput: contenders clients on contendedKeys keys (client g

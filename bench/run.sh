@@ -21,6 +21,7 @@ bench -bench '^BenchmarkCycle$' -benchtime 1s -count "$COUNT"
 bench -bench '^BenchmarkHandoff$/^(raw|pgxpool|advisory|migrate)' -benchtime 200x -count "$COUNT"
 # goose polls every 5 s: 3 hand-offs per run (capped in the code), 2 runs.
 bench -bench '^BenchmarkHandoff$/^goose' -benchtime 3x -count 2
+bench -bench '^BenchmarkHandoffLong$' -benchtime 10x -count 3
 bench -bench '^BenchmarkContended$' -benchtime 5000x -count "$COUNT"
 bench -bench '^BenchmarkFailover$' -benchtime 5x -count "$COUNT"
 bench -bench '^BenchmarkManyKeys$/^LockMany' -benchtime 5x -count "$COUNT"

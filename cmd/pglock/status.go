@@ -22,7 +22,10 @@ func cmdStatus(args []string, stdout, stderr io.Writer) int {
 		`Shows every advisory lock of the database, held or awaited, or those of
 one key: key, mode, held or waiting, pid, how long, client and
 application_name. It reads pg_locks and pg_stat_activity; it never tries
-to lock. A waiter's FOR is since its wait began; PostgreSQL records no
+to lock. A key another tool locks while it migrates this database is
+labelled with the tool, as "pglock key --tool" names it: goose (default
+lock id), migrate (golang-migrate, public.schema_migrations), rails,
+sqlx-migrate. A waiter's FOR is since its wait began; PostgreSQL records no
 grant time, so a holder's FOR is since its session last changed state (a
 session that keeps sending statements, as pglock run's health check does,
 shows a short time) and CONNECTED bounds how long it can have held it.
@@ -66,14 +69,22 @@ shows a short time) and CONNECTED bounds how long it can have held it.
 	if err != nil {
 		return fail(err)
 	}
+	var tools map[advisory.Key]string
+	if len(hs) > 0 {
+		var database string
+		if err := db.QueryRow(ctx, "SELECT current_database()").Scan(&database); err != nil {
+			return fail(err)
+		}
+		tools = knownToolKeys(database)
+	}
 	name := ""
 	if len(kf.given) == 1 && kf.given[0] == "--key" {
 		name = kf.name
 	}
 	if *asJSON {
-		err = writeJSON(stdout, hs, name)
+		err = writeJSON(stdout, hs, name, tools)
 	} else {
-		err = writeTable(stdout, hs, name, kf.describe(), len(kf.given) == 1)
+		err = writeTable(stdout, hs, name, kf.describe(), len(kf.given) == 1, tools)
 	}
 	if err != nil {
 		return fail(err)
@@ -85,6 +96,7 @@ shows a short time) and CONNECTED bounds how long it can have held it.
 type holderJSON struct {
 	Key             string     `json:"key"`            // "int64:N" or "pair:A,B"
 	Name            string     `json:"name,omitempty"` // the --key NAME
+	Tool            string     `json:"tool,omitempty"` // the tool whose migration lock it is
 	Int64           *int64     `json:"int64,omitempty"`
 	Pair            []int32    `json:"pair,omitempty"`
 	ClassID         uint32     `json:"classid"`
@@ -100,12 +112,12 @@ type holderJSON struct {
 	BackendStart    *time.Time `json:"backend_start"`
 }
 
-func writeJSON(w io.Writer, hs []advisory.Holder, name string) error {
+func writeJSON(w io.Writer, hs []advisory.Holder, name string, tools map[advisory.Key]string) error {
 	out := make([]holderJSON, 0, len(hs))
 	for _, h := range hs {
 		classid, objid, objsubid := h.Key.LockRow()
 		j := holderJSON{
-			Key: h.Key.String(), Name: name, ClassID: classid, ObjID: objid, ObjSubID: objsubid,
+			Key: h.Key.String(), Name: name, Tool: tools[h.Key], ClassID: classid, ObjID: objid, ObjSubID: objsubid,
 			Mode: h.Mode.String(), Granted: h.Granted, PID: h.PID,
 			ApplicationName: h.ApplicationName, ClientAddr: h.ClientAddr, State: h.State,
 			Since: timeOrNil(h.Since), BackendStart: timeOrNil(h.BackendStart),
@@ -130,7 +142,7 @@ func timeOrNil(t time.Time) *time.Time {
 	return &t
 }
 
-func writeTable(w io.Writer, hs []advisory.Holder, name, what string, oneKey bool) error {
+func writeTable(w io.Writer, hs []advisory.Holder, name, what string, oneKey bool, tools map[advisory.Key]string) error {
 	if len(hs) == 0 {
 		if oneKey {
 			_, err := fmt.Fprintf(w, "no session holds or waits for %s\n", what)
@@ -154,7 +166,11 @@ func writeTable(w io.Writer, hs []advisory.Holder, name, what string, oneKey boo
 		if client == "" {
 			client = "-"
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%s\t%s\t%s\t%s\n", h.Key, h.Mode, status, h.PID,
+		key := h.Key.String()
+		if tool := tools[h.Key]; tool != "" {
+			key += " (" + tool + ")"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%s\t%s\t%s\t%s\n", key, h.Mode, status, h.PID,
 			age(now, h.Since), age(now, h.BackendStart), client, h.ApplicationName)
 	}
 	return tw.Flush()

@@ -7,6 +7,7 @@ import (
 	"testing"
 
 	"github.com/seed0ad592b7/advisory"
+	"github.com/seed0ad592b7/advisory/compat"
 )
 
 func TestStatus(t *testing.T) {
@@ -99,4 +100,64 @@ func TestStatusShowsRun(t *testing.T) {
 	touch(t, e.dir+"/release-A")
 	e.wait(p)
 	e.want(p, 0)
+}
+
+// TestStatusLabelsToolKeys holds the migration locks of goose, golang-migrate
+// (opened both ways), Rails and sqlx for the test's database, and one of
+// another database: status labels the first five with their tool, in the
+// table and in --json, and not the last.
+func TestStatusLabelsToolKeys(t *testing.T) {
+	e := newEnv(t)
+	var database string
+	if err := e.conn().QueryRow(e.ctx, "SELECT current_database()").Scan(&database); err != nil {
+		t.Fatal(err)
+	}
+	labels := map[advisory.Key]string{
+		compat.Goose(): "goose",
+		compat.GolangMigrate(database, "public", "schema_migrations"):     "migrate",
+		compat.GolangMigrate("/"+database, "public", "schema_migrations"): "migrate",
+		compat.Rails(database):       "rails",
+		compat.SQLxMigrate(database): "sqlx-migrate",
+		compat.Rails("other"):        "",
+	}
+	holder := e.conn()
+	for key := range labels {
+		v, _ := key.Int64()
+		if _, err := holder.Exec(e.ctx, "SELECT pg_advisory_lock($1::int8)", v); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	p := e.pglock(nil, "status", e.dsnArg())
+	e.want(p, 0)
+	for key, tool := range labels {
+		want := key.String()
+		if tool != "" {
+			want += " (" + tool + ")"
+		}
+		found := false
+		for _, line := range strings.Split(p.stdout.String(), "\n") {
+			found = found || strings.HasPrefix(line, want+" ")
+		}
+		if !found || (tool == "" && strings.Contains(p.stdout.String(), want+" (")) {
+			t.Errorf("pglock status:\n%s\nwant a line starting %q", p.stdout.String(), want)
+		}
+	}
+
+	p = e.pglock(nil, "status", e.dsnArg(), "--json")
+	e.want(p, 0)
+	var got []holderJSON
+	if err := json.Unmarshal(p.stdout.Bytes(), &got); err != nil {
+		t.Fatalf("--json output does not parse: %v\n%s", err, p.stdout.String())
+	}
+	if len(got) != len(labels) {
+		t.Fatalf("--json has %d elements, want %d:\n%s", len(got), len(labels), p.stdout.String())
+	}
+	for _, h := range got {
+		key, err := advisory.KeyFromLockRow(h.ClassID, h.ObjID, h.ObjSubID)
+		if tool, ok := labels[key]; err != nil || !ok || h.Tool != tool {
+			t.Errorf("--json element %+v: tool %q, want %q", h, h.Tool, tool)
+		}
+	}
+	e.unlockAll(holder)
 }

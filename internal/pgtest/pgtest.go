@@ -291,3 +291,14 @@ func RunMain(m *testing.M, opts Options, ready func(*Server)) (code int) {
 	}
 	return m.Run()
 }
+
+// Log returns what the server has written to its log so far: the whole log
+// file of a local server. It returns an error for docker and
+// ADVISORY_TEST_DSN servers, whose logs this process cannot read.
+func (s *Server) Log() (string, error) {
+	if s.local == nil {
+		return "", fmt.Errorf("pgtest: the log of a %s server cannot be read; use local binaries (unset %s)", s.source, EnvDSN)
+	}
+	b, err := os.ReadFile(s.local.logFile())
+	return string(b), err
+}

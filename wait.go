@@ -1,0 +1,126 @@
+package advisory
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strconv"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+)
+
+// Waiting for a lock held elsewhere (SPEC §2a).
+//
+// A Session that holds nothing waits in slices (see sliceSessionSQL): short
+// server-side waits, each ended by the server before deadlock_timeout,
+// without an error, so that no waiter holds a snapshot for longer than a
+// slice. Between two slices the session is out of the server's queue only
+// for the moment it takes to send the next; a release by any client during a
+// slice wakes the waiter at once, as a plain pg_advisory_lock would. The
+// session keeps its connection's turn for the whole wait: other calls on the
+// same Session wait for it, as they wait for any statement.
+//
+// A Session that already holds locks waits in one server-side wait (see
+// Session.lock): it can be part of a deadlock cycle, and PostgreSQL's
+// deadlock detector, which runs once per wait after deadlock_timeout, must
+// see it. Such a wait holds a snapshot for as long as it waits.
+
+// sliceStall is how much longer than a slice may last its round trip before
+// the connection is taken for dead (a stalled server or a silent network
+// cut) and closed: the same allowance the health watcher gives a ping.
+func (s *Session) sliceStall() time.Duration {
+	return sliceCap + max(s.health, minPingTimeout)
+}
+
+// waitSlices waits for keys (in canonical order, none of them held by the
+// session, which holds nothing) in mode m, slice after slice, until they are
+// all granted, the bound (0: none) passes, or ctx ends. The caller holds the
+// turn. It returns got == true when the session holds every key; got ==
+// false and err == nil when the bound passed (nothing is held); err when a
+// slice failed (a cancel, a lost connection, a full lock table), for the
+// caller's clean-up, which must find out what is held.
+//
+// ctx's deadline is the bound's business (the caller passes the earlier of
+// the two), so a slice is interrupted only when ctx is cancelled, never when
+// its deadline passes: the server ends the last slice on time, without an
+// error.
+func (s *Session) waitSlices(ctx context.Context, keys []Key, m Mode, bound time.Duration) (got bool, err error) {
+	var end time.Time
+	if bound > 0 {
+		end = time.Now().Add(bound)
+	}
+	runCtx := ctx
+	if _, ok := ctx.Deadline(); ok {
+		var cancel context.CancelFunc
+		runCtx, cancel = pastDeadline(ctx, deadlineGrace)
+		defer cancel()
+	}
+	for {
+		var left time.Duration
+		if !end.IsZero() {
+			if left = time.Until(end); left <= 0 {
+				return false, nil
+			}
+		}
+		sql := sessionSliceSQL(keys, m, left, s.keepalive)
+		var held int64
+		runErr := s.run(runCtx, true, func(ctx context.Context, c *pgx.Conn) error {
+			stall := time.AfterFunc(s.sliceStall(), func() { _ = c.PgConn().Conn().Close() })
+			defer stall.Stop()
+			var err error
+			held, err = lastInt(c.PgConn().Exec(ctx, sql).ReadAll())
+			return err
+		})
+		switch {
+		case runErr != nil:
+			return false, runErr
+		case held == int64(len(keys)):
+			return true, nil
+		case held != 0:
+			return false, fmt.Errorf("a wait slice left %d of %d keys held", held, len(keys))
+		}
+	}
+}
+
+// lastInt reads the one integer the last statement of a simple-protocol
+// message returned (a slice's report).
+func lastInt(results []*pgconn.Result, err error) (int64, error) {
+	if err != nil {
+		return 0, err
+	}
+	if len(results) == 0 || len(results[len(results)-1].Rows) != 1 {
+		return 0, fmt.Errorf("a wait slice returned no report")
+	}
+	last := results[len(results)-1]
+	if err := last.Err; err != nil {
+		return 0, err
+	}
+	switch v := string(last.Rows[0][0]); v {
+	case "t":
+		return 1, nil
+	case "f":
+		return 0, nil
+	default:
+		return strconv.ParseInt(v, 10, 64)
+	}
+}
+
+// deadlineGrace is how long past ctx's deadline a wait lets its statement
+// run, so that the server, which ends the last slice at the deadline, ends
+// the wait without an error and pgx does not close the connection.
+const deadlineGrace = 500 * time.Millisecond
+
+// pastDeadline returns a context that is cancelled when ctx is cancelled,
+// but that outlives ctx's deadline by grace.
+func pastDeadline(ctx context.Context, grace time.Duration) (context.Context, context.CancelFunc) {
+	d, _ := ctx.Deadline()
+	c, cancel := context.WithDeadline(context.WithoutCancel(ctx), d.Add(grace))
+	stop := context.AfterFunc(ctx, func() {
+		if !errors.Is(ctx.Err(), context.DeadlineExceeded) {
+			cancel()
+		}
+	})
+	return c, func() { stop(); cancel() }
+}
