@@ -19,7 +19,10 @@ import (
 var server *pgtest.Server
 
 func TestMain(m *testing.M) {
-	os.Exit(pgtest.RunMain(m, pgtest.Options{}, func(s *pgtest.Server) { server = s }))
+	os.Exit(pgtest.RunMain(m, pgtest.Options{}, func(s *pgtest.Server) {
+		server = s
+		os.Setenv("DATABASE_URL", s.DSN) // where the examples (example_test.go) connect, as a program would
+	}))
 }
 
 // testTimeout bounds every wait in a test, so a broken promise fails the test

@@ -3,7 +3,9 @@ package advisory
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net"
+	"runtime"
 	"strconv"
 	"sync"
 	"testing"
@@ -11,7 +13,22 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
+	"golang.org/x/sys/unix"
+
+	"github.com/seed0ad592b7/advisory/internal/pgtest"
 )
+
+// Two kinds of silent network cut, neither touching the host's network
+// configuration:
+//
+//   - cutProxy, in process and without privileges: a TCP proxy between
+//     client and server that stops forwarding. The client hears nothing;
+//     the server does not notice either, but only because the proxy's
+//     kernel still answers its keep-alives.
+//   - netns, for root: a network namespace of the test's own, holding a
+//     server of its own, whose loopback interface the test takes down.
+//     Packets are then dropped for both ends, keep-alives included, as on
+//     a real cut, so the server's side of the story can be observed too.
 
 // cutProxy forwards TCP connections to the server until cut: from then on
 // it silently drops every byte both ways and keeps both sockets open, like
@@ -176,4 +193,226 @@ func TestSilentNetworkCut(t *testing.T) {
 	// 15 s for an answer that a cut network never brings.
 	proxy.Close()
 	awaitNoAcquired(t, pool)
+}
+
+// A silent network cut that both ends only learn of through their own
+// timers (packets dropped both ways, keep-alives included): the holder steps
+// down, and only after that does the server free the lock, which it does
+// through the keep-alives the lock's session set. The cut takes down the
+// loopback interface of a network namespace the test creates for a server
+// of its own, so it needs root and the local PostgreSQL binaries; the
+// test's own questions to that server go through its unix socket, which the
+// cut does not touch. The times are logged, not asserted.
+func TestNetworkCut(t *testing.T) {
+	ns := newNetns(t)
+	srv := ns.startServer(t)
+	port := uint16(srv.Port)
+	// The unix socket is in the file system, reachable from any namespace.
+	var socketDir string
+	must(t, ns.query(srv.DSN, "SHOW unix_socket_directories", &socketDir))
+	e := newEnvOn(t, &pgtest.Server{
+		DSN: fmt.Sprintf("host=%s port=%d user=postgres dbname=postgres sslmode=disable", socketDir, port),
+	})
+	pool := e.pool(func(c *pgxpool.Config) {
+		c.ConnConfig.Host, c.ConnConfig.Port, c.ConnConfig.Fallbacks = "127.0.0.1", port, nil
+		c.ConnConfig.DialFunc = ns.dial
+	})
+	const interval = 200 * time.Millisecond
+	key := StringKey("cut")
+	lock, err := Acquire(e.ctx, pool, key, HealthInterval(interval))
+	must(t, err)
+
+	must(t, ns.setLoopback(false))
+	cut := time.Now()
+	stepDown := make(chan time.Duration, 1)
+	go func() {
+		<-lock.Done()
+		stepDown <- time.Since(cut)
+	}()
+	var heldWhenSteppedDown bool
+	var freedAfter time.Duration
+	e.eventually("the server frees the cut holder's lock", func(c *pgx.Conn) (bool, error) {
+		var n int
+		classid, objid, objsubid := key.LockRow()
+		err := c.QueryRow(context.Background(), `SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'
+			AND classid::int8 = $1 AND objid::int8 = $2 AND objsubid = $3`, int64(classid), int64(objid), objsubid).Scan(&n)
+		select {
+		case <-lock.Done():
+			if n > 0 {
+				heldWhenSteppedDown = true
+			}
+		default:
+		}
+		if n == 0 {
+			freedAfter = time.Since(cut)
+		}
+		return n == 0, err
+	})
+	var d time.Duration
+	select {
+	case d = <-stepDown:
+	case <-e.ctx.Done():
+		t.Fatalf("the holder never stepped down after a silent cut (the server freed its lock after %v)", freedAfter)
+	}
+	if !heldWhenSteppedDown {
+		t.Errorf("the server freed the lock (after %v) before the holder stepped down (after %v)", freedAfter, d)
+	}
+	if !errors.Is(lock.Err(), ErrLockLost) {
+		t.Errorf("Err() = %v; want ErrLockLost", lock.Err())
+	}
+	if err := lock.Release(e.ctx); !errors.Is(err, ErrLockLost) {
+		t.Errorf("Release after the cut: %v; want ErrLockLost", err)
+	}
+	t.Logf("network cut: holder stepped down after %v, server freed the lock after %v (health interval %v)",
+		d.Round(time.Millisecond), freedAfter.Round(time.Millisecond), interval)
+	// The network comes back. Until then pgxpool counts the dead
+	// connection as acquired: pgx closes it in the background, sending a
+	// cancel request first, whose dial waits up to 15 s on a cut network.
+	must(t, ns.setLoopback(true))
+	awaitNoAcquired(t, pool)
+}
+
+// netns is a network namespace of the test's own, with nothing in it but a
+// loopback interface. It is removed when the test ends: the kernel drops a
+// namespace once no process, socket or file refers to it, and the test
+// stops the server it started there and closes the namespace's file.
+type netns struct {
+	fd int // an open /proc/thread-self/ns/net of the namespace
+}
+
+// newNetns creates the namespace with its loopback interface up. It fails
+// the test, saying so, when the process may not create one (it needs root,
+// or CAP_SYS_ADMIN and CAP_NET_ADMIN).
+func newNetns(t *testing.T) *netns {
+	t.Helper()
+	fdc := make(chan int, 1)
+	errc := make(chan error, 1)
+	go func() {
+		// Never unlocked: the thread leaves the host's namespace for good,
+		// and the runtime ends it when this goroutine returns.
+		runtime.LockOSThread()
+		if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
+			errc <- fmt.Errorf("unshare(CLONE_NEWNET): %w", err)
+			return
+		}
+		fd, err := unix.Open("/proc/thread-self/ns/net", unix.O_RDONLY|unix.O_CLOEXEC, 0)
+		if err != nil {
+			errc <- err
+			return
+		}
+		fdc <- fd
+	}()
+	var ns *netns
+	select {
+	case fd := <-fdc:
+		ns = &netns{fd: fd}
+	case err := <-errc:
+		t.Fatalf("this test needs root: it creates a network namespace of its own to cut a connection "+
+			"without touching the host's network (run the tests as root, as CI does): %v", err)
+	}
+	t.Cleanup(func() { unix.Close(ns.fd) })
+	if err := ns.setLoopback(true); err != nil {
+		t.Fatalf("this test needs root: bringing up the loopback interface of its network namespace: %v", err)
+	}
+	return ns
+}
+
+// do runs f on an OS thread that has entered the namespace: a socket f
+// makes belongs to the namespace, and so does a process f starts.
+func (ns *netns) do(f func() error) error {
+	errc := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread() // never unlocked, as in newNetns
+		if err := unix.Setns(ns.fd, unix.CLONE_NEWNET); err != nil {
+			errc <- fmt.Errorf("setns: %w", err)
+			return
+		}
+		errc <- f()
+	}()
+	return <-errc
+}
+
+// setLoopback takes the namespace's loopback interface up or down. Down,
+// every packet on it is dropped without a word to either end.
+func (ns *netns) setLoopback(up bool) error {
+	return ns.do(func() error {
+		fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+		if err != nil {
+			return err
+		}
+		defer unix.Close(fd)
+		ifr, err := unix.NewIfreq("lo")
+		if err != nil {
+			return err
+		}
+		if err := unix.IoctlIfreq(fd, unix.SIOCGIFFLAGS, ifr); err != nil {
+			return fmt.Errorf("SIOCGIFFLAGS lo: %w", err)
+		}
+		flags := ifr.Uint16()
+		if up {
+			flags |= unix.IFF_UP
+		} else {
+			flags &^= unix.IFF_UP
+		}
+		ifr.SetUint16(flags)
+		if err := unix.IoctlIfreq(fd, unix.SIOCSIFFLAGS, ifr); err != nil {
+			return fmt.Errorf("SIOCSIFFLAGS lo: %w", err)
+		}
+		return nil
+	})
+}
+
+// dial is a pgconn.DialFunc that connects inside the namespace.
+func (ns *netns) dial(ctx context.Context, network, addr string) (net.Conn, error) {
+	var c net.Conn
+	err := ns.do(func() (err error) {
+		c, err = (&net.Dialer{}).DialContext(ctx, network, addr)
+		return err
+	})
+	return c, err
+}
+
+// startServer starts a PostgreSQL of the test's own inside the namespace
+// (the local binaries: a Docker or ADVISORY_TEST_DSN server cannot be put
+// there), stopped when the test ends.
+func (ns *netns) startServer(t *testing.T) *pgtest.Server {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), testTimeout)
+	defer cancel()
+	var srv *pgtest.Server
+	err := ns.do(func() (err error) {
+		srv, err = pgtest.Start(ctx, pgtest.Options{Private: true})
+		return err
+	})
+	if err != nil {
+		t.Fatalf("starting a server in the test's network namespace: %v", err)
+	}
+	t.Cleanup(func() {
+		if err := srv.Stop(); err != nil {
+			t.Error(err)
+		}
+	})
+	if srv.Source() != pgtest.SourceLocal {
+		t.Fatalf("this test needs the local PostgreSQL binaries (initdb, pg_ctl) to start a server inside "+
+			"its network namespace; got a %s server (stop Docker, or install postgresql)", srv.Source())
+	}
+	return srv
+}
+
+// query runs one single-value query on a connection made inside the
+// namespace.
+func (ns *netns) query(dsn, sql string, dst any) error {
+	cfg, err := pgx.ParseConfig(dsn)
+	if err != nil {
+		return err
+	}
+	cfg.DialFunc = ns.dial
+	ctx, cancel := context.WithTimeout(context.Background(), testTimeout)
+	defer cancel()
+	c, err := pgx.ConnectConfig(ctx, cfg)
+	if err != nil {
+		return err
+	}
+	defer c.Close(ctx)
+	return c.QueryRow(ctx, sql).Scan(dst)
 }

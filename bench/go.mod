@@ -1,6 +1,6 @@
 module github.com/seed0ad592b7/advisory/bench
 
-go 1.26.8
+go 1.26.0
 
 replace github.com/seed0ad592b7/advisory => ../
 

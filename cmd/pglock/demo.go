@@ -132,9 +132,13 @@ func (d *demo) run(ctx context.Context, cn *conn, own bool) (err error) {
 		return err
 	}
 
-	tag := randomTag()
-	workers := advisory.StringKey("pglock-demo/" + tag + "/workers")
-	leader := advisory.StringKey("pglock-demo/" + tag + "/leader")
+	// On a database of its own the demo's keys need no tag; on a configured
+	// one the tag keeps demos running at once apart.
+	suffix := ""
+	if !own {
+		suffix = "-" + randomTag()
+	}
+	workers, leader := newDemoKey("demo-job"+suffix), newDemoKey("demo-leader"+suffix)
 	if err := d.contention(ctx, pool, workers); err != nil {
 		return err
 	}
@@ -146,9 +150,9 @@ func (d *demo) run(ctx context.Context, cn *conn, own bool) (err error) {
 
 // contention runs demoWorkers workers that each take key demoRounds times
 // and checks that no two ever hold it at once.
-func (d *demo) contention(ctx context.Context, pool *pgxpool.Pool, key advisory.Key) error {
-	d.printf("\n1. contention: %d workers each take %s %d times and hold it %v\n",
-		demoWorkers, key, demoRounds, demoHold)
+func (d *demo) contention(ctx context.Context, pool *pgxpool.Pool, key demoKey) error {
+	d.printf("\n1. contention: %d workers each take the lock %d times and hold it %v; key %s\n",
+		demoWorkers, demoRounds, demoHold, key)
 	var (
 		inside, overlaps, turns atomic.Int32
 		wg                      sync.WaitGroup
@@ -161,13 +165,13 @@ func (d *demo) contention(ctx context.Context, pool *pgxpool.Pool, key advisory.
 			defer wg.Done()
 			for range demoRounds {
 				asked := time.Now()
-				_, err := advisory.Do(ctx, pool, key, func(ctx context.Context) error {
+				_, err := advisory.Do(ctx, pool, key.key, func(ctx context.Context) error {
 					if inside.Add(1) > 1 {
 						overlaps.Add(1)
 					}
 					defer inside.Add(-1)
 					waited := time.Since(asked)
-					hs, err := advisory.Holders(ctx, pool, key)
+					hs, err := advisory.Holders(ctx, pool, key.key)
 					if err != nil {
 						return err
 					}
@@ -217,9 +221,9 @@ type leadership struct {
 // failover elects a leader among demoCandidates, terminates its backend
 // from another connection and measures how long until another candidate
 // leads, and until the old leader notices.
-func (d *demo) failover(ctx context.Context, pool *pgxpool.Pool, key advisory.Key) error {
-	d.printf("\n2. leadership: %d candidates campaign for %s (health interval %v)\n",
-		demoCandidates, key, demoHealth)
+func (d *demo) failover(ctx context.Context, pool *pgxpool.Pool, key demoKey) error {
+	d.printf("\n2. leadership: %d candidates campaign (health interval %v); key %s\n",
+		demoCandidates, demoHealth, key)
 	events := make(chan leadership, 4*demoCandidates)
 	leadCtx, stopLead := context.WithCancel(ctx)
 	var wg sync.WaitGroup
@@ -232,7 +236,7 @@ func (d *demo) failover(ctx context.Context, pool *pgxpool.Pool, key advisory.Ke
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			err := advisory.Lead(leadCtx, pool, key, func(ctx context.Context) error {
+			err := advisory.Lead(leadCtx, pool, key.key, func(ctx context.Context) error {
 				events <- leadership{candidate: i + 1, elected: true, at: time.Now()}
 				<-ctx.Done()
 				events <- leadership{candidate: i + 1, elected: false, at: time.Now()}
@@ -257,7 +261,7 @@ func (d *demo) failover(ctx context.Context, pool *pgxpool.Pool, key advisory.Ke
 	}
 	// The others may still be connecting: await them on the server.
 	var hs []advisory.Holder
-	err = awaitHolders(ctx, pool, key, func(got []advisory.Holder) bool {
+	err = awaitHolders(ctx, pool, key.key, func(got []advisory.Holder) bool {
 		hs = got
 		return len(got) == demoCandidates && got[0].Granted && !got[1].Granted
 	})
@@ -304,9 +308,9 @@ func (d *demo) failover(ctx context.Context, pool *pgxpool.Pool, key advisory.Ke
 
 // noLocksLeft waits until the server shows no lock on the demo's keys:
 // a terminated or closed session's locks go a moment after it ends.
-func (d *demo) noLocksLeft(ctx context.Context, pool *pgxpool.Pool, keys ...advisory.Key) error {
+func (d *demo) noLocksLeft(ctx context.Context, pool *pgxpool.Pool, keys ...demoKey) error {
 	for _, k := range keys {
-		err := awaitHolders(ctx, pool, k, func(hs []advisory.Holder) bool { return len(hs) == 0 })
+		err := awaitHolders(ctx, pool, k.key, func(hs []advisory.Holder) bool { return len(hs) == 0 })
 		if err != nil {
 			return fmt.Errorf("locks of the demo left on %s: %w", k, err)
 		}
@@ -334,6 +338,17 @@ func awaitHolders(ctx context.Context, pool *pgxpool.Pool, key advisory.Key, ok 
 		}
 	}
 }
+
+// demoKey is a lock key with the name it was made from, printed as a person
+// reads it: "demo-job" → int64:-4935921351791337521 (as pglock key prints it).
+type demoKey struct {
+	name string
+	key  advisory.Key
+}
+
+func newDemoKey(name string) demoKey { return demoKey{name: name, key: advisory.StringKey(name)} }
+
+func (k demoKey) String() string { return fmt.Sprintf("%q → %s", k.name, k.key) }
 
 // randomTag makes the demo's keys its own, so that demos running at once
 // on one database do not meet.

@@ -66,7 +66,7 @@ func PgBouncerPath() (string, error) {
 		return debian, nil
 	}
 	return "", errors.New("pgtest: pgbouncer not found on PATH or at /usr/sbin/pgbouncer; " +
-		"install it with `apt-get install -y pgbouncer` (.ci/run does)")
+		"install it with `apt-get install -y pgbouncer` (./test.sh does when run as root)")
 }
 
 // StartPgBouncer runs pgbouncer in pool mode mode ("transaction",
