@@ -417,6 +417,15 @@ func (s *Session) Err() error {
 // takes with its own SQL are the caller's to release, though Close releases
 // them too. fn must not call Close (or its Lock's Release): Close waits for
 // fn, so it would close the connection under fn after its timeout (5 s).
+//
+// While fn's statement runs, the health watcher cannot check the
+// connection: a silent network cut is then noticed when ctx ends (the
+// cancel request cannot get through, and the connection is closed within
+// 4 s) or when the operating system gives up on the connection (minutes).
+// Meanwhile the server may already have freed the lock (within its
+// keep-alive bound, seconds) although Done is still open; fn's statements
+// still cannot run after that, as the backend is gone. Bound long fenced
+// work with ctx's deadline.
 func (s *Session) WithConn(ctx context.Context, fn func(*pgx.Conn) error) error {
 	if err := s.takeTurn(ctx); err != nil {
 		return &Error{Op: "with_conn", Err: err}
