@@ -561,6 +561,9 @@ func (s *Session) finish(cause error) {
 // the connection holds (locks a WithConn callback took). The caller holds
 // the turn.
 func (s *Session) unlockHolds(holds []hold, rawUsed bool) error {
+	if len(holds) == 1 && !rawUsed {
+		return s.unlockStatement(holds[0]) // a Lock's Release: the one-key statement
+	}
 	var byMode [2][]Key
 	for _, h := range holds {
 		byMode[h.mode] = append(byMode[h.mode], h.key)
