@@ -62,6 +62,10 @@ func acquire(ctx context.Context, pool *pgxpool.Pool, key Key, cfg config) (*Loc
 	}
 	s, err := newSession(ctx, pool, cfg)
 	if err != nil {
+		var e *Error
+		if errors.As(err, &e) {
+			e.Op, e.Key = "lock", key
+		}
 		return nil, err
 	}
 	ok, err := s.lock(ctx, key, cfg)
@@ -85,7 +89,7 @@ var errTTL = &Error{Op: "ttl", Kind: ErrTTLExceeded}
 // expire ends the lock's session at its TTL: the statement in flight is
 // interrupted and the lock released.
 func (l *Lock) expire() {
-	if l.s.beginEnd(errTTL, false) {
+	if l.s.beginEnd(errTTL, errTTL, false) {
 		l.s.finish(errTTL)
 	}
 }
@@ -123,10 +127,14 @@ func (l *Lock) Err() error {
 // Release unlocks the key exactly once, checking the boolean
 // pg_advisory_unlock returns, and gives the connection back to the pool when
 // it is known to hold no lock; otherwise it closes the connection and
-// returns an error matching ErrLockLost. It runs even when ctx is already
-// cancelled, bounded by a timeout of its own. A second Release, and Release
-// of a lock that was not acquired, do nothing and return nil. After the TTL
-// passed, the first Release returns ErrTTLExceeded.
+// returns an error matching ErrLockLost. It does not obey ctx, so it runs
+// even when ctx is already cancelled: like Session.Close, it interrupts a
+// WithConn in progress with a cancel request, and if that call keeps the
+// connection past a timeout of its own (5 s), closes the connection under
+// it (which releases the lock on the server) and returns. A second Release,
+// and Release of a lock that was not acquired, do nothing and return nil.
+// After the TTL passed, the first Release returns ErrTTLExceeded; after
+// ReleaseAll, Release returns nil.
 func (l *Lock) Release(ctx context.Context) error {
 	if l.s == nil {
 		return nil
@@ -140,15 +148,7 @@ func (l *Lock) Release(ctx context.Context) error {
 	if l.ttl != nil {
 		l.ttl.Stop()
 	}
-	err := l.s.unlock(context.WithoutCancel(ctx), hold{l.key, l.mode})
-	closeErr := l.s.Close(ctx)
-	switch {
-	case closeErr != nil:
-		return closeErr // the session ended before: lost, or TTL passed
-	case errors.Is(err, ErrClosed):
-		return nil // ended cleanly by ReleaseAll
-	}
-	return err
+	return l.s.Close(ctx)
 }
 
 // WithConn runs fn with exclusive use of the lock's own connection: see
@@ -168,9 +168,10 @@ func (l *Lock) WithConn(ctx context.Context, fn func(*pgx.Conn) error) error {
 // returns or panics (the panic goes on after the release). acquired reports
 // whether fn ran.
 //
-// fn's context is cancelled when the lock is lost or its TTL passes; Do
-// then returns, once fn has returned, an error matching ErrLockLost or
-// ErrTTLExceeded joined with fn's own error. Errors from Acquire are
+// fn's context is cancelled when the lock is lost, its TTL passes or
+// ReleaseAll ends it; Do then returns, once fn has returned, an error
+// matching ErrLockLost, ErrTTLExceeded or ErrClosed joined with fn's own
+// error. Errors from Acquire are
 // returned with acquired == false.
 func Do(ctx context.Context, pool *pgxpool.Pool, key Key, fn func(context.Context) error, opts ...Option) (acquired bool, err error) {
 	lock, err := Acquire(ctx, pool, key, opts...)
@@ -186,24 +187,28 @@ func Do(ctx context.Context, pool *pgxpool.Pool, key Key, fn func(context.Contex
 }
 
 // run calls fn with a context derived from ctx that is cancelled, with the
-// reason as its cause, when the lock is lost or its TTL passes.
+// reason as its cause, when the lock's session ends while fn runs: lost,
+// TTL passed, or ended by ReleaseAll. In the last case, which Release does
+// not report, run returns an error matching ErrClosed joined with fn's.
 func (l *Lock) run(ctx context.Context, fn func(context.Context) error) error {
 	fnCtx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
-	stop := context.AfterFunc(l.s.ctx, func() {
-		if err := l.s.Err(); err != nil {
-			cancel(err)
-		}
-	})
+	stop := context.AfterFunc(l.s.ctx, func() { cancel(context.Cause(l.s.ctx)) })
 	defer stop()
-	return fn(fnCtx)
+	err := fn(fnCtx)
+	if why := context.Cause(l.s.ctx); errors.Is(why, errReleasedAll) {
+		err = errors.Join(why, err)
+	}
+	return err
 }
 
 // Exec runs one statement on the lock's own connection (see WithConn): it
-// cannot run after the lock is lost.
+// cannot run after the lock is lost. When ctx ends first, the statement is
+// cancelled (SQLSTATE 57014, the error also matching ctx's error) and the
+// lock and its connection survive.
 func (l *Lock) Exec(ctx context.Context, sql string, args ...any) (tag pgconn.CommandTag, err error) {
 	err = l.WithConn(ctx, func(c *pgx.Conn) error {
-		tag, err = c.Exec(ctx, sql, args...)
+		tag, err = c.Exec(context.WithoutCancel(ctx), sql, args...)
 		return err
 	})
 	return tag, err

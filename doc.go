@@ -137,10 +137,12 @@
 // acquired connection, so Release every Lock and Close every Session before
 // closing the pool, or call ReleaseAll.
 //
-// The watcher's reads are ended with a socket deadline, as pgx's default
-// context handling does; a pool configured with a different
-// BuildContextWatcherHandler still works, but a call that has to wake the
-// watcher may wait for that handler's delay.
+// The watcher's reads and pings are bounded by socket deadlines it sets
+// itself, never by a context, so a pool configured with any
+// BuildContextWatcherHandler (for example CancelRequestContextWatcherHandler
+// with a DeadlineDelay) keeps the detection bounds, and a call that wakes
+// the watcher does not wait for that handler's delay. A lost connection is
+// hijacked from the pool, so it leaves the pool's count at once.
 //
 // # Concurrency
 //
@@ -149,5 +151,7 @@
 // the server delays the Session's other calls until it ends (each bounded by
 // its context), except Close, which interrupts it. Release, Unlock and Close
 // run even when their context is already cancelled, bounded by a timeout of
-// their own.
+// their own. Inside WithConn, give statements a context that does not end
+// (context.WithoutCancel): WithConn cancels them itself when its ctx ends,
+// keeping the connection, where pgx's default handling would close it.
 package advisory

@@ -20,7 +20,10 @@ var (
 	// ErrTimeout: the wait bound (WaitTimeout, or the context's deadline)
 	// passed before the lock was granted: SQLSTATE 55P03. Nothing is held
 	// and the connection is healthy. When the bound was the context's
-	// deadline the error also matches context.DeadlineExceeded.
+	// deadline the error also matches context.DeadlineExceeded, also when
+	// it passed while waiting for a connection from an exhausted pool. A
+	// wait the server's statement_timeout ended (SQLSTATE 57014, not asked
+	// for by the library) is ErrTimeout too, with a message saying so.
 	ErrTimeout = errors.New("timed out waiting for the lock (another session held it for the whole wait; retry later or wait longer)")
 
 	// ErrDeadlock: PostgreSQL chose this wait as a deadlock victim (SQLSTATE

@@ -2,6 +2,7 @@ package advisory
 
 import (
 	"context"
+	"errors"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgxpool"
@@ -21,10 +22,14 @@ import (
 //     error.
 //
 // It returns ctx.Err() (or its cause) when ctx ends; fn is never called
-// once ctx has ended, even when a campaign is won at that moment. When a
-// campaign fails for another reason (the server is restarting, the pool
-// cannot connect) it waits one health interval, or less, and campaigns
-// again.
+// once ctx has ended, even when a campaign is won at that moment. It
+// returns an error matching ErrClosed when ReleaseAll ends its lock,
+// campaigning or leading (fn's context is cancelled first). When a campaign
+// fails for another reason (the server is restarting, the pool cannot
+// connect, the server's statement_timeout ended the wait) it campaigns again
+// at once, but not sooner than one health interval (at most 100 ms) after
+// the failed campaign began, so it leaves the server's queue only for a
+// moment.
 //
 // Fail-over is done by the server: the next candidate's wait ends as soon as
 // the old leader's session ends, so a leader whose backend is terminated is
@@ -47,12 +52,16 @@ func Lead(ctx context.Context, pool *pgxpool.Pool, key Key, fn func(leaderCtx co
 	retry := time.NewTimer(0)
 	defer retry.Stop()
 	for {
+		start := time.Now()
 		lock, err := acquire(ctx, pool, key, cfg)
 		if err != nil {
 			if ctx.Err() != nil {
 				return context.Cause(ctx)
 			}
-			retry.Reset(min(cfg.health, 100*time.Millisecond))
+			if errors.Is(err, ErrClosed) {
+				return err // ReleaseAll
+			}
+			retry.Reset(min(cfg.health, 100*time.Millisecond) - time.Since(start))
 			select {
 			case <-ctx.Done():
 				return context.Cause(ctx)

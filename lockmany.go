@@ -184,6 +184,7 @@ func (s *Session) lockManyFailed(ctx, runCtx context.Context, keys []Key, m Mode
 	case runCtx.Err() != nil:
 		kind = ErrTimeout // the WaitTimeout bound on the whole call
 	}
+	kind, err = serverCancelled(runCtx, kind, err)
 	return &Error{Op: "lock_many", Kind: kind, Err: err, deadline: kind == ErrTimeout && byDeadline}
 }
 
@@ -234,8 +235,8 @@ func (s *Session) dropGrantedMany(keys []Key, m Mode) error {
 // mode, it returns an error matching ErrNotHeld (its Key is the first such
 // key in canonical order), sends nothing and changes no count. An invalid
 // key fails with ErrInvalidKey, also before anything changes. Like Unlock,
-// it sends the unlock even when ctx is already cancelled (ctx only bounds
-// the wait for the connection's turn), bounded by its own timeout. If the
+// it sends the unlock even when ctx has already ended (ctx only bounds the
+// wait for the connection's turn), bounded by its own timeout. If the
 // server did not hold one of the keys, or the unlock fails, the session
 // ends and its connection is closed (which releases whatever it held), and
 // the error matches ErrLockLost.
@@ -248,7 +249,7 @@ func (s *Session) UnlockMany(ctx context.Context, keys []Key, opts ...Option) er
 	if err != nil {
 		return err
 	}
-	if err := s.takeTurn(ctx); err != nil {
+	if err := s.unlockTurn(ctx); err != nil {
 		return &Error{Op: "unlock_many", Err: err}
 	}
 	defer s.giveTurn()

@@ -42,6 +42,7 @@ type cutProxy struct {
 	once   sync.Once
 	mu     sync.Mutex
 	conns  []net.Conn
+	closed bool // Close began: a connection accepted meanwhile is closed at once
 	wg     sync.WaitGroup
 }
 
@@ -71,6 +72,12 @@ func (p *cutProxy) serve() {
 			continue
 		}
 		p.mu.Lock()
+		if p.closed {
+			p.mu.Unlock()
+			client.Close()
+			srv.Close()
+			continue
+		}
 		p.conns = append(p.conns, client, srv)
 		p.mu.Unlock()
 		p.wg.Add(2)
@@ -114,6 +121,7 @@ func (p *cutProxy) Cut() { p.once.Do(func() { close(p.cut) }) }
 func (p *cutProxy) Close() {
 	p.ln.Close()
 	p.mu.Lock()
+	p.closed = true
 	for _, c := range p.conns {
 		c.Close()
 	}

@@ -33,12 +33,19 @@ func unregister(pool *pgxpool.Pool, s *Session) {
 	}
 }
 
+// errReleasedAll is the cause of a Do or Lead body's context when
+// ReleaseAll ended its lock.
+var errReleasedAll = &Error{Op: "release_all", Kind: ErrClosed, Err: errors.New("ReleaseAll released the lock")}
+
 // ReleaseAll ends every Session and Lock this process has open on pool, as
 // Close and Release do, so that pool.Close, which waits for every acquired
-// connection, does not wait for them. Call it at shutdown, after the work
-// done under the locks has stopped. Locks ended this way report a nil Err;
-// a later Release of them does nothing. It returns the errors of the
-// sessions that had already been lost (matching ErrLockLost).
+// connection, does not wait for them. For the code running under a lock
+// it is like a loss: a Do or Lead body's context is cancelled (its cause
+// matches ErrClosed), Do returns an error matching ErrClosed, and Lead,
+// campaigning or leading, returns one. Call it at shutdown. Locks ended
+// this way report a nil Err; a later Release of them does nothing. It
+// returns the errors of the sessions that had already been lost (matching
+// ErrLockLost).
 func ReleaseAll(ctx context.Context, pool *pgxpool.Pool) error {
 	registry.Lock()
 	sessions := make([]*Session, 0, len(registry.open[pool]))
@@ -48,7 +55,7 @@ func ReleaseAll(ctx context.Context, pool *pgxpool.Pool) error {
 	registry.Unlock()
 	var errs []error
 	for _, s := range sessions {
-		errs = append(errs, s.Close(ctx))
+		errs = append(errs, s.end(errReleasedAll))
 	}
 	return errors.Join(errs...)
 }

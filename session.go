@@ -4,6 +4,7 @@ import (
 	"cmp"
 	"context"
 	"errors"
+	"fmt"
 	"slices"
 	"strconv"
 	"sync"
@@ -51,7 +52,8 @@ const (
 // no advisory lock; otherwise it is closed, never handed to another user.
 type Session struct {
 	pool      *pgxpool.Pool
-	conn      *pgxpool.Conn
+	conn      *pgxpool.Conn // for giving the connection back; use pc to talk on it
+	pc        *pgx.Conn     // conn's connection, still reachable after conn is hijacked
 	health    time.Duration
 	keepalive []any // the keep-alive values for this health interval (keepaliveArgs)
 
@@ -128,11 +130,18 @@ func newSession(ctx context.Context, pool *pgxpool.Pool, cfg config) (*Session, 
 	}
 	conn, err := pool.Acquire(ctx)
 	if err != nil {
-		return nil, &Error{Op: "session", Kind: kindOf(err), Err: err}
+		e := &Error{Op: "session", Kind: kindOf(err), Err: err}
+		if errors.Is(ctx.Err(), context.DeadlineExceeded) {
+			// Every holder and waiter pins a connection: a deadline that
+			// passes while the pool is exhausted is a wait that timed out.
+			e.Kind, e.deadline = ErrTimeout, true
+		}
+		return nil, e
 	}
 	s := &Session{
 		pool:      pool,
 		conn:      conn,
+		pc:        conn.Conn(),
 		health:    cfg.health,
 		keepalive: keepaliveArgs(cfg.health),
 		turn:      make(chan struct{}, 1),
@@ -281,9 +290,25 @@ func (s *Session) lockFailed(ctx context.Context, h hold, byDeadline bool, err e
 			err = errors.Join(context.Cause(ctx), err)
 		}
 	}
+	kind, err = serverCancelled(ctx, kind, err)
 	e := keyError("lock", h.key, kind, err)
 	e.deadline = kind == ErrTimeout && byDeadline
 	return e
+}
+
+// errServerCancelled explains a wait the server cancelled by itself.
+var errServerCancelled = errors.New("the server cancelled the wait (statement_timeout, or pg_cancel_backend from another session); " +
+	"set statement_timeout to 0 for the role or database the lock connections use, or bound waits with WaitTimeout")
+
+// serverCancelled maps a lock statement's cancel (57014) that the library
+// did not ask for (ctx had not ended; the session's end is handled before)
+// to ErrTimeout: the server's statement_timeout bounded the wait. Other
+// errors pass unchanged.
+func serverCancelled(ctx context.Context, kind, err error) (error, error) {
+	if kind != nil || ctx.Err() != nil || sqlState(err) != codeQueryCanceled {
+		return kind, err
+	}
+	return ErrTimeout, fmt.Errorf("%w: %w", errServerCancelled, err)
 }
 
 // dropIfGranted asks the server whether the session holds h after an
@@ -311,9 +336,10 @@ func (s *Session) dropIfGranted(h hold) error {
 // the boolean pg_advisory_unlock returns is checked.
 //
 // It returns ErrNotHeld, sending nothing, when the session does not hold key
-// in that mode. It sends the unlock even when ctx is already cancelled (ctx
-// only bounds the wait for the connection's turn); the statement is bounded
-// by its own timeout. If the server did not hold the lock, or the unlock
+// in that mode. ctx only bounds the wait for the connection's turn, never
+// the unlock: a ctx that has already ended (a deferred Unlock after a
+// cancellation) still gets the unlock done, waiting up to 5 s for the turn;
+// the statement is bounded by its own timeout. If the server did not hold the lock, or the unlock
 // fails, the session ends and its connection is closed (which releases
 // whatever it held), and the error matches ErrLockLost.
 func (s *Session) Unlock(ctx context.Context, key Key, opts ...Option) error {
@@ -330,7 +356,7 @@ func (s *Session) unlock(ctx context.Context, h hold) error {
 	if !key.Valid() {
 		return invalidKey("unlock")
 	}
-	if err := s.takeTurn(ctx); err != nil {
+	if err := s.unlockTurn(ctx); err != nil {
 		return keyError("unlock", key, nil, err)
 	}
 	defer s.giveTurn()
@@ -355,6 +381,19 @@ func (s *Session) unlock(ctx context.Context, h hold) error {
 		return keyError("unlock", key, ErrLockLost, err)
 	}
 	return nil
+}
+
+// unlockTurn takes the turn for an unlock. ctx bounds the wait, except
+// that a ctx that has already ended (an Unlock deferred past a
+// cancellation) waits up to cleanupTimeout instead: such an unlock is never
+// skipped.
+func (s *Session) unlockTurn(ctx context.Context) error {
+	if ctx.Err() != nil {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
+		defer cancel()
+	}
+	return s.takeTurn(ctx)
 }
 
 // errUnlockFalse is the cause when pg_advisory_unlock returns false for a
@@ -411,13 +450,33 @@ func (s *Session) Err() error {
 // run while those locks are held and fail once the session is gone (fenced
 // work). Other calls on the session, and its health watcher, wait for fn.
 //
+// Contexts: ctx bounds the wait for the connection and then the whole of
+// fn. When ctx ends while fn runs, WithConn cancels the statement in flight
+// with a cancel request, so it fails with SQLSTATE 57014 (the error then
+// also matches ctx's error) while the connection and the locks survive; fn
+// must then return within 2 s, or the connection is closed under it, which
+// ends the session. Inside fn, give statements a context that does not end
+// while the lock should live, such as context.WithoutCancel(ctx): pgx
+// handles a statement whose own context ends by its connection's context
+// handler, which by default closes the connection, and that loses every lock
+// of the session.
+//
 // It returns ErrLockLost (joined with fn's error) if the session was lost
 // before or during fn, and ErrClosed after Close. fn must not keep the
 // connection, or rows read from it, after it returns, and must not leave a
 // transaction open (WithConn rolls it back and returns an error). Locks fn
 // takes with its own SQL are the caller's to release, though Close releases
-// them too. When ctx is cancelled while fn runs, the statement in flight is
-// cancelled.
+// them too. fn must not call Close (or its Lock's Release): Close waits for
+// fn, so it would close the connection under fn after its timeout (5 s).
+//
+// While fn's statement runs, the health watcher cannot check the
+// connection: a silent network cut is then noticed when ctx ends (the
+// cancel request cannot get through, and the connection is closed within
+// 4 s) or when the operating system gives up on the connection (minutes).
+// Meanwhile the server may already have freed the lock (within its
+// keep-alive bound, seconds) although Done is still open; fn's statements
+// still cannot run after that, as the backend is gone. Bound long fenced
+// work with ctx's deadline.
 func (s *Session) WithConn(ctx context.Context, fn func(*pgx.Conn) error) error {
 	if err := s.takeTurn(ctx); err != nil {
 		return &Error{Op: "with_conn", Err: err}
@@ -431,7 +490,7 @@ func (s *Session) WithConn(ctx context.Context, fn func(*pgx.Conn) error) error 
 	if lost := s.lostErr(err); lost != nil {
 		return &Error{Op: "with_conn", Kind: ErrLockLost, Err: errors.Join(err, lost)}
 	}
-	if s.conn.Conn().PgConn().TxStatus() != 'I' {
+	if s.pc.PgConn().TxStatus() != 'I' {
 		rollback := s.runCleanup(func(ctx context.Context, c *pgx.Conn) error {
 			_, err := c.Exec(ctx, "ROLLBACK")
 			return err
@@ -444,20 +503,34 @@ func (s *Session) WithConn(ctx context.Context, fn func(*pgx.Conn) error) error 
 	if s.ctx.Err() != nil {
 		return &Error{Op: "with_conn", Kind: s.endKind(), Err: err}
 	}
+	if ctx.Err() != nil && sqlState(err) == codeQueryCanceled {
+		return &Error{Op: "with_conn", Err: errors.Join(context.Cause(ctx), err)}
+	}
 	return err
 }
 
-// Close releases every hold and gives the connection back to the pool, or,
-// if the session cannot be sure its connection holds no lock, closes it.
-// It interrupts a Lock waiting on the session and waits for a WithConn
-// callback to return. It does not obey ctx: it is bounded by its own
-// timeout, after which the connection is closed (which also ends its locks).
+// Close releases every hold, checking that the server held each, and gives
+// the connection back to the pool; if the session cannot be sure its
+// connection holds no lock, it closes the connection instead. It does not
+// obey ctx. It interrupts the statement in flight (a Lock waiting on the
+// session, a WithConn callback's statement) with a cancel request and waits
+// for the call to return; after cleanupTimeout (5 s) without the connection,
+// it closes the connection under that call, which ends the session's locks
+// on the server, and returns; the connection then leaves the pool when that
+// call returns. Called from inside a WithConn callback, it returns after
+// that timeout.
 //
 // The first Close returns nil when the session ended cleanly, and otherwise
 // why it ended (matching ErrLockLost, or ErrTTLExceeded). Later calls return
 // nil.
 func (s *Session) Close(ctx context.Context) error {
-	if s.beginEnd(nil, false) {
+	return s.end(ErrClosed)
+}
+
+// end ends the session as Close does; why becomes the cause of the
+// session's context, and so of a Do or Lead body's context.
+func (s *Session) end(why error) error {
+	if s.beginEnd(nil, why, false) {
 		s.finish(nil)
 	}
 	<-s.done
@@ -471,57 +544,54 @@ func (s *Session) Close(ctx context.Context) error {
 	return s.err
 }
 
-// beginEnd marks the session as ending with cause (nil for Close) and
-// cancels its context, which interrupts the statement in flight and stops
-// the watcher. Only the first call returns true; it must then call finish,
-// in a goroutine counted by the watcher group if inBackground.
-func (s *Session) beginEnd(cause error, inBackground bool) bool {
+// beginEnd marks the session as ending: err is its end reason (nil for a
+// clean end) and why the cause of its context, which it cancels; that
+// interrupts the statement in flight and stops the watcher. Only the first
+// call returns true; it must then call finish, in a goroutine counted by
+// the watcher group if inBackground.
+func (s *Session) beginEnd(err, why error, inBackground bool) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.ending {
 		return false
 	}
 	s.ending = true
-	s.err = cause
+	s.err = err
 	if inBackground {
 		s.watcher.Add(1)
 	}
 	if s.watchStart != nil && s.watchStart.Stop() {
 		s.watcher.Done() // the watcher never started
 	}
-	if cause == nil {
-		s.cancel(ErrClosed)
-	} else {
-		s.cancel(cause)
-	}
+	s.cancel(why)
 	return true
 }
 
 // finish completes the end begun by beginEnd: it takes the turn (the
-// statement in flight was interrupted; a WithConn callback that ignores
-// that is cut off by closing the connection once cleanupTimeout passes),
-// releases every hold and returns the connection clean, or closes it when
-// the session was lost or the release fails. Then it closes done.
+// statement in flight was interrupted), releases every hold and returns the
+// connection clean, or discards it when the session was lost or the release
+// fails. Then it closes done. If the turn does not come within
+// cleanupTimeout, it cuts the connection off instead (see cutOff).
 func (s *Session) finish(cause error) {
 	select {
 	case s.turn <- struct{}{}:
 	case <-time.After(cleanupTimeout):
-		s.conn.Conn().PgConn().Conn().Close()
-		s.turn <- struct{}{}
+		s.cutOff()
+		return
 	}
 	defer s.giveTurn()
 
-	clean := !errors.Is(cause, ErrLockLost) && !s.conn.Conn().IsClosed()
+	clean := !errors.Is(cause, ErrLockLost) && !s.pc.IsClosed()
 	s.mu.Lock()
-	mustUnlock := len(s.holds) > 0 || s.rawUsed
+	holds := make([]hold, 0, len(s.holds))
+	for h := range s.holds {
+		holds = append(holds, h)
+	}
+	rawUsed := s.rawUsed
 	clear(s.holds)
 	s.mu.Unlock()
-	if clean && mustUnlock {
-		err := s.runCleanup(func(ctx context.Context, c *pgx.Conn) error {
-			_, err := c.Exec(ctx, unlockAllSQL)
-			return err
-		})
-		if err != nil {
+	if clean && (len(holds) > 0 || rawUsed) {
+		if err := s.unlockHolds(holds, rawUsed); err != nil {
 			clean = false
 			s.mu.Lock()
 			s.err = &Error{Op: "close", Kind: ErrLockLost, Err: err}
@@ -531,10 +601,71 @@ func (s *Session) finish(cause error) {
 	if clean {
 		s.conn.Release()
 	} else {
-		s.closeConn()
+		s.discard()
 	}
 	unregister(s.pool, s)
 	close(s.done)
+}
+
+// unlockHolds releases holds on the server, once each, checking the
+// boolean every pg_advisory_unlock returns; then, if rawUsed, whatever else
+// the connection holds (locks a WithConn callback took). The caller holds
+// the turn.
+func (s *Session) unlockHolds(holds []hold, rawUsed bool) error {
+	if len(holds) == 1 && !rawUsed {
+		return s.unlockStatement(holds[0], true) // a Lock's Release: the one-key statement
+	}
+	var byMode [2][]Key
+	for _, h := range holds {
+		byMode[h.mode] = append(byMode[h.mode], h.key)
+	}
+	for m, keys := range byMode {
+		if len(keys) == 0 {
+			continue
+		}
+		slices.SortFunc(keys, compareKeys)
+		// The last statement resets the keep-alives, unless unlock_all
+		// (which does) follows.
+		last := !rawUsed && (m == int(ModeShared) || len(byMode[ModeShared]) == 0)
+		if err := s.unlockManyStatement(keys, Mode(m), last); err != nil {
+			return err
+		}
+	}
+	if !rawUsed {
+		return nil
+	}
+	return s.runCleanup(func(ctx context.Context, c *pgx.Conn) error {
+		_, err := c.Exec(ctx, unlockAllSQL)
+		return err
+	})
+}
+
+// errCutOff is why a session ended whose connection was closed under a
+// call that kept it past Close's timeout.
+var errCutOff = errors.New("a call kept the connection past the close timeout (5 s): " +
+	"the connection was closed under it, which ended the session's locks on the server; " +
+	"do not call Close or Release from inside WithConn, and return from WithConn when its context ends")
+
+// cutOff ends a session whose turn was not given back within
+// cleanupTimeout: a WithConn callback that ignored the interruption, or
+// that called Close or Release itself. It closes the socket under the
+// turn's holder, which ends the session's locks on the server and makes
+// the holder's statements fail, and ends the session at once; the
+// connection leaves the pool when the holder gives the turn back.
+func (s *Session) cutOff() {
+	s.pc.PgConn().Conn().Close()
+	s.mu.Lock()
+	clear(s.holds)
+	if s.err == nil {
+		s.err = &Error{Op: "close", Kind: ErrClosed, Err: errCutOff}
+	}
+	s.mu.Unlock()
+	unregister(s.pool, s)
+	close(s.done)
+	go func() {
+		s.turn <- struct{}{}
+		s.discard()
+	}()
 }
 
 // lose ends the session because its connection was lost or its lock state
@@ -543,10 +674,10 @@ func (s *Session) finish(cause error) {
 // the turn).
 func (s *Session) lose(cause error) {
 	err := &Error{Op: "session", Kind: ErrLockLost, Err: cause}
-	if !s.beginEnd(err, true) {
+	if !s.beginEnd(err, err, true) {
 		return
 	}
-	s.conn.Conn().PgConn().Conn().Close()
+	s.pc.PgConn().Conn().Close()
 	go func() {
 		defer s.watcher.Done()
 		s.finish(err)
@@ -556,7 +687,7 @@ func (s *Session) lose(cause error) {
 // lostErr reports whether err means the session's connection is gone, and
 // if so ends the session and returns its reason.
 func (s *Session) lostErr(err error) error {
-	if err == nil || !s.conn.Conn().IsClosed() {
+	if err == nil || !s.pc.IsClosed() {
 		return nil
 	}
 	s.lose(err)
@@ -571,13 +702,21 @@ func (s *Session) endKind() error {
 	return ErrClosed
 }
 
-// closeConn closes the connection and hands it to the pool, which destroys
-// it. The caller holds the turn.
-func (s *Session) closeConn() {
-	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-	defer cancel()
-	_ = s.conn.Conn().Close(ctx)
-	s.conn.Release()
+// discardTimeout bounds saying goodbye (Terminate) to the server on a
+// connection being discarded.
+const discardTimeout = time.Second
+
+// discard takes the connection out of the pool at once and closes it. A
+// connection handed back closed would keep its pool slot until pgconn's
+// background close ends, which waits up to 15 s for a cancel request that
+// a cut network never answers, and meanwhile every Acquire on a small pool
+// would wait. The caller holds the turn.
+func (s *Session) discard() {
+	c := s.conn.Hijack()
+	nc := c.PgConn().Conn()
+	_ = nc.SetDeadline(time.Now().Add(discardTimeout))
+	_ = c.Close(context.Background()) // the socket's deadline bounds it, not a context handler
+	_ = nc.Close()                    // pgconn may have marked it closed without closing it yet
 }
 
 // keepaliveArgs returns keepaliveSQL's arguments for a session checked every
@@ -662,7 +801,7 @@ func (s *Session) run(ctx context.Context, untilEnd bool, f func(context.Context
 	if untilEnd {
 		stopEnd = context.AfterFunc(s.ctx, interrupt)
 	}
-	err := f(context.WithoutCancel(ctx), s.conn.Conn())
+	err := f(context.WithoutCancel(ctx), s.pc)
 	stopCtx()
 	stopEnd()
 
@@ -697,7 +836,7 @@ func (s *Session) interrupt(gen uint64) {
 	if !s.inFlight || s.stmtGen != gen || s.stopper != nil {
 		return
 	}
-	pg := s.conn.Conn().PgConn()
+	pg := s.pc.PgConn()
 	ctx, cancel := context.WithTimeout(context.Background(), cancelRequestTimeout)
 	err := pg.CancelRequest(ctx)
 	cancel()

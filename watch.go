@@ -2,7 +2,9 @@ package advisory
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"net"
 	"time"
 )
 
@@ -19,9 +21,15 @@ import (
 //
 // The holder's calls come first: the watcher starts only once the session
 // has been quiet for watchQuiet, and a caller that finds the watcher holding
-// the turn ends its read (wantTurn), by a socket deadline (pgx's
-// default context handling), leaving the connection intact. A statement
-// that a caller runs detects a closed connection by itself.
+// the turn ends its read (wantTurn) by a past read deadline, leaving the
+// connection intact. A statement that a caller runs detects a closed
+// connection by itself.
+//
+// The watcher owns its socket deadlines: its reads and pings run under
+// context.Background, bounded by deadlines it sets on the net.Conn itself,
+// so no pgx context handler takes part (CancelRequestContextWatcherHandler
+// would first send a cancel request and end the read only DeadlineDelay
+// later, delaying both the callers and the detection of a cut).
 
 // watchQuiet is how long the session must be unused before the watcher takes
 // the connection, so that a holder's quick sequence of calls never waits for
@@ -54,7 +62,7 @@ func (s *Session) wantTurn(delta int) {
 	defer s.listenMu.Unlock()
 	s.waiting += delta
 	if delta > 0 && s.listenStop != nil {
-		s.listenStop()
+		s.listenStop() // ends the read at once
 	}
 }
 
@@ -125,44 +133,68 @@ func (s *Session) watch() {
 const minPingTimeout = time.Second
 
 // ping is one round trip, bounded by the health interval (at least
-// minPingTimeout); a timeout closes the connection. A timeout is reported as
-// such, not as a context error: the caller's context had nothing to do with
-// it.
+// minPingTimeout) with a socket deadline; a timeout closes the connection.
+// A timeout is reported as such, not as a context error: the caller's
+// context had nothing to do with it.
 func (s *Session) ping() error {
 	if s.ctx.Err() != nil {
 		return nil
 	}
 	timeout := max(s.health, minPingTimeout)
-	ctx, cancel := context.WithTimeout(context.Background(), timeout)
-	defer cancel()
-	err := s.conn.Conn().PgConn().Ping(ctx)
-	if err != nil && ctx.Err() != nil {
-		return fmt.Errorf("no answer to a health check within %v (network cut or server stalled): %v", timeout, err)
+	pg := s.pc.PgConn()
+	nc := pg.Conn()
+	if err := nc.SetDeadline(time.Now().Add(timeout)); err != nil {
+		return err
 	}
-	return err
+	err := pg.Ping(context.Background())
+	if netErr := net.Error(nil); errors.As(err, &netErr) && netErr.Timeout() {
+		return fmt.Errorf("no answer to a health check within %v (network cut or server stalled): %w", timeout, err)
+	}
+	if err != nil {
+		return err
+	}
+	return nc.SetDeadline(time.Time{})
 }
 
 // listen reads from the connection for up to d, or until a caller wants
-// the turn or the session ends. It returns an error only when the connection
-// is closed (a FATAL from the server, EOF, a network error).
+// the turn or the session ends, either of which sets a past read deadline
+// (stopListen). It returns an error only when the connection is closed (a
+// FATAL from the server, EOF, a network error).
 func (s *Session) listen(d time.Duration) error {
-	ctx, cancel := context.WithTimeout(s.ctx, d)
-	defer cancel()
+	pg := s.pc.PgConn()
+	nc := pg.Conn()
 	s.listenMu.Lock()
 	if s.waiting > 0 {
 		s.listenMu.Unlock()
 		return nil
 	}
-	s.listenStop = cancel
-	s.listenMu.Unlock()
-	defer func() {
-		s.listenMu.Lock()
-		s.listenStop = nil
+	if err := nc.SetReadDeadline(time.Now().Add(d)); err != nil {
 		s.listenMu.Unlock()
-	}()
-	pg := s.conn.Conn().PgConn()
-	if err := pg.WaitForNotification(ctx); err != nil && pg.IsClosed() {
 		return err
 	}
-	return nil // a notification (pgx keeps it for the connection), or the read was ended on purpose
+	s.listenStop = func() { _ = nc.SetReadDeadline(time.Unix(1, 0)) }
+	s.listenMu.Unlock()
+	stopEnd := context.AfterFunc(s.ctx, s.stopListen)
+
+	err := pg.WaitForNotification(context.Background())
+
+	stopEnd()
+	s.listenMu.Lock()
+	s.listenStop = nil // from here on, nothing sets a deadline on the connection
+	s.listenMu.Unlock()
+	if err != nil && pg.IsClosed() {
+		return err
+	}
+	// A notification (pgx keeps it for the connection), or the read was
+	// ended by its deadline: the connection is intact.
+	return nc.SetReadDeadline(time.Time{})
+}
+
+// stopListen ends the watcher's read, if it is in one.
+func (s *Session) stopListen() {
+	s.listenMu.Lock()
+	defer s.listenMu.Unlock()
+	if s.listenStop != nil {
+		s.listenStop()
+	}
 }
