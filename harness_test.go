@@ -248,11 +248,17 @@ func (e *env) conn() *pgx.Conn {
 	if err != nil {
 		e.t.Fatal(err)
 	}
+	e.keep(c)
+	return c
+}
+
+// keep makes c one of the test's connections: a lock left on it is
+// reported when the test ends, and it is closed after that check.
+func (e *env) keep(c *pgx.Conn) {
 	e.mu.Lock()
 	e.conns = append(e.conns, c)
 	e.mu.Unlock()
 	e.own(func() { c.Close(context.Background()) })
-	return c
 }
 
 // openPIDs returns the backend pids of the connections the test still has

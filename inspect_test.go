@@ -19,7 +19,7 @@ var (
 )
 
 // namedConn returns a plain connection with the given application_name,
-// closed when the test ends.
+// one of the test's connections (see env.keep).
 func (e *env) namedConn(app string) *pgx.Conn {
 	e.t.Helper()
 	cfg, err := pgx.ParseConfig(e.dsn)
@@ -27,7 +27,7 @@ func (e *env) namedConn(app string) *pgx.Conn {
 	cfg.RuntimeParams["application_name"] = app
 	c, err := pgx.ConnectConfig(e.ctx, cfg)
 	must(e.t, err)
-	e.t.Cleanup(func() { c.Close(context.Background()) })
+	e.keep(c)
 	return c
 }
 
