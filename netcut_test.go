@@ -5,103 +5,23 @@ import (
 	"errors"
 	"net"
 	"strconv"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/seed0ad592b7/advisory/internal/pgtest"
 )
 
-// cutProxy forwards TCP connections to the server until cut: from then on
-// it silently drops every byte both ways and keeps both sockets open, like
-// a network that stopped delivering packets (no RST, no FIN reaches the
-// server). Close ends every connection, as the network coming back would
-// let the server see the client's close.
-type cutProxy struct {
-	ln     net.Listener
-	target string
-	cut    chan struct{}
-	once   sync.Once
-	mu     sync.Mutex
-	conns  []net.Conn
-	wg     sync.WaitGroup
-}
-
-func newCutProxy(t *testing.T, target string) *cutProxy {
+// newCutProxy returns a proxy to target (see pgtest.Proxy), closed when the
+// test ends.
+func newCutProxy(t *testing.T, target string) *pgtest.Proxy {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	p, err := pgtest.NewProxy(target)
 	must(t, err)
-	p := &cutProxy{ln: ln, target: target, cut: make(chan struct{})}
-	p.wg.Add(1)
-	go p.serve()
 	t.Cleanup(p.Close)
 	return p
-}
-
-func (p *cutProxy) port() uint16 { return uint16(p.ln.Addr().(*net.TCPAddr).Port) }
-
-func (p *cutProxy) serve() {
-	defer p.wg.Done()
-	for {
-		client, err := p.ln.Accept()
-		if err != nil {
-			return
-		}
-		srv, err := net.Dial("tcp", p.target)
-		if err != nil {
-			client.Close()
-			continue
-		}
-		p.mu.Lock()
-		p.conns = append(p.conns, client, srv)
-		p.mu.Unlock()
-		p.wg.Add(2)
-		go p.pipe(srv, client)
-		go p.pipe(client, srv)
-	}
-}
-
-// pipe copies src to dst until cut, then drops what it reads. An end of
-// src is passed on to dst only before the cut.
-func (p *cutProxy) pipe(dst, src net.Conn) {
-	defer p.wg.Done()
-	buf := make([]byte, 32<<10)
-	for {
-		n, err := src.Read(buf)
-		select {
-		case <-p.cut:
-			if err != nil {
-				return // the other side never hears of it
-			}
-			continue
-		default:
-		}
-		if n > 0 {
-			if _, werr := dst.Write(buf[:n]); werr != nil {
-				return
-			}
-		}
-		if err != nil {
-			dst.Close()
-			return
-		}
-	}
-}
-
-// Cut stops all traffic, silently.
-func (p *cutProxy) Cut() { p.once.Do(func() { close(p.cut) }) }
-
-// Close closes the listener and every connection, and waits for the
-// proxy's goroutines.
-func (p *cutProxy) Close() {
-	p.ln.Close()
-	p.mu.Lock()
-	for _, c := range p.conns {
-		c.Close()
-	}
-	p.mu.Unlock()
-	p.wg.Wait()
 }
 
 // A silent network cut (no packet delivered, no RST, no FIN): the holder is
@@ -116,7 +36,7 @@ func TestSilentNetworkCut(t *testing.T) {
 	proxy := newCutProxy(t, net.JoinHostPort(host, strconv.Itoa(port)))
 	pool := e.pool(func(c *pgxpool.Config) {
 		c.ConnConfig.Host = "127.0.0.1"
-		c.ConnConfig.Port = proxy.port()
+		c.ConnConfig.Port = proxy.Port()
 	})
 	const interval = 100 * time.Millisecond
 	key, key2 := Int64Key(4711), PairKey(47, 11)

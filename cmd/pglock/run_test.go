@@ -236,7 +236,12 @@ func TestRunSignals(t *testing.T) {
 	key := advisory.StringKey("signals")
 	holder := e.hold(key, false)
 	p = e.start(nil, "", "run", e.dsnArg(), "--key", "signals", "--", "touch", "ran")
-	e.awaitHolders(key, 1, 1)
+	var waiterPID int32
+	for _, h := range e.awaitHolders(key, 1, 1) {
+		if !h.Granted {
+			waiterPID = h.PID // pglock's session, waiting
+		}
+	}
 	if err := p.cmd.Process.Signal(syscall.SIGINT); err != nil {
 		t.Fatal(err)
 	}
@@ -245,7 +250,8 @@ func TestRunSignals(t *testing.T) {
 	if fileExists(filepath.Join(e.dir, "ran")) {
 		t.Error("CMD ran after SIGINT during the wait")
 	}
-	e.awaitHolders(key, 1, 0) // the wait left nothing behind
+	e.awaitSessionEnd(waiterPID) // the wait left nothing behind
+	e.awaitHolders(key, 1, 0)
 	e.unlockAll(holder)
 	_ = os.Remove(marks)
 }
