@@ -49,7 +49,7 @@ type workerStats struct {
 	Timeouts     int64 // waits ended by their bound (ErrTimeout)
 	Cancels      int64 // waits ended by a cancelled context
 	Lost         int64 // holders that lost their lock and were told (Done closed, Err ErrLockLost)
-	Untold       int64 // holders whose fenced write failed but were not told within 5 s
+	Untold       int64 // holders whose fenced write failed but were not told within toldGuard
 	FencedOther  int64 // fenced statements that failed without ErrLockLost (must be 0: a dead session is a lost lock)
 	ZombieTried  int64 // fenced writes attempted after being told
 	ZombieLanded int64 // ... that succeeded (must be 0)
@@ -535,11 +535,16 @@ func (w *worker) section(ctx context.Context, rng *rand.Rand, h holder, g, key i
 	return false
 }
 
+// toldGuard is how long a holder whose fenced statement failed may take to
+// be told before it counts as untold: a hang guard (the watcher tells
+// within one health interval, 50 ms in fault mode), not a timing claim.
+const toldGuard = 30 * time.Second
+
 // lostAfter handles a fenced statement that failed: the lock must have been
 // lost, the failure must say so (ErrLockLost; anything else is counted as
 // FencedOther, which fails the run), and the holder must be told (Done
-// closed, Err matching ErrLockLost) within 5 s. A further fenced write must
-// fail too.
+// closed, Err matching ErrLockLost) within toldGuard. A further fenced
+// write must fail too.
 func (w *worker) lostAfter(ctx context.Context, h holder, what string, err error) bool {
 	if !errors.Is(err, advisory.ErrLockLost) {
 		// A fenced statement fails only when the session is gone (or
@@ -551,7 +556,7 @@ func (w *worker) lostAfter(ctx context.Context, h holder, what string, err error
 	}
 	select {
 	case <-h.Done():
-	case <-time.After(5 * time.Second):
+	case <-time.After(toldGuard):
 	}
 	select {
 	case <-h.Done():
@@ -563,7 +568,7 @@ func (w *worker) lostAfter(ctx context.Context, h holder, what string, err error
 		}
 	default:
 		atomic.AddInt64(&w.stats.Untold, 1)
-		w.sample("%s: lock lost (%v) but Done() still open after 5 s", what, err)
+		w.sample("%s: lock lost (%v) but Done() still open after %v", what, err, toldGuard)
 	}
 	atomic.AddInt64(&w.stats.ZombieTried, 1)
 	zerr := h.WithConn(ctx, func(c *pgx.Conn) error {
