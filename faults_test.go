@@ -25,6 +25,22 @@ func (e *env) waiterPID(key Key) uint32 {
 	return 0
 }
 
+// startWait waits on s for busy, with Lock, or with LockMany of busy and
+// more keys, in a goroutine; the channel gets its error.
+func startWait(ctx context.Context, s *Session, many bool, busy Key, more ...Key) <-chan error {
+	done := make(chan error, 1)
+	go func() {
+		var err error
+		if many {
+			_, err = s.LockMany(ctx, append([]Key{busy}, more...))
+		} else {
+			_, err = s.Lock(ctx, busy)
+		}
+		done <- err
+	}()
+	return done
+}
+
 // A wait whose connection dies (its backend terminated) fails with
 // ErrLockLost and ends the session, for Lock and for LockMany (which then
 // already holds the keys before the busy one: they go with the session).
@@ -38,16 +54,7 @@ func TestWaitConnectionLost(t *testing.T) {
 	for _, many := range []bool{false, true} {
 		s, err := NewSession(e.ctx, pool)
 		must(t, err)
-		done := make(chan error, 1)
-		go func() {
-			var err error
-			if many {
-				_, err = s.LockMany(e.ctx, []Key{Int64Key(1), Int64Key(2), busy, Int64Key(-1)})
-			} else {
-				_, err = s.Lock(e.ctx, busy)
-			}
-			done <- err
-		}()
+		done := startWait(e.ctx, s, many, busy, Int64Key(1), Int64Key(2), Int64Key(-1))
 		e.awaitWaiters(1)
 		e.terminate(e.waiterPID(busy))
 		if err := <-done; !errors.Is(err, ErrLockLost) {
@@ -73,16 +80,7 @@ func TestWaitEndedByClose(t *testing.T) {
 	for _, many := range []bool{false, true} {
 		s, err := NewSession(e.ctx, pool)
 		must(t, err)
-		done := make(chan error, 1)
-		go func() {
-			var err error
-			if many {
-				_, err = s.LockMany(e.ctx, []Key{Int64Key(1611), PairKey(1, 1)})
-			} else {
-				_, err = s.Lock(e.ctx, Int64Key(1611))
-			}
-			done <- err
-		}()
+		done := startWait(e.ctx, s, many, Int64Key(1611), PairKey(1, 1))
 		e.awaitWaiters(1)
 		must(t, s.Close(e.ctx))
 		if err := <-done; !errors.Is(err, ErrClosed) {
