@@ -412,7 +412,8 @@ func TestBadServer(t *testing.T) {
 			if !strings.HasPrefix(err.Error(), "advisory: ") {
 				t.Errorf("%s: error %q lacks the package prefix", name, err)
 			}
-			if d := time.Since(start); d > 2*time.Second+5*time.Second {
+			// A hang guard only: the time is logged above.
+			if d := time.Since(start); d > 2*time.Second+soakHangGuard {
 				t.Errorf("%s took %v with a 2 s context", name, d)
 			}
 		}

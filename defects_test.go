@@ -12,6 +12,8 @@ import (
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgconn/ctxwatch"
 	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/seed0ad592b7/advisory/internal/pgtest"
 )
 
 // Regression tests for issue 10: each failed on the code before its fix.
@@ -33,13 +35,13 @@ func cancelHandler(delay time.Duration) func(*pgxpool.Config) {
 	}
 }
 
-// cutPool returns a pool whose connections go through a cutProxy, with
+// cutPool returns a pool whose connections go through a pgtest.Proxy, with
 // mods applied.
-func (e *env) cutPool(mods ...func(*pgxpool.Config)) (*cutProxy, *pgxpool.Pool) {
+func (e *env) cutPool(mods ...func(*pgxpool.Config)) (*pgtest.Proxy, *pgxpool.Pool) {
 	proxy := newCutProxy(e.t, net.JoinHostPort(server.Host, strconv.Itoa(server.Port)))
 	pool := e.pool(append(mods, func(c *pgxpool.Config) {
 		c.ConnConfig.Host = "127.0.0.1"
-		c.ConnConfig.Port = proxy.port()
+		c.ConnConfig.Port = proxy.Port()
 	})...)
 	return proxy, pool
 }

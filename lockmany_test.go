@@ -339,8 +339,10 @@ func TestLockManyCancelAndTimeout(t *testing.T) {
 	if !errors.Is(err, ErrTimeout) || errors.Is(err, context.DeadlineExceeded) {
 		t.Errorf("LockMany(WaitTimeout) = %v; want ErrTimeout only", err)
 	}
-	if d := time.Since(start); d < 200*time.Millisecond || d > 5*time.Second {
-		t.Errorf("LockMany(WaitTimeout(200ms)) returned after %v", d)
+	// Not before the bound; how much later is logged, not asserted.
+	t.Logf("LockMany(WaitTimeout(200ms)) returned after %v", time.Since(start))
+	if d := time.Since(start); d < 200*time.Millisecond {
+		t.Errorf("LockMany(WaitTimeout(200ms)) returned after %v, before its bound", d)
 	}
 	checkNothingNew("WaitTimeout")
 
@@ -498,7 +500,5 @@ func TestLockManyWatched(t *testing.T) {
 		t.Errorf("Close after the loss = %v; want ErrLockLost", err)
 	}
 	// The pool destroys the closed connection in the background.
-	for start := time.Now(); pool.Stat().AcquiredConns() != 0 && time.Since(start) < 5*time.Second; {
-		time.Sleep(time.Millisecond)
-	}
+	awaitAcquired(t, pool, 0)
 }

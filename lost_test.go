@@ -293,9 +293,7 @@ func TestReleaseAll(t *testing.T) {
 	must(t, err)
 
 	must(t, ReleaseAll(e.ctx, pool))
-	if n := pool.Stat().AcquiredConns(); n != 0 {
-		t.Errorf("%d connections still acquired after ReleaseAll", n)
-	}
+	awaitAcquired(t, pool, 0)
 	for _, d := range []<-chan struct{}{a.Done(), s.Done()} {
 		e.awaitDone(d, "released by ReleaseAll")
 	}

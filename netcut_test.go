@@ -7,7 +7,7 @@ import (
 	"net"
 	"runtime"
 	"strconv"
-	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -21,7 +21,7 @@ import (
 // Two kinds of silent network cut, neither touching the host's network
 // configuration:
 //
-//   - cutProxy, in process and without privileges: a TCP proxy between
+//   - pgtest.Proxy, in process and without privileges: a TCP proxy between
 //     client and server that stops forwarding. The client hears nothing;
 //     the server does not notice either, but only because the proxy's
 //     kernel still answers its keep-alives.
@@ -30,103 +30,14 @@ import (
 //     Packets are then dropped for both ends, keep-alives included, as on
 //     a real cut, so the server's side of the story can be observed too.
 
-// cutProxy forwards TCP connections to the server until cut: from then on
-// it silently drops every byte both ways and keeps both sockets open, like
-// a network that stopped delivering packets (no RST, no FIN reaches the
-// server). Close ends every connection, as the network coming back would
-// let the server see the client's close.
-type cutProxy struct {
-	ln     net.Listener
-	target string
-	cut    chan struct{}
-	once   sync.Once
-	mu     sync.Mutex
-	conns  []net.Conn
-	closed bool // Close began: a connection accepted meanwhile is closed at once
-	wg     sync.WaitGroup
-}
-
-func newCutProxy(t *testing.T, target string) *cutProxy {
+// newCutProxy returns a proxy to target (see pgtest.Proxy), closed when the
+// test ends.
+func newCutProxy(t *testing.T, target string) *pgtest.Proxy {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	p, err := pgtest.NewProxy(target)
 	must(t, err)
-	p := &cutProxy{ln: ln, target: target, cut: make(chan struct{})}
-	p.wg.Add(1)
-	go p.serve()
 	t.Cleanup(p.Close)
 	return p
-}
-
-func (p *cutProxy) port() uint16 { return uint16(p.ln.Addr().(*net.TCPAddr).Port) }
-
-func (p *cutProxy) serve() {
-	defer p.wg.Done()
-	for {
-		client, err := p.ln.Accept()
-		if err != nil {
-			return
-		}
-		srv, err := net.Dial("tcp", p.target)
-		if err != nil {
-			client.Close()
-			continue
-		}
-		p.mu.Lock()
-		if p.closed {
-			p.mu.Unlock()
-			client.Close()
-			srv.Close()
-			continue
-		}
-		p.conns = append(p.conns, client, srv)
-		p.mu.Unlock()
-		p.wg.Add(2)
-		go p.pipe(srv, client)
-		go p.pipe(client, srv)
-	}
-}
-
-// pipe copies src to dst until cut, then drops what it reads. An end of
-// src is passed on to dst only before the cut.
-func (p *cutProxy) pipe(dst, src net.Conn) {
-	defer p.wg.Done()
-	buf := make([]byte, 32<<10)
-	for {
-		n, err := src.Read(buf)
-		select {
-		case <-p.cut:
-			if err != nil {
-				return // the other side never hears of it
-			}
-			continue
-		default:
-		}
-		if n > 0 {
-			if _, werr := dst.Write(buf[:n]); werr != nil {
-				return
-			}
-		}
-		if err != nil {
-			dst.Close()
-			return
-		}
-	}
-}
-
-// Cut stops all traffic, silently.
-func (p *cutProxy) Cut() { p.once.Do(func() { close(p.cut) }) }
-
-// Close closes the listener and every connection, and waits for the
-// proxy's goroutines.
-func (p *cutProxy) Close() {
-	p.ln.Close()
-	p.mu.Lock()
-	p.closed = true
-	for _, c := range p.conns {
-		c.Close()
-	}
-	p.mu.Unlock()
-	p.wg.Wait()
 }
 
 // A silent network cut (no packet delivered, no RST, no FIN): the holder is
@@ -141,7 +52,7 @@ func TestSilentNetworkCut(t *testing.T) {
 	proxy := newCutProxy(t, net.JoinHostPort(host, strconv.Itoa(port)))
 	pool := e.pool(func(c *pgxpool.Config) {
 		c.ConnConfig.Host = "127.0.0.1"
-		c.ConnConfig.Port = proxy.port()
+		c.ConnConfig.Port = proxy.Port()
 	})
 	const interval = 100 * time.Millisecond
 	key, key2 := Int64Key(4711), PairKey(47, 11)
@@ -285,7 +196,8 @@ func TestNetworkCut(t *testing.T) {
 // namespace once no process, socket or file refers to it, and the test
 // stops the server it started there and closes the namespace's file.
 type netns struct {
-	fd int // an open /proc/thread-self/ns/net of the namespace
+	fd   int         // an open /proc/thread-self/ns/net of the namespace
+	down atomic.Bool // the loopback interface is down: dial fails at once
 }
 
 // newNetns creates the namespace with its loopback interface up. It fails
@@ -343,6 +255,7 @@ func (ns *netns) do(f func() error) error {
 // setLoopback takes the namespace's loopback interface up or down. Down,
 // every packet on it is dropped without a word to either end.
 func (ns *netns) setLoopback(up bool) error {
+	ns.down.Store(!up)
 	return ns.do(func() error {
 		fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
 		if err != nil {
@@ -370,8 +283,15 @@ func (ns *netns) setLoopback(up bool) error {
 	})
 }
 
-// dial is a pgconn.DialFunc that connects inside the namespace.
+// dial is a pgconn.DialFunc that connects inside the namespace. While the
+// loopback interface is down it fails at once, as an unreachable network
+// would: otherwise the cancel request pgconn sends in the background when it
+// closes the lost connection would wait in SYN retries for seconds after the
+// network is back, outliving the test (goleak).
 func (ns *netns) dial(ctx context.Context, network, addr string) (net.Conn, error) {
+	if ns.down.Load() {
+		return nil, errors.New("network unreachable: the test cut it")
+	}
 	var c net.Conn
 	err := ns.do(func() (err error) {
 		c, err = (&net.Dialer{}).DialContext(ctx, network, addr)

@@ -82,8 +82,8 @@ func (s *soakStats) classify(op string, err error) {
 // Session Lock/Unlock/Close, LockTx, Do, DoTx, TTL), then: no advisory lock
 // left, no pool connection acquired, the pool never over MaxConns, no
 // connection idle in transaction, no goroutine left (newEnv's checks). No
-// operation may block far past its context (> 5 s is a failure; the
-// overrun is logged, never asserted finely: the CPU is shared).
+// operation may hang past its context (soakHangGuard; the overrun is
+// logged, never asserted finely: the CPU is shared).
 //
 // 10,000 operations by default; with ADVISORY_LONG=DUR, as many as fit in
 // DUR.
@@ -165,16 +165,23 @@ func TestSoak(t *testing.T) {
 	if idleInTx != 0 {
 		t.Errorf("%d connections idle in transaction after the soak", idleInTx)
 	}
-	if o := time.Duration(st.maxOverrun.Load()); o > 5*time.Second {
+	// Hang guards only (the figures are logged above): the library's own
+	// bounds (cancel grace 2 s, clean-up 5 s) are far below these, which
+	// only an operation stuck past every bound reaches.
+	if o := time.Duration(st.maxOverrun.Load()); o > soakHangGuard {
 		t.Errorf("an operation returned %v after its context ended", o)
 	}
-	if c := time.Duration(st.maxCleanup.Load()); c > 10*time.Second {
+	if c := time.Duration(st.maxCleanup.Load()); c > soakHangGuard {
 		t.Errorf("a release or close took %v", c)
 	}
 	if st.acquired.Load() == 0 || st.timeouts.Load()+st.cancels.Load() == 0 {
 		t.Errorf("the soak did not exercise both acquisitions and interrupted waits")
 	}
 }
+
+// soakHangGuard is how late an operation of the soak may return before it
+// counts as hung.
+const soakHangGuard = 30 * time.Second
 
 // awaitNoAcquired waits until pool has no connection acquired.
 func awaitNoAcquired(t *testing.T, pool *pgxpool.Pool) {

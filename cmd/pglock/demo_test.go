@@ -5,7 +5,6 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
-	"time"
 )
 
 func TestDemoOwnServer(t *testing.T) {
@@ -30,9 +29,8 @@ func TestDemoOwnServer(t *testing.T) {
 			t.Errorf("demo output lacks %q", want)
 		}
 	}
-	if p.elapsed > time.Minute {
-		t.Errorf("demo took %v, want well under a minute", p.elapsed)
-	}
+	// How long it took is logged above, not asserted: the CPU is shared.
+	// e.pglock's testTimeout is the only bound, so that a hang fails.
 	left, err := os.ReadDir(tmp)
 	if err != nil {
 		t.Fatal(err)

@@ -8,6 +8,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -58,14 +59,22 @@ func fileExists(p string) bool {
 // testTimeout bounds each test: its subprocesses and every wait in it.
 const testTimeout = 90 * time.Second
 
-// env is one test's view of the server. When the test ends it awaits that
-// no advisory lock is left in the database and checks that no goroutine
-// leaked.
+// env is one test's view of the server. When the test ends, while the
+// test's connections and pglock processes are still open and running, it
+// awaits that no advisory lock is left in the database (so a lock left on
+// them is reported, not freed unseen by closing them first); then it
+// kills the processes still running, closes the connections, and checks
+// that no goroutine leaked.
 type env struct {
 	t   *testing.T
 	ctx context.Context
 	dsn string
 	dir string // a scratch directory for marks files
+
+	mu      sync.Mutex
+	conns   []*pgx.Conn
+	procs   []*proc
+	closers []func() // what the test owns, closed after the lock check, last first
 }
 
 func newEnv(t *testing.T) *env {
@@ -74,27 +83,97 @@ func newEnv(t *testing.T) *env {
 	ctx, cancel := context.WithTimeout(context.Background(), testTimeout)
 	t.Cleanup(cancel)
 	e := &env{t: t, ctx: ctx, dsn: server.DSN, dir: t.TempDir()}
-	t.Cleanup(e.checkNoLocks)
+	t.Cleanup(func() {
+		defer e.closeOwned()
+		e.checkNoLocks()
+	})
 	return e
 }
 
-func (e *env) checkNoLocks() {
-	e.t.Helper()
-	c := e.conn()
-	e.await("no advisory lock left on the server", func() (bool, error) {
-		hs, err := advisory.AllHolders(e.ctx, c)
-		return len(hs) == 0, err
-	})
+// own registers a closer, run after the end-of-test lock check.
+func (e *env) own(close func()) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.closers = append(e.closers, close)
 }
 
-// conn returns a plain connection, closed when the test ends.
+func (e *env) closeOwned() {
+	for i := len(e.closers) - 1; i >= 0; i-- {
+		e.closers[i]()
+	}
+}
+
+// checkNoLocks awaits that no advisory lock is left on the server. A lock
+// held by one of the test's own connections, or left while one of its
+// pglock processes still runs, cannot go away by waiting and is reported at
+// once; so is anything left after a test that already failed.
+func (e *env) checkNoLocks() {
+	e.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), testTimeout+10*time.Second)
+	defer cancel()
+	c, err := pgx.Connect(ctx, e.dsn)
+	if err != nil {
+		e.t.Errorf("no advisory lock left on the server: cannot check: %v", err)
+		return
+	}
+	defer c.Close(context.Background())
+	e.mu.Lock()
+	open := make(map[int32]bool)
+	for _, oc := range e.conns {
+		if !oc.IsClosed() {
+			open[int32(oc.PgConn().PID())] = true
+		}
+	}
+	running := 0
+	for _, p := range e.procs {
+		select {
+		case <-p.done:
+		default:
+			running++
+		}
+	}
+	e.mu.Unlock()
+	deadline := time.Now().Add(testTimeout)
+	for {
+		hs, err := advisory.AllHolders(ctx, c)
+		if err != nil {
+			e.t.Errorf("no advisory lock left on the server: cannot check: %v", err)
+			return
+		}
+		if len(hs) == 0 {
+			return
+		}
+		settled := e.t.Failed() || running > 0 || time.Now().After(deadline)
+		var left []string
+		for _, h := range hs {
+			who := "a backend whose connection was closed"
+			if open[h.PID] {
+				who, settled = "a connection the test opened with env.conn", true
+			}
+			left = append(left, fmt.Sprintf("%s %s (granted %v) held by pid %d %q, %s",
+				h.Key, h.Mode, h.Granted, h.PID, h.ApplicationName, who))
+		}
+		if settled {
+			e.t.Errorf("advisory locks left on the server at the end of the test (%d pglock processes still running):\n  %s",
+				running, strings.Join(left, "\n  "))
+			return
+		}
+		time.Sleep(5 * time.Millisecond) // poll interval of an awaited state
+	}
+}
+
+// conn returns a plain connection, closed after the end-of-test lock
+// check.
 func (e *env) conn() *pgx.Conn {
 	e.t.Helper()
 	c, err := pgx.Connect(e.ctx, e.dsn)
 	if err != nil {
 		e.t.Fatal(err)
 	}
-	e.t.Cleanup(func() { c.Close(context.Background()) })
+	e.mu.Lock()
+	e.conns = append(e.conns, c)
+	e.mu.Unlock()
+	e.own(func() { c.Close(context.Background()) })
 	return c
 }
 
@@ -136,6 +215,26 @@ func (e *env) awaitHolders(key advisory.Key, held, waiting int) []advisory.Holde
 		return h == held && w == waiting, err
 	})
 	return hs
+}
+
+// awaitSessionEnd awaits the end of the backend pid (a pglock's session,
+// identified while it ran), and checks that it left no lock: neither held
+// nor awaited by that pid, at any point after its end.
+func (e *env) awaitSessionEnd(pid int32) {
+	e.t.Helper()
+	c := e.conn()
+	e.await(fmt.Sprintf("the session of backend %d ended", pid), func() (bool, error) {
+		var n int
+		err := c.QueryRow(e.ctx, `SELECT count(*) FROM pg_stat_activity WHERE pid = $1`, pid).Scan(&n)
+		return n == 0, err
+	})
+	var n int
+	if err := c.QueryRow(e.ctx, `SELECT count(*) FROM pg_locks WHERE pid = $1`, pid).Scan(&n); err != nil {
+		e.t.Fatal(err)
+	}
+	if n != 0 {
+		e.t.Errorf("backend %d ended but pg_locks still shows %d of its locks", pid, n)
+	}
 }
 
 // awaitFile awaits a line in a marks file.
@@ -255,7 +354,10 @@ func (e *env) start(extraEnv []string, stdin string, args ...string) *proc {
 		p.elapsed = time.Since(p.started)
 		p.code = p.cmd.ProcessState.ExitCode()
 	}()
-	e.t.Cleanup(func() {
+	e.mu.Lock()
+	e.procs = append(e.procs, p)
+	e.mu.Unlock()
+	e.own(func() {
 		select {
 		case <-p.done:
 		default:

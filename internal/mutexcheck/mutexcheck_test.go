@@ -5,13 +5,13 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"math/rand/v2"
 	"os"
 	"os/exec"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -60,7 +60,8 @@ type run struct {
 	keyBase     int64
 	writerRatio float64
 	faults      bool
-	restarts    int // server restarts during the run (fault mode)
+	noLock      bool // the negative control: sections take no lock (see TestCheckerSeesNoLock)
+	restarts    int  // server restarts during the run (fault mode)
 	duration    time.Duration
 }
 
@@ -149,7 +150,7 @@ func (r run) exec(t *testing.T) result {
 	for i := range procs {
 		spec, _ := json.Marshal(workerConfig{
 			DSN: server.DSN, Proc: i, Goroutines: r.goroutines, Keys: r.keys, KeyBase: r.keyBase,
-			WriterRatio: r.writerRatio, Faults: r.faults, Health: health,
+			WriterRatio: r.writerRatio, Faults: r.faults, NoLock: r.noLock, Health: health,
 			Seed: seed, MaxRun: r.duration + 2*time.Minute,
 		})
 		p := &proc{cmd: exec.Command(os.Args[0], "-test.run=^$")}
@@ -249,7 +250,9 @@ func (r run) exec(t *testing.T) result {
 		t.Fatal(err)
 	}
 	res.locksLeft = awaitNoLocks(t, ctx, admin)
-	r.report(t, res)
+	if !r.noLock { // the negative control reports to a recorder (TestCheckerSeesNoLock)
+		r.report(t, res)
+	}
 	return res
 }
 
@@ -264,6 +267,8 @@ func (s *workerStats) add(o workerStats) {
 	s.Cancels += o.Cancels
 	s.Lost += o.Lost
 	s.Untold += o.Untold
+	s.FencedOther += o.FencedOther
+	s.LeakedLocks += o.LeakedLocks
 	s.ZombieTried += o.ZombieTried
 	s.ZombieLanded += o.ZombieLanded
 	s.ReaderSaw += o.ReaderSaw
@@ -280,20 +285,29 @@ func (s *workerStats) add(o workerStats) {
 	}
 }
 
+// reporter is what report needs of a test: a *testing.T, or the negative
+// control's recorder.
+type reporter interface {
+	Helper()
+	Logf(format string, args ...any)
+	Errorf(format string, args ...any)
+}
+
 // report logs the run's counts and fails the test on any broken promise.
-func (r run) report(t *testing.T, res result) {
+func (r run) report(t reporter, res result) {
 	t.Helper()
 	tot := res.total
 	t.Logf("%s: operations %d (sections: %d writer, %d reader, %d Do), waits timed out %d, cancelled %d, "+
 		"faults injected %d (backends terminated %d, restarts %d, plus %d cancelled or timed-out waits), "+
 		"holders told of a loss %d (and %d lock calls), untold %d, zombie writes tried %d landed %d, "+
 		"overlaps found %d (reader-reader overlaps, allowed: %d), other errors %d, "+
-		"leaks: %d advisory locks, %d pool conns, goroutines %q",
+		"fenced statements failed without ErrLockLost %d, "+
+		"leaks: %d advisory locks (%d on idle pooled connections), %d pool conns, goroutines %q",
 		r.name, tot.Attempts, tot.Sections, tot.ReadSections, tot.DoSections, tot.Timeouts, tot.Cancels,
 		res.terminated+int64(res.restarts), res.terminated, res.restarts, tot.Timeouts+tot.Cancels,
 		tot.Lost, tot.LostWaiting, tot.Untold, tot.ZombieTried, tot.ZombieLanded+res.zombies,
-		res.overlaps, res.readerOver, tot.Failed,
-		res.locksLeft, tot.LeakedConns, tot.Leaked)
+		res.overlaps, res.readerOver, tot.Failed, tot.FencedOther,
+		res.locksLeft, tot.LeakedLocks, tot.LeakedConns, tot.Leaked)
 	if len(tot.Samples) > 0 {
 		t.Logf("error samples:\n  %s", strings.Join(tot.Samples, "\n  "))
 	}
@@ -308,6 +322,12 @@ func (r run) report(t *testing.T, res result) {
 	}
 	if tot.Untold != 0 {
 		t.Errorf("%d holders lost their lock without being told", tot.Untold)
+	}
+	if tot.FencedOther != 0 {
+		t.Errorf("%d fenced statements failed without ErrLockLost (a dead session must read as a lost lock)", tot.FencedOther)
+	}
+	if tot.LeakedLocks != 0 {
+		t.Errorf("%d advisory locks left on the workers' idle pooled connections", tot.LeakedLocks)
 	}
 	if tot.ZombieLanded != 0 || res.zombies != 0 {
 		t.Errorf("fenced writes after a loss landed: %d reported, %d rows", tot.ZombieLanded, res.zombies)
@@ -348,8 +368,12 @@ func (r run) report(t *testing.T, res result) {
 		if res.restarts != r.restarts {
 			t.Errorf("%d restarts, want %d", res.restarts, r.restarts)
 		}
-		if res.terminated >= 5 && tot.Lost == 0 {
-			t.Errorf("%d holders terminated but none was told of a loss", res.terminated)
+		// The injector terminates backends that hold a lock: nearly every
+		// one is a holder that must be told (in its section, its
+		// release, or Do). Half is far below what runs see (over 90 %),
+		// yet far above what a holder that is rarely told would give.
+		if res.terminated >= 5 && tot.Lost < res.terminated/2 {
+			t.Errorf("%d holders terminated but only %d were told of a loss", res.terminated, tot.Lost)
 		}
 		return
 	}
@@ -495,73 +519,48 @@ func TestFaults(t *testing.T) {
 		writerRatio: 0.6, faults: true, restarts: restarts, duration: d}.exec(t)
 }
 
-// TestCheckerSeesLostUpdates is the negative control: the same
-// read-modify-write and interval records without a lock must be caught, or
-// the checks above prove nothing.
-func TestCheckerSeesLostUpdates(t *testing.T) {
-	defer goleak.VerifyNone(t)
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
-	admin := connect(t, ctx)
-	defer admin.Close(ctx)
-	if _, err := admin.Exec(ctx, schema+`INSERT INTO counters VALUES (0, 0);`); err != nil {
-		t.Fatal(err)
+// TestCheckerSeesNoLock is the negative control, through the whole
+// pipeline (worker processes, interval records, report): workers that take
+// no lock, and leak one on purpose, must be reported with overlapping
+// sections, lost updates and the leaked lock, or the checks above prove
+// nothing.
+func TestCheckerSeesNoLock(t *testing.T) {
+	r := run{name: "no lock (negative control)", procs: 2, goroutines: 4, keys: 1, keyBase: 4000,
+		writerRatio: 1, noLock: true, duration: 2 * time.Second}
+	res := r.exec(t)
+	rec := &recorder{t: t}
+	r.report(rec, res)
+	for _, want := range []string{
+		"completed sections overlapped a writer's section",
+		"lost updates",
+		"advisory locks left on the workers' idle pooled connections",
+	} {
+		if !rec.reported(want) {
+			t.Errorf("the report of a run without locks does not say %q; it said:\n  %s", want, strings.Join(rec.errors, "\n  "))
+		}
 	}
-	var sections atomic.Int64
-	var wg sync.WaitGroup
-	errs := make(chan error, 8)
-	for range 8 {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			own, err := pgx.Connect(ctx, server.DSN)
-			if err != nil {
-				errs <- err
-				return
-			}
-			defer own.Close(context.Background())
-			data, err := pgx.Connect(ctx, server.DSN)
-			if err != nil {
-				errs <- err
-				return
-			}
-			defer data.Close(context.Background())
-			for range 100 {
-				var id, n int64
-				err := own.QueryRow(ctx, `INSERT INTO intervals (proc, g, k, role, pid, t_enter)
-					VALUES (0, 0, 0, 'w', pg_backend_pid(), clock_timestamp()) RETURNING id`).Scan(&id)
-				if err == nil {
-					err = data.QueryRow(ctx, `SELECT n FROM counters WHERE k = 0`).Scan(&n)
-				}
-				if err == nil {
-					_, err = data.Exec(ctx, `UPDATE counters SET n = $1 WHERE k = 0`, n+1)
-				}
-				if err == nil {
-					_, err = own.Exec(ctx, `UPDATE intervals SET t_exit = clock_timestamp() WHERE id = $1`, id)
-				}
-				if err != nil {
-					errs <- err
-					return
-				}
-				sections.Add(1)
-			}
-		}()
+}
+
+// recorder is a reporter that keeps the errors, logging everything.
+type recorder struct {
+	t      *testing.T
+	errors []string
+}
+
+func (r *recorder) Helper()                         { r.t.Helper() }
+func (r *recorder) Logf(format string, args ...any) { r.t.Logf(format, args...) }
+
+func (r *recorder) Errorf(format string, args ...any) {
+	msg := fmt.Sprintf(format, args...)
+	r.t.Logf("reported (as it must be): %s", msg)
+	r.errors = append(r.errors, msg)
+}
+
+func (r *recorder) reported(s string) bool {
+	for _, e := range r.errors {
+		if strings.Contains(e, s) {
+			return true
+		}
 	}
-	wg.Wait()
-	close(errs)
-	for err := range errs {
-		t.Fatal(err)
-	}
-	var overlaps, readerOver, intervals, counter int64
-	if err := admin.QueryRow(ctx, overlapSQL).Scan(&overlaps, &readerOver, &intervals); err != nil {
-		t.Fatal(err)
-	}
-	if err := admin.QueryRow(ctx, `SELECT n FROM counters WHERE k = 0`).Scan(&counter); err != nil {
-		t.Fatal(err)
-	}
-	t.Logf("without a lock: %d sections, counter %d, %d overlaps", sections.Load(), counter, overlaps)
-	if overlaps == 0 || counter >= sections.Load() {
-		t.Errorf("the checker saw no overlap (%d) or no lost update (counter %d for %d sections) without a lock",
-			overlaps, counter, sections.Load())
-	}
+	return false
 }

@@ -33,6 +33,7 @@ type workerConfig struct {
 	KeyBase     int64   // advisory keys are KeyBase+0 .. KeyBase+Keys-1; counter rows are 0 .. Keys-1
 	WriterRatio float64 // share of sections that take the key exclusively and write; the rest are shared readers
 	Faults      bool    // the parent injects faults: cancel some waits, fence the counter write
+	NoLock      bool    // the checker's negative control: sections take no lock, and one lock is leaked on purpose
 	Health      time.Duration
 	Seed        uint64
 	MaxRun      time.Duration // the worker exits by itself after this long
@@ -48,7 +49,8 @@ type workerStats struct {
 	Timeouts     int64 // waits ended by their bound (ErrTimeout)
 	Cancels      int64 // waits ended by a cancelled context
 	Lost         int64 // holders that lost their lock and were told (Done closed, Err ErrLockLost)
-	Untold       int64 // holders whose fenced write failed but were not told within 5 s
+	Untold       int64 // holders whose fenced write failed but were not told within toldGuard
+	FencedOther  int64 // fenced statements that failed without ErrLockLost (must be 0: a dead session is a lost lock)
 	ZombieTried  int64 // fenced writes attempted after being told
 	ZombieLanded int64 // ... that succeeded (must be 0)
 	ReaderSaw    int64 // readers that saw the counter change during their section (must be 0)
@@ -56,6 +58,7 @@ type workerStats struct {
 	Failed       int64 // other errors (connection refused during a restart, ...)
 	Samples      []string
 	LeakedConns  int64
+	LeakedLocks  int64  // advisory locks held by the lock pool's idle connections once every goroutine stopped
 	Leaked       string // goleak's report, "" when none
 }
 
@@ -105,6 +108,12 @@ func runWorker(spec string) int {
 	}
 	wg.Wait()
 	w.stats.LeakedConns = awaitReleased(w.lockPool, w.dataPool)
+	if cfg.NoLock {
+		w.leakOnPurpose(ctx)
+	}
+	// Look for leaked locks while the pools are open: closing them would
+	// end the sessions, and free whatever they leaked, unseen.
+	w.stats.LeakedLocks = idleLocks(ctx, w.lockPool, &w.stats)
 	w.lockPool.Close()
 	w.dataPool.Close()
 	cancelSetup()
@@ -133,6 +142,38 @@ func awaitReleased(pools ...*pgxpool.Pool) int64 {
 			return n
 		}
 		time.Sleep(time.Millisecond) // polling the pool's state; it has no channel to wait on
+	}
+}
+
+// idleLocks counts the advisory locks held by pool's idle connections,
+// asking each connection about its own session. A failure to ask is
+// counted as an unexpected error.
+func idleLocks(ctx context.Context, pool *pgxpool.Pool, st *workerStats) int64 {
+	var n int64
+	for _, c := range pool.AcquireAllIdle(ctx) {
+		var held int64
+		err := c.QueryRow(ctx, `SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()`).Scan(&held)
+		c.Release()
+		if err != nil {
+			st.Failed++
+			continue
+		}
+		n += held
+	}
+	return n
+}
+
+// leakOnPurpose leaves a session lock on an idle connection of the lock
+// pool, for the negative control: the report must find it.
+func (w *worker) leakOnPurpose(ctx context.Context) {
+	c, err := w.lockPool.Acquire(ctx)
+	if err != nil {
+		w.failed("leak on purpose", err)
+		return
+	}
+	defer c.Release()
+	if _, err := c.Exec(ctx, `SELECT pg_advisory_lock($1)`, w.cfg.KeyBase+999); err != nil {
+		w.failed("leak on purpose", err)
 	}
 }
 
@@ -183,6 +224,10 @@ func (w *worker) loop(stop context.Context, g int) {
 			opts = append(opts, advisory.Shared())
 		}
 		atomic.AddInt64(&w.stats.Attempts, 1)
+		if w.cfg.NoLock {
+			w.withoutLock(rng, g, key, writer)
+			continue
+		}
 		switch api := rng.IntN(3); api {
 		case 0:
 			w.viaAcquire(rng, g, key, writer, opts)
@@ -318,6 +363,29 @@ func (w *worker) viaSession(rng *rand.Rand, g int, sess *advisory.Session, key i
 	}
 	return sess.Err() == nil && !lost
 }
+
+// withoutLock runs a section holding no lock (the negative control): its
+// interval records go through a connection of the lock pool, as a lock's
+// would.
+func (w *worker) withoutLock(rng *rand.Rand, g, key int, writer bool) {
+	ctx, cancel := sectionCtx()
+	defer cancel()
+	c, err := w.lockPool.Acquire(ctx)
+	if err != nil {
+		w.failed("acquire a connection", err)
+		return
+	}
+	defer c.Release()
+	w.section(ctx, rng, noLock{c.Conn()}, g, key, writer)
+}
+
+// noLock is a holder that holds nothing: WithConn runs fn on a plain
+// connection, and it is never told of a loss.
+type noLock struct{ c *pgx.Conn }
+
+func (n noLock) WithConn(_ context.Context, fn func(*pgx.Conn) error) error { return fn(n.c) }
+func (noLock) Done() <-chan struct{}                                        { return nil }
+func (noLock) Err() error                                                   { return nil }
 
 // viaDo runs a body under Do. Do hands out no connection to fence with, so
 // in fault mode the body only waits (and must be told of a loss through
@@ -467,17 +535,28 @@ func (w *worker) section(ctx context.Context, rng *rand.Rand, h holder, g, key i
 	return false
 }
 
+// toldGuard is how long a holder whose fenced statement failed may take to
+// be told before it counts as untold: a hang guard (the watcher tells
+// within one health interval, 50 ms in fault mode), not a timing claim.
+const toldGuard = 30 * time.Second
+
 // lostAfter handles a fenced statement that failed: the lock must have been
-// lost, and the holder must be told (Done closed, Err matching ErrLockLost)
-// within 5 s. A further fenced write must fail too.
+// lost, the failure must say so (ErrLockLost; anything else is counted as
+// FencedOther, which fails the run), and the holder must be told (Done
+// closed, Err matching ErrLockLost) within toldGuard. A further fenced
+// write must fail too.
 func (w *worker) lostAfter(ctx context.Context, h holder, what string, err error) bool {
 	if !errors.Is(err, advisory.ErrLockLost) {
-		w.failed(what, err)
+		// A fenced statement fails only when the session is gone (or
+		// its context ended, 30 s into a section): either way the holder
+		// must be told its lock is lost, not handed a bare error.
+		atomic.AddInt64(&w.stats.FencedOther, 1)
+		w.sample("%s: the fenced statement failed without ErrLockLost: %v", what, err)
 		return false
 	}
 	select {
 	case <-h.Done():
-	case <-time.After(5 * time.Second):
+	case <-time.After(toldGuard):
 	}
 	select {
 	case <-h.Done():
@@ -489,7 +568,7 @@ func (w *worker) lostAfter(ctx context.Context, h holder, what string, err error
 		}
 	default:
 		atomic.AddInt64(&w.stats.Untold, 1)
-		w.sample("%s: lock lost (%v) but Done() still open after 5 s", what, err)
+		w.sample("%s: lock lost (%v) but Done() still open after %v", what, err, toldGuard)
 	}
 	atomic.AddInt64(&w.stats.ZombieTried, 1)
 	zerr := h.WithConn(ctx, func(c *pgx.Conn) error {

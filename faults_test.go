@@ -1,0 +1,158 @@
+package advisory
+
+import (
+	"context"
+	"errors"
+	"net"
+	"strconv"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/seed0ad592b7/advisory/internal/pgtest"
+)
+
+// waiterPID returns the one backend waiting for key.
+func (e *env) waiterPID(key Key) uint32 {
+	e.t.Helper()
+	for _, r := range e.lockRows(key) {
+		if !r.Granted {
+			return r.PID
+		}
+	}
+	e.t.Fatalf("nobody waits for %s", key)
+	return 0
+}
+
+// startWait waits on s for busy, with Lock, or with LockMany of busy and
+// more keys, in a goroutine; the channel gets its error.
+func startWait(ctx context.Context, s *Session, many bool, busy Key, more ...Key) <-chan error {
+	done := make(chan error, 1)
+	go func() {
+		var err error
+		if many {
+			_, err = s.LockMany(ctx, append([]Key{busy}, more...))
+		} else {
+			_, err = s.Lock(ctx, busy)
+		}
+		done <- err
+	}()
+	return done
+}
+
+// A wait whose connection dies (its backend terminated) fails with
+// ErrLockLost and ends the session, for Lock and for LockMany (which then
+// already holds the keys before the busy one: they go with the session).
+func TestWaitConnectionLost(t *testing.T) {
+	e := newEnv(t)
+	pool := e.pool()
+	holder := e.conn()
+	busy := Int64Key(1610)
+	_, err := holder.Exec(e.ctx, "SELECT pg_advisory_lock(1610)")
+	must(t, err)
+	for _, many := range []bool{false, true} {
+		s, err := NewSession(e.ctx, pool)
+		must(t, err)
+		done := startWait(e.ctx, s, many, busy, Int64Key(1), Int64Key(2), Int64Key(-1))
+		e.awaitWaiters(1)
+		e.terminate(e.waiterPID(busy))
+		if err := <-done; !errors.Is(err, ErrLockLost) {
+			t.Errorf("many %v: a wait whose backend was terminated = %v; want ErrLockLost", many, err)
+		}
+		e.awaitDone(s.Done(), "the session of a wait lost")
+		if err := s.Close(e.ctx); !errors.Is(err, ErrLockLost) {
+			t.Errorf("many %v: Close = %v; want ErrLockLost", many, err)
+		}
+	}
+	_, err = holder.Exec(e.ctx, "SELECT pg_advisory_unlock_all()")
+	must(t, err)
+}
+
+// Close ends a wait on the session with ErrClosed; calls after Close fail
+// with ErrClosed, sending nothing.
+func TestWaitEndedByClose(t *testing.T) {
+	e := newEnv(t)
+	pool := e.pool()
+	holder := e.conn()
+	_, err := holder.Exec(e.ctx, "SELECT pg_advisory_lock(1611)")
+	must(t, err)
+	for _, many := range []bool{false, true} {
+		s, err := NewSession(e.ctx, pool)
+		must(t, err)
+		done := startWait(e.ctx, s, many, Int64Key(1611), PairKey(1, 1))
+		e.awaitWaiters(1)
+		must(t, s.Close(e.ctx))
+		if err := <-done; !errors.Is(err, ErrClosed) {
+			t.Errorf("many %v: a wait ended by Close = %v; want ErrClosed", many, err)
+		}
+		if err := s.UnlockMany(e.ctx, []Key{Int64Key(1)}); !errors.Is(err, ErrClosed) {
+			t.Errorf("many %v: UnlockMany after Close = %v; want ErrClosed", many, err)
+		}
+	}
+	_, err = holder.Exec(e.ctx, "SELECT pg_advisory_unlock_all()")
+	must(t, err)
+}
+
+// proxiedPool returns a pool whose connections go through a cut proxy.
+func (e *env) proxiedPool() (*pgxpool.Pool, *pgtest.Proxy) {
+	e.t.Helper()
+	proxy := newCutProxy(e.t, net.JoinHostPort(server.Host, strconv.Itoa(server.Port)))
+	pool := e.pool(func(c *pgxpool.Config) {
+		c.ConnConfig.Host = "127.0.0.1"
+		c.ConnConfig.Port = proxy.Port()
+	})
+	return pool, proxy
+}
+
+// A cancelled wait whose cancel request cannot be sent (the network is
+// cut, new connections refused) closes the connection: the session is
+// lost, never left with a wait that may still be granted.
+func TestCancelRequestFails(t *testing.T) {
+	e := newEnv(t)
+	pool, proxy := e.proxiedPool()
+	holder := e.conn()
+	_, err := holder.Exec(e.ctx, "SELECT pg_advisory_lock(1612)")
+	must(t, err)
+	s, err := NewSession(e.ctx, pool, HealthInterval(time.Hour))
+	must(t, err)
+	ctx, cancel := context.WithCancel(e.ctx)
+	defer cancel()
+	done := make(chan error, 1)
+	go func() {
+		_, err := s.Lock(ctx, Int64Key(1612))
+		done <- err
+	}()
+	e.awaitWaiters(1)
+	proxy.Cut()
+	cancel()
+	if err := <-done; !errors.Is(err, ErrLockLost) {
+		t.Errorf("a cancelled wait whose cancel request failed = %v; want ErrLockLost", err)
+	}
+	e.awaitDone(s.Done(), "the session whose cancel request failed")
+	if err := s.Close(e.ctx); !errors.Is(err, ErrLockLost) {
+		t.Errorf("Close = %v; want ErrLockLost", err)
+	}
+	// The server's waiter is an orphan until it is granted and finds its
+	// client gone.
+	_, err = holder.Exec(e.ctx, "SELECT pg_advisory_unlock_all()")
+	must(t, err)
+}
+
+// Close of a session whose network was cut silently: its clean-up
+// statement gets no answer within the clean-up timeout, so the connection
+// is closed and Close reports the locks lost.
+func TestCloseCleanupTimesOut(t *testing.T) {
+	e := newEnv(t)
+	pool, proxy := e.proxiedPool()
+	s, err := NewSession(e.ctx, pool, HealthInterval(time.Hour)) // the watcher only listens: it cannot notice a silent cut
+	must(t, err)
+	_, err = s.Lock(e.ctx, Int64Key(1613))
+	must(t, err)
+	proxy.Cut()
+	start := time.Now()
+	if err := s.Close(e.ctx); !errors.Is(err, ErrLockLost) {
+		t.Errorf("Close over a cut network = %v; want ErrLockLost", err)
+	}
+	t.Logf("Close over a cut network returned after %v", time.Since(start))
+}
