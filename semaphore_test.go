@@ -531,3 +531,16 @@ func TestSemaphoreDoTTL(t *testing.T) {
 	}
 	must(t, l.Release(e.ctx))
 }
+
+// No waiter starves: eight workers contend for two slots with holds longer
+// than a slice, so most waits last several slices, and every worker is
+// served again and again (how evenly is logged).
+func TestSemaphoreNoStarvation(t *testing.T) {
+	e := newEnv(t)
+	const n, workers = 2, 8
+	pool := e.pool(deadlockTimeout("20ms", workers+2)) // slices of 10 ms
+	key := StringKey("sem-fairness")
+	contend(t, workers, n, func(fn func(context.Context) error) (bool, error) {
+		return DoSemaphore(e.ctx, pool, key, n, fn)
+	})
+}
