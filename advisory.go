@@ -111,7 +111,8 @@ func (l *Lock) expire() {
 // holds nothing and no connection.
 func (l *Lock) Acquired() bool { return l.s != nil }
 
-// Key returns the key the lock is for.
+// Key returns the key the lock is for. For a Lock from AcquireSemaphore it
+// is the slot held, or the semaphore's key when no slot was acquired.
 func (l *Lock) Key() Key { return l.key }
 
 // Mode returns how the lock was asked for: ModeExclusive or ModeShared.
