@@ -137,9 +137,9 @@
 // a Lock on one slot, with every Lock guarantee; a holder whose session
 // ends frees its slot at once. NoWait tries every slot in one round trip. A
 // wait is sliced as above: each slice waits on one slot, a different one
-// each slice, and tries every slot before and after, so a freed slot is
-// taken at once by a waiter queued on it and otherwise within about a
-// slice. DoSemaphore is Do for a semaphore. Use one size per key: the slots
+// each slice, and when it ends without that slot tries every slot, so a
+// freed slot is taken at once by a waiter queued on it and otherwise
+// within about a slice. DoSemaphore is Do for a semaphore. Use one size per key: the slots
 // of sizes 3 and 5 on one key overlap, and admit 5.
 //
 // # Pool sizing
