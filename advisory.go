@@ -60,6 +60,19 @@ func acquire(ctx context.Context, pool *pgxpool.Pool, key Key, cfg config) (*Loc
 	if !key.Valid() {
 		return nil, invalidKey("lock")
 	}
+	return acquireWith(ctx, pool, key, cfg, func(s *Session) (Key, error) {
+		if ok, err := s.lock(ctx, key, cfg); !ok {
+			return Key{}, err
+		}
+		return key, nil
+	})
+}
+
+// acquireWith takes a session from pool and runs lock on it, which returns
+// the key it took, or the zero Key when it took nothing. It returns a Lock
+// holding that key, or a Lock for key that was not acquired, and closes
+// the session unless it holds the lock.
+func acquireWith(ctx context.Context, pool *pgxpool.Pool, key Key, cfg config, lock func(*Session) (Key, error)) (*Lock, error) {
 	s, err := newSession(ctx, pool, cfg)
 	if err != nil {
 		var e *Error
@@ -68,15 +81,15 @@ func acquire(ctx context.Context, pool *pgxpool.Pool, key Key, cfg config) (*Loc
 		}
 		return nil, err
 	}
-	ok, err := s.lock(ctx, key, cfg)
-	if err != nil || !ok {
+	held, err := lock(s)
+	if err != nil || !held.Valid() {
 		_ = s.Close(ctx) // after a failed lock, its error is the lock error's consequence
 		if err != nil {
 			return nil, err
 		}
 		return &Lock{key: key, mode: cfg.mode}, nil
 	}
-	l := &Lock{key: key, mode: cfg.mode, s: s}
+	l := &Lock{key: held, mode: cfg.mode, s: s}
 	if cfg.ttl > 0 {
 		l.ttl = time.AfterFunc(cfg.ttl, l.expire)
 	}
@@ -98,7 +111,8 @@ func (l *Lock) expire() {
 // holds nothing and no connection.
 func (l *Lock) Acquired() bool { return l.s != nil }
 
-// Key returns the key the lock is for.
+// Key returns the key the lock is for. For a Lock from AcquireSemaphore it
+// is the slot held, or the semaphore's key when no slot was acquired.
 func (l *Lock) Key() Key { return l.key }
 
 // Mode returns how the lock was asked for: ModeExclusive or ModeShared.
@@ -175,8 +189,14 @@ func (l *Lock) WithConn(ctx context.Context, fn func(*pgx.Conn) error) error {
 // returned with acquired == false.
 func Do(ctx context.Context, pool *pgxpool.Pool, key Key, fn func(context.Context) error, opts ...Option) (acquired bool, err error) {
 	lock, err := Acquire(ctx, pool, key, opts...)
-	if err != nil || !lock.Acquired() {
-		return false, err
+	return runHeld(ctx, lock, err, fn)
+}
+
+// runHeld is Do once the lock was asked for: lock and err are what Acquire
+// (or AcquireSemaphore) returned.
+func runHeld(ctx context.Context, lock *Lock, acquireErr error, fn func(context.Context) error) (acquired bool, err error) {
+	if acquireErr != nil || !lock.Acquired() {
+		return false, acquireErr
 	}
 	defer func() {
 		if releaseErr := lock.Release(ctx); releaseErr != nil {

@@ -128,6 +128,20 @@
 // leader's session ends the next candidate takes over as soon as the server
 // frees the lock, not after a poll period.
 //
+// # Semaphores
+//
+// AcquireSemaphore(ctx, pool, key, n) lets at most n holders, in any
+// number of processes, hold key at once. A semaphore of size n is n
+// ordinary advisory keys, its slots (SemaphoreKeys: slot i, for i from 0 to
+// n-1, is StringKey(key.String() + "#" + strconv.Itoa(i))), and a holder is
+// a Lock on one slot, with every Lock guarantee; a holder whose session
+// ends frees its slot at once. NoWait tries every slot in one round trip. A
+// wait is sliced as above: each slice waits on one slot, a different one
+// each slice, and when it ends without that slot tries every slot, so a
+// freed slot is taken at once by a waiter queued on it and otherwise
+// within about a slice. DoSemaphore is Do for a semaphore. Use one size per key: the slots
+// of sizes 3 and 5 on one key overlap, and admit 5.
+//
 // # Pool sizing
 //
 // Every Lock, every Session and every waiting Acquire pins one pool

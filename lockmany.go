@@ -98,7 +98,7 @@ func (s *Session) lockFresh(ctx context.Context, keys []Key, cfg config, first b
 		got, err := s.waitSlices(ctx, 0, bound, func(ms int64) string { return manySliceSQL(keys, cfg.mode, ms, s.keepalive) })
 		switch {
 		case err != nil:
-			return false, s.lockManyFailed(ctx, ctx, keys, cfg.mode, byDeadline, err)
+			return false, s.lockManyFailed("lock_many", Key{}, ctx, ctx, keys, cfg.mode, byDeadline, err)
 		case !got:
 			return false, &Error{Op: "lock_many", Kind: ErrTimeout, deadline: byDeadline}
 		}
@@ -143,7 +143,7 @@ func (s *Session) lockFresh(ctx context.Context, keys []Key, cfg config, first b
 		err = fmt.Errorf("the lock statement took %d of %d keys", n, len(keys))
 	}
 	if err != nil {
-		return false, s.lockManyFailed(ctx, runCtx, keys, cfg.mode, byDeadline, err)
+		return false, s.lockManyFailed("lock_many", Key{}, ctx, runCtx, keys, cfg.mode, byDeadline, err)
 	}
 	if failedAt == nil {
 		return true, nil
@@ -159,19 +159,20 @@ func (s *Session) lockFresh(ctx context.Context, keys []Key, cfg config, first b
 }
 
 // lockManyFailed makes sure a failed many-key lock statement left none of
-// keys held, and returns the error for it. Unlike one key, a statement that
-// failed on its k-th key holds the keys before it, whatever the error, so
-// the session's pg_locks rows always decide; if they cannot, the session
-// ends. runCtx is ctx, or ctx bounded by WaitTimeout.
-func (s *Session) lockManyFailed(ctx, runCtx context.Context, keys []Key, m Mode, byDeadline bool, err error) error {
+// keys held, and returns the error for it, an *Error for op on key. Unlike
+// one key, a statement that failed on its k-th key holds the keys before
+// it, whatever the error, so the session's pg_locks rows always decide; if
+// they cannot, the session ends. runCtx is ctx, or ctx bounded by
+// WaitTimeout.
+func (s *Session) lockManyFailed(op string, key Key, ctx, runCtx context.Context, keys []Key, m Mode, byDeadline bool, err error) error {
 	if lost := s.lostErr(err); lost != nil {
-		return &Error{Op: "lock_many", Kind: ErrLockLost, Err: errors.Join(err, lost)}
+		return &Error{Op: op, Key: key, Kind: ErrLockLost, Err: errors.Join(err, lost)}
 	}
 	if err := s.dropGrantedMany(keys, m); err != nil {
-		return &Error{Op: "lock_many", Kind: ErrLockLost, Err: err}
+		return &Error{Op: op, Key: key, Kind: ErrLockLost, Err: err}
 	}
 	if s.ctx.Err() != nil {
-		return &Error{Op: "lock_many", Kind: ErrClosed, Err: err}
+		return &Error{Op: op, Key: key, Kind: ErrClosed, Err: err}
 	}
 	kind := kindOf(err)
 	switch {
@@ -185,7 +186,7 @@ func (s *Session) lockManyFailed(ctx, runCtx context.Context, keys []Key, m Mode
 		kind = ErrTimeout // the WaitTimeout bound on the whole call
 	}
 	kind, err = serverCancelled(runCtx, kind, err)
-	return &Error{Op: "lock_many", Kind: kind, Err: err, deadline: kind == ErrTimeout && byDeadline}
+	return &Error{Op: op, Key: key, Kind: kind, Err: err, deadline: kind == ErrTimeout && byDeadline}
 }
 
 // dropGrantedMany reads which of keys the session holds in mode m on the

@@ -47,6 +47,13 @@ func (s *Session) sliceStall() time.Duration {
 // the deadline is deadlineGrace past: the server ends the last slice on
 // time, without an error.
 func (s *Session) waitSlices(ctx context.Context, dtMs int64, bound time.Duration, slice func(ms int64) string) (got bool, err error) {
+	return s.waitSlicesReport(ctx, dtMs, bound, slice, sliceReport)
+}
+
+// waitSlicesReport is waitSlices with report reading what each slice's
+// message returned (sliceReport for waitSlices): whether it got its keys.
+func (s *Session) waitSlicesReport(ctx context.Context, dtMs int64, bound time.Duration, slice func(ms int64) string,
+	report func([]*pgconn.Result, error) (bool, error)) (got bool, err error) {
 	var end time.Time
 	if bound > 0 {
 		end = time.Now().Add(bound)
@@ -69,7 +76,7 @@ func (s *Session) waitSlices(ctx context.Context, dtMs int64, bound time.Duratio
 			stall := time.AfterFunc(s.sliceStall(), func() { _ = c.PgConn().Conn().Close() })
 			defer stall.Stop()
 			var err error
-			got, err = sliceReport(c.PgConn().Exec(ctx, sql).ReadAll())
+			got, err = report(c.PgConn().Exec(ctx, sql).ReadAll())
 			return err
 		})
 		if runErr != nil || got {

@@ -13,12 +13,16 @@ import (
 )
 
 func cmdKey(args []string, stdout, stderr io.Writer) int {
-	c := newCommand("key", "pglock key NAME...\n  pglock key --tool goose|migrate|rails|sqlx-migrate [ARG...]",
+	c := newCommand("key", "pglock key [--slots N] NAME...\n  pglock key --tool goose|migrate|rails|sqlx-migrate [ARG...]",
 		`Prints, for each NAME, the key "pglock run --key NAME" locks: XXH64 (seed 0)
 of NAME's UTF-8 bytes, in hex (as "xxhsum -H1" prints it) and as the bigint
 pg_advisory_lock takes, and the classid, objid and objsubid of its pg_locks
 row. It needs no database. A NAME with spaces or control characters is
 printed quoted.
+
+With --slots N, prints instead, for each NAME, the N slot keys of the
+semaphore "pglock run --key NAME --slots N" takes one of (slot i, from 0, is
+the name "int64:K#i" for NAME's key K).
 
 With --tool, prints instead the key another tool locks while it migrates
 (package compat), for "pglock run --id N" to wait for it:
@@ -33,8 +37,13 @@ With --tool, prints instead the key another tool locks while it migrates
 DATABASE is the name SELECT current_database() returns.
 `)
 	tool := c.fs.String("tool", "", "print the key `TOOL` locks: goose, migrate, rails or sqlx-migrate")
+	var slots slotsFlag
+	c.fs.Var(&slots, "slots", "print the `N` slot keys of the semaphore on each NAME")
 	if code := c.parse(args, stdout, stderr); code >= 0 {
 		return code
+	}
+	if *tool != "" && slots > 0 {
+		return c.usageError(stderr, "give --tool or --slots, not both")
 	}
 	if *tool != "" {
 		keys, msg := toolKeys(*tool, c.fs.Args())
@@ -49,10 +58,15 @@ DATABASE is the name SELECT current_database() returns.
 	tw := tabwriter.NewWriter(stdout, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(tw, "XXH64\tINT64\tCLASSID\tOBJID\tOBJSUBID\tNAME")
 	for _, name := range c.fs.Args() {
-		k := advisory.StringKey(name)
-		v, _ := k.Int64()
-		classid, objid, objsubid := k.LockRow()
-		fmt.Fprintf(tw, "%016x\t%d\t%d\t%d\t%d\t%s\n", uint64(v), v, classid, objid, objsubid, printable(name))
+		keys, labels := []advisory.Key{advisory.StringKey(name)}, []string{printable(name)}
+		if slots > 0 {
+			keys, labels = slotKeys(name, slots)
+		}
+		for i, k := range keys {
+			v, _ := k.Int64()
+			classid, objid, objsubid := k.LockRow()
+			fmt.Fprintf(tw, "%016x\t%d\t%d\t%d\t%d\t%s\n", uint64(v), v, classid, objid, objsubid, labels[i])
+		}
 	}
 	if err := tw.Flush(); err != nil {
 		fmt.Fprintln(stderr, "pglock:", err)

@@ -31,11 +31,11 @@ const (
 const usage = `pglock: flock(1) for a fleet, backed by PostgreSQL advisory locks.
 
 Usage:
-  pglock run (--key NAME | --id N | --pair A,B) [--shared] [--no-wait]
-             [--timeout DUR] [--ttl DUR] [--grace DUR]
+  pglock run (--key NAME | --id N | --pair A,B) [--shared | --slots N]
+             [--no-wait] [--timeout DUR] [--ttl DUR] [--grace DUR]
              [--conflict-exit-code N] [--dsn DSN] -- CMD [ARG...]
   pglock status [--key NAME | --id N | --pair A,B] [--json] [--dsn DSN]
-  pglock key NAME...
+  pglock key [--slots N] NAME...
   pglock demo [--dsn DSN]
 
 Commands:

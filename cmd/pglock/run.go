@@ -43,6 +43,10 @@ or --ttl passes, CMD gets
 SIGTERM, then SIGKILL after --grace, and pglock exits 76 with the reason on
 stderr. A signal while waiting for the lock ends the wait; pglock then
 exits 128+N. DUR is a number of seconds (1.5) or a Go duration (300ms, 2m).
+
+With --slots N, pglock holds one of the N slots of a counting semaphore on
+the key instead, so that at most N runs (or other holders of its slots) go
+at once; "pglock key --slots N NAME" prints the slot keys.
 `)
 	kf := addKeyFlags(c.fs)
 	dsn := c.fs.String("dsn", "", "connection string `DSN` (default: DATABASE_URL, else the PG* environment)")
@@ -54,6 +58,8 @@ exits 128+N. DUR is a number of seconds (1.5) or a Go duration (300ms, 2m).
 	c.fs.Var(&ttl, "ttl", "hold the lock at most `DUR`: then stop CMD and exit 76")
 	c.fs.Var(&grace, "grace", "after the lock is lost, wait `DUR` between SIGTERM and SIGKILL (default 10s)")
 	conflict := c.fs.Int("conflict-exit-code", exitConflict, "exit status `N` when the lock is not acquired")
+	var slots slotsFlag
+	c.fs.Var(&slots, "slots", "hold one of `N` slots of a semaphore on the key: at most N run at once")
 	if code := c.parse(args, stdout, stderr); code >= 0 {
 		return code
 	}
@@ -69,6 +75,9 @@ exits 128+N. DUR is a number of seconds (1.5) or a Go duration (300ms, 2m).
 	}
 	if ttl.set && ttl.d == 0 {
 		return c.usageError(stderr, "--ttl must be positive")
+	}
+	if slots > 0 && *shared {
+		return c.usageError(stderr, "give --slots or --shared, not both: a semaphore's slots are held exclusively")
 	}
 	opts := []advisory.Option{}
 	if *shared {
@@ -86,7 +95,7 @@ exits 128+N. DUR is a number of seconds (1.5) or a Go duration (300ms, 2m).
 	r := &runner{
 		key: kf.key, what: kf.describe(), argv: argv, opts: opts,
 		conn: connFrom(*dsn), grace: grace.d, conflict: *conflict,
-		timeout: timeout, ttl: ttl, stderr: stderr,
+		timeout: timeout, ttl: ttl, stderr: stderr, slots: slots,
 	}
 	return r.run()
 }
@@ -103,6 +112,7 @@ type runner struct {
 	timeout  durationFlag
 	ttl      durationFlag
 	stderr   io.Writer
+	slots    slotsFlag // --slots N: hold one of N slots; 0: the lock itself
 }
 
 // failf prints a one-line message, without secrets, to stderr.
@@ -165,7 +175,7 @@ func (r *runner) run() int {
 		return code
 	}
 	if !lock.Acquired() {
-		r.failf("the lock on %s is held by another session; CMD not run", r.what)
+		r.failf("%s; CMD not run", r.heldElsewhere(true))
 		return r.conflict
 	}
 	return r.runCmd(lock, sigs)
@@ -182,12 +192,12 @@ func (r *runner) acquire(ctx context.Context, pool *pgxpool.Pool) (*advisory.Loc
 		}
 		return nil, exitFailure
 	}
-	lock, err := advisory.Acquire(ctx, pool, r.key, r.opts...)
+	lock, err := r.lock(ctx, pool, r.opts...)
 	switch {
 	case err == nil:
 		return lock, -1
 	case errors.Is(err, advisory.ErrTimeout):
-		r.failf("the lock on %s was held by another session for the whole --timeout %v; CMD not run", r.what, r.timeout.d)
+		r.failf("%s for the whole --timeout %v; CMD not run", r.heldElsewhere(false), r.timeout.d)
 		return nil, r.conflict
 	case ctx.Err() == nil:
 		r.failf("cannot take the lock on %s: %v", r.what, err)
