@@ -27,7 +27,8 @@ var statusColumns = []string{"PID", "WAITS FOR", "WAITING", "HOLDS", "HELD", "CO
 
 // readStatusTable reads the table of "pglock status" from text (its output, or
 // a terminal's screen): the cells of each line below the title line, cut
-// where the titles start.
+// where the titles start. It returns nil if there is no title line with
+// every column.
 func readStatusTable(t *testing.T, text string) []statusRow {
 	t.Helper()
 	lines := strings.Split(text, "\n")
@@ -39,7 +40,7 @@ func readStatusTable(t *testing.T, text string) []statusRow {
 	for _, c := range statusColumns {
 		i := strings.Index(lines[title], c)
 		if i < 0 {
-			t.Fatalf("no column %q in the title line %q", c, lines[title])
+			return nil // a screen too narrow to show every column
 		}
 		starts = append(starts, i) // the title line is ASCII: a byte offset is a column
 	}
