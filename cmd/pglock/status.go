@@ -62,7 +62,7 @@ func cmdStatus(args []string, stdout, stderr io.Writer) int {
 	asJSON := c.fs.Bool("json", false, "print JSON instead of a table")
 	allKeys := c.fs.Bool("keys", false, "list every key a session holds, one a line")
 	watch := &watchFlag{}
-	c.fs.Var(watch, "watch", "redraw every `DUR` (default 1s, at least 100ms) until interrupted")
+	c.fs.Var(watch, "watch", "redraw the status every `[DUR]` (default 1s, at least 100ms) until interrupted")
 	if code := parseStatus(c, watch, args, stdout, stderr); code >= 0 {
 		return code
 	}
