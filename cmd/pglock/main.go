@@ -34,7 +34,7 @@ Usage:
   pglock run (--key NAME | --id N | --pair A,B) [--shared | --slots N]
              [--no-wait] [--timeout DUR] [--ttl DUR] [--grace DUR]
              [--conflict-exit-code N] [--dsn DSN] -- CMD [ARG...]
-  pglock status [--key NAME | --id N | --pair A,B] [--json] [--dsn DSN]
+  pglock status [--key NAME | --id N | --pair A,B] [--keys] [--json] [--watch [DUR]] [--dsn DSN]
   pglock key [--slots N] NAME...
   pglock demo [--dsn DSN]
 

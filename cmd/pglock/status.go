@@ -5,7 +5,8 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"text/tabwriter"
+	"math"
+	"slices"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -13,83 +14,228 @@ import (
 	"github.com/seed0ad592b7/advisory"
 )
 
-// statusTimeout bounds "pglock status" as a whole.
+// statusTimeout bounds one reading of the locks: "pglock status", or one
+// frame of --watch.
 const statusTimeout = 30 * time.Second
+
+const statusAbout = `Shows every advisory lock of the database, held or awaited, or those of
+one key, and who blocks whom: each waiter is listed under the session that
+blocks it (pg_blocking_pids), so a chain reads as a tree. One line a
+session: its pid, the key it WAITS FOR and for how long (WAITING), the keys
+it HOLDS and for how long (HELD), when it CONNECTED, its client address and
+application_name. A session holding more than 3 keys shows their count and
+range ("8000 locks int64:1 … int64:8000"); --keys lists every key, one a
+line. It reads pg_locks and pg_stat_activity; it never tries to lock.
+
+A key another tool locks while it migrates this database is labelled with
+the tool, as "pglock key --tool" names it: goose (default lock id), migrate
+(golang-migrate, public.schema_migrations), rails, sqlx-migrate.
+
+WAITING is since the wait began. PostgreSQL records no grant time, so HELD
+is since the session last changed state (a session that keeps sending
+statements, as pglock run's health check and this package's sliced waits
+do, shows a short time) and CONNECTED bounds how long it can have held its
+keys. Durations are measured by the server's clock.
+
+A waiter using package advisory waits in short slices (shorter than the
+server's deadlock_timeout) and between two slices leaves the server's queue
+for a moment: a reading taken then misses it, or shows it waiting with no
+blocker (at the top level). The next reading shows it again.
+
+--watch [DUR] redraws the screen every DUR (default 1s, like watch(1))
+until interrupted (Ctrl-C: exit status 0). When stdout is not a terminal it
+prints each reading after a header line with the time, followed by a blank
+line, and no escape codes; with --json, one JSON array a line. A reading
+that fails is shown and the next one reconnects.
+
+--json prints a JSON array for scripts: one element a lock row, holders
+and waiters, times in RFC 3339 (null unknown), blocked_by the pids that
+block a waiter ([] for a holder), held_seconds or waiting_seconds.
+`
 
 func cmdStatus(args []string, stdout, stderr io.Writer) int {
 	c := newCommand("status",
-		"pglock status [--key NAME | --id N | --pair A,B] [--json] [--dsn DSN]",
-		`Shows every advisory lock of the database, held or awaited, or those of
-one key: key, mode, held or waiting, pid, how long, client and
-application_name. It reads pg_locks and pg_stat_activity; it never tries
-to lock. A key another tool locks while it migrates this database is
-labelled with the tool, as "pglock key --tool" names it: goose (default
-lock id), migrate (golang-migrate, public.schema_migrations), rails,
-sqlx-migrate. A waiter's FOR is since its wait began; PostgreSQL records no
-grant time, so a holder's FOR is since its session last changed state (a
-session that keeps sending statements, as pglock run's health check does,
-shows a short time) and CONNECTED bounds how long it can have held it.
---json prints a JSON array for scripts (times in RFC 3339, null unknown).
-`)
+		"pglock status [--key NAME | --id N | --pair A,B] [--keys] [--json] [--watch [DUR]] [--dsn DSN]",
+		statusAbout)
 	kf := addKeyFlags(c.fs)
 	dsn := c.fs.String("dsn", "", "connection string `DSN` (default: DATABASE_URL, else the PG* environment)")
 	asJSON := c.fs.Bool("json", false, "print JSON instead of a table")
-	if code := c.parse(args, stdout, stderr); code >= 0 {
+	allKeys := c.fs.Bool("keys", false, "list every key a session holds, one a line")
+	watch := &watchFlag{}
+	c.fs.Var(watch, "watch", "redraw the status every `[DUR]` (default 1s, at least 100ms) until interrupted")
+	if code := parseStatus(c, watch, args, stdout, stderr); code >= 0 {
 		return code
 	}
 	if msg := kf.check(false); msg != "" {
 		return c.usageError(stderr, msg)
 	}
-	if c.fs.NArg() > 0 {
-		return c.usageError(stderr, fmt.Sprintf("unexpected argument %q", c.fs.Arg(0)))
-	}
 	cn := connFrom(*dsn)
-	fail := func(err error) int {
-		fmt.Fprintln(stderr, "pglock: "+oneLine(cn.redact(err.Error())))
-		return exitFailure
-	}
 	cfg, err := cn.connConfig("pglock status")
 	if err != nil {
-		return fail(err)
+		fmt.Fprintln(stderr, "pglock: "+err.Error())
+		return exitFailure
+	}
+	src := &statusSource{cn: cn, cfg: cfg}
+	defer src.close()
+	v := &statusView{json: *asJSON, keys: *allKeys}
+	if len(kf.given) == 1 {
+		src.key, v.what = &kf.key, kf.describe()
+		if kf.given[0] == "--key" {
+			v.name = kf.name
+		}
+	}
+	if watch.set {
+		return watchStatus(src, v, watch.every, stdout, stderr)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), statusTimeout)
 	defer cancel()
-	db, err := pgx.ConnectConfig(ctx, cfg)
-	if err != nil {
-		return fail(cn.connectError(cfg, err))
-	}
-	defer db.Close(context.Background())
-
-	var hs []advisory.Holder
-	if len(kf.given) == 1 {
-		hs, err = advisory.Holders(ctx, db, kf.key)
-	} else {
-		hs, err = advisory.AllHolders(ctx, db)
+	snap, err := src.read(ctx)
+	if err == nil {
+		err = v.write(stdout, snap)
 	}
 	if err != nil {
-		return fail(err)
-	}
-	var tools map[advisory.Key]string
-	if len(hs) > 0 {
-		var database string
-		if err := db.QueryRow(ctx, "SELECT current_database()").Scan(&database); err != nil {
-			return fail(err)
-		}
-		tools = knownToolKeys(database)
-	}
-	name := ""
-	if len(kf.given) == 1 && kf.given[0] == "--key" {
-		name = kf.name
-	}
-	if *asJSON {
-		err = writeJSON(stdout, hs, name, tools)
-	} else {
-		err = writeTable(stdout, hs, name, kf.describe(), len(kf.given) == 1, tools)
-	}
-	if err != nil {
-		return fail(err)
+		fmt.Fprintln(stderr, "pglock: "+oneLine(cn.redact(err.Error())))
+		return exitFailure
 	}
 	return exitOK
+}
+
+// parseStatus parses status's args as command.parse does, taking the
+// optional DUR right after --watch ("--watch 2s" as well as "--watch=2s").
+func parseStatus(c *command, watch *watchFlag, args []string, stdout, stderr io.Writer) int {
+	if code := c.parse(args, stdout, stderr); code >= 0 {
+		return code
+	}
+	rest := c.fs.Args()
+	if at := len(args) - len(rest); watch.set && len(rest) > 0 && at > 0 &&
+		(args[at-1] == "--watch" || args[at-1] == "-watch") {
+		if _, err := parseDuration(rest[0]); err == nil {
+			if err := watch.Set(rest[0]); err != nil {
+				return c.usageError(stderr, "invalid value "+fmt.Sprintf("%q", rest[0])+" for flag --watch: "+err.Error())
+			}
+			if code := c.parse(rest[1:], stdout, stderr); code >= 0 {
+				return code
+			}
+		}
+	}
+	if c.fs.NArg() > 0 {
+		return c.usageError(stderr, fmt.Sprintf("unexpected argument %q", c.fs.Arg(0)))
+	}
+	return -1
+}
+
+// statusSQL reads what a reading needs besides the lock rows: the
+// database's name (for the labels of other tools' keys), the server's clock
+// (durations do not depend on the client's clock) and, as a JSON object,
+// pg_blocking_pids of each waiting pid in $1.
+const statusSQL = `SELECT current_database(), clock_timestamp(), ` +
+	`COALESCE((SELECT json_object_agg(p, pg_blocking_pids(p)) FROM unnest($1::int4[]) AS p), '{}')`
+
+// snapshot is one reading of the advisory locks.
+type snapshot struct {
+	rows      []advisory.Holder       // as advisory.AllHolders or Holders orders them
+	blockedBy map[int32][]int32       // a waiting pid: the pids that block it
+	tools     map[advisory.Key]string // keys of other tools: the tool
+	now       time.Time               // the server's clock, just after rows were read
+}
+
+// statusSource reads snapshots over one connection, made when first needed
+// and again after a reading failed.
+type statusSource struct {
+	cn  *conn
+	cfg *pgx.ConnConfig
+	key *advisory.Key // nil: every key
+	db  *pgx.Conn
+}
+
+// read takes a snapshot. On failure it closes the connection, so that the
+// next read connects again, and returns a one-line error without secrets.
+func (s *statusSource) read(ctx context.Context) (*snapshot, error) {
+	if s.db == nil {
+		db, err := pgx.ConnectConfig(ctx, s.cfg)
+		if err != nil {
+			return nil, s.cn.connectError(s.cfg, err)
+		}
+		s.db = db
+	}
+	snap, err := s.query(ctx)
+	if err != nil {
+		s.close()
+		return nil, s.cn.errorf("%v", err)
+	}
+	return snap, nil
+}
+
+func (s *statusSource) query(ctx context.Context) (*snapshot, error) {
+	var (
+		snap = &snapshot{}
+		err  error
+	)
+	if s.key != nil {
+		snap.rows, err = advisory.Holders(ctx, s.db, *s.key)
+	} else {
+		snap.rows, err = advisory.AllHolders(ctx, s.db)
+	}
+	if err != nil {
+		return nil, err
+	}
+	waiting := []int32{}
+	for _, h := range snap.rows {
+		if !h.Granted && !slices.Contains(waiting, h.PID) {
+			waiting = append(waiting, h.PID)
+		}
+	}
+	var database string
+	if err := s.db.QueryRow(ctx, statusSQL, waiting).Scan(&database, &snap.now, &snap.blockedBy); err != nil {
+		return nil, fmt.Errorf("reading pg_blocking_pids: %w", err)
+	}
+	snap.tools = knownToolKeys(database)
+	return snap, nil
+}
+
+// close closes the connection, if any.
+func (s *statusSource) close() {
+	if s.db != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		defer cancel()
+		_ = s.db.Close(ctx)
+		s.db = nil
+	}
+}
+
+// statusView is how a snapshot is shown.
+type statusView struct {
+	json bool
+	keys bool   // --keys: every held key on its own line
+	what string // the key of --key, --id or --pair as messages name it; "" for every key
+	name string // the NAME of --key
+}
+
+// write prints snap: a table, or the JSON array.
+func (v *statusView) write(w io.Writer, snap *snapshot) error {
+	if v.json {
+		enc := json.NewEncoder(w)
+		enc.SetIndent("", "  ")
+		return enc.Encode(v.jsonRows(snap))
+	}
+	return v.writeTable(w, snap)
+}
+
+// writeTable prints the sessions as a tree, or a sentence when there is no
+// lock.
+func (v *statusView) writeTable(w io.Writer, snap *snapshot) error {
+	if len(snap.rows) == 0 {
+		if v.what != "" {
+			_, err := fmt.Fprintf(w, "no session holds or waits for %s\n", v.what)
+			return err
+		}
+		_, err := fmt.Fprintln(w, "no advisory locks held or awaited in this database")
+		return err
+	}
+	if v.name != "" {
+		fmt.Fprintf(w, "key %s\n", v.what)
+	}
+	return writeTree(w, sessionTree(snap), snap, v.keys)
 }
 
 // holderJSON is one element of "pglock status --json".
@@ -105,20 +251,24 @@ type holderJSON struct {
 	Mode            string     `json:"mode"` // "exclusive" or "shared"
 	Granted         bool       `json:"granted"`
 	PID             int32      `json:"pid"`
+	BlockedBy       []int32    `json:"blocked_by"` // a waiter's pg_blocking_pids; [] for a holder
 	ApplicationName string     `json:"application_name"`
 	ClientAddr      string     `json:"client_addr"`
 	State           string     `json:"state"`
 	Since           *time.Time `json:"since"`
+	HeldSeconds     *float64   `json:"held_seconds,omitempty"`    // a holder: seconds since Since
+	WaitingSeconds  *float64   `json:"waiting_seconds,omitempty"` // a waiter: seconds since Since
 	BackendStart    *time.Time `json:"backend_start"`
 }
 
-func writeJSON(w io.Writer, hs []advisory.Holder, name string, tools map[advisory.Key]string) error {
-	out := make([]holderJSON, 0, len(hs))
-	for _, h := range hs {
+// jsonRows is snap as "pglock status --json" prints it.
+func (v *statusView) jsonRows(snap *snapshot) []holderJSON {
+	out := make([]holderJSON, 0, len(snap.rows))
+	for _, h := range snap.rows {
 		classid, objid, objsubid := h.Key.LockRow()
 		j := holderJSON{
-			Key: h.Key.String(), Name: name, Tool: tools[h.Key], ClassID: classid, ObjID: objid, ObjSubID: objsubid,
-			Mode: h.Mode.String(), Granted: h.Granted, PID: h.PID,
+			Key: h.Key.String(), Name: v.name, Tool: snap.tools[h.Key], ClassID: classid, ObjID: objid, ObjSubID: objsubid,
+			Mode: h.Mode.String(), Granted: h.Granted, PID: h.PID, BlockedBy: []int32{},
 			ApplicationName: h.ApplicationName, ClientAddr: h.ClientAddr, State: h.State,
 			Since: timeOrNil(h.Since), BackendStart: timeOrNil(h.BackendStart),
 		}
@@ -128,11 +278,18 @@ func writeJSON(w io.Writer, hs []advisory.Holder, name string, tools map[advisor
 		if a, b, ok := h.Key.Pair(); ok {
 			j.Pair = []int32{a, b}
 		}
+		secs := secondsSince(snap.now, h.Since)
+		if h.Granted {
+			j.HeldSeconds = secs
+		} else {
+			j.WaitingSeconds = secs
+			if pids := snap.blockedBy[h.PID]; pids != nil {
+				j.BlockedBy = pids
+			}
+		}
 		out = append(out, j)
 	}
-	enc := json.NewEncoder(w)
-	enc.SetIndent("", "  ")
-	return enc.Encode(out)
+	return out
 }
 
 func timeOrNil(t time.Time) *time.Time {
@@ -142,38 +299,13 @@ func timeOrNil(t time.Time) *time.Time {
 	return &t
 }
 
-func writeTable(w io.Writer, hs []advisory.Holder, name, what string, oneKey bool, tools map[advisory.Key]string) error {
-	if len(hs) == 0 {
-		if oneKey {
-			_, err := fmt.Fprintf(w, "no session holds or waits for %s\n", what)
-			return err
-		}
-		_, err := fmt.Fprintln(w, "no advisory locks held or awaited in this database")
-		return err
+// secondsSince is now-t in seconds to the millisecond, nil for an unknown t.
+func secondsSince(now, t time.Time) *float64 {
+	if t.IsZero() {
+		return nil
 	}
-	if name != "" {
-		fmt.Fprintf(w, "key %s\n", what)
-	}
-	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "KEY\tMODE\tSTATUS\tPID\tFOR\tCONNECTED\tCLIENT\tAPPLICATION")
-	now := time.Now()
-	for _, h := range hs {
-		status := "held"
-		if !h.Granted {
-			status = "waiting"
-		}
-		client := h.ClientAddr
-		if client == "" {
-			client = "-"
-		}
-		key := h.Key.String()
-		if tool := tools[h.Key]; tool != "" {
-			key += " (" + tool + ")"
-		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%s\t%s\t%s\t%s\n", key, h.Mode, status, h.PID,
-			age(now, h.Since), age(now, h.BackendStart), client, h.ApplicationName)
-	}
-	return tw.Flush()
+	s := math.Round(max(now.Sub(t), 0).Seconds()*1000) / 1000
+	return &s
 }
 
 // age is now-t rounded for people, "-" for an unknown t.
