@@ -4,6 +4,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -77,4 +78,40 @@ func processesMentioning(t *testing.T, s string) []string {
 		}
 	}
 	return out
+}
+
+// A demo interrupted while it starts its server (as by Ctrl-C) says so,
+// exits 130, and leaves no server and no files behind.
+func TestDemoInterrupted(t *testing.T) {
+	e := newEnv(t)
+	tmp, err := os.MkdirTemp("", "pglock-demo-test-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(tmp) })
+	if err := os.Chmod(tmp, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	p := e.start([]string{"TMPDIR=" + tmp}, "", "demo")
+	e.await("the demo's initdb running", func() (bool, error) {
+		for _, cmdline := range processesMentioning(t, tmp) {
+			if strings.Contains(cmdline, "initdb") {
+				return true, nil
+			}
+		}
+		return false, nil
+	})
+	if err := p.cmd.Process.Signal(syscall.SIGINT); err != nil {
+		t.Fatal(err)
+	}
+	e.wait(p)
+	e.want(p, 128+2)
+	stderr := p.stderr.String()
+	if !strings.Contains(stderr, "interrupted") || strings.Count(stderr, "\n") != 1 || strings.Contains(stderr, "initdb") {
+		t.Errorf("stderr = %q, want one line saying the demo was interrupted", stderr)
+	}
+	e.await("the interrupted demo's files and processes gone", func() (bool, error) {
+		left, err := os.ReadDir(tmp)
+		return len(left) == 0 && len(processesMentioning(t, tmp)) == 0, err
+	})
 }

@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"runtime/debug"
 	"strings"
 )
 
@@ -37,6 +38,8 @@ Usage:
   pglock status [--key NAME | --id N | --pair A,B] [--json] [--dsn DSN]
   pglock key NAME...
   pglock demo [--dsn DSN]
+  pglock help [COMMAND]
+  pglock --version
 
 Commands:
   run     run CMD while holding the lock; exit with CMD's status
@@ -85,8 +88,19 @@ func pglock(args []string, stdout, stderr io.Writer) int {
 		return cmdKey(args[1:], stdout, stderr)
 	case "demo":
 		return cmdDemo(args[1:], stdout, stderr)
-	case "-h", "-help", "--help", "help":
+	case watchdogArg:
+		return watchdog(os.Stdin)
+	case "help":
+		if len(args) > 1 && args[1] != "help" {
+			return pglock([]string{args[1], "--help"}, stdout, stderr)
+		}
 		fmt.Fprint(stdout, usage)
+		return exitOK
+	case "-h", "-help", "--help":
+		fmt.Fprint(stdout, usage)
+		return exitOK
+	case "-version", "--version", "version":
+		fmt.Fprintln(stdout, "pglock", version())
 		return exitOK
 	}
 	fmt.Fprintf(stderr, "pglock: unknown command %q\n\n%s", args[0], usage)
@@ -118,7 +132,7 @@ func (c *command) parse(args []string, stdout, stderr io.Writer) int {
 		c.help(stdout)
 		return exitOK
 	}
-	return c.usageError(stderr, err.Error())
+	return c.usageError(stderr, dashDash(err.Error()))
 }
 
 // help prints the command's full help.
@@ -148,4 +162,20 @@ func (c *command) usageError(stderr io.Writer, msg string) int {
 // oneLine turns a message into a single line.
 func oneLine(s string) string {
 	return strings.Join(strings.Fields(s), " ")
+}
+
+// version is the module version pglock was built from ("(devel)" for a
+// build in a working tree), with the VCS revision when Go recorded one.
+func version() string {
+	bi, ok := debug.ReadBuildInfo()
+	if !ok {
+		return "(unknown version)"
+	}
+	v := bi.Main.Version
+	for _, s := range bi.Settings {
+		if s.Key == "vcs.revision" {
+			v += " " + s.Value
+		}
+	}
+	return v
 }

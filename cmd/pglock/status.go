@@ -28,8 +28,8 @@ session that keeps sending statements, as pglock run's health check does,
 shows a short time) and CONNECTED bounds how long it can have held it.
 --json prints a JSON array for scripts (times in RFC 3339, null unknown).
 `)
-	kf := addKeyFlags(c.fs)
-	dsn := c.fs.String("dsn", "", "connection string `DSN` (default: DATABASE_URL, else the PG* environment)")
+	kf := addKeyFlags(c.fs, "show only")
+	dsn := addDSNFlag(c.fs, "connection string `DSN` (default: DATABASE_URL, else the PG* environment)")
 	asJSON := c.fs.Bool("json", false, "print JSON instead of a table")
 	if code := c.parse(args, stdout, stderr); code >= 0 {
 		return code
