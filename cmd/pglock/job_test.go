@@ -22,11 +22,12 @@ const childEnv = "PGLOCK_TEST_CHILD"
 
 // sigCount is a CMD that appends to the file "marks" in its working
 // directory a line "start", then one line per signal it gets: "int" for
-// SIGINT, "quit" for SIGQUIT, and "term" for SIGTERM, after which it exits 0.
+// SIGINT, "quit" for SIGQUIT, "hup" for SIGHUP, and "term" for SIGTERM,
+// after which it exits 0.
 // Unlike a shell trap, it counts two signals that come close together.
 func sigCount() int {
 	sigs := make(chan os.Signal, 16)
-	signal.Notify(sigs, syscall.SIGINT, syscall.SIGQUIT, syscall.SIGTERM)
+	signal.Notify(sigs, syscall.SIGINT, syscall.SIGQUIT, syscall.SIGHUP, syscall.SIGTERM)
 	mark := func(line string) {
 		f, err := os.OpenFile("marks", os.O_APPEND|os.O_CREATE|os.O_WRONLY, 0o644)
 		if err == nil {
@@ -41,6 +42,8 @@ func sigCount() int {
 			mark("int")
 		case syscall.SIGQUIT:
 			mark("quit")
+		case syscall.SIGHUP:
+			mark("hup")
 		default:
 			mark("term")
 			return 0
@@ -101,12 +104,42 @@ func (e *env) awaitPIDs(n int) []int {
 
 // alive reports whether process pid runs: it exists and is not a zombie.
 func alive(pid int) bool {
+	s := procState(pid)
+	return s != 0 && s != 'Z' && s != 'X'
+}
+
+// procState is the state letter of process pid in /proc (R, S, T, Z, ...),
+// 0 if there is no such process.
+func procState(pid int) byte {
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
 	if err != nil {
-		return false
+		return 0
 	}
 	_, rest, _ := strings.Cut(string(b), ") ")
-	return rest != "" && rest[0] != 'Z' && rest[0] != 'X'
+	if rest == "" {
+		return 0
+	}
+	return rest[0]
+}
+
+// pending reports whether sig is pending for process pid as a whole.
+func pending(t *testing.T, pid int, sig syscall.Signal) bool {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		if hex, ok := strings.CutPrefix(l, "ShdPnd:"); ok {
+			mask, err := strconv.ParseUint(strings.TrimSpace(hex), 16, 64)
+			if err != nil {
+				t.Fatal(err)
+			}
+			return mask&(1<<(sig-1)) != 0
+		}
+	}
+	t.Fatalf("no ShdPnd in /proc/%d/status", pid)
+	return false
 }
 
 // noneAlive fails the test for every pid that still runs.
@@ -232,22 +265,41 @@ func TestRunTerminalSignalsOnce(t *testing.T) {
 			e.startProc(p)
 			marks := filepath.Join(e.dir, "marks")
 			e.awaitFile(marks, "start")
+			// pglock is stopped while the Ctrl-C is typed, so that a copy it
+			// would pass on comes long after the terminal's own: two signals
+			// close together could merge into one in CMD and hide the
+			// duplicate.
+			if err := p.cmd.Process.Signal(syscall.SIGSTOP); err != nil {
+				t.Fatal(err)
+			}
+			e.await("pglock stopped", func() (bool, error) { return procState(p.cmd.Process.Pid) == 'T', nil })
 			if _, err := master.Write([]byte{0x03}); err != nil { // Ctrl-C
 				t.Fatal(err)
 			}
+			e.await("the Ctrl-C's SIGINT pending for pglock", func() (bool, error) {
+				return pending(t, p.cmd.Process.Pid, syscall.SIGINT), nil
+			})
+			if err := p.cmd.Process.Signal(syscall.SIGCONT); err != nil {
+				t.Fatal(err)
+			}
 			e.awaitFile(marks, "int")
+			// pglock handles its signals in order: a copy of the SIGINT it
+			// passed on would reach CMD before this SIGHUP.
+			if err := p.cmd.Process.Signal(syscall.SIGHUP); err != nil {
+				t.Fatal(err)
+			}
+			e.awaitFile(marks, "hup")
 			if _, err := master.Write([]byte{0x1c}); err != nil { // Ctrl-\
 				t.Fatal(err)
 			}
 			e.awaitFile(marks, "quit")
-			// pglock handles its signals in order: a duplicate of either
-			// would be passed on before this SIGTERM.
+			// Likewise a copy of the SIGQUIT would come before this SIGTERM.
 			if err := p.cmd.Process.Signal(syscall.SIGTERM); err != nil {
 				t.Fatal(err)
 			}
 			e.wait(p)
 			e.want(p, 0)
-			if got, want := readLines(t, marks), []string{"start", "int", "quit", "term"}; !slices.Equal(got, want) {
+			if got, want := readLines(t, marks), []string{"start", "int", "hup", "quit", "term"}; !slices.Equal(got, want) {
 				t.Errorf("CMD saw %q, want %q: each terminal signal once", got, want)
 			}
 		})

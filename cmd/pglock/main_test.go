@@ -255,6 +255,9 @@ func (e *env) start(extraEnv []string, stdin string, args ...string) *proc {
 func (e *env) startProc(p *proc) *proc {
 	e.t.Helper()
 	p.cmd.Dir = e.dir
+	// Processes pglock left behind may hold its stdout and stderr open:
+	// Wait returns this long after pglock exited even then (a hang guard).
+	p.cmd.WaitDelay = 10 * time.Second
 	p.started = time.Now()
 	if err := p.cmd.Start(); err != nil {
 		e.t.Fatal(err)
