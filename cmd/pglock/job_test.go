@@ -102,6 +102,14 @@ func (e *env) awaitPIDs(n int) []int {
 	return pids
 }
 
+// signal sends s to pglock.
+func (e *env) signal(p *proc, s syscall.Signal) {
+	e.t.Helper()
+	if err := p.cmd.Process.Signal(s); err != nil {
+		e.t.Fatalf("signal %v to pglock: %v", s, err)
+	}
+}
+
 // alive reports whether process pid runs: it exists and is not a zombie.
 func alive(pid int) bool {
 	s := procState(pid)
@@ -269,9 +277,7 @@ func TestRunTerminalSignalsOnce(t *testing.T) {
 			// would pass on comes long after the terminal's own: two signals
 			// close together could merge into one in CMD and hide the
 			// duplicate.
-			if err := p.cmd.Process.Signal(syscall.SIGSTOP); err != nil {
-				t.Fatal(err)
-			}
+			e.signal(p, syscall.SIGSTOP)
 			e.await("pglock stopped", func() (bool, error) { return procState(p.cmd.Process.Pid) == 'T', nil })
 			if _, err := master.Write([]byte{0x03}); err != nil { // Ctrl-C
 				t.Fatal(err)
@@ -279,24 +285,18 @@ func TestRunTerminalSignalsOnce(t *testing.T) {
 			e.await("the Ctrl-C's SIGINT pending for pglock", func() (bool, error) {
 				return pending(t, p.cmd.Process.Pid, syscall.SIGINT), nil
 			})
-			if err := p.cmd.Process.Signal(syscall.SIGCONT); err != nil {
-				t.Fatal(err)
-			}
+			e.signal(p, syscall.SIGCONT)
 			e.awaitFile(marks, "int")
 			// pglock handles its signals in order: a copy of the SIGINT it
 			// passed on would reach CMD before this SIGHUP.
-			if err := p.cmd.Process.Signal(syscall.SIGHUP); err != nil {
-				t.Fatal(err)
-			}
+			e.signal(p, syscall.SIGHUP)
 			e.awaitFile(marks, "hup")
 			if _, err := master.Write([]byte{0x1c}); err != nil { // Ctrl-\
 				t.Fatal(err)
 			}
 			e.awaitFile(marks, "quit")
 			// Likewise a copy of the SIGQUIT would come before this SIGTERM.
-			if err := p.cmd.Process.Signal(syscall.SIGTERM); err != nil {
-				t.Fatal(err)
-			}
+			e.signal(p, syscall.SIGTERM)
 			e.wait(p)
 			e.want(p, 0)
 			if got, want := readLines(t, marks), []string{"start", "int", "hup", "quit", "term"}; !slices.Equal(got, want) {
@@ -314,9 +314,7 @@ func TestRunSIGQUIT(t *testing.T) {
 	holder := e.hold(key, false)
 	p := e.start(nil, "", "run", e.dsnArg(), "--key", "quit", "--", "touch", "ran")
 	e.awaitHolders(key, 1, 1)
-	if err := p.cmd.Process.Signal(syscall.SIGQUIT); err != nil {
-		t.Fatal(err)
-	}
+	e.signal(p, syscall.SIGQUIT)
 	e.wait(p)
 	e.want(p, 128+3)
 	if fileExists(filepath.Join(e.dir, "ran")) || strings.Contains(p.stderr.String(), "goroutine") {
@@ -328,13 +326,9 @@ func TestRunSIGQUIT(t *testing.T) {
 	p = e.start(childEnv, "", append([]string{"run", e.dsnArg(), "--key", "quit", "--"}, argv...)...)
 	marks := filepath.Join(e.dir, "marks")
 	e.awaitFile(marks, "start")
-	if err := p.cmd.Process.Signal(syscall.SIGQUIT); err != nil {
-		t.Fatal(err)
-	}
+	e.signal(p, syscall.SIGQUIT)
 	e.awaitFile(marks, "quit")
-	if err := p.cmd.Process.Signal(syscall.SIGTERM); err != nil {
-		t.Fatal(err)
-	}
+	e.signal(p, syscall.SIGTERM)
 	e.wait(p)
 	e.want(p, 0)
 }
