@@ -12,7 +12,6 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
-	"unsafe"
 )
 
 // job is CMD, run under the lock, and the processes it starts.
@@ -38,19 +37,16 @@ type job struct {
 	wdPipe     *os.File      // the watchdog's stdin; its only write end
 }
 
-// prSetChildSubreaper is prctl's PR_SET_CHILD_SUBREAPER.
-const prSetChildSubreaper = 36
-
 // startJob starts argv with pglock's stdin, stdout and stderr. It fails as
 // exec.Cmd.Start does, or if the watchdog cannot be started (then CMD is not
 // started either).
 func startJob(argv []string, foreground bool) (*job, error) {
 	j := &job{cmd: exec.Command(argv[0], argv[1:]...), foreground: foreground, done: make(chan struct{})}
 	j.cmd.Stdin, j.cmd.Stdout, j.cmd.Stderr = os.Stdin, os.Stdout, os.Stderr
-	j.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: !foreground, Pdeathsig: syscall.SIGKILL}
+	j.cmd.SysProcAttr = sysProcAttr(foreground)
 	if !foreground {
-		if _, _, errno := syscall.RawSyscall(syscall.SYS_PRCTL, prSetChildSubreaper, 1, 0); errno != 0 {
-			return nil, fmt.Errorf("cannot become the subreaper of CMD's processes: %w", errno)
+		if err := becomeSubreaper(); err != nil {
+			return nil, fmt.Errorf("cannot become the subreaper of CMD's processes: %w", err)
 		}
 		if err := j.startWatchdog(); err != nil {
 			return nil, err
@@ -137,20 +133,6 @@ func (j *job) status() int {
 // close ends the watchdog once the job has ended.
 func (j *job) close() { j.stopWatchdog() }
 
-// reapGroup waits for every exited child of pglock in process group pgid,
-// without blocking.
-func reapGroup(pgid int) {
-	const pPGID, wExited, wNoHang = 2, 4, 1
-	for {
-		var info [128]byte // siginfo_t; si_pid at offset 16 on Linux
-		_, _, errno := syscall.Syscall6(syscall.SYS_WAITID, pPGID, uintptr(pgid),
-			uintptr(unsafe.Pointer(&info[0])), wExited|wNoHang, 0, 0)
-		if errno != 0 || *(*int32)(unsafe.Pointer(&info[16])) == 0 {
-			return
-		}
-	}
-}
-
 // watchdogArg is the hidden command that runs pglock as a job's watchdog.
 const watchdogArg = "__watchdog"
 
@@ -163,7 +145,7 @@ func (j *job) startWatchdog() error {
 	if err != nil {
 		return err
 	}
-	wd := exec.Command("/proc/self/exe", watchdogArg)
+	wd := exec.Command(selfExe(), watchdogArg)
 	wd.Stdin, wd.Dir = r, "/"
 	wd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
 	err = wd.Start()

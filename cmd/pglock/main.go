@@ -33,8 +33,9 @@ const usage = `pglock: flock(1) for a fleet, backed by PostgreSQL advisory locks
 
 Usage:
   pglock run (--key NAME | --id N | --pair A,B) [--shared] [--no-wait]
-             [--timeout DUR] [--ttl DUR] [--grace DUR]
-             [--conflict-exit-code N] [--dsn DSN] -- CMD [ARG...]
+             [--timeout DUR] [--ttl DUR] [--grace DUR] [--foreground]
+             [--conflict-exit-code N] [--app-name NAME] [--dsn DSN]
+             -- CMD [ARG...]
   pglock status [--key NAME | --id N | --pair A,B] [--json] [--dsn DSN]
   pglock key NAME...
   pglock demo [--dsn DSN]
@@ -59,11 +60,13 @@ Exit status of run:
   CMD's status  CMD ran while the lock was held (128+N if signal N killed it)
   75            the lock was not acquired: busy with --no-wait, or --timeout
                 passed (--conflict-exit-code N changes it)
-  76            the lock was lost, or its --ttl passed, while CMD ran: CMD got
-                SIGTERM (SIGKILL after --grace) and a reason went to stderr
+  76            the lock was lost, or its --ttl passed, while CMD ran: CMD's
+                process group got SIGTERM (SIGKILL after --grace), and once
+                it was empty a reason went to stderr
   126, 127      CMD could not be run (not executable, not found)
   128+N         pglock got signal N while waiting for the lock
-  1             pglock failed (cannot connect, server error); CMD did not run
+  1             pglock failed (cannot connect, server error, the connection
+                stalled while waiting); CMD did not run
   2             usage error
 
 Run "pglock COMMAND --help" for a command's options.
