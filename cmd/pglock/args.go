@@ -14,26 +14,29 @@ import (
 
 // keyFlags are --key NAME, --id N and --pair A,B: at most one may be given.
 type keyFlags struct {
-	given []string // "--key NAME", ... in the order given
-	key   advisory.Key
-	name  string // the NAME of --key, for messages
+	given     []string // "--key NAME", ... in the order given
+	key       advisory.Key
+	name      string // the NAME of --key, for messages
+	emptyName *bool  // --empty-key: an empty NAME is meant
 }
 
-// addKeyFlags defines --key, --id and --pair on fs.
-func addKeyFlags(fs *flag.FlagSet) *keyFlags {
+// addKeyFlags defines --key, --id, --pair and --empty-key on fs. verb says
+// what the command does with the key ("lock", "show").
+func addKeyFlags(fs *flag.FlagSet, verb string) *keyFlags {
 	k := &keyFlags{}
-	fs.Func("key", "lock the name `NAME` (its XXH64 hash, as `pglock key` prints it)", func(s string) error {
+	fs.Func("key", verb+" the name `NAME` (its XXH64 hash, as `pglock key` prints it)", func(s string) error {
 		k.given = append(k.given, "--key")
 		k.key, k.name = advisory.StringKey(s), s
 		return nil
 	})
-	fs.Func("id", "lock the bigint key `N`", func(s string) error {
+	k.emptyName = fs.Bool("empty-key", false, "allow --key '' (an empty NAME is refused, as it is usually an unset variable)")
+	fs.Func("id", verb+" the bigint key `N`", func(s string) error {
 		k.given = append(k.given, "--id")
 		key, err := parseID(s)
 		k.key = key
 		return err
 	})
-	fs.Func("pair", "lock the two-int4 key `A,B`", func(s string) error {
+	fs.Func("pair", verb+" the two-int4 key `A,B`", func(s string) error {
 		k.given = append(k.given, "--pair")
 		key, err := parsePair(s)
 		k.key = key
@@ -50,6 +53,8 @@ func (k *keyFlags) check(required bool) string {
 		return "give only one of --key, --id, --pair (got " + strings.Join(k.given, ", ") + ")"
 	case len(k.given) == 0 && required:
 		return "missing the key: give --key NAME, --id N or --pair A,B"
+	case len(k.given) == 1 && k.given[0] == "--key" && k.name == "" && !*k.emptyName:
+		return "--key '': the NAME is empty (an unset variable?); add --empty-key if you mean the empty name"
 	}
 	return ""
 }
@@ -63,9 +68,10 @@ func (k *keyFlags) describe() string {
 	return k.key.String()
 }
 
-// parseID parses the decimal bigint of --id.
+// parseID parses the decimal bigint of --id, spaces allowed around it (as
+// around each number of --pair).
 func parseID(s string) (advisory.Key, error) {
-	v, err := strconv.ParseInt(s, 10, 64)
+	v, err := strconv.ParseInt(strings.TrimSpace(s), 10, 64)
 	if err != nil {
 		return advisory.Key{}, fmt.Errorf("want a decimal integer from %d to %d", int64(-1<<63), int64(1<<63-1))
 	}
@@ -129,4 +135,31 @@ func (f *durationFlag) Set(s string) error {
 	}
 	f.d, f.set = d, true
 	return nil
+}
+
+// exitCodeFlag is a flag.Value for an exit status from 0 to 255.
+type exitCodeFlag int
+
+func (f *exitCodeFlag) String() string {
+	if f == nil {
+		return ""
+	}
+	return strconv.Itoa(int(*f))
+}
+
+func (f *exitCodeFlag) Set(s string) error {
+	v, err := strconv.Atoi(strings.TrimSpace(s))
+	if err != nil || v < 0 || v > 255 {
+		return errors.New("want an exit status: a whole number from 0 to 255")
+	}
+	*f = exitCodeFlag(v)
+	return nil
+}
+
+// flagNames matches the "-name" the flag package writes in its messages.
+var flagNames = regexp.MustCompile(`(flag provided but not defined: |flag needs an argument: |for flag |for )-([A-Za-z])`)
+
+// dashDash makes a flag package message name flags as the docs do: --name.
+func dashDash(msg string) string {
+	return flagNames.ReplaceAllString(msg, "$1--$2")
 }

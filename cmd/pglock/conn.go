@@ -3,17 +3,21 @@ package main
 import (
 	"context"
 	"errors"
+	"flag"
 	"fmt"
+	"net"
 	"net/url"
 	"os"
 	"regexp"
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 	"unicode/utf8"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 )
 
@@ -31,6 +35,20 @@ type conn struct {
 	dsn     string // "" means: the libpq PG* environment variables
 	from    string // "--dsn", "DATABASE_URL" or "PG* environment"
 	secrets []string
+}
+
+// addDSNFlag defines --dsn on fs. An empty DSN is refused: pgx would read
+// it as "use the PG* environment", which a --dsn "$UNSET" never means.
+func addDSNFlag(fs *flag.FlagSet, usage string) *string {
+	dsn := new(string)
+	fs.Func("dsn", usage, func(s string) error {
+		if strings.TrimSpace(s) == "" {
+			return errors.New("empty connection string: give a DSN, or leave --dsn out to use DATABASE_URL or the PG* environment")
+		}
+		*dsn = s
+		return nil
+	})
+	return dsn
 }
 
 // connFrom picks the connection string: --dsn, else DATABASE_URL, else the
@@ -114,13 +132,51 @@ func (c *conn) addSecret(s string) {
 	}
 }
 
-// passwordKV finds password=VALUE in keyword/value strings and URL queries.
-var passwordKV = regexp.MustCompile(`password\s*=\s*('(?:[^'\\]|\\.)*'|[^\s&]*)`)
+// passwordKV finds the start of password=VALUE in keyword/value strings and
+// URL queries; passwordValue reads VALUE from there.
+var passwordKV = regexp.MustCompile(`password\s*=\s*`)
+
+// libpqKey matches " KEY=" for a keyword libpq or pgx recognises: an unquoted
+// password in a keyword/value string runs up to the next one, so that
+// "password=Sup3r S3cret host=db" is redacted whole although it does not
+// parse.
+var libpqKey = regexp.MustCompile(`\s+(host|hostaddr|port|dbname|user|password|passfile|channel_binding|` +
+	`connect_timeout|client_encoding|options|application_name|fallback_application_name|keepalives|` +
+	`keepalives_idle|keepalives_interval|keepalives_count|tcp_user_timeout|replication|gssencmode|` +
+	`sslmode|sslnegotiation|requiressl|sslcompression|sslcert|sslkey|sslpassword|sslcertmode|sslrootcert|` +
+	`sslcrl|sslcrldir|sslsni|requirepeer|ssl_min_protocol_version|ssl_max_protocol_version|krbsrvname|` +
+	`gsslib|gssdelegation|service|target_session_attrs|load_balance_hosts|min_read_buffer_size|` +
+	`search_path|statement_cache_capacity|description_cache_capacity|default_query_exec_mode)\s*=`)
+
+// quotedValue is a quoted keyword/value value (its closing quote may be
+// missing in a string that does not parse).
+var quotedValue = regexp.MustCompile(`^'(?:[^'\\]|\\.)*'?`)
+
+// passwordValue returns the VALUE of password=VALUE at the start of s: a
+// quoted value up to its closing quote; in a URL query up to the next "&"
+// or space; otherwise up to the next recognised keyword (or the end).
+func passwordValue(s string, inURL bool) string {
+	if strings.HasPrefix(s, "'") {
+		return quotedValue.FindString(s)
+	}
+	if inURL {
+		if i := strings.IndexAny(s, "& \t\n"); i >= 0 {
+			return s[:i]
+		}
+		return s
+	}
+	if loc := libpqKey.FindStringIndex(s); loc != nil {
+		s = s[:loc[0]]
+	}
+	return strings.TrimRight(s, " \t\r\n")
+}
 
 // dsnSecrets returns every string in dsn that may be a password, also when
 // dsn cannot be parsed: the userinfo password of a URL (raw and decoded,
 // taking the last "@" and the first "@" as its end) and password=VALUE
-// settings (quoted and unquoted).
+// settings (quoted and unquoted; an unquoted one with spaces also word by
+// word, as parse errors quote single words, but words under 3 bytes are
+// left out so that messages stay readable).
 func dsnSecrets(dsn string) []string {
 	var out []string
 	add := func(s string) {
@@ -135,7 +191,8 @@ func dsnSecrets(dsn string) []string {
 			out = append(out, u)
 		}
 	}
-	if _, rest, ok := strings.Cut(dsn, "://"); ok {
+	_, rest, inURL := strings.Cut(dsn, "://")
+	if inURL {
 		for _, at := range []int{strings.LastIndex(rest, "@"), strings.Index(rest, "@")} {
 			if at < 0 {
 				continue
@@ -145,11 +202,19 @@ func dsnSecrets(dsn string) []string {
 			}
 		}
 	}
-	for _, m := range passwordKV.FindAllStringSubmatch(dsn, -1) {
-		v := m[1]
+	for _, loc := range passwordKV.FindAllStringIndex(dsn, -1) {
+		v := passwordValue(dsn[loc[1]:], inURL)
 		add(v)
 		if len(v) >= 2 && v[0] == '\'' && v[len(v)-1] == '\'' {
 			add(strings.NewReplacer(`\'`, `'`, `\\`, `\`).Replace(v[1 : len(v)-1]))
+			continue
+		}
+		if words := strings.Fields(v); len(words) > 1 {
+			for _, w := range words {
+				if len(w) >= 3 {
+					add(w)
+				}
+			}
 		}
 	}
 	return out
@@ -174,4 +239,50 @@ func appName(s string) string {
 		cut--
 	}
 	return s[:cut]
+}
+
+// sockets keeps the network connections a pool dials, so that pglock can
+// close them when the server stops answering: a read blocked on a stalled
+// connection then fails at once.
+type sockets struct {
+	mu     sync.Mutex
+	conns  []net.Conn
+	closed bool // closeAll was called
+}
+
+// track makes cfg's connections dial through s.
+func (s *sockets) track(cfg *pgconn.Config) {
+	dial := cfg.DialFunc
+	cfg.DialFunc = func(ctx context.Context, network, addr string) (net.Conn, error) {
+		c, err := dial(ctx, network, addr)
+		if err == nil {
+			s.mu.Lock()
+			s.conns = append(s.conns, c)
+			s.mu.Unlock()
+		}
+		return c, err
+	}
+}
+
+// closeAll closes every connection dialled so far.
+func (s *sockets) closeAll() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.closed = true
+	for _, c := range s.conns {
+		_ = c.Close()
+	}
+}
+
+// closePool closes pool, unless closeAll was called: then pgx may still be
+// trying, for up to 15 s, to send a cancel request over the stalled
+// network, and pool.Close would wait for it. The process is about to exit,
+// which closes every socket anyway.
+func (s *sockets) closePool(pool *pgxpool.Pool) {
+	s.mu.Lock()
+	closed := s.closed
+	s.mu.Unlock()
+	if !closed {
+		pool.Close()
+	}
 }

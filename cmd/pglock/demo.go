@@ -47,20 +47,26 @@ stops it and removes its files at the end. With a database configured it
 runs there, on keys of its own, and leaves no lock behind. It needs the
 right to terminate its own sessions. Exits 0 when every check passed.
 `)
-	dsn := c.fs.String("dsn", "", "connection string `DSN` (default: DATABASE_URL, else the PG* environment, else a throw-away server)")
+	dsn := addDSNFlag(c.fs, "connection string `DSN` (default: DATABASE_URL, else the PG* environment, else a throw-away server)")
 	if code := c.parse(args, stdout, stderr); code >= 0 {
 		return code
 	}
 	if c.fs.NArg() > 0 {
 		return c.usageError(stderr, fmt.Sprintf("unexpected argument %q", c.fs.Arg(0)))
 	}
-	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
-	defer stop()
-	ctx, cancel := context.WithTimeout(ctx, demoTimeout)
+	ctx, cancel := context.WithTimeout(context.Background(), demoTimeout)
 	defer cancel()
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)
+	defer signal.Stop(sigs)
+	got := onSignal(sigs, cancel)
 	d := &demo{out: stdout, start: time.Now()}
 	cn := connFrom(*dsn)
 	err := d.run(ctx, cn, *dsn == "" && !configured())
+	if s := got(); s != nil {
+		fmt.Fprintf(stderr, "pglock demo: interrupted by %v; stopped, nothing left behind\n", s)
+		return exitSignal + signalNumber(s)
+	}
 	if err != nil {
 		fmt.Fprintln(stderr, "pglock demo: FAILED: "+oneLine(cn.redact(err.Error())))
 		return exitFailure

@@ -4,21 +4,13 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 )
 
 func TestDemoOwnServer(t *testing.T) {
 	e := newEnv(t)
-	// The throw-away server's files go under a TMPDIR of the test's own,
-	// reachable by the postgres user when the tests run as root.
-	tmp, err := os.MkdirTemp("", "pglock-demo-test-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(tmp) })
-	if err := os.Chmod(tmp, 0o755); err != nil {
-		t.Fatal(err)
-	}
+	tmp := demoTempDir(t)
 	p := e.pglock([]string{"TMPDIR=" + tmp}, "demo")
 	e.want(p, 0)
 	t.Logf("pglock demo took %v:\n%s", p.elapsed, p.stdout.String())
@@ -56,6 +48,21 @@ func TestDemoConfiguredDatabase(t *testing.T) {
 	// newEnv's check: no advisory lock left on the server.
 }
 
+// demoTempDir is a TMPDIR of the test's own for the demo's throw-away
+// server, reachable by the postgres user when the tests run as root.
+func demoTempDir(t *testing.T) string {
+	t.Helper()
+	tmp, err := os.MkdirTemp("", "pglock-demo-test-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(tmp) })
+	if err := os.Chmod(tmp, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	return tmp
+}
+
 // processesMentioning returns the command lines of running processes that
 // contain s.
 func processesMentioning(t *testing.T, s string) []string {
@@ -75,4 +82,31 @@ func processesMentioning(t *testing.T, s string) []string {
 		}
 	}
 	return out
+}
+
+// A demo interrupted while it starts its server (as by Ctrl-C) says so,
+// exits 130, and leaves no server and no files behind.
+func TestDemoInterrupted(t *testing.T) {
+	e := newEnv(t)
+	tmp := demoTempDir(t)
+	p := e.start([]string{"TMPDIR=" + tmp}, "", "demo")
+	e.await("the demo's initdb running", func() (bool, error) {
+		for _, cmdline := range processesMentioning(t, tmp) {
+			if strings.Contains(cmdline, "initdb") {
+				return true, nil
+			}
+		}
+		return false, nil
+	})
+	e.signal(p, syscall.SIGINT)
+	e.wait(p)
+	e.want(p, 128+2)
+	stderr := p.stderr.String()
+	if !strings.Contains(stderr, "interrupted") || strings.Count(stderr, "\n") != 1 || strings.Contains(stderr, "initdb") {
+		t.Errorf("stderr = %q, want one line saying the demo was interrupted", stderr)
+	}
+	e.await("the interrupted demo's files and processes gone", func() (bool, error) {
+		left, err := os.ReadDir(tmp)
+		return len(left) == 0 && len(processesMentioning(t, tmp)) == 0, err
+	})
 }

@@ -14,7 +14,7 @@ import (
 func FuzzParseID(f *testing.F) {
 	f.Fuzz(func(t *testing.T, s string) {
 		key, err := parseID(s)
-		v, convErr := strconv.ParseInt(s, 10, 64)
+		v, convErr := strconv.ParseInt(strings.TrimSpace(s), 10, 64)
 		if (err == nil) != (convErr == nil) {
 			t.Fatalf("parseID(%q) error %v, strconv.ParseInt error %v", s, err, convErr)
 		}

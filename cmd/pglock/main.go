@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"runtime/debug"
 	"strings"
 )
 
@@ -32,11 +33,14 @@ const usage = `pglock: flock(1) for a fleet, backed by PostgreSQL advisory locks
 
 Usage:
   pglock run (--key NAME | --id N | --pair A,B) [--shared | --slots N]
-             [--no-wait] [--timeout DUR] [--ttl DUR] [--grace DUR]
-             [--conflict-exit-code N] [--dsn DSN] -- CMD [ARG...]
+             [--no-wait] [--timeout DUR] [--ttl DUR] [--grace DUR] [--foreground]
+             [--conflict-exit-code N] [--app-name NAME] [--dsn DSN]
+             -- CMD [ARG...]
   pglock status [--key NAME | --id N | --pair A,B] [--keys] [--json] [--watch [DUR]] [--dsn DSN]
   pglock key [--slots N] NAME...
   pglock demo [--dsn DSN]
+  pglock help [COMMAND]
+  pglock --version
 
 Commands:
   run     run CMD while holding the lock; exit with CMD's status
@@ -56,11 +60,13 @@ Exit status of run:
   CMD's status  CMD ran while the lock was held (128+N if signal N killed it)
   75            the lock was not acquired: busy with --no-wait, or --timeout
                 passed (--conflict-exit-code N changes it)
-  76            the lock was lost, or its --ttl passed, while CMD ran: CMD got
-                SIGTERM (SIGKILL after --grace) and a reason went to stderr
+  76            the lock was lost, or its --ttl passed, while CMD ran: CMD's
+                process group got SIGTERM (SIGKILL after --grace), and once
+                it was empty a reason went to stderr
   126, 127      CMD could not be run (not executable, not found)
   128+N         pglock got signal N while waiting for the lock
-  1             pglock failed (cannot connect, server error); CMD did not run
+  1             pglock failed (cannot connect, server error, the connection
+                stalled while waiting); CMD did not run
   2             usage error
 
 Run "pglock COMMAND --help" for a command's options.
@@ -85,8 +91,19 @@ func pglock(args []string, stdout, stderr io.Writer) int {
 		return cmdKey(args[1:], stdout, stderr)
 	case "demo":
 		return cmdDemo(args[1:], stdout, stderr)
-	case "-h", "-help", "--help", "help":
+	case watchdogArg:
+		return watchdog(os.Stdin)
+	case "help":
+		if len(args) > 1 && args[1] != "help" {
+			return pglock([]string{args[1], "--help"}, stdout, stderr)
+		}
 		fmt.Fprint(stdout, usage)
+		return exitOK
+	case "-h", "-help", "--help":
+		fmt.Fprint(stdout, usage)
+		return exitOK
+	case "-version", "--version", "version":
+		fmt.Fprintln(stdout, "pglock", version())
 		return exitOK
 	}
 	fmt.Fprintf(stderr, "pglock: unknown command %q\n\n%s", args[0], usage)
@@ -118,7 +135,7 @@ func (c *command) parse(args []string, stdout, stderr io.Writer) int {
 		c.help(stdout)
 		return exitOK
 	}
-	return c.usageError(stderr, err.Error())
+	return c.usageError(stderr, dashDash(err.Error()))
 }
 
 // help prints the command's full help.
@@ -148,4 +165,20 @@ func (c *command) usageError(stderr io.Writer, msg string) int {
 // oneLine turns a message into a single line.
 func oneLine(s string) string {
 	return strings.Join(strings.Fields(s), " ")
+}
+
+// version is the module version pglock was built from ("(devel)" for a
+// build in a working tree), with the VCS revision when Go recorded one.
+func version() string {
+	bi, ok := debug.ReadBuildInfo()
+	if !ok {
+		return "(unknown version)"
+	}
+	v := bi.Main.Version
+	for _, s := range bi.Settings {
+		if s.Key == "vcs.revision" {
+			v += " " + s.Value
+		}
+	}
+	return v
 }

@@ -31,6 +31,9 @@ func TestMain(m *testing.M) {
 }
 
 func testMain(m *testing.M) int {
+	if os.Getenv(childEnv) == "sigcount" {
+		return sigCount()
+	}
 	dir, err := os.MkdirTemp("", "pglock-bin-")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
@@ -339,11 +342,21 @@ func (e *env) start(extraEnv []string, stdin string, args ...string) *proc {
 	e.t.Helper()
 	p := &proc{cmd: exec.Command(binary, args...), done: make(chan struct{})}
 	p.cmd.Env = append(baseEnv(), extraEnv...)
-	p.cmd.Dir = e.dir
 	p.cmd.Stdout, p.cmd.Stderr = &p.stdout, &p.stderr
 	if stdin != "" {
 		p.cmd.Stdin = strings.NewReader(stdin)
 	}
+	return e.startProc(p)
+}
+
+// startProc starts p.cmd, prepared by the caller, in the test's scratch
+// directory, and kills it if it still runs when the test ends.
+func (e *env) startProc(p *proc) *proc {
+	e.t.Helper()
+	p.cmd.Dir = e.dir
+	// Processes pglock left behind may hold its stdout and stderr open:
+	// Wait returns this long after pglock exited even then (a hang guard).
+	p.cmd.WaitDelay = 10 * time.Second
 	p.started = time.Now()
 	if err := p.cmd.Start(); err != nil {
 		e.t.Fatal(err)

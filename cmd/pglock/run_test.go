@@ -35,20 +35,36 @@ func TestRunExitStatus(t *testing.T) {
 	e.want(e.pglock(nil, "run", e.dsnArg(), "--key", "x", "--", "./no-such-command"), exitNotFound)
 	touch(t, filepath.Join(e.dir, "not-executable"))
 	e.want(e.pglock(nil, "run", e.dsnArg(), "--key", "x", "--", "./not-executable"), exitNoExec)
-	// CMD runs with the lock held, on a session named after it.
+	// CMD runs with the lock held, on a session named after its program,
+	// never its arguments (every database user can read
+	// pg_stat_activity); --app-name names it instead.
 	key := advisory.StringKey("held-while-running")
 	marks := filepath.Join(e.dir, "marks")
-	p = e.start(nil, "", "run", e.dsnArg(), "--key", "held-while-running", "--",
-		"sh", "-c", `echo start >> marks; while [ ! -e release ]; do sleep 0.01; done`)
-	e.awaitFile(marks, "start")
-	hs := e.awaitHolders(key, 1, 0)
-	want := `pglock run: sh -c echo start >> marks; while [ ! -e release ]; do`
-	if hs[0].ApplicationName != want[:63] || hs[0].Mode != advisory.ModeExclusive {
-		t.Errorf("holder %+v: want exclusive, application_name %q", hs[0], want[:63])
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{nil, "pglock run: sh"},
+		{[]string{"--app-name", "nightly backup"}, "nightly backup"},
+	} {
+		_ = os.Remove(marks)
+		_ = os.Remove(filepath.Join(e.dir, "release"))
+		args := append([]string{"run", e.dsnArg(), "--key", "held-while-running"}, tc.args...)
+		p = e.start(nil, "", append(args, "--", "/bin/sh", "-c",
+			`echo start >> marks; while [ ! -e release ]; do sleep 0.01; done`, "sh", "--password", "hunter2")...)
+		e.awaitFile(marks, "start")
+		hs := e.awaitHolders(key, 1, 0)
+		var app string
+		if err := e.conn().QueryRow(e.ctx, "SELECT application_name FROM pg_stat_activity WHERE pid = $1", hs[0].PID).Scan(&app); err != nil {
+			t.Fatal(err)
+		}
+		if app != tc.want || hs[0].Mode != advisory.ModeExclusive {
+			t.Errorf("holder %+v with application_name %q in pg_stat_activity: want exclusive, %q", hs[0], app, tc.want)
+		}
+		touch(t, filepath.Join(e.dir, "release"))
+		e.wait(p)
+		e.want(p, 0)
 	}
-	touch(t, filepath.Join(e.dir, "release"))
-	e.wait(p)
-	e.want(p, 0)
 }
 
 func TestRunBusy(t *testing.T) {
@@ -160,8 +176,9 @@ func TestRunSharedOverlap(t *testing.T) {
 }
 
 // trapCmd is a CMD that appends "term" to marks on SIGTERM and exits 0,
-// after appending "start".
-var trapCmd = []string{"sh", "-c", `trap 'echo term >> marks; kill $p; exit 0' TERM; sleep 60 & p=$!; echo start >> marks; wait $p`}
+// after appending "start". The SIGTERM reaches its sleep as well (the whole
+// process group gets it), so the shell's complaints go to /dev/null.
+var trapCmd = []string{"sh", "-c", `exec 2>/dev/null; trap 'echo term >> marks; kill $p; exit 0' TERM; sleep 60 & p=$!; echo start >> marks; wait $p`}
 
 func TestRunLockLost(t *testing.T) {
 	e := newEnv(t)

@@ -83,6 +83,9 @@ func TestPasswordNeverShown(t *testing.T) {
 		{[]string{"DATABASE_URL=postgres://postgres:" + secret + "@127.0.0.1:1/postgres"}, []string{"demo"}, "127.0.0.1:1"},
 		{[]string{"PGPASSWORD=" + secret, "PGHOST=127.0.0.1", "PGPORT=1"}, []string{"status"}, "127.0.0.1:1"},
 		{nil, []string{"status", "--dsn", "host=127.0.0.1 port=1 password=" + secret + " sslmode=nonsense"}, "127.0.0.1"},
+		// An unquoted space in the password: redacted up to the next key.
+		{nil, []string{"run", "--dsn", "host=127.0.0.1 port=1 password=Sup3r " + secret + " sslmode=disable", "--key", "pw", "--", "true"}, "--dsn"},
+		{nil, []string{"status", "--dsn", "host=127.0.0.1 port=1 password=Sup3r " + secret}, "--dsn"},
 	} {
 		p := e.pglock(tc.env, tc.args...)
 		e.want(p, exitFailure)

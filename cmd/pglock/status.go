@@ -57,8 +57,8 @@ func cmdStatus(args []string, stdout, stderr io.Writer) int {
 	c := newCommand("status",
 		"pglock status [--key NAME | --id N | --pair A,B] [--keys] [--json] [--watch [DUR]] [--dsn DSN]",
 		statusAbout)
-	kf := addKeyFlags(c.fs)
-	dsn := c.fs.String("dsn", "", "connection string `DSN` (default: DATABASE_URL, else the PG* environment)")
+	kf := addKeyFlags(c.fs, "show only")
+	dsn := addDSNFlag(c.fs, "connection string `DSN` (default: DATABASE_URL, else the PG* environment)")
 	asJSON := c.fs.Bool("json", false, "print JSON instead of a table")
 	allKeys := c.fs.Bool("keys", false, "list every key a session holds, one a line")
 	watch := &watchFlag{}

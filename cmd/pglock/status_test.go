@@ -379,7 +379,7 @@ func TestStatusShowsRun(t *testing.T) {
 		t.Fatal(err)
 	}
 	if len(got) != 1 || got[0].Key != "pair:-1,2" || len(got[0].Pair) != 2 || got[0].Pair[0] != -1 || got[0].Pair[1] != 2 ||
-		got[0].Mode != "shared" || !strings.HasPrefix(got[0].ApplicationName, "pglock run: sh -c") {
+		got[0].Mode != "shared" || got[0].ApplicationName != "pglock run: sh" {
 		t.Errorf("status --json = %+v, want pglock run's shared hold of pair:-1,2", got)
 	}
 	s = e.pglock(nil, "status", e.dsnArg())

@@ -46,3 +46,56 @@ func TestUsage(t *testing.T) {
 		t.Errorf("pglock --help does not document exit status 76:\n%s", p.stdout.String())
 	}
 }
+
+// Command lines that look plausible but are mistakes are refused, and the
+// messages name flags as the docs do.
+func TestUsageRoughEdges(t *testing.T) {
+	e := newEnv(t)
+	for _, tc := range []struct {
+		args []string
+		want string // in stderr
+	}{
+		{[]string{"run", "--key", "", "--", "true"}, "--empty-key"},
+		{[]string{"run", "--key=", "--", "true"}, "--empty-key"},
+		{[]string{"run", "--key", "k", "--no-wait", "--timeout", "5", "--", "true"}, "not both"},
+		{[]string{"run", "--dsn", "", "--key", "k", "--", "true"}, "empty connection string"},
+		{[]string{"status", "--dsn="}, "empty connection string"},
+		{[]string{"run", "--key", "k", "--conflict-exit-code", "x", "--", "true"}, "whole number from 0 to 255"},
+		{[]string{"run", "--key", "k", "--timeout", "soon", "--", "true"}, "for flag --timeout"},
+		{[]string{"run", "--key", "k", "--no-such-flag", "--", "true"}, "not defined: --no-such-flag"},
+		{[]string{"run", "--key", "k", "--timeout"}, "argument: --timeout"},
+	} {
+		p := e.pglock(nil, tc.args...)
+		e.want(p, exitUsage)
+		if stderr := p.stderr.String(); !strings.Contains(stderr, tc.want) || strings.Contains(stderr, " -timeout") {
+			t.Errorf("pglock %q: stderr %q, want %q in it", tc.args, stderr, tc.want)
+		}
+	}
+	// --id and --pair both allow spaces around their numbers; --empty-key
+	// allows the empty name.
+	for _, args := range [][]string{{"--id", " 5 "}, {"--pair", " 1 , 2 "}, {"--key", "", "--empty-key"}} {
+		p := e.pglock(nil, append(append([]string{"run", e.dsnArg()}, args...), "--", "true")...)
+		e.want(p, 0)
+	}
+}
+
+func TestHelpAndVersion(t *testing.T) {
+	e := newEnv(t)
+	run := e.pglock(nil, "run", "--help")
+	e.want(run, 0)
+	help := e.pglock(nil, "help", "run")
+	e.want(help, 0)
+	if !strings.Contains(run.stdout.String(), "pglock run (--key") || help.stdout.String() != run.stdout.String() {
+		t.Errorf("pglock help run:\n%s\nwant the help of run:\n%s", help.stdout.String(), run.stdout.String())
+	}
+	status := e.pglock(nil, "status", "--help")
+	e.want(status, 0)
+	if strings.Contains(status.stdout.String(), "lock the name") {
+		t.Errorf("status --help says it locks:\n%s", status.stdout.String())
+	}
+	v := e.pglock(nil, "--version")
+	e.want(v, 0)
+	if !strings.HasPrefix(v.stdout.String(), "pglock ") || strings.Count(v.stdout.String(), "\n") != 1 {
+		t.Errorf("pglock --version printed %q", v.stdout.String())
+	}
+}
