@@ -53,6 +53,7 @@ func Acquire(ctx context.Context, pool *pgxpool.Pool, key Key, opts ...Option) (
 	if err != nil {
 		return nil, err
 	}
+	cfg.entry = EntryAcquire
 	return acquire(ctx, pool, key, cfg)
 }
 
@@ -60,7 +61,7 @@ func acquire(ctx context.Context, pool *pgxpool.Pool, key Key, cfg config) (*Loc
 	if !key.Valid() {
 		return nil, invalidKey("lock")
 	}
-	return acquireWith(ctx, pool, key, cfg, func(s *Session) (Key, error) {
+	return acquireWith(ctx, pool, key, cfg, func(ctx context.Context, s *Session) (Key, error) {
 		if ok, err := s.lock(ctx, key, cfg); !ok {
 			return Key{}, err
 		}
@@ -71,8 +72,16 @@ func acquire(ctx context.Context, pool *pgxpool.Pool, key Key, cfg config) (*Loc
 // acquireWith takes a session from pool and runs lock on it, which returns
 // the key it took, or the zero Key when it took nothing. It returns a Lock
 // holding that key, or a Lock for key that was not acquired, and closes
-// the session unless it holds the lock.
-func acquireWith(ctx context.Context, pool *pgxpool.Pool, key Key, cfg config, lock func(*Session) (Key, error)) (*Lock, error) {
+// the session unless it holds the lock. The whole is one traced wait.
+func acquireWith(ctx context.Context, pool *pgxpool.Pool, key Key, cfg config, lock func(context.Context, *Session) (Key, error)) (*Lock, error) {
+	ctx, w := traceWait(ctx, cfg, TraceWaitStartData{Key: key})
+	l, err := newLock(ctx, pool, key, cfg, lock)
+	w.end(ctx, l != nil && l.Acquired(), err)
+	return l, err
+}
+
+// newLock is acquireWith without the trace.
+func newLock(ctx context.Context, pool *pgxpool.Pool, key Key, cfg config, lock func(context.Context, *Session) (Key, error)) (*Lock, error) {
 	s, err := newSession(ctx, pool, cfg)
 	if err != nil {
 		var e *Error
@@ -81,7 +90,7 @@ func acquireWith(ctx context.Context, pool *pgxpool.Pool, key Key, cfg config, l
 		}
 		return nil, err
 	}
-	held, err := lock(s)
+	held, err := lock(ctx, s)
 	if err != nil || !held.Valid() {
 		_ = s.Close(ctx) // after a failed lock, its error is the lock error's consequence
 		if err != nil {
@@ -188,7 +197,12 @@ func (l *Lock) WithConn(ctx context.Context, fn func(*pgx.Conn) error) error {
 // error. Errors from Acquire are
 // returned with acquired == false.
 func Do(ctx context.Context, pool *pgxpool.Pool, key Key, fn func(context.Context) error, opts ...Option) (acquired bool, err error) {
-	lock, err := Acquire(ctx, pool, key, opts...)
+	cfg, err := newConfig(opts)
+	if err != nil {
+		return false, err
+	}
+	cfg.entry = EntryDo
+	lock, err := acquire(ctx, pool, key, cfg)
 	return runHeld(ctx, lock, err, fn)
 }
 

@@ -48,7 +48,7 @@ func Lead(ctx context.Context, pool *pgxpool.Pool, key Key, fn func(leaderCtx co
 	if pool == nil {
 		return errorf("lead %s: nil *pgxpool.Pool", key)
 	}
-	cfg.mode, cfg.noWait, cfg.waitTimeout = ModeExclusive, false, 0
+	cfg.mode, cfg.noWait, cfg.waitTimeout, cfg.entry = ModeExclusive, false, 0, EntryLead
 	retry := time.NewTimer(0)
 	defer retry.Stop()
 	for {
@@ -69,18 +69,22 @@ func Lead(ctx context.Context, pool *pgxpool.Pool, key Key, fn func(leaderCtx co
 			}
 			continue
 		}
-		var fnErr error
+		var (
+			fnErr   error
+			leadCtx = ctx
+			lead    leadTrace
+		)
 		if ctx.Err() == nil { // a campaign won just as ctx ended does not run fn
-			fnErr = lock.run(ctx, fn)
+			leadCtx, lead = traceLead(ctx, cfg.tracer(), key)
+			fnErr = lock.run(leadCtx, fn)
 		}
 		lost := lock.Err() != nil
-		if err := lock.Release(ctx); err != nil {
-			lost = true
-		}
+		releaseErr := lock.Release(ctx)
+		lead.end(leadCtx, lock, releaseErr, fnErr)
 		switch {
 		case ctx.Err() != nil:
 			return context.Cause(ctx)
-		case lost, fnErr == nil:
+		case lost, releaseErr != nil, fnErr == nil:
 			continue
 		default:
 			return fnErr

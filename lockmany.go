@@ -57,6 +57,15 @@ func (s *Session) LockMany(ctx context.Context, keys []Key, opts ...Option) (boo
 	if err != nil {
 		return false, err
 	}
+	cfg.trace, cfg.entry = s.trace.option(), EntrySessionLockMany
+	ctx, w := traceWait(ctx, cfg, TraceWaitStartData{Keys: set})
+	got, err := s.lockMany(ctx, set, cfg)
+	w.end(ctx, got, err)
+	return got, err
+}
+
+// lockMany is LockMany for set, the keys in canonical order.
+func (s *Session) lockMany(ctx context.Context, set []Key, cfg config) (bool, error) {
 	if err := s.takeTurn(ctx); err != nil {
 		return false, turnError("lock_many", Key{}, err)
 	}
@@ -82,6 +91,7 @@ func (s *Session) LockMany(ctx context.Context, keys []Key, opts ...Option) (boo
 	}
 	s.mu.Unlock()
 	s.arm()
+	s.trace.started(ctx, cfg.entry, cfg.mode, fresh...)
 	return true, nil
 }
 
@@ -281,7 +291,9 @@ func (s *Session) UnlockMany(ctx context.Context, keys []Key, opts ...Option) er
 	}
 	none := len(s.holds) == 0 && !s.rawUsed
 	s.mu.Unlock()
-	if err := s.unlockManyStatement(last, cfg.mode, none); err != nil {
+	err = s.unlockManyStatement(last, cfg.mode, none)
+	s.trace.released(cfg.mode, err, last...)
+	if err != nil {
 		s.lose(err)
 		return &Error{Op: "unlock_many", Kind: ErrLockLost, Err: err}
 	}

@@ -47,17 +47,20 @@ const DefaultHealthInterval = time.Second
 // Option changes how a lock is taken or held. Options that do not apply to a
 // call are ignored: Shared, NoWait and WaitTimeout apply to every lock call;
 // TTL to Acquire, Do and Lead; HealthInterval to calls that create a session
-// (NewSession, Acquire, Do, Lead).
+// (NewSession, Acquire, Do, Lead); WithTracer to every call but Session.Lock
+// and Session.LockMany, which the Session's own tracer traces.
 type Option func(*config)
 
 // config is the result of applying Options.
 type config struct {
 	mode        Mode
 	noWait      bool
+	entry       EntryPoint    // the call, for the tracer; set by it, not by an Option
 	waitTimeout time.Duration // 0: not set
 	ttl         time.Duration // 0: no TTL
 	health      time.Duration
-	err         error // the first invalid option
+	trace       *tracerOption // nil: not traced (WithTracer)
+	err         error         // the first invalid option
 }
 
 // Shared takes (or, for Session.Unlock, releases) a shared hold instead of

@@ -83,10 +83,16 @@ func SemaphoreKeys(key Key, n int) []Key {
 // closed if its state could not be known. Errors are an *Error with Op
 // "semaphore" and key as its Key.
 func AcquireSemaphore(ctx context.Context, pool *pgxpool.Pool, key Key, n int, opts ...Option) (*Lock, error) {
+	return acquireSemaphore(ctx, pool, key, n, EntryAcquireSemaphore, opts)
+}
+
+// acquireSemaphore is AcquireSemaphore for the entry point entry.
+func acquireSemaphore(ctx context.Context, pool *pgxpool.Pool, key Key, n int, entry EntryPoint, opts []Option) (*Lock, error) {
 	cfg, err := newConfig(opts)
 	if err != nil {
 		return nil, err
 	}
+	cfg.entry = entry
 	switch {
 	case !key.Valid():
 		return nil, invalidKey(opSemaphore)
@@ -96,7 +102,7 @@ func AcquireSemaphore(ctx context.Context, pool *pgxpool.Pool, key Key, n int, o
 		return nil, keyError(opSemaphore, key, nil, errors.New("Shared() does not apply: a semaphore's slots are held exclusively, one per holder"))
 	}
 	slots := SemaphoreKeys(key, n)
-	return acquireWith(ctx, pool, key, cfg, func(s *Session) (Key, error) {
+	return acquireWith(ctx, pool, key, cfg, func(ctx context.Context, s *Session) (Key, error) {
 		return s.lockSlot(ctx, key, slots, cfg)
 	})
 }
@@ -113,7 +119,7 @@ func AcquireSemaphore(ctx context.Context, pool *pgxpool.Pool, key Key, n int, o
 // AcquireSemaphore (n < 1, an invalid key, Shared(), a timeout, ...) are
 // returned with acquired == false.
 func DoSemaphore(ctx context.Context, pool *pgxpool.Pool, key Key, n int, fn func(context.Context) error, opts ...Option) (acquired bool, err error) {
-	lock, err := AcquireSemaphore(ctx, pool, key, n, opts...)
+	lock, err := acquireSemaphore(ctx, pool, key, n, EntryDoSemaphore, opts)
 	return runHeld(ctx, lock, err, fn)
 }
 
@@ -139,6 +145,7 @@ func (s *Session) lockSlot(ctx context.Context, sem Key, slots []Key, cfg config
 		s.holds[hold{slot, ModeExclusive}] = 1
 		s.mu.Unlock()
 		s.arm()
+		s.trace.started(ctx, cfg.entry, ModeExclusive, slot)
 		return slot, nil
 	case w != waitTry:
 		return Key{}, &Error{Op: opSemaphore, Key: sem, Kind: ErrTimeout, deadline: byDeadline}

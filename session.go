@@ -90,6 +90,8 @@ type Session struct {
 	// watchStart starts the watcher once the session first holds something
 	// (see arm); nil until then. Guarded by mu.
 	watchStart *time.Timer
+
+	trace *sessionTrace // nil unless traced (WithTracer, tracer.go)
 }
 
 // grantedThenCancelled counts lock statements that failed after the server
@@ -148,6 +150,7 @@ func newSession(ctx context.Context, pool *pgxpool.Pool, cfg config) (*Session, 
 		armed:     make(chan struct{}, 1),
 		holds:     make(map[hold]int),
 		done:      make(chan struct{}),
+		trace:     newSessionTrace(cfg),
 	}
 	s.ctx, s.cancel = context.WithCancelCause(context.Background())
 	register(pool, s)
@@ -180,7 +183,11 @@ func (s *Session) Lock(ctx context.Context, key Key, opts ...Option) (bool, erro
 	if err != nil {
 		return false, err
 	}
-	return s.lock(ctx, key, cfg)
+	cfg.trace, cfg.entry = s.trace.option(), EntrySessionLock
+	ctx, w := traceWait(ctx, cfg, TraceWaitStartData{Key: key})
+	got, err := s.lock(ctx, key, cfg)
+	w.end(ctx, got, err)
+	return got, err
 }
 
 func (s *Session) lock(ctx context.Context, key Key, cfg config) (bool, error) {
@@ -221,6 +228,7 @@ func (s *Session) lock(ctx context.Context, key Key, cfg config) (bool, error) {
 		s.holds[h] = 1
 		s.mu.Unlock()
 		s.arm()
+		s.trace.started(ctx, cfg.entry, cfg.mode, key)
 		return true, nil
 	case w != waitTry:
 		e := keyError("lock", key, ErrTimeout, nil)
@@ -376,7 +384,9 @@ func (s *Session) unlock(ctx context.Context, h hold) error {
 	delete(s.holds, h)
 	last := len(s.holds) == 0 && !s.rawUsed
 	s.mu.Unlock()
-	if err := s.unlockStatement(h, last); err != nil {
+	err := s.unlockStatement(h, last)
+	s.trace.released(h.mode, err, key)
+	if err != nil {
 		s.lose(err)
 		return keyError("unlock", key, ErrLockLost, err)
 	}
@@ -590,11 +600,12 @@ func (s *Session) finish(cause error) {
 	rawUsed := s.rawUsed
 	clear(s.holds)
 	s.mu.Unlock()
+	var unlockErr error
 	if clean && (len(holds) > 0 || rawUsed) {
-		if err := s.unlockHolds(holds, rawUsed); err != nil {
+		if unlockErr = s.unlockHolds(holds, rawUsed); unlockErr != nil {
 			clean = false
 			s.mu.Lock()
-			s.err = &Error{Op: "close", Kind: ErrLockLost, Err: err}
+			s.err = &Error{Op: "close", Kind: ErrLockLost, Err: unlockErr}
 			s.mu.Unlock()
 		}
 	}
@@ -603,6 +614,7 @@ func (s *Session) finish(cause error) {
 	} else {
 		s.discard()
 	}
+	s.trace.ended(context.Cause(s.ctx), unlockErr)
 	unregister(s.pool, s)
 	close(s.done)
 }
@@ -660,6 +672,7 @@ func (s *Session) cutOff() {
 		s.err = &Error{Op: "close", Kind: ErrClosed, Err: errCutOff}
 	}
 	s.mu.Unlock()
+	s.trace.ended(context.Cause(s.ctx), errCutOff)
 	unregister(s.pool, s)
 	close(s.done)
 	go func() {

@@ -32,6 +32,15 @@ func LockTx(ctx context.Context, tx pgx.Tx, key Key, opts ...Option) (bool, erro
 	if err != nil {
 		return false, err
 	}
+	cfg.entry = EntryLockTx
+	ctx, w := traceWait(ctx, cfg, TraceWaitStartData{Key: key})
+	got, err := lockTxCall(ctx, tx, key, cfg)
+	w.end(ctx, got, err)
+	return got, err
+}
+
+// lockTxCall is LockTx without the trace.
+func lockTxCall(ctx context.Context, tx pgx.Tx, key Key, cfg config) (bool, error) {
 	if tx == nil {
 		return false, errorf("lock_tx %s: nil pgx.Tx", key)
 	}
@@ -98,15 +107,23 @@ func lockTx(ctx context.Context, tx pgx.Tx, key Key, m Mode, w wait, bound time.
 // an error (returned as is), and when fn panics (the panic goes on). The
 // lock ends with the transaction.
 func DoTx(ctx context.Context, pool *pgxpool.Pool, key Key, fn func(context.Context, pgx.Tx) error, opts ...Option) (acquired bool, err error) {
+	cfg, err := newConfig(opts)
+	if err != nil {
+		return false, err
+	}
 	if pool == nil {
 		return false, errorf("lock_tx %s: nil *pgxpool.Pool", key)
 	}
 	if !key.Valid() {
 		return false, invalidKey("lock_tx")
 	}
-	tx, err := pool.Begin(ctx)
+	cfg.entry = EntryDoTx
+	waitCtx, w := traceWait(ctx, cfg, TraceWaitStartData{Key: key})
+	tx, err := pool.Begin(waitCtx)
 	if err != nil {
-		return false, keyError("lock_tx", key, kindOf(err), err)
+		err = keyError("lock_tx", key, kindOf(err), err)
+		w.end(waitCtx, false, err)
+		return false, err
 	}
 	committed := false
 	defer func() {
@@ -116,7 +133,9 @@ func DoTx(ctx context.Context, pool *pgxpool.Pool, key Key, fn func(context.Cont
 			_ = tx.Rollback(rollbackCtx) // fails only if the connection is gone, which ends tx too
 		}
 	}()
-	if acquired, err = LockTx(ctx, tx, key, opts...); err != nil || !acquired {
+	acquired, err = lockTxCall(waitCtx, tx, key, cfg)
+	w.end(waitCtx, acquired, err)
+	if err != nil || !acquired {
 		return acquired, err
 	}
 	if err := fn(ctx, tx); err != nil {
