@@ -1,0 +1,126 @@
+package advisory
+
+import (
+	"context"
+	"log/slog"
+)
+
+// SlogTracer returns a Tracer that logs to logger (slog.Default() if nil).
+// It is also a HoldTracer and a LeadTracer. Give it with WithTracer:
+//
+//	tr := advisory.SlogTracer(logger)
+//	lock, err := advisory.Acquire(ctx, pool, key, advisory.WithTracer(tr))
+//
+// Levels: the start and end of waits, and holds released, at Debug (a try
+// with NoWait logs only its end); waits that end in a deadlock, a full lock
+// table, a lost or closed session or another error at Warn; a hold whose
+// TTL passed at Warn, a hold lost at Error; leadership won and resigned at
+// Info, lost at Error (TTL: Warn). Attributes: entry (the call), key (as
+// Key.String prints it; for LockMany, keys: how many), mode, try, outcome
+// or end, duration (waited, held, led), error (the library's error
+// message, which carries no password). A record is built only when logger
+// is enabled for its level.
+func SlogTracer(logger *slog.Logger) Tracer {
+	if logger == nil {
+		logger = slog.Default()
+	}
+	return slogTracer{logger}
+}
+
+type slogTracer struct{ l *slog.Logger }
+
+// TraceWaitStart logs a wait that may wait (not a try) at Debug.
+func (t slogTracer) TraceWaitStart(ctx context.Context, d TraceWaitStartData) context.Context {
+	if !d.Try {
+		t.log(ctx, slog.LevelDebug, "advisory lock wait started", func(a []slog.Attr) []slog.Attr {
+			return waitAttrs(a, d)
+		})
+	}
+	return ctx
+}
+
+// TraceWaitEnd logs how a wait ended: at Debug, or Warn for the outcomes
+// that need attention.
+func (t slogTracer) TraceWaitEnd(ctx context.Context, d TraceWaitEndData) {
+	outcome := d.Outcome()
+	level := slog.LevelWarn
+	switch outcome {
+	case OutcomeAcquired, OutcomeBusy, OutcomeTimeout, OutcomeCanceled:
+		level = slog.LevelDebug
+	}
+	t.log(ctx, level, "advisory lock wait ended", func(a []slog.Attr) []slog.Attr {
+		a = waitAttrs(a, d.TraceWaitStartData)
+		a = append(a, slog.String("outcome", outcome.String()), slog.Duration("duration", d.Duration))
+		return errAttr(a, d.Err)
+	})
+}
+
+// TraceHoldStart logs nothing: TraceWaitEnd has said the lock was acquired.
+func (slogTracer) TraceHoldStart(ctx context.Context, _ TraceHoldStartData) context.Context {
+	return ctx
+}
+
+// TraceHoldEnd logs a hold that ended: released at Debug, TTL at Warn,
+// lost at Error.
+func (t slogTracer) TraceHoldEnd(ctx context.Context, d TraceHoldEndData) {
+	t.log(ctx, endLevel(d.End, slog.LevelDebug), "advisory lock hold ended", func(a []slog.Attr) []slog.Attr {
+		a = append(a, slog.String("entry", d.Entry.String()), slog.String("key", d.Key.String()), slog.String("mode", d.Mode.String()),
+			slog.String("end", d.End.String()), slog.Duration("duration", d.Duration))
+		return errAttr(a, d.Err)
+	})
+}
+
+// TraceLeadStart logs a leadership won at Info.
+func (t slogTracer) TraceLeadStart(ctx context.Context, d TraceLeadStartData) context.Context {
+	t.log(ctx, slog.LevelInfo, "advisory leadership won", func(a []slog.Attr) []slog.Attr {
+		return append(a, slog.String("entry", EntryLead.String()), slog.String("key", d.Key.String()))
+	})
+	return ctx
+}
+
+// TraceLeadEnd logs a leadership that ended: resigned at Info, TTL at
+// Warn, lost at Error.
+func (t slogTracer) TraceLeadEnd(ctx context.Context, d TraceLeadEndData) {
+	t.log(ctx, endLevel(d.End, slog.LevelInfo), "advisory leadership ended", func(a []slog.Attr) []slog.Attr {
+		a = append(a, slog.String("entry", EntryLead.String()), slog.String("key", d.Key.String()),
+			slog.String("end", d.End.String()), slog.Duration("duration", d.Duration))
+		return errAttr(a, d.Err)
+	})
+}
+
+// log logs msg at level with the attributes attrs appends, if the logger
+// is enabled for level.
+func (t slogTracer) log(ctx context.Context, level slog.Level, msg string, attrs func([]slog.Attr) []slog.Attr) {
+	if t.l.Enabled(ctx, level) {
+		t.l.LogAttrs(ctx, level, msg, attrs(make([]slog.Attr, 0, 8))...)
+	}
+}
+
+// endLevel is the level of a hold or leadership that ended as end; ok is
+// the level of an end the holder asked for.
+func endLevel(end HoldEnd, ok slog.Level) slog.Level {
+	switch end {
+	case HoldLost:
+		return slog.LevelError
+	case HoldTTL:
+		return slog.LevelWarn
+	}
+	return ok
+}
+
+func waitAttrs(a []slog.Attr, d TraceWaitStartData) []slog.Attr {
+	a = append(a, slog.String("entry", d.Entry.String()))
+	if d.Entry == EntrySessionLockMany {
+		a = append(a, slog.Int("keys", len(d.Keys)))
+	} else {
+		a = append(a, slog.String("key", d.Key.String()))
+	}
+	return append(a, slog.String("mode", d.Mode.String()), slog.Bool("try", d.Try))
+}
+
+func errAttr(a []slog.Attr, err error) []slog.Attr {
+	if err != nil {
+		a = append(a, slog.String("error", err.Error()))
+	}
+	return a
+}
