@@ -168,4 +168,24 @@
 // their own. Inside WithConn, give statements a context that does not end
 // (context.WithoutCancel): WithConn cancels them itself when its ctx ends,
 // keeping the connection, where pgx's default handling would close it.
+//
+// # Observability
+//
+// A Tracer, modelled on pgx's QueryTracer, is told when a wait starts and
+// how it ended (entry point, key, mode, try or wait, duration, acquired or
+// not, error); one that is also a HoldTracer, when each hold starts and
+// ends (released, lost, TTL, ReleaseAll; held for how long); one that is
+// also a LeadTracer, when Lead wins and loses leadership. Start methods
+// return the context for the rest of the call, which reaches the end
+// method, the hold and Lead's fn. SlogTracer logs to a *slog.Logger; the
+// module github.com/seed0ad592b7/advisory/otel records OpenTelemetry
+// metrics.
+//
+// A tracer is given per call with WithTracer, not per pool: it is an
+// Option like every other setting here, it reaches LockTx (whose pgx.Tx
+// does not lead to a pool) like the rest, and it needs no global registry
+// that code sharing a pool could fight over. Define the options once,
+// next to the pool, and pass them to every call. A Session traced from
+// NewSession traces all its calls and holds. Without a tracer the hooks
+// are one nil check each and allocate nothing (BenchmarkUncontended…).
 package advisory

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
 )
 
 // traceEvent is one call a recorder got: what, the data it was given, and
@@ -201,14 +202,18 @@ func TestTracerSession(t *testing.T) {
 	expectTrace(t, "Close", evs, want...)
 }
 
+// tracedEnv starts a test with a pool and a recorder to trace with.
+func tracedEnv(t *testing.T) (*env, *pgxpool.Pool, *recorder, Option) {
+	e := newEnv(t)
+	rec := &recorder{}
+	return e, e.pool(), rec, WithTracer(rec)
+}
+
 // Every entry point reports its waits as itself; a semaphore's hold is its
 // slot; transaction locks report waits only; Lead reports its leadership,
 // whose context reaches fn; ReleaseAll ends holds as release_all.
 func TestTracerEntryPoints(t *testing.T) {
-	e := newEnv(t)
-	pool := e.pool()
-	var rec recorder
-	tr := WithTracer(&rec)
+	e, pool, rec, tr := tracedEnv(t)
 	key := StringKey("trace-entry")
 	ks := key.String()
 
@@ -281,10 +286,7 @@ func TestTracerEntryPoints(t *testing.T) {
 
 // Waits that do not get the lock report why, and start no hold.
 func TestTracerNotAcquired(t *testing.T) {
-	e := newEnv(t)
-	pool := e.pool()
-	var rec recorder
-	tr := WithTracer(&rec)
+	e, pool, rec, tr := tracedEnv(t)
 	key := StringKey("trace-busy")
 	ks := key.String()
 	holder, err := Acquire(e.ctx, pool, key)
