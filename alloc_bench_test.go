@@ -73,3 +73,34 @@ func BenchmarkUncontendedSessionLockUnlock(b *testing.B) {
 		}
 	}
 }
+
+// nopTracer traces waits and holds and does nothing with them: the cost of
+// the hooks themselves when a tracer is set.
+type nopTracer struct{}
+
+func (nopTracer) TraceWaitStart(ctx context.Context, _ TraceWaitStartData) context.Context {
+	return ctx
+}
+func (nopTracer) TraceWaitEnd(context.Context, TraceWaitEndData) {}
+func (nopTracer) TraceHoldStart(ctx context.Context, _ TraceHoldStartData) context.Context {
+	return ctx
+}
+func (nopTracer) TraceHoldEnd(context.Context, TraceHoldEndData) {}
+
+// Acquire and Release of a free key, traced by a tracer that does nothing.
+func BenchmarkUncontendedAcquireReleaseTraced(b *testing.B) {
+	pool := benchPool(b)
+	ctx := context.Background()
+	key := StringKey("bench-acquire-traced")
+	opts := []Option{WithTracer(nopTracer{})}
+	b.ReportAllocs()
+	for b.Loop() {
+		lock, err := Acquire(ctx, pool, key, opts...)
+		if err != nil || !lock.Acquired() {
+			b.Fatalf("Acquire = %v, %v", lock, err)
+		}
+		if err := lock.Release(ctx); err != nil {
+			b.Fatal(err)
+		}
+	}
+}

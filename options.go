@@ -130,13 +130,18 @@ func (c *config) setErr(err error) {
 // newConfig applies opts over the defaults and returns the first invalid
 // option's error.
 func newConfig(opts []Option) (config, error) {
-	c := config{health: DefaultHealthInterval}
+	if len(opts) == 0 {
+		// The common call: no Option, so no pointer to the config escapes
+		// into one, and it stays off the heap.
+		return config{health: DefaultHealthInterval}, nil
+	}
+	c := &config{health: DefaultHealthInterval}
 	for _, opt := range opts {
 		if opt != nil {
-			opt(&c)
+			opt(c)
 		}
 	}
-	return c, c.err
+	return *c, c.err
 }
 
 // waitPlan says how a lock statement waits under c and ctx: try once, wait
