@@ -470,6 +470,8 @@ func TestSemaphoreNoWaitOneRoundTrip(t *testing.T) {
 	block(slots[2])
 	acquire("NoWait, all busy", Key{}, NoWait())
 	acquire("WaitTimeout(0), all busy", Key{}, WaitTimeout(0))
+	_, err := blocker.Exec(e.ctx, unlockAllSQL)
+	must(t, err)
 }
 
 // While every slot is held and waiters wait, rows that die are removable

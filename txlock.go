@@ -77,27 +77,9 @@ func lockTx(ctx context.Context, tx pgx.Tx, key Key, m Mode, w wait, bound time.
 	if err := tx.QueryRow(ctx, txFirstTrySQL[m][key.space-1], key.args()...).Scan(&got, &dtMs); err != nil || got || w == waitTry {
 		return got, err
 	}
-	var end time.Time
-	if bound > 0 {
-		end = time.Now().Add(bound)
-	}
-	if _, ok := ctx.Deadline(); ok {
-		var cancel context.CancelFunc
-		ctx, cancel = pastDeadline(ctx, deadlineGrace)
-		defer cancel()
-	}
-	for {
-		var left time.Duration
-		if !end.IsZero() {
-			if left = time.Until(end); left <= 0 {
-				return false, nil
-			}
-		}
-		sql := txSliceSQL(key, m, sliceLen(dtMs, left))
-		if got, err := sliceReport(tx.Conn().PgConn().Exec(ctx, sql).ReadAll()); err != nil || got {
-			return got, err
-		}
-	}
+	return inSlices(ctx, dtMs, bound, func(ctx context.Context, ms int64) (bool, error) {
+		return sliceReport(tx.Conn().PgConn().Exec(ctx, txSliceSQL(key, m, ms)).ReadAll())
+	})
 }
 
 // DoTx runs fn in a transaction that holds key: it begins a transaction on

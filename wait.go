@@ -53,15 +53,33 @@ func (s *Session) waitSlices(ctx context.Context, dtMs int64, bound time.Duratio
 // waitSlicesReport is waitSlices with report reading what each slice's
 // message returned (sliceReport for waitSlices): whether it got its keys.
 func (s *Session) waitSlicesReport(ctx context.Context, dtMs int64, bound time.Duration, slice func(ms int64) string,
-	report func([]*pgconn.Result, error) (bool, error)) (got bool, err error) {
+	report func([]*pgconn.Result, error) (bool, error)) (bool, error) {
+	return inSlices(ctx, dtMs, bound, func(ctx context.Context, ms int64) (got bool, err error) {
+		sql := slice(ms)
+		err = s.run(ctx, true, func(ctx context.Context, c *pgx.Conn) error {
+			stall := time.AfterFunc(s.sliceStall(), func() { _ = c.PgConn().Conn().Close() })
+			defer stall.Stop()
+			var err error
+			got, err = report(c.PgConn().Exec(ctx, sql).ReadAll())
+			return err
+		})
+		return got, err
+	})
+}
+
+// inSlices runs slice, each time for the length of the next slice in
+// milliseconds (sliceLen of dtMs, the server's deadlock_timeout, and of
+// what is left of bound, 0: none), until one reports got, one fails, or the
+// bound passes (false, nil). A ctx deadline does not interrupt a slice
+// until deadlineGrace after it: the server ends the last slice on time.
+func inSlices(ctx context.Context, dtMs int64, bound time.Duration, slice func(ctx context.Context, ms int64) (bool, error)) (bool, error) {
 	var end time.Time
 	if bound > 0 {
 		end = time.Now().Add(bound)
 	}
-	runCtx := ctx
 	if _, ok := ctx.Deadline(); ok {
 		var cancel context.CancelFunc
-		runCtx, cancel = pastDeadline(ctx, deadlineGrace)
+		ctx, cancel = pastDeadline(ctx, deadlineGrace)
 		defer cancel()
 	}
 	for {
@@ -71,16 +89,8 @@ func (s *Session) waitSlicesReport(ctx context.Context, dtMs int64, bound time.D
 				return false, nil
 			}
 		}
-		sql := slice(sliceLen(dtMs, left))
-		runErr := s.run(runCtx, true, func(ctx context.Context, c *pgx.Conn) error {
-			stall := time.AfterFunc(s.sliceStall(), func() { _ = c.PgConn().Conn().Close() })
-			defer stall.Stop()
-			var err error
-			got, err = report(c.PgConn().Exec(ctx, sql).ReadAll())
-			return err
-		})
-		if runErr != nil || got {
-			return got, runErr
+		if got, err := slice(ctx, sliceLen(dtMs, left)); err != nil || got {
+			return got, err
 		}
 	}
 }

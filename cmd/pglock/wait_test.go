@@ -4,116 +4,39 @@ import (
 	"net"
 	"net/url"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
 
 	"github.com/seed0ad592b7/advisory"
+	"github.com/seed0ad592b7/advisory/internal/pgtest"
 )
 
-// stallProxy forwards TCP connections to the test server until stalled:
-// from then on it silently drops every byte both ways and keeps both
-// sockets open, like a network that stopped delivering packets or a server
-// that stopped answering. Close ends every connection, so that the server
-// sees its clients go. (The root package's netcut_test.go has the same
-// proxy; test files cannot be shared across packages.)
-type stallProxy struct {
-	ln      net.Listener
-	target  string
-	stalled chan struct{}
-	once    sync.Once
-	mu      sync.Mutex
-	conns   []net.Conn
-	wg      sync.WaitGroup
-}
-
-func (e *env) newStallProxy() *stallProxy {
+// newStallProxy returns a pgtest.Proxy to the test server, closed when the
+// test ends: Cut stalls it (every byte dropped, both sockets kept open).
+func (e *env) newStallProxy() *pgtest.Proxy {
 	e.t.Helper()
 	u, err := url.Parse(e.dsn)
 	if err != nil {
 		e.t.Fatal(err)
 	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	p, err := pgtest.NewProxy(u.Host)
 	if err != nil {
 		e.t.Fatal(err)
 	}
-	p := &stallProxy{ln: ln, target: u.Host, stalled: make(chan struct{})}
-	p.wg.Add(1)
-	go p.serve()
 	e.t.Cleanup(p.Close)
 	return p
 }
 
-// dsn is the test server's DSN through the proxy.
-func (p *stallProxy) dsn(e *env) string {
+// proxyDSN is the test server's DSN through p.
+func (e *env) proxyDSN(p *pgtest.Proxy) string {
 	u, err := url.Parse(e.dsn)
 	if err != nil {
 		e.t.Fatal(err)
 	}
-	u.Host = p.ln.Addr().String()
+	u.Host = net.JoinHostPort("127.0.0.1", strconv.Itoa(int(p.Port())))
 	return u.String()
-}
-
-func (p *stallProxy) serve() {
-	defer p.wg.Done()
-	for {
-		client, err := p.ln.Accept()
-		if err != nil {
-			return
-		}
-		srv, err := net.Dial("tcp", p.target)
-		if err != nil {
-			client.Close()
-			continue
-		}
-		p.mu.Lock()
-		p.conns = append(p.conns, client, srv)
-		p.mu.Unlock()
-		p.wg.Add(2)
-		go p.pipe(srv, client)
-		go p.pipe(client, srv)
-	}
-}
-
-// pipe copies src to dst until stalled, then drops what it reads.
-func (p *stallProxy) pipe(dst, src net.Conn) {
-	defer p.wg.Done()
-	buf := make([]byte, 32<<10)
-	for {
-		n, err := src.Read(buf)
-		select {
-		case <-p.stalled:
-			if err != nil {
-				return
-			}
-			continue
-		default:
-		}
-		if n > 0 {
-			if _, werr := dst.Write(buf[:n]); werr != nil {
-				return
-			}
-		}
-		if err != nil {
-			dst.Close()
-			return
-		}
-	}
-}
-
-// Stall stops all traffic, silently.
-func (p *stallProxy) Stall() { p.once.Do(func() { close(p.stalled) }) }
-
-// Close closes the listener and every connection, and waits for the
-// proxy's goroutines.
-func (p *stallProxy) Close() {
-	p.ln.Close()
-	p.mu.Lock()
-	for _, c := range p.conns {
-		c.Close()
-	}
-	p.mu.Unlock()
-	p.wg.Wait()
 }
 
 // A waiting pglock whose connection stalls notices it, exits 1 and never
@@ -124,9 +47,9 @@ func TestRunWaitNoticesStalledConnection(t *testing.T) {
 	key := advisory.StringKey("stall")
 	holder := e.hold(key, false)
 	proxy := e.newStallProxy()
-	p := e.start(nil, "", "run", "--dsn", proxy.dsn(e), "--key", "stall", "--", "touch", "ran")
+	p := e.start(nil, "", "run", "--dsn", e.proxyDSN(proxy), "--key", "stall", "--", "touch", "ran")
 	e.awaitHolders(key, 1, 1)
-	proxy.Stall()
+	proxy.Cut()
 	e.unlockAll(holder) // the server may now grant the stalled waiter's backend
 	e.wait(p)           // hang guard: testTimeout
 	e.want(p, exitFailure)
