@@ -49,9 +49,9 @@ type Tracer interface {
 // traced as holds: they end with their transaction.
 type HoldTracer interface {
 	// TraceHoldStart is called when a session starts holding a (key,
-	// mode), with the context TraceWaitStart returned. The context it
-	// returns is passed to TraceHoldEnd; it may have been cancelled by
-	// then (use it for its values).
+	// mode), with the context TraceWaitStart returned, before the wait's
+	// TraceWaitEnd. The context it returns is passed to TraceHoldEnd; it
+	// may have been cancelled by then (use it for its values).
 	TraceHoldStart(ctx context.Context, data TraceHoldStartData) context.Context
 	// TraceHoldEnd is called once the hold has ended, before the Lock's or
 	// Session's Done channel is closed.
