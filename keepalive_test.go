@@ -35,7 +35,7 @@ func TestKeepalivesOnlyWhileHeld(t *testing.T) {
 	other := e.pool()
 	holder, err := Acquire(e.ctx, other, busy)
 	must(t, err)
-	defer holder.Release(e.ctx)
+	defer func() { _ = holder.Release(e.ctx) }()
 
 	lent := showKeepalives(t, e.ctx, pool)
 	want := keepalives{}
@@ -77,6 +77,47 @@ func TestKeepalivesOnlyWhileHeld(t *testing.T) {
 		t.Fatal(err)
 	}
 	checkLent("a NoWait that found the key busy")
+
+	// A lock granted during a wait slice (the key busy at first), then a
+	// lock granted in a LockMany slice.
+	got := make(chan *Lock, 1)
+	go func() {
+		l, err := Acquire(e.ctx, pool, busy)
+		if err != nil {
+			t.Error(err)
+		}
+		got <- l
+	}()
+	e.awaitWaiters(1)
+	must(t, holder.Release(e.ctx))
+	l = <-got
+	if l == nil {
+		t.FailNow()
+	}
+	checkHeld("Acquire granted in a wait slice", l.s)
+	must(t, l.Release(e.ctx))
+	checkLent("Acquire granted in a wait slice, and Release")
+	holder, err = Acquire(e.ctx, other, busy)
+	must(t, err)
+	gotMany := make(chan *Session, 1)
+	go func() {
+		s, err := NewSession(e.ctx, pool)
+		if err == nil {
+			_, err = s.LockMany(e.ctx, []Key{Int64Key(3), busy})
+		}
+		if err != nil {
+			t.Error(err)
+		}
+		gotMany <- s
+	}()
+	e.awaitWaiters(1)
+	must(t, holder.Release(e.ctx))
+	sm := <-gotMany
+	checkHeld("LockMany granted in a wait slice", sm)
+	must(t, sm.Close(e.ctx))
+	checkLent("LockMany granted in a wait slice, and Close")
+	holder, err = Acquire(e.ctx, other, busy)
+	must(t, err)
 
 	l, err = Acquire(e.ctx, pool, StringKey("keepalive-1"))
 	must(t, err)

@@ -306,11 +306,15 @@ var (
 // nothing, in canonical order): when the slice ends, the handler keeps a
 // lock granted just as it ended (read from pg_locks: the session held
 // nothing before) and, for many keys, releases the keys of an incomplete
-// slice (pg_advisory_unlock_all). The statement that gets the keys also sets
-// the keep-alives. The outcome reaches the report through lock_timeout's
-// transaction-local value (1ms: got the keys; 2ms: did not), which ends with
-// the message's implicit transaction. (Reading pg_locks in the report
-// instead would cost about 0.2 ms of server time on every hand-off.)
+// slice (pg_advisory_unlock_all). The block sets the keep-alives before it
+// waits, in the subtransaction that a timeout rolls back, so they are in
+// force exactly when the keys are held and nothing runs between the grant
+// and the end of the block. The outcome reaches the report through
+// lock_timeout's transaction-local value, which ends with the message's
+// implicit transaction: set to the slice's length (never 0) before the wait
+// and kept on success, set to 0 by the handler when the slice did not get
+// its keys. (Reading pg_locks in the report instead would cost about 0.2 ms
+// of server time on every hand-off.)
 //
 // Transaction scope (sliceTxSQL), one key: a transaction lock granted just
 // as the slice ended is released with the handler's rolled-back
@@ -328,25 +332,24 @@ const sliceCap = time.Second
 const deadlockTimeoutSQL = `(extract(epoch FROM current_setting('deadlock_timeout')::interval) * 1000)::int8`
 
 // sliceReportSQL is the report of a session slice.
-const sliceReportSQL = `SELECT current_setting('lock_timeout') = '1ms'`
+const sliceReportSQL = `SELECT current_setting('lock_timeout') <> '0'`
 
-// sliceGotSQL, in a session slice, sets the keep-alives (%s) and flags the
-// slice as a success.
-const sliceGotSQL = `PERFORM %s || set_config('lock_timeout', '1ms', true);`
+// sliceStartSQL, in a session slice, sets the keep-alives (%s) and
+// lock_timeout for the wait (a length in milliseconds, %d, at least 1).
+const sliceStartSQL = `PERFORM %s || set_config('lock_timeout', '%dms', true);`
 
 // sliceMissedSQL flags a session slice as a failure.
-const sliceMissedSQL = `PERFORM set_config('lock_timeout', '2ms', true);`
+const sliceMissedSQL = `PERFORM set_config('lock_timeout', '0', true);`
 
-// sliceOneSQL: one key. Arguments: slice ms, function suffix, key
-// arguments, keep-alive expression, classid, objid, objsubid.
-var sliceOneSQL = `DO $advisory$BEGIN
-	PERFORM set_config('lock_timeout', '%[1]dms', true);
-	PERFORM pg_advisory_lock%[2]s(%[3]s);
-	` + strings.Replace(sliceGotSQL, "%s", "%[4]s", 1) + `
+// sliceOneSQL: one key. Arguments: keep-alive expression, slice ms,
+// function suffix, key arguments, classid, objid, objsubid.
+const sliceOneSQL = `DO $advisory$BEGIN
+	` + sliceStartSQL + `
+	PERFORM pg_advisory_lock%[3]s(%[4]s);
 EXCEPTION WHEN lock_not_available THEN
 	IF EXISTS (SELECT FROM pg_catalog.pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND granted ` +
 	`AND classid::int8 = %[5]d AND objid::int8 = %[6]d AND objsubid = %[7]d) THEN
-		` + strings.Replace(sliceGotSQL, "%s", "%[4]s", 1) + `
+		PERFORM %[1]s || set_config('lock_timeout', '1ms', true);
 	ELSE
 		` + sliceMissedSQL + `
 	END IF;
@@ -355,9 +358,9 @@ END$advisory$;
 
 // sliceManySQL: many keys, each waited for with lock_timeout set to what is
 // left of the slice ending at dl (LockMany has no first try to learn
-// deadlock_timeout from, so the block reads it). Arguments: int8 keys, int4 first halves,
-// int4 second halves (comma-separated), slice ms, function suffix, key
-// count, keep-alive expression.
+// deadlock_timeout from, so the block reads it). Arguments: int8 keys, int4
+// first halves, int4 second halves (comma-separated), slice ms, function
+// suffix, key count, keep-alive expression.
 var sliceManySQL = `DO $advisory$DECLARE
 	ints int8[] := '{%[1]s}';
 	as_ int4[] := '{%[2]s}';
@@ -366,6 +369,7 @@ var sliceManySQL = `DO $advisory$DECLARE
 	k int8;
 	i int;
 BEGIN
+	PERFORM %[7]s;
 	FOREACH k IN ARRAY ints LOOP
 		PERFORM set_config('lock_timeout', greatest(1, ceil(extract(epoch FROM dl - clock_timestamp()) * 1000))::int8 || 'ms', true);
 		PERFORM pg_advisory_lock%[5]s(k);
@@ -374,10 +378,9 @@ BEGIN
 		PERFORM set_config('lock_timeout', greatest(1, ceil(extract(epoch FROM dl - clock_timestamp()) * 1000))::int8 || 'ms', true);
 		PERFORM pg_advisory_lock%[5]s(as_[i], bs[i]);
 	END LOOP;
-	` + strings.Replace(sliceGotSQL, "%s", "%[7]s", 1) + `
 EXCEPTION WHEN lock_not_available THEN
 	IF (SELECT count(*) FROM pg_catalog.pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND granted) = %[6]d THEN
-		` + strings.Replace(sliceGotSQL, "%s", "%[7]s", 1) + `
+		PERFORM %[7]s || set_config('lock_timeout', '1ms', true);
 	ELSE
 		PERFORM pg_advisory_unlock_all();
 		` + sliceMissedSQL + `
@@ -433,7 +436,7 @@ func keepaliveLiterals(keepalive []any) string {
 // oneSliceSQL is one slice of a session-scope wait for key in mode m.
 func oneSliceSQL(key Key, m Mode, ms int64, keepalive []any) string {
 	classid, objid, objsubid := key.LockRow()
-	return fmt.Sprintf(sliceOneSQL, ms, m.sqlSuffix(), keyLiterals(key), keepaliveLiterals(keepalive), classid, objid, objsubid)
+	return fmt.Sprintf(sliceOneSQL, keepaliveLiterals(keepalive), ms, m.sqlSuffix(), keyLiterals(key), classid, objid, objsubid)
 }
 
 // manySliceSQL is one slice of a session-scope wait for keys (in canonical
