@@ -74,6 +74,7 @@ type Session struct {
 	stmtMu   sync.Mutex
 	stmtGen  uint64      // counts statements; an interrupt names the one it is for
 	inFlight bool        // a statement (or WithConn callback) is running
+	untilEnd bool        // the session's end interrupts the statement in flight
 	stopper  *time.Timer // closes the connection if a cancelled statement hangs
 
 	mu      sync.Mutex
@@ -145,7 +146,7 @@ func newSession(ctx context.Context, pool *pgxpool.Pool, cfg config) (*Session, 
 		conn:      conn,
 		pc:        conn.Conn(),
 		health:    cfg.health,
-		keepalive: keepaliveArgs(cfg.health),
+		keepalive: keepaliveFor(cfg.health),
 		turn:      make(chan struct{}, 1),
 		armed:     make(chan struct{}, 1),
 		holds:     make(map[hold]int),
@@ -574,7 +575,19 @@ func (s *Session) beginEnd(err, why error, inBackground bool) bool {
 		s.watcher.Done() // the watcher never started
 	}
 	s.cancel(why)
+	go s.interruptUntilEnd() // not here: interrupt may hold stmtMu for a network round trip
 	return true
+}
+
+// interruptUntilEnd interrupts the statement in flight if the session's end
+// is to interrupt it (run's untilEnd).
+func (s *Session) interruptUntilEnd() {
+	s.stmtMu.Lock()
+	gen, ok := s.stmtGen, s.inFlight && s.untilEnd
+	s.stmtMu.Unlock()
+	if ok {
+		s.interrupt(gen)
+	}
 }
 
 // finish completes the end begun by beginEnd: it takes the turn (the
@@ -732,7 +745,19 @@ func (s *Session) discard() {
 	_ = nc.Close()                    // pgconn may have marked it closed without closing it yet
 }
 
-// keepaliveArgs returns keepaliveSQL's arguments for a session checked every
+// defaultKeepalive is keepaliveArgs(DefaultHealthInterval), computed once:
+// sessions share it and never change it.
+var defaultKeepalive = keepaliveArgs(DefaultHealthInterval)
+
+// keepaliveFor is keepaliveArgs(h), shared for the default interval.
+func keepaliveFor(h time.Duration) []any {
+	if h == DefaultHealthInterval {
+		return defaultKeepalive
+	}
+	return keepaliveArgs(h)
+}
+
+// keepaliveArgs returns the keep-alive values (firstTrySQL's last arguments) for a session checked every
 // health interval h. A silent network cut is noticed by the holder within
 // h + max(h, 1 s) (a check every h, each allowed max(h, 1 s) to answer). The
 // server drops the silent client, freeing its locks, idle + interval×count
@@ -799,24 +824,43 @@ func (s *Session) giveTurn() {
 // cancel request, so the connection survives, and closed if that cannot be
 // done. f fails at once, sending nothing, if ctx is already done.
 func (s *Session) run(ctx context.Context, untilEnd bool, f func(context.Context, *pgx.Conn) error) error {
+	return s.runFor(ctx, untilEnd, 0, f)
+}
+
+// runCleanup runs one of the library's own clean-up statements, bounded by
+// cleanupTimeout and not interrupted by the session's end.
+func (s *Session) runCleanup(f func(context.Context, *pgx.Conn) error) error {
+	return s.runFor(context.Background(), false, cleanupTimeout, f)
+}
+
+// runFor is run, and if bound > 0 the statement is also interrupted once it
+// has run for bound. It allocates nothing to watch a ctx that cannot end
+// (context.Background) or the session's end (beginEnd interrupts the
+// statement in flight itself).
+func (s *Session) runFor(ctx context.Context, untilEnd bool, bound time.Duration, f func(context.Context, *pgx.Conn) error) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
 	s.stmtMu.Lock()
 	s.stmtGen++
 	gen := s.stmtGen
-	s.inFlight = true
+	s.inFlight, s.untilEnd = true, untilEnd
 	s.stmtMu.Unlock()
-
-	interrupt := func() { s.interrupt(gen) }
-	stopCtx := context.AfterFunc(ctx, interrupt)
-	stopEnd := func() bool { return true }
-	if untilEnd {
-		stopEnd = context.AfterFunc(s.ctx, interrupt)
+	if untilEnd && s.ctx.Err() != nil { // beginEnd came before inFlight was set
+		go s.interrupt(gen)
 	}
-	err := f(context.WithoutCancel(ctx), s.pc)
-	stopCtx()
-	stopEnd()
+
+	fctx := ctx
+	if ctx.Done() != nil {
+		stop := context.AfterFunc(ctx, func() { s.interrupt(gen) })
+		defer stop()
+		fctx = context.WithoutCancel(ctx)
+	}
+	if bound > 0 {
+		t := time.AfterFunc(bound, func() { s.interrupt(gen) })
+		defer t.Stop()
+	}
+	err := f(fctx, s.pc)
 
 	// Wait for an interrupt already under way, so that its cancel request
 	// cannot reach a later statement.
@@ -828,14 +872,6 @@ func (s *Session) run(ctx context.Context, untilEnd bool, f func(context.Context
 	}
 	s.stmtMu.Unlock()
 	return err
-}
-
-// runCleanup runs one of the library's own clean-up statements, bounded by
-// cleanupTimeout and not interrupted by the session's end.
-func (s *Session) runCleanup(f func(context.Context, *pgx.Conn) error) error {
-	ctx, cancel := context.WithTimeout(context.Background(), cleanupTimeout)
-	defer cancel()
-	return s.run(ctx, false, f)
 }
 
 // interrupt cancels statement gen if it is still in flight: it sends a
