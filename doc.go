@@ -62,9 +62,9 @@
 // (ErrDeadlock). Such a wait holds a snapshot for as long as it lasts, and
 // a bounded one that times out is logged by the server as a lock_timeout
 // error. Take long waits on a Session that holds nothing, or on its own
-// Lock. LockTx inside a transaction that already holds other locks slices
-// too: a deadlock through it is found only if the other side's detector
-// sees it waiting.
+// Lock. The same holds for LockTx in a transaction whose session already
+// holds an advisory lock: two transactions slicing on each other's keys
+// would wait for ever, each unseen by the other's detector.
 //
 // A deadlock victim (ErrDeadlock) loses only the wait that failed: its
 // session keeps the locks it already held, as PostgreSQL does.
@@ -115,7 +115,12 @@
 // statement that releases its last hold resets them (RESET: to the values
 // the connection started with), so a connection goes back to the pool as
 // the pool lent it, and other users of the pool (a client that reads a large
-// result slowly, say) are not held to a lock's tight timeouts.
+// result slowly, say) are not held to a lock's tight timeouts. One limit: a
+// keep-alive the host sets with SET after connecting (in AfterConnect, say)
+// is reset to the startup value; set it in the connection string instead
+// (tcp_user_timeout=9000 becomes a startup parameter, which RESET keeps). A
+// Session that has run a WithConn callback, which may take locks of its
+// own, keeps the settings until it ends.
 //
 // When the session ends, Done is closed and Err matches ErrLockLost; Do and
 // Lead cancel their function's context. Until the holder has noticed, it may

@@ -105,7 +105,7 @@ func (s *Session) lockMany(ctx context.Context, set []Key, cfg config) (bool, er
 func (s *Session) lockFresh(ctx context.Context, keys []Key, cfg config, first bool) (bool, error) {
 	w, bound, byDeadline := cfg.waitPlan(ctx)
 	if first && w != waitTry {
-		got, err := s.waitSlices(ctx, 0, bound, func(ms int64) string { return manySliceSQL(keys, cfg.mode, ms, s.keepalive) })
+		got, err := s.waitSlices(ctx, 0, endOf(bound), func(ms int64) string { return manySliceSQL(keys, cfg.mode, ms, s.keepalive) })
 		switch {
 		case err != nil:
 			return false, s.lockManyFailed("lock_many", Key{}, ctx, ctx, keys, cfg.mode, byDeadline, err)

@@ -144,6 +144,15 @@ func newConfig(opts []Option) (config, error) {
 	return *c, c.err
 }
 
+// endOf is when a wait bounded by bound (from waitPlan, just computed)
+// ends: the zero time for no bound.
+func endOf(bound time.Duration) time.Time {
+	if bound <= 0 {
+		return time.Time{}
+	}
+	return time.Now().Add(bound)
+}
+
 // waitPlan says how a lock statement waits under c and ctx: try once, wait
 // forever, or wait bounded by the earlier of WaitTimeout and ctx's deadline.
 // byDeadline is true when the bound is the context's deadline.

@@ -135,7 +135,7 @@ func (s *Session) lockSlot(ctx context.Context, sem Key, slots []Key, cfg config
 	w, bound, byDeadline := cfg.waitPlan(ctx)
 	slot, dtMs, err := s.trySlots(ctx, slots)
 	if err == nil && !slot.Valid() && w != waitTry {
-		slot, err = s.waitSlots(ctx, slots, dtMs, bound)
+		slot, err = s.waitSlots(ctx, slots, dtMs, endOf(bound))
 	}
 	switch {
 	case err != nil:
@@ -173,13 +173,13 @@ func (s *Session) trySlots(ctx context.Context, slots []Key) (slot Key, dtMs int
 }
 
 // waitSlots waits for one of slots in wait slices (dtMs is the server's
-// deadlock_timeout) until it holds one, the bound (0: none) passes (the
+// deadlock_timeout) until it holds one, end (the zero time: none) passes (the
 // zero Key and a nil error), or ctx ends. The slot each slice waits on
 // starts at a random one and moves on by one each slice. The caller holds
 // the turn and cleans up after an error.
-func (s *Session) waitSlots(ctx context.Context, slots []Key, dtMs int64, bound time.Duration) (slot Key, err error) {
+func (s *Session) waitSlots(ctx context.Context, slots []Key, dtMs int64, end time.Time) (slot Key, err error) {
 	next := rand.IntN(len(slots))
-	_, err = s.waitSlicesReport(ctx, dtMs, bound, func(ms int64) string {
+	_, err = s.waitSlicesReport(ctx, dtMs, end, func(ms int64) string {
 		next = (next + 1) % len(slots)
 		return semaphoreSliceSQL(slots, next, ms, s.keepalive)
 	}, func(results []*pgconn.Result, err error) (bool, error) {

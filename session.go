@@ -217,7 +217,7 @@ func (s *Session) lock(ctx context.Context, key Key, cfg config) (bool, error) {
 		err error
 	)
 	if first {
-		got, err = s.lockFirst(ctx, key, cfg.mode, w, bound)
+		got, err = s.lockFirst(ctx, key, cfg.mode, w, endOf(bound))
 	} else {
 		got, err = s.lockMore(ctx, key, cfg.mode, w, bound)
 	}
@@ -243,7 +243,7 @@ func (s *Session) lock(ctx context.Context, key Key, cfg config) (bool, error) {
 // sets the keep-alives if it got the key, then, if it must wait, wait
 // slices. got == false with a nil error means not acquired: busy (waitTry)
 // or the bound passed. The caller holds the turn.
-func (s *Session) lockFirst(ctx context.Context, key Key, m Mode, w wait, bound time.Duration) (got bool, err error) {
+func (s *Session) lockFirst(ctx context.Context, key Key, m Mode, w wait, end time.Time) (got bool, err error) {
 	args := append(key.args(), s.keepalive...)
 	var dtMs int64
 	err = s.run(ctx, true, func(ctx context.Context, c *pgx.Conn) error {
@@ -252,7 +252,7 @@ func (s *Session) lockFirst(ctx context.Context, key Key, m Mode, w wait, bound 
 	if err != nil || got || w == waitTry {
 		return got, err
 	}
-	return s.waitSlices(ctx, dtMs, bound, func(ms int64) string { return oneSliceSQL(key, m, ms, s.keepalive) })
+	return s.waitSlices(ctx, dtMs, end, func(ms int64) string { return oneSliceSQL(key, m, ms, s.keepalive) })
 }
 
 // lockMore takes key on a session that already holds locks (and so has its
@@ -493,6 +493,21 @@ func (s *Session) WithConn(ctx context.Context, fn func(*pgx.Conn) error) error 
 		return &Error{Op: "with_conn", Err: err}
 	}
 	defer s.giveTurn()
+	// fn may take locks of its own, so from now on the keep-alives stay in
+	// force until the session ends (its unlock_all resets them); a session
+	// that holds nothing yet does not have them yet.
+	if !s.holding() {
+		err := s.run(ctx, true, func(ctx context.Context, c *pgx.Conn) error {
+			_, err := c.Exec(ctx, keepaliveSetSQL, s.keepalive...)
+			return err
+		})
+		if err != nil {
+			if lost := s.lostErr(err); lost != nil {
+				return &Error{Op: "with_conn", Kind: ErrLockLost, Err: errors.Join(err, lost)}
+			}
+			return &Error{Op: "with_conn", Err: err}
+		}
+	}
 	s.mu.Lock()
 	s.rawUsed = true
 	s.mu.Unlock()

@@ -62,8 +62,10 @@ var unlockSQL, unlockLastSQL [2][2]string
 // trip; a contended one goes on with wait slices (sliceSQL).
 var firstTrySQL [2][2]string
 
-// txFirstTrySQL[mode][space-1] is the first statement of LockTx: a try, and
-// deadlock_timeout in milliseconds.
+// txFirstTrySQL[mode][space-1] is the first statement of LockTx: a try,
+// deadlock_timeout in milliseconds, and, only when the try failed, whether
+// the session already holds an advisory lock (then its wait must be one
+// server-side wait that the deadlock detector sees, not slices).
 var txFirstTrySQL [2][2]string
 
 func init() {
@@ -77,7 +79,8 @@ func init() {
 				unlockSQL[m][sp] = fmt.Sprintf("SELECT pg_advisory_unlock%s(%s)", shared, params[0])
 				unlockLastSQL[m][sp] = unlockSQL[m][sp] + ", " + keepaliveResetSQL
 				if sc == int(scopeTx) {
-					txFirstTrySQL[m][sp] = fmt.Sprintf("SELECT pg_try_advisory_xact_lock%s(%s), %s", shared, params[0], deadlockTimeoutSQL)
+					txFirstTrySQL[m][sp] = fmt.Sprintf("SELECT t.got, %s, CASE WHEN NOT t.got THEN EXISTS (%s) END "+
+						"FROM (SELECT pg_try_advisory_xact_lock%s(%s) AS got OFFSET 0) AS t", deadlockTimeoutSQL, holdsAnySQL, shared, params[0])
 				}
 				if sc == int(scopeSession) {
 					n := strings.Count(params[0], "$")
@@ -119,9 +122,16 @@ func keepaliveSetExpr(values [4]string) string {
 // host SET on the connection itself after connecting is reset too.
 var keepaliveResetSQL = keepaliveSetExpr([4]string{"NULL", "NULL", "NULL", "NULL"})
 
+// keepaliveSetSQL sets the keep-alives (arguments: keepaliveArgs), for a
+// session about to run a WithConn callback, which may take locks of its own.
+var keepaliveSetSQL = `SELECT ` + keepaliveSetExpr(numberedParams(1))
+
 // unlockAllSQL releases every session-level advisory lock of the session and
 // resets the keep-alives.
 var unlockAllSQL = `SELECT pg_advisory_unlock_all(), ` + keepaliveResetSQL
+
+// holdsAnySQL finds whether the session holds any advisory lock, granted.
+const holdsAnySQL = `SELECT FROM pg_catalog.pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND granted`
 
 // heldSQL reports whether this session holds a key in a mode, granted. It is
 // how an ambiguous error from a lock statement (a cancel or lock_timeout that

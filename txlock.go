@@ -21,7 +21,12 @@ import (
 // It tries once and, if it must wait, waits in slices (see the package
 // documentation, "What waiting costs the server"), each ended by the server
 // without an error: a wait that reaches its bound returns ErrTimeout and
-// leaves tx usable, and tx's own lock_timeout is unchanged. Other failures
+// leaves tx usable, and tx's own lock_timeout is unchanged. When tx's
+// session already holds an advisory lock (an earlier LockTx in tx, say), the
+// wait is instead one server-side wait, which PostgreSQL's deadlock detector
+// sees (ErrDeadlock) and which holds a snapshot while it lasts; a bound it
+// reaches then fails with ErrTimeout and aborts tx, as any failed statement
+// does. Other failures
 // (ErrTooManyLocks, a server error) abort tx, as any failed statement does:
 // roll it back. A cancelled ctx is handled as pgx handles it for any
 // statement (by default the connection is closed, ending tx); a ctx
@@ -51,7 +56,7 @@ func lockTxCall(ctx context.Context, tx pgx.Tx, key Key, cfg config) (bool, erro
 		return false, keyError("lock_tx", key, nil, err)
 	}
 	w, bound, byDeadline := cfg.waitPlan(ctx)
-	got, err := lockTx(ctx, tx, key, cfg.mode, w, bound)
+	got, err := lockTx(ctx, tx, key, cfg.mode, w, endOf(bound))
 	switch {
 	case err != nil:
 		kind := kindOf(err)
@@ -69,17 +74,47 @@ func lockTxCall(ctx context.Context, tx pgx.Tx, key Key, cfg config) (bool, erro
 	return got, nil
 }
 
-// lockTx tries key once and, if it must wait, waits in slices (see
-// sliceTxSQL) until it holds key, the bound (0: none) passes (got == false,
-// nil error) or a statement fails.
-func lockTx(ctx context.Context, tx pgx.Tx, key Key, m Mode, w wait, bound time.Duration) (got bool, err error) {
-	var dtMs int64
-	if err := tx.QueryRow(ctx, txFirstTrySQL[m][key.space-1], key.args()...).Scan(&got, &dtMs); err != nil || got || w == waitTry {
+// lockTx tries key once and, if it must wait, waits until it holds key, end
+// (the zero time: none) passes (got == false, nil error) or a statement
+// fails: in slices (see sliceTxSQL) when the session holds no advisory
+// lock, and otherwise in one server-side wait, so that a deadlock through
+// locks it holds is detected (two transactions slicing on each other's keys
+// would wait for ever, each unseen by the other's detector).
+func lockTx(ctx context.Context, tx pgx.Tx, key Key, m Mode, w wait, end time.Time) (got bool, err error) {
+	var (
+		dtMs     int64
+		holdsAny *bool
+	)
+	if err := tx.QueryRow(ctx, txFirstTrySQL[m][key.space-1], key.args()...).Scan(&got, &dtMs, &holdsAny); err != nil || got || w == waitTry {
 		return got, err
 	}
-	return inSlices(ctx, dtMs, bound, func(ctx context.Context, ms int64) (bool, error) {
+	if holdsAny != nil && *holdsAny {
+		return lockTxOnce(ctx, tx, key, m, end)
+	}
+	return inSlices(ctx, dtMs, end, func(ctx context.Context, ms int64) (bool, error) {
 		return sliceReport(tx.Conn().PgConn().Exec(ctx, txSliceSQL(key, m, ms)).ReadAll())
 	})
+}
+
+// lockTxOnce waits for key in one server-side wait, under lock_timeout
+// until end if there is one. A wait that reaches end fails with 55P03 and,
+// as any failed statement, aborts the transaction.
+func lockTxOnce(ctx context.Context, tx pgx.Tx, key Key, m Mode, end time.Time) (bool, error) {
+	w, bound := waitForever, time.Duration(0)
+	if !end.IsZero() {
+		if bound = time.Until(end); bound <= 0 {
+			return false, nil
+		}
+		w = waitBounded
+	}
+	if _, ok := ctx.Deadline(); ok {
+		var cancel context.CancelFunc
+		ctx, cancel = pastDeadline(ctx, deadlineGrace)
+		defer cancel()
+	}
+	sql, args := lockStatement(scopeTx, m, w, key, bound)
+	_, err := tx.Exec(ctx, sql, args...)
+	return err == nil, err
 }
 
 // DoTx runs fn in a transaction that holds key: it begins a transaction on

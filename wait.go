@@ -34,7 +34,7 @@ func (s *Session) sliceStall() time.Duration {
 }
 
 // waitSlices waits, slice after slice, until a slice gets its keys, the
-// bound (0: none) passes, or ctx ends; slice(ms) is the message of one slice
+// bound (end; the zero time: none) passes, or ctx ends; slice(ms) is the message of one slice
 // of ms milliseconds, and dtMs the server's deadlock_timeout (0: unknown).
 // The session holds nothing, and the caller holds the turn. It returns got
 // == true when the session holds the keys; got == false and err == nil when
@@ -46,15 +46,15 @@ func (s *Session) sliceStall() time.Duration {
 // the two), so a slice is interrupted only when ctx is cancelled, or once
 // the deadline is deadlineGrace past: the server ends the last slice on
 // time, without an error.
-func (s *Session) waitSlices(ctx context.Context, dtMs int64, bound time.Duration, slice func(ms int64) string) (got bool, err error) {
-	return s.waitSlicesReport(ctx, dtMs, bound, slice, sliceReport)
+func (s *Session) waitSlices(ctx context.Context, dtMs int64, end time.Time, slice func(ms int64) string) (got bool, err error) {
+	return s.waitSlicesReport(ctx, dtMs, end, slice, sliceReport)
 }
 
 // waitSlicesReport is waitSlices with report reading what each slice's
 // message returned (sliceReport for waitSlices): whether it got its keys.
-func (s *Session) waitSlicesReport(ctx context.Context, dtMs int64, bound time.Duration, slice func(ms int64) string,
+func (s *Session) waitSlicesReport(ctx context.Context, dtMs int64, end time.Time, slice func(ms int64) string,
 	report func([]*pgconn.Result, error) (bool, error)) (bool, error) {
-	return inSlices(ctx, dtMs, bound, func(ctx context.Context, ms int64) (got bool, err error) {
+	return inSlices(ctx, dtMs, end, func(ctx context.Context, ms int64) (got bool, err error) {
 		sql := slice(ms)
 		err = s.run(ctx, true, func(ctx context.Context, c *pgx.Conn) error {
 			stall := time.AfterFunc(s.sliceStall(), func() { _ = c.PgConn().Conn().Close() })
@@ -69,14 +69,11 @@ func (s *Session) waitSlicesReport(ctx context.Context, dtMs int64, bound time.D
 
 // inSlices runs slice, each time for the length of the next slice in
 // milliseconds (sliceLen of dtMs, the server's deadlock_timeout, and of
-// what is left of bound, 0: none), until one reports got, one fails, or the
-// bound passes (false, nil). A ctx deadline does not interrupt a slice
+// what is left until end, the zero time: no bound), until one reports got,
+// one fails, or end passes (false, nil). end is fixed when the call's bound
+// is (endOf), so the time of a first try counts against it. A ctx deadline does not interrupt a slice
 // until deadlineGrace after it: the server ends the last slice on time.
-func inSlices(ctx context.Context, dtMs int64, bound time.Duration, slice func(ctx context.Context, ms int64) (bool, error)) (bool, error) {
-	var end time.Time
-	if bound > 0 {
-		end = time.Now().Add(bound)
-	}
+func inSlices(ctx context.Context, dtMs int64, end time.Time, slice func(ctx context.Context, ms int64) (bool, error)) (bool, error) {
 	if _, ok := ctx.Deadline(); ok {
 		var cancel context.CancelFunc
 		ctx, cancel = pastDeadline(ctx, deadlineGrace)
