@@ -230,7 +230,14 @@ func TestStatusWatchInTerminal(t *testing.T) {
 		dead = strings.Fields(m.run("display-message", "-p", "-t", "status", "#{pane_dead} #{pane_dead_status} #{pane_dead_signal}"))
 		return len(dead) > 0 && dead[0] == "1"
 	})
-	if !slices.Equal(dead, []string{"1", "0"}) {
+	switch {
+	case len(dead) == 1:
+		// tmux sometimes records no status for a dead pane (seen about once
+		// in ten runs on a loaded machine). The exit status after SIGINT is
+		// checked in a pipe by TestStatusWatchPipe; here what a person sees
+		// is checked below.
+		t.Logf("tmux recorded no exit status for the pane")
+	case !slices.Equal(dead, []string{"1", "0"}):
 		t.Errorf("pglock status --watch ended after Ctrl-C with status and signal %q, want status 0", dead[1:])
 	}
 	if s := m.screen(); strings.Contains(s, "Every 200ms") {
