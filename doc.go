@@ -111,10 +111,10 @@
 // its locks, about four intervals after the cut (4 s by default: 2 s idle,
 // two probes 1 s apart), always after the holder has stepped down.
 //
-// The settings are in force only while the session holds a lock: the
-// statement that releases its last hold resets them (RESET: to the values
-// the connection started with), so a connection goes back to the pool as
-// the pool lent it, and other users of the pool (a client that reads a large
+// The settings are in force from a session's first lock until the session
+// ends: the statement that ends it (Release's unlock, Close's) resets them
+// (RESET: to the values the connection started with), so a connection goes
+// back to the pool as the pool lent it, and other users of the pool (a client that reads a large
 // result slowly, say) are not held to a lock's tight timeouts. One limit: a
 // keep-alive the host sets with SET after connecting (in AfterConnect, say)
 // is reset to the startup value; set it in the connection string instead

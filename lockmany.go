@@ -89,6 +89,7 @@ func (s *Session) lockMany(ctx context.Context, set []Key, cfg config) (bool, er
 	for _, k := range set {
 		s.holds[hold{k, cfg.mode}]++
 	}
+	s.kaOn = true
 	s.mu.Unlock()
 	s.arm()
 	s.trace.started(ctx, cfg.entry, cfg.mode, fresh...)
@@ -105,7 +106,11 @@ func (s *Session) lockMany(ctx context.Context, set []Key, cfg config) (bool, er
 func (s *Session) lockFresh(ctx context.Context, keys []Key, cfg config, first bool) (bool, error) {
 	w, bound, byDeadline := cfg.waitPlan(ctx)
 	if first && w != waitTry {
-		got, err := s.waitSlices(ctx, 0, endOf(bound), func(ms int64) string { return manySliceSQL(keys, cfg.mode, ms, s.keepalive) })
+		ka := s.keepalive
+		if s.keepaliveOn() {
+			ka = nil
+		}
+		got, err := s.waitSlices(ctx, 0, endOf(bound), func(ms int64) string { return manySliceSQL(keys, cfg.mode, ms, ka) })
 		switch {
 		case err != nil:
 			return false, s.lockManyFailed("lock_many", Key{}, ctx, ctx, keys, cfg.mode, byDeadline, err)
@@ -160,7 +165,7 @@ func (s *Session) lockFresh(ctx context.Context, keys []Key, cfg config, first b
 	}
 	// NoWait: the keys before the busy one were taken; give them back.
 	if *failedAt > 1 {
-		if err := s.unlockManyStatement(keys[:*failedAt-1], cfg.mode, !s.holding()); err != nil {
+		if err := s.unlockManyStatement(keys[:*failedAt-1], cfg.mode, false); err != nil {
 			s.lose(err)
 			return false, &Error{Op: "lock_many", Kind: ErrLockLost, Err: errors.Join(err, s.Err())}
 		}
@@ -226,7 +231,7 @@ func (s *Session) dropGrantedMany(keys []Key, m Mode) error {
 	})
 	if err == nil && len(granted) > 0 {
 		grantedThenCancelled.Add(1)
-		err = s.unlockManyStatement(granted, m, !s.holding())
+		err = s.unlockManyStatement(granted, m, false)
 	}
 	if err != nil {
 		s.lose(err)
@@ -289,9 +294,8 @@ func (s *Session) UnlockMany(ctx context.Context, keys []Key, opts ...Option) er
 	for _, k := range last {
 		delete(s.holds, hold{k, cfg.mode})
 	}
-	none := len(s.holds) == 0 && !s.rawUsed
 	s.mu.Unlock()
-	err = s.unlockManyStatement(last, cfg.mode, none)
+	err = s.unlockManyStatement(last, cfg.mode, false)
 	s.trace.released(cfg.mode, err, last...)
 	if err != nil {
 		s.lose(err)

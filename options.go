@@ -72,8 +72,9 @@ func Shared() Option { return func(c *config) { c.mode = ModeShared } }
 func NoWait() Option { return func(c *config) { c.noWait = true } }
 
 // WaitTimeout bounds the wait for the lock to d. The bound is enforced by the
-// server (lock_timeout for the one statement), so a wait that reaches it
-// returns ErrTimeout and the connection stays healthy. With a context
+// server (the last wait slice ends at it, without an error; a single
+// server-side wait runs under lock_timeout for that statement), so a wait
+// that reaches it returns ErrTimeout and the connection stays healthy. With a context
 // deadline as well, the earlier of the two applies. WaitTimeout(0) is
 // NoWait(); a negative d makes the call fail before any SQL is sent.
 func WaitTimeout(d time.Duration) Option {

@@ -143,6 +143,7 @@ func (s *Session) lockSlot(ctx context.Context, sem Key, slots []Key, cfg config
 	case slot.Valid():
 		s.mu.Lock()
 		s.holds[hold{slot, ModeExclusive}] = 1
+		s.kaOn = true
 		s.mu.Unlock()
 		s.arm()
 		s.trace.started(ctx, cfg.entry, ModeExclusive, slot)

@@ -80,6 +80,7 @@ type Session struct {
 	mu      sync.Mutex
 	holds   map[hold]int
 	rawUsed bool  // WithConn ran: the connection may hold locks the Session did not take
+	kaOn    bool  // the session set the keep-alives; they are reset when it ends
 	ending  bool  // Close began or the session was lost
 	closed  bool  // Close has returned the end reason once
 	err     error // why it ended; nil after a clean Close
@@ -227,6 +228,7 @@ func (s *Session) lock(ctx context.Context, key Key, cfg config) (bool, error) {
 	case got:
 		s.mu.Lock()
 		s.holds[h] = 1
+		s.kaOn = true
 		s.mu.Unlock()
 		s.arm()
 		s.trace.started(ctx, cfg.entry, cfg.mode, key)
@@ -244,15 +246,26 @@ func (s *Session) lock(ctx context.Context, key Key, cfg config) (bool, error) {
 // slices. got == false with a nil error means not acquired: busy (waitTry)
 // or the bound passed. The caller holds the turn.
 func (s *Session) lockFirst(ctx context.Context, key Key, m Mode, w wait, end time.Time) (got bool, err error) {
-	args := append(key.args(), s.keepalive...)
+	sql, args, ka := firstTrySQL[m][key.space-1], append(key.args(), s.keepalive...), s.keepalive
+	if s.keepaliveOn() { // set by an earlier hold of this session: not again
+		sql, args, ka = tryDtSQL[m][key.space-1], key.args(), nil
+	}
 	var dtMs int64
 	err = s.run(ctx, true, func(ctx context.Context, c *pgx.Conn) error {
-		return c.QueryRow(ctx, firstTrySQL[m][key.space-1], args...).Scan(&got, nil, &dtMs)
+		return c.QueryRow(ctx, sql, args...).Scan(&got, nil, &dtMs)
 	})
 	if err != nil || got || w == waitTry {
 		return got, err
 	}
-	return s.waitSlices(ctx, dtMs, end, func(ms int64) string { return oneSliceSQL(key, m, ms, s.keepalive) })
+	return s.waitSlices(ctx, dtMs, end, func(ms int64) string { return oneSliceSQL(key, m, ms, ka) })
+}
+
+// keepaliveOn reports whether the session has set the keep-alives (they
+// stay until it ends).
+func (s *Session) keepaliveOn() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.kaOn
 }
 
 // lockMore takes key on a session that already holds locks (and so has its
@@ -331,7 +344,7 @@ func (s *Session) dropIfGranted(h hold) error {
 	})
 	if err == nil && held {
 		grantedThenCancelled.Add(1)
-		err = s.unlockStatement(h, !s.holding())
+		err = s.unlockStatement(h, false)
 	}
 	if err != nil {
 		s.lose(err)
@@ -383,9 +396,8 @@ func (s *Session) unlock(ctx context.Context, h hold) error {
 	}
 	s.mu.Lock()
 	delete(s.holds, h)
-	last := len(s.holds) == 0 && !s.rawUsed
 	s.mu.Unlock()
-	err := s.unlockStatement(h, last)
+	err := s.unlockStatement(h, false)
 	s.trace.released(h.mode, err, key)
 	if err != nil {
 		s.lose(err)
@@ -509,7 +521,7 @@ func (s *Session) WithConn(ctx context.Context, fn func(*pgx.Conn) error) error 
 		}
 	}
 	s.mu.Lock()
-	s.rawUsed = true
+	s.rawUsed, s.kaOn = true, true
 	s.mu.Unlock()
 	s.arm()
 	err := s.run(ctx, true, func(_ context.Context, c *pgx.Conn) error { return fn(c) })
@@ -625,11 +637,12 @@ func (s *Session) finish(cause error) {
 	for h := range s.holds {
 		holds = append(holds, h)
 	}
-	rawUsed := s.rawUsed
+	rawUsed, kaOn := s.rawUsed, s.kaOn
 	clear(s.holds)
+	s.kaOn = false
 	s.mu.Unlock()
 	var unlockErr error
-	if clean && (len(holds) > 0 || rawUsed) {
+	if clean && (len(holds) > 0 || rawUsed || kaOn) {
 		if unlockErr = s.unlockHolds(holds, rawUsed); unlockErr != nil {
 			clean = false
 			s.mu.Lock()
@@ -652,8 +665,14 @@ func (s *Session) finish(cause error) {
 // the connection holds (locks a WithConn callback took). The caller holds
 // the turn.
 func (s *Session) unlockHolds(holds []hold, rawUsed bool) error {
-	if len(holds) == 1 && !rawUsed {
+	switch {
+	case len(holds) == 1 && !rawUsed:
 		return s.unlockStatement(holds[0], true) // a Lock's Release: the one-key statement
+	case len(holds) == 0 && !rawUsed: // a Session that held locks and gave them all back
+		return s.runCleanup(func(ctx context.Context, c *pgx.Conn) error {
+			_, err := c.Exec(ctx, keepaliveResetOnlySQL)
+			return err
+		})
 	}
 	var byMode [2][]Key
 	for _, h := range holds {

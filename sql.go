@@ -49,7 +49,7 @@ var lockSQL [2][2][3][2]string
 
 // unlockSQL[mode][space-1] releases one session-level hold and returns the
 // boolean PostgreSQL reports (false, with a WARNING, when it was not held).
-// unlockLastSQL does the same for a session's last hold, and resets the
+// unlockLastSQL does the same for a session's last hold when the session ends, and resets the
 // keep-alives in the same statement (a second column).
 var unlockSQL, unlockLastSQL [2][2]string
 
@@ -61,6 +61,10 @@ var unlockSQL, unlockLastSQL [2][2]string
 // keep-alive values (keepaliveArgs). An uncontended lock is this one round
 // trip; a contended one goes on with wait slices (sliceSQL).
 var firstTrySQL [2][2]string
+
+// tryDtSQL[mode][space-1] is firstTrySQL for a session whose keep-alives are
+// set already (it held a lock before): the same columns, nothing set.
+var tryDtSQL [2][2]string
 
 // txFirstTrySQL[mode][space-1] is the first statement of LockTx: a try,
 // deadlock_timeout in milliseconds, and, only when the try failed, whether
@@ -83,6 +87,7 @@ func init() {
 						"FROM (SELECT pg_try_advisory_xact_lock%s(%s) AS got OFFSET 0) AS t", deadlockTimeoutSQL, holdsAnySQL, shared, params[0])
 				}
 				if sc == int(scopeSession) {
+					tryDtSQL[m][sp] = fmt.Sprintf("SELECT pg_try_advisory_lock%s(%s), NULL::text, %s", shared, params[0], deadlockTimeoutSQL)
 					n := strings.Count(params[0], "$")
 					firstTrySQL[m][sp] = fmt.Sprintf("SELECT t.got, CASE WHEN t.got THEN %s END, %s FROM (SELECT pg_try_advisory_lock%s(%s) AS got OFFSET 0) AS t",
 						keepaliveSetExpr(numberedParams(n+1)), deadlockTimeoutSQL, shared, params[0])
@@ -95,12 +100,13 @@ func init() {
 // Keep-alive settings bound how long the server keeps a silent client's
 // session, and so its locks (see keepaliveArgs): TCP keep-alives for an idle
 // connection, and tcp_user_timeout for data the client never acknowledges
-// (PostgreSQL 12 or later). They are in force exactly while a session holds
-// a lock: the statement that takes a session's first hold sets them, in the
-// same transaction as the grant (so a failed lock never leaves them half
-// set), and the statement that releases its last hold resets them to the
-// connection's defaults, so a connection goes back to the pool as the pool
-// lent it.
+// (PostgreSQL 12 or later). They are in force from a session's first hold
+// until the session ends: the statement that takes its first hold sets
+// them, in the same transaction as the grant (so a failed lock never leaves
+// them half set), and the statement that ends the session (a Lock's unlock,
+// Close's) resets them to the connection's defaults, so a connection goes
+// back to the pool as the pool lent it. A Session that locks and unlocks
+// over and over sets them once.
 var keepaliveNames = [...]string{"tcp_keepalives_idle", "tcp_keepalives_interval", "tcp_keepalives_count", "tcp_user_timeout"}
 
 // keepaliveSetExpr is a text expression that sets the keep-alives, session
@@ -125,6 +131,10 @@ var keepaliveResetSQL = keepaliveSetExpr([4]string{"NULL", "NULL", "NULL", "NULL
 // keepaliveSetSQL sets the keep-alives (arguments: keepaliveArgs), for a
 // session about to run a WithConn callback, which may take locks of its own.
 var keepaliveSetSQL = `SELECT ` + keepaliveSetExpr(numberedParams(1))
+
+// keepaliveResetOnlySQL resets the keep-alives of a session that ends
+// holding nothing.
+var keepaliveResetOnlySQL = `SELECT ` + keepaliveResetSQL
 
 // unlockAllSQL releases every session-level advisory lock of the session and
 // resets the keep-alives.
@@ -434,8 +444,12 @@ func keyLiterals(key Key) string {
 }
 
 // keepaliveLiterals is keepaliveSetExpr of keepalive (keepaliveArgs), as
-// literals, for a DO block.
+// literals, for a DO block; for nil (the keep-alives are set already), an
+// empty text that sets nothing.
 func keepaliveLiterals(keepalive []any) string {
+	if keepalive == nil {
+		return "''"
+	}
 	var values [4]string
 	for i, v := range keepalive {
 		values[i] = "'" + v.(string) + "'" // digits only: keepaliveArgs
