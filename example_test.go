@@ -304,3 +304,48 @@ func Example_migrationGuard() {
 	// Output:
 	// 3 instances started, migration 1 applied 1 time(s)
 }
+
+// At most two exports at once, across every instance: a semaphore of size
+// 2. Two holders take both slots; a third finds none free and skips.
+func ExampleAcquireSemaphore() {
+	ctx := context.Background()
+	pool, err := pgxpool.New(ctx, os.Getenv("DATABASE_URL"))
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer pool.Close()
+
+	key := advisory.StringKey("exports")
+	var held []*advisory.Lock
+	for i := 0; i < 3; i++ {
+		lock, err := advisory.AcquireSemaphore(ctx, pool, key, 2, advisory.NoWait())
+		if err != nil {
+			log.Fatal(err)
+		}
+		if !lock.Acquired() {
+			fmt.Println("export", i, "skipped: both slots are taken")
+			continue
+		}
+		fmt.Println("export", i, "runs in", slotOf(lock.Key(), advisory.SemaphoreKeys(key, 2)))
+		held = append(held, lock)
+	}
+	for _, lock := range held {
+		if err := lock.Release(ctx); err != nil {
+			log.Fatal(err)
+		}
+	}
+	// Output:
+	// export 0 runs in slot 0
+	// export 1 runs in slot 1
+	// export 2 skipped: both slots are taken
+}
+
+// slotOf names the slot among slots that key is.
+func slotOf(key advisory.Key, slots []advisory.Key) string {
+	for i, s := range slots {
+		if s == key {
+			return fmt.Sprint("slot ", i)
+		}
+	}
+	return "no slot"
+}
