@@ -105,6 +105,7 @@ var errDuration = errors.New(`want a duration such as 1.5 (seconds), 300ms, 2m o
 // "0.5") or a Go duration ("300ms", "1m30s"). Negative durations are
 // rejected.
 func parseDuration(s string) (time.Duration, error) {
+	s = strings.TrimSpace(s)
 	if seconds.MatchString(s) {
 		s += "s"
 	}

@@ -117,7 +117,12 @@ func (j *job) ended() bool {
 		return true
 	}
 	reapGroup(j.cmd.Process.Pid)
-	return errors.Is(syscall.Kill(-j.cmd.Process.Pid, 0), syscall.ESRCH)
+	if errors.Is(syscall.Kill(-j.cmd.Process.Pid, 0), syscall.ESRCH) {
+		return true
+	}
+	// A zombie whose parent left the group (and is not pglock, which reaps
+	// its own) still counts for kill, but runs nothing.
+	return !groupRuns(j.cmd.Process.Pid)
 }
 
 // status is CMD's exit status, 128+N when signal N killed it. Call it

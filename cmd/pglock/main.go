@@ -32,12 +32,14 @@ const (
 const usage = `pglock: flock(1) for a fleet, backed by PostgreSQL advisory locks.
 
 Usage:
-  pglock run (--key NAME | --id N | --pair A,B) [--shared | --slots N]
+  pglock run (--key NAME [--empty-key] | --id N | --pair A,B) [--shared | --slots N]
              [--no-wait] [--timeout DUR] [--ttl DUR] [--grace DUR] [--foreground]
              [--conflict-exit-code N] [--app-name NAME] [--dsn DSN]
              -- CMD [ARG...]
-  pglock status [--key NAME | --id N | --pair A,B] [--keys] [--json] [--watch [DUR]] [--dsn DSN]
+  pglock status [--key NAME [--empty-key] | --id N | --pair A,B] [--keys] [--json]
+                [--watch [DUR]] [--dsn DSN]
   pglock key [--slots N] NAME...
+  pglock key --tool TOOL [ARG...]
   pglock demo [--dsn DSN]
   pglock help [COMMAND]
   pglock --version

@@ -210,9 +210,29 @@ func (r *runner) acquire(ctx context.Context, pool *pgxpool.Pool) (*advisory.Loc
 		connectCtx, cancel = context.WithDeadline(ctx, deadline)
 		defer cancel()
 	}
-	if err := r.conn.ping(connectCtx, pool); err != nil {
+	// A server that accepts and then never answers: connect_timeout bounds
+	// the connection, and the first query on it must be answered within
+	// answerBound, as every wait is.
+	var stalled atomic.Bool
+	c, err := pool.Acquire(connectCtx)
+	if err == nil {
+		guard := time.AfterFunc(answerBound, func() {
+			stalled.Store(true)
+			r.socks.closeAll()
+		})
+		err = c.Ping(connectCtx)
+		guard.Stop()
+		c.Release()
+	}
+	if err != nil {
+		err = r.conn.connectError(pool.Config().ConnConfig, err)
+	}
+	if err != nil {
 		switch {
 		case ctx.Err() != nil:
+		case stalled.Load() && connectCtx.Err() == nil:
+			r.failf("the connection to %s stalled: no answer %v after connecting; CMD not run",
+				hostPort(pool.Config().ConnConfig), answerBound)
 		case connectCtx.Err() != nil:
 			r.failf("could not connect to %s within the --timeout %v; CMD not run", hostPort(pool.Config().ConnConfig), r.timeout.d)
 			return nil, r.conflict

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"strconv"
+	"strings"
 
 	"github.com/jackc/pgx/v5/pgxpool"
 
@@ -25,7 +26,7 @@ func (f *slotsFlag) String() string {
 }
 
 func (f *slotsFlag) Set(s string) error {
-	n, err := strconv.Atoi(s)
+	n, err := strconv.Atoi(strings.TrimSpace(s))
 	if err != nil || n < 1 {
 		return errors.New("want a whole number of slots, at least 1")
 	}
