@@ -875,12 +875,15 @@ func (s *Session) runFor(ctx context.Context, untilEnd bool, bound time.Duration
 	if err := ctx.Err(); err != nil {
 		return err
 	}
+	if untilEnd && s.ctx.Err() != nil { // ending: nothing more is sent but clean-up
+		return s.endKind()
+	}
 	s.stmtMu.Lock()
 	s.stmtGen++
 	gen := s.stmtGen
 	s.inFlight, s.untilEnd = true, untilEnd
 	s.stmtMu.Unlock()
-	if untilEnd && s.ctx.Err() != nil { // beginEnd came before inFlight was set
+	if untilEnd && s.ctx.Err() != nil { // beginEnd came just before inFlight was set
 		go s.interrupt(gen)
 	}
 
@@ -919,6 +922,18 @@ func (s *Session) interrupt(gen uint64) {
 	if !s.inFlight || s.stmtGen != gen || s.stopper != nil {
 		return
 	}
+	s.cancelStatement(gen, time.Now().Add(cancelGrace))
+}
+
+// cancelRetry is how often a cancel request is sent again while its
+// statement runs on: a cancel that reaches the backend before the statement
+// itself (it travels on a connection of its own) is dropped.
+const cancelRetry = 200 * time.Millisecond
+
+// cancelStatement sends a cancel request for statement gen, and again every
+// cancelRetry while it is in flight; at giveUp it closes the connection.
+// The caller holds stmtMu.
+func (s *Session) cancelStatement(gen uint64, giveUp time.Time) {
 	pg := s.pc.PgConn()
 	ctx, cancel := context.WithTimeout(context.Background(), cancelRequestTimeout)
 	err := pg.CancelRequest(ctx)
@@ -927,11 +942,15 @@ func (s *Session) interrupt(gen uint64) {
 		pg.Conn().Close()
 		return
 	}
-	s.stopper = time.AfterFunc(cancelGrace, func() {
+	s.stopper = time.AfterFunc(min(cancelRetry, time.Until(giveUp)), func() {
 		s.stmtMu.Lock()
 		defer s.stmtMu.Unlock()
-		if s.inFlight && s.stmtGen == gen {
+		switch {
+		case !s.inFlight || s.stmtGen != gen:
+		case !time.Now().Before(giveUp):
 			pg.Conn().Close()
+		default:
+			s.cancelStatement(gen, giveUp)
 		}
 	})
 }
