@@ -278,9 +278,7 @@ func (e *env) openPIDs() map[uint32]string {
 	for i, p := range e.pools {
 		p.mu.Lock()
 		for c := range p.conns {
-			if !c.IsClosed() { // a lost connection the library hijacked and closed: its backend ends by itself
-				pids[c.PgConn().PID()] = fmt.Sprintf("a connection of the test's pool #%d", i+1)
-			}
+			pids[c.PgConn().PID()] = fmt.Sprintf("a connection of the test's pool #%d", i+1)
 		}
 		p.mu.Unlock()
 	}
