@@ -112,6 +112,8 @@ func TestSilentNetworkCut(t *testing.T) {
 	// 15 s for an answer that a cut network never brings.
 	proxy.Close()
 	awaitNoAcquired(t, pool)
+	e.awaitKeyFree(key)
+	e.awaitKeyFree(key2)
 }
 
 // A silent network cut that both ends only learn of through their own
