@@ -93,6 +93,16 @@
 // exists" or "does not exist"), and describe_exec fails outside a
 // transaction ("unnamed prepared statement does not exist").
 //
+// An uncontended DoTx costs two round trips, as a session lock's cycle: its
+// BEGIN carries the first try, and the try's outcome comes back as a
+// reported change of default_transaction_read_only, flipped for the rest of
+// the transaction when the try gets the key (it does not change the
+// transaction under way, whose access mode its BEGIN fixed; it ends with
+// the transaction). PostgreSQL 14 and later report that setting; PgBouncer
+// 1.18 passes the report on. Where it is not reported, DoTx asks the server
+// instead, one round trip more. LockTx, on a transaction the caller began,
+// is one round trip for the try.
+//
 // # Lost locks
 //
 // A session lock lives exactly as long as its session. While a Session holds

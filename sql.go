@@ -97,6 +97,28 @@ func init() {
 	}
 }
 
+// DoTx begins its transaction and tries its key in one round trip. pgx
+// sends TxOptions.BeginQuery with the simple protocol, so it may be two
+// statements, but BeginTx keeps none of their results; the try's outcome
+// comes back as a parameter status instead. When the try gets the key, the
+// second statement flips default_transaction_read_only for the rest of the
+// transaction (set_config(..., true)), and PostgreSQL 14 and later report a
+// change of that setting to the client before the message's ReadyForQuery
+// (pgconn's ParameterStatus). The flip changes nothing for the transaction
+// under way, whose access mode was fixed by its BEGIN, and it ends with the
+// transaction, when the server reports the old value again. A server or
+// proxy that does not report the setting leaves a got key unseen: DoTx then
+// asks the server, as LockTx would (beginTryUnseen).
+
+// beginTrySignal is the setting whose reported change says that the
+// BEGIN's try got the key.
+const beginTrySignal = "default_transaction_read_only"
+
+// beginTrySQL begins a transaction and tries a key in mode suffix %[1]s,
+// key literals %[2]s, flipping beginTrySignal when it gets it.
+const beginTrySQL = `BEGIN; SELECT set_config('` + beginTrySignal + `', CASE current_setting('` + beginTrySignal +
+	`') WHEN 'on' THEN 'off' ELSE 'on' END, true) WHERE pg_try_advisory_xact_lock%[1]s(%[2]s)`
+
 // Keep-alive settings bound how long the server keeps a silent client's
 // session, and so its locks (see keepaliveArgs): TCP keep-alives for an idle
 // connection, and tcp_user_timeout for data the client never acknowledges
@@ -477,6 +499,11 @@ func manySliceSQL(keys []Key, m Mode, ms int64, keepalive []any) string {
 	}
 	return fmt.Sprintf(sliceManySQL, strings.Join(ints, ","), strings.Join(as, ","), strings.Join(bs, ","),
 		ms, m.sqlSuffix(), len(keys), keepaliveLiterals(keepalive))
+}
+
+// txBeginTrySQL is beginTrySQL for key in mode m.
+func txBeginTrySQL(key Key, m Mode) string {
+	return fmt.Sprintf(beginTrySQL, m.sqlSuffix(), keyLiterals(key))
 }
 
 // txSliceSQL is one slice of a transaction-scope wait for key in mode m.

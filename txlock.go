@@ -118,11 +118,15 @@ func lockTxOnce(ctx context.Context, tx pgx.Tx, key Key, m Mode, end time.Time) 
 }
 
 // DoTx runs fn in a transaction that holds key: it begins a transaction on
-// pool, takes key with LockTx (options as LockTx), runs fn, and commits. fn
-// runs only if the lock was acquired; acquired reports whether it ran. The
-// transaction is rolled back when the lock is not acquired, when fn returns
-// an error (returned as is), and when fn panics (the panic goes on). The
-// lock ends with the transaction.
+// a connection of pool, takes key in it as LockTx does (options as LockTx),
+// runs fn, and commits. fn runs only if the lock was acquired; acquired
+// reports whether it ran. The transaction is rolled back when the lock is
+// not acquired, when fn returns an error (returned as is), and when fn
+// panics (the panic goes on). The lock ends with the transaction.
+//
+// An uncontended DoTx is two round trips, as a session lock's cycle: the
+// BEGIN carries the first try (see beginLocked), and the COMMIT ends the
+// lock. A contended one goes on as LockTx.
 func DoTx(ctx context.Context, pool *pgxpool.Pool, key Key, fn func(context.Context, pgx.Tx) error, opts ...Option) (acquired bool, err error) {
 	cfg, err := newConfig(opts)
 	if err != nil {
@@ -136,22 +140,27 @@ func DoTx(ctx context.Context, pool *pgxpool.Pool, key Key, fn func(context.Cont
 	}
 	cfg.entry = EntryDoTx
 	waitCtx, w := traceWait(ctx, cfg, TraceWaitStartData{Key: key})
-	tx, err := pool.Begin(waitCtx)
+	conn, err := pool.Acquire(waitCtx)
 	if err != nil {
 		err = keyError("lock_tx", key, kindOf(err), err)
 		w.end(waitCtx, false, err)
 		return false, err
 	}
+	// Released after the rollback below; a connection left in a failed
+	// transaction (a BEGIN whose try failed with an error) is destroyed by
+	// the pool rather than reused.
+	defer conn.Release()
+	tx, acquired, err := beginLocked(waitCtx, conn.Conn(), key, cfg)
+	w.end(waitCtx, acquired, err)
+	if tx == nil {
+		return false, err
+	}
 	committed := false
 	defer func() {
 		if !committed {
-			rollbackCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
-			defer cancel()
-			_ = tx.Rollback(rollbackCtx) // fails only if the connection is gone, which ends tx too
+			rollback(ctx, tx)
 		}
 	}()
-	acquired, err = lockTxCall(waitCtx, tx, key, cfg)
-	w.end(waitCtx, acquired, err)
 	if err != nil || !acquired {
 		return acquired, err
 	}
@@ -163,4 +172,45 @@ func DoTx(ctx context.Context, pool *pgxpool.Pool, key Key, fn func(context.Cont
 		return true, keyError("commit", key, nil, err)
 	}
 	return true, nil
+}
+
+// beginLocked begins a transaction on c and takes key in it, as LockTx
+// does. When the server reports beginTrySignal, the BEGIN carries the first
+// try (beginTrySQL), and a reported flip of the setting means the key is
+// held: one round trip. Otherwise (the try did not get the key, or the flip
+// was not reported) it goes on as LockTx: a NoWait asks pg_locks whether
+// the BEGIN's try got the key (heldSQL; a NoWait sends one try), a wait
+// starts with LockTx's first try. On a server that does not report the
+// setting (before PostgreSQL 14) the BEGIN is plain and LockTx follows.
+// tx is nil when no transaction began; err is then the failure of BEGIN.
+func beginLocked(ctx context.Context, c *pgx.Conn, key Key, cfg config) (tx pgx.Tx, got bool, err error) {
+	pc := c.PgConn()
+	before := pc.ParameterStatus(beginTrySignal)
+	var opts pgx.TxOptions
+	if before != "" {
+		opts.BeginQuery = txBeginTrySQL(key, cfg.mode)
+	}
+	if tx, err = c.BeginTx(ctx, opts); err != nil {
+		return nil, false, keyError("lock_tx", key, kindOf(err), err)
+	}
+	switch {
+	case before == "":
+	case pc.ParameterStatus(beginTrySignal) != before:
+		return tx, true, nil
+	case cfg.noWait:
+		classid, objid, objsubid := key.LockRow()
+		if err := tx.QueryRow(ctx, heldSQL, int64(classid), int64(objid), objsubid, cfg.mode.lockMode()).Scan(&got); err != nil {
+			return tx, false, keyError("lock_tx", key, kindOf(err), err)
+		}
+		return tx, got, nil
+	}
+	got, err = lockTxCall(ctx, tx, key, cfg)
+	return tx, got, err
+}
+
+// rollback ends tx, bounded by cleanupTimeout even when ctx has ended.
+func rollback(ctx context.Context, tx pgx.Tx) {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
+	defer cancel()
+	_ = tx.Rollback(ctx) // fails only if the connection is gone, which ends tx too
 }
