@@ -15,18 +15,27 @@ import (
 
 // dsn is the server every benchmark uses: a throw-away local PostgreSQL
 // with a lock table big enough for 10,000 locks on one session.
-var dsn string
+var (
+	dsn    string
+	server *pgtest.Server
+)
 
 func TestMain(m *testing.M) {
 	opts := pgtest.Options{Settings: map[string]string{
 		"max_locks_per_transaction": "256",
 	}}
-	os.Exit(pgtest.RunMain(m, opts, func(s *pgtest.Server) { dsn = s.DSN }))
+	os.Exit(pgtest.RunMain(m, opts, func(s *pgtest.Server) { dsn, server = s.DSN, s }))
 }
 
 // newPool returns a pool of at most maxConns connections, closed when the
 // benchmark ends.
 func newPool(b *testing.B, maxConns int32, mods ...func(*pgxpool.Config)) *pgxpool.Pool {
+	b.Helper()
+	return newPoolOn(b, dsn, maxConns, mods...)
+}
+
+// newPoolOn is newPool on the server dsn reaches.
+func newPoolOn(b *testing.B, dsn string, maxConns int32, mods ...func(*pgxpool.Config)) *pgxpool.Pool {
 	b.Helper()
 	cfg, err := pgxpool.ParseConfig(dsn)
 	if err != nil {
@@ -46,6 +55,12 @@ func newPool(b *testing.B, maxConns int32, mods ...func(*pgxpool.Config)) *pgxpo
 
 // newConn returns a dedicated connection, closed when the benchmark ends.
 func newConn(b *testing.B) *pgx.Conn {
+	b.Helper()
+	return newConnOn(b, dsn)
+}
+
+// newConnOn is newConn on the server dsn reaches.
+func newConnOn(b *testing.B, dsn string) *pgx.Conn {
 	b.Helper()
 	c, err := pgx.Connect(context.Background(), dsn)
 	if err != nil {

@@ -1,0 +1,94 @@
+package bench
+
+import (
+	"context"
+	"fmt"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/seed0ad592b7/advisory"
+	"github.com/seed0ad592b7/advisory/internal/pgtest"
+)
+
+const txCycleKey = 4_000
+
+// BenchmarkTxCycle: one uncontended transaction lock per op, taken and
+// ended with its transaction, against the session floor (raw pgx's
+// lock+unlock, two round trips) measured in the same run. Subjects:
+//   - raw-pgx-session: the floor, as BenchmarkCycle/raw-pgx.
+//   - raw-pgx-xact: BEGIN, pg_advisory_xact_lock, COMMIT on one *pgx.Conn
+//     (three round trips: what pool.Begin + LockTx + Commit costs at best).
+//   - advisory-dotx: DoTx with an empty fn.
+//   - pgbouncer/raw-pgx-xact2: through PgBouncer in transaction mode, the
+//     two-round-trip floor for a transaction lock: "BEGIN;
+//     SELECT pg_advisory_xact_lock(k)" in one message, then COMMIT.
+//   - pgbouncer/advisory-dotx: DoTx through PgBouncer (exec mode).
+//
+// ns/op is the mean; p50-ns and p99-ns are per cycle.
+func BenchmarkTxCycle(b *testing.B) {
+	ctx := context.Background()
+	key := advisory.Int64Key(txCycleKey)
+	noop := func(context.Context, pgx.Tx) error { return nil }
+	bouncerDSN := func(b *testing.B) string {
+		bctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+		defer cancel()
+		pgb, err := pgtest.StartPgBouncerWith(bctx, server, pgtest.PgBouncerOptions{Mode: "transaction", PoolSize: 2})
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.Cleanup(func() { _ = pgb.Stop() })
+		return pgb.DSN + "&default_query_exec_mode=exec"
+	}
+	rawXact2 := func(c *pgx.Conn) func() error {
+		begin := fmt.Sprintf("BEGIN; SELECT pg_advisory_xact_lock(%d)", txCycleKey)
+		return func() error {
+			if _, err := c.Exec(ctx, begin); err != nil {
+				return err
+			}
+			_, err := c.Exec(ctx, "COMMIT")
+			return err
+		}
+	}
+	subjects := []struct {
+		name string
+		open func(b *testing.B) func() error
+	}{
+		{"raw-pgx-session", func(b *testing.B) func() error {
+			c := &rawClient{c: newConn(b), key: txCycleKey}
+			return func() error { return cycle(ctx, c) }
+		}},
+		{"raw-pgx-xact", func(b *testing.B) func() error {
+			c := newConn(b)
+			return func() error {
+				tx, err := c.Begin(ctx)
+				if err != nil {
+					return err
+				}
+				if _, err := tx.Exec(ctx, "SELECT pg_advisory_xact_lock($1)", int64(txCycleKey)); err != nil {
+					return err
+				}
+				return tx.Commit(ctx)
+			}
+		}},
+		{"advisory-dotx", func(b *testing.B) func() error {
+			pool := newPool(b, 4)
+			warm(b, pool, 1)
+			return func() error { _, err := advisory.DoTx(ctx, pool, key, noop); return err }
+		}},
+		{"pgbouncer/raw-pgx-xact2", func(b *testing.B) func() error {
+			return rawXact2(newConnOn(b, bouncerDSN(b)))
+		}},
+		{"pgbouncer/advisory-dotx", func(b *testing.B) func() error {
+			pool := newPoolOn(b, bouncerDSN(b), 4)
+			warm(b, pool, 1)
+			return func() error { _, err := advisory.DoTx(ctx, pool, key, noop); return err }
+		}},
+	}
+	for _, s := range subjects {
+		b.Run(s.name, func(b *testing.B) {
+			measureCycles(b, s.open(b))
+		})
+	}
+}
