@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -92,8 +93,10 @@ func inSlices(ctx context.Context, dtMs int64, end time.Time, slice func(ctx con
 	}
 }
 
-// sliceReport reads the boolean the last statement of a slice's message
-// returned: whether the slice got its keys.
+// sliceReport reads what the last statement of a slice's message returned,
+// whether the slice got its keys: a session slice's SHOW lock_timeout ("0"
+// when it did not, else the slice's length, as "500ms" or "1s"), or a
+// transaction slice's try ("t" or "f"). Anything else is an error.
 func sliceReport(results []*pgconn.Result, err error) (bool, error) {
 	if err != nil {
 		return false, err
@@ -101,14 +104,16 @@ func sliceReport(results []*pgconn.Result, err error) (bool, error) {
 	if len(results) == 0 || len(results[len(results)-1].Rows) != 1 {
 		return false, errors.New("a wait slice returned no report")
 	}
-	switch v := string(results[len(results)-1].Rows[0][0]); v {
-	case "t":
+	v := string(results[len(results)-1].Rows[0][0])
+	switch unit := strings.TrimLeft(v, "0123456789"); {
+	case v == "t":
 		return true, nil
-	case "f":
+	case v == "f" || v == "0":
 		return false, nil
-	default:
-		return false, fmt.Errorf("a wait slice reported %q", v)
+	case len(unit) < len(v) && (unit == "ms" || unit == "s"):
+		return true, nil
 	}
+	return false, fmt.Errorf("a wait slice reported %q", v)
 }
 
 // deadlineGrace is how long past ctx's deadline a wait lets its statement

@@ -73,10 +73,19 @@ var columns = map[string][][2]string{
 	"Handoff":   {{"p50-ns", "hand-off p50"}, {"p99-ns", "hand-off p99"}},
 	"Contended": {{"ops/s", "ops/s"}},
 	"ManyKeys":  {{"p50-ns", "lock p50"}, {"ns/op", "lock+unlock"}, {"lock-round-trips", "lock round trips"}, {"round-trips/op", "round trips/op"}, {"B/held-lock", "client B/held lock"}},
+	"TxCycle":   {{"ns/op", "ns/op"}, {"p50-ns", "p50"}, {"p99-ns", "p99"}},
 	"Failover":  {{"p50-ns", "new leader p50"}, {"p99-ns", "new leader p99"}, {"stepdown-p50-ns", "old leader step-down p50"}, {"stepdown-p99-ns", "step-down p99"}},
 }
 
-const floor = "raw-pgx"
+// floors names each group's floor, raw-pgx unless named here.
+var floors = map[string]string{"TxCycle": "raw-pgx-session"}
+
+func floorOf(group string) string {
+	if f, ok := floors[group]; ok {
+		return f
+	}
+	return "raw-pgx"
+}
 
 func writeGroup(out io.Writer, group string, subs []string, res map[string]result) {
 	cols := columns[group]
@@ -88,9 +97,10 @@ func writeGroup(out io.Writer, group string, subs []string, res map[string]resul
 		fmt.Fprintf(out, " %s |", c[1])
 	}
 	ratio := ""
+	floor := floorOf(group)
 	switch group {
-	case "Cycle":
-		ratio = "throughput vs raw-pgx"
+	case "Cycle", "TxCycle":
+		ratio = "throughput vs " + floor
 	case "Contended":
 		ratio = "vs raw-pgx"
 	case "Handoff":
@@ -114,7 +124,7 @@ func writeGroup(out io.Writer, group string, subs []string, res map[string]resul
 			fmt.Fprintf(out, " %s |", format(c[0], r[c[0]]))
 		}
 		switch group {
-		case "Cycle":
+		case "Cycle", "TxCycle":
 			fmt.Fprintf(out, " %s |", ratioOf(median(res[floor]["ns/op"]), median(r["ns/op"])))
 		case "Contended":
 			fmt.Fprintf(out, " %s |", ratioOf(median(r["ops/s"]), median(res[floor]["ops/s"])))
