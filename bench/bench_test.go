@@ -187,6 +187,7 @@ func BenchmarkContended(b *testing.B) {
 				inside  [contendedKeys]atomic.Int32
 				left    atomic.Int64
 				overlap atomic.Int64
+				served  [contenders]atomic.Int64
 				errMu   sync.Mutex
 				errs    []error
 				wg      sync.WaitGroup
@@ -211,6 +212,7 @@ func BenchmarkContended(b *testing.B) {
 						}
 						runtime.Gosched() // the critical section: let another goroutine run
 						inside[k].Add(-1)
+						served[g].Add(1)
 						if err := c.unlock(ctx); err != nil {
 							errMu.Lock()
 							errs = append(errs, err)
@@ -230,6 +232,19 @@ func BenchmarkContended(b *testing.B) {
 				b.Fatalf("mutual exclusion broken: %d overlapping critical sections", n)
 			}
 			b.ReportMetric(float64(b.N)/elapsed.Seconds(), "ops/s")
+			// How evenly the clients were served: how many got at least
+			// one critical section, and the least served one's cycles
+			// against a fair share (b.N / contenders).
+			clientsServed, least := 0, int64(b.N)
+			for i := range served {
+				n := served[i].Load()
+				if n > 0 {
+					clientsServed++
+				}
+				least = min(least, n)
+			}
+			b.ReportMetric(float64(clientsServed), "clients-served")
+			b.ReportMetric(float64(least)*contenders/float64(b.N), "min-share")
 		})
 	}
 }

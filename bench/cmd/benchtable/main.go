@@ -71,7 +71,7 @@ func run(in io.Reader, out io.Writer) error {
 var columns = map[string][][2]string{
 	"Cycle":     {{"ns/op", "ns/op"}, {"p50-ns", "p50"}, {"p99-ns", "p99"}},
 	"Handoff":   {{"p50-ns", "hand-off p50"}, {"p99-ns", "hand-off p99"}},
-	"Contended": {{"ops/s", "ops/s"}},
+	"Contended": {{"ops/s", "ops/s"}, {"clients-served", "clients served"}, {"min-share", "least served / fair share"}},
 	"ManyKeys":  {{"p50-ns", "lock p50"}, {"ns/op", "lock+unlock"}, {"lock-round-trips", "lock round trips"}, {"round-trips/op", "round trips/op"}, {"B/held-lock", "client B/held lock"}},
 	"TxCycle":   {{"ns/op", "ns/op"}, {"p50-ns", "p50"}, {"p99-ns", "p99"}},
 	"Failover":  {{"p50-ns", "new leader p50"}, {"p99-ns", "new leader p99"}, {"stepdown-p50-ns", "old leader step-down p50"}, {"stepdown-p99-ns", "step-down p99"}},
