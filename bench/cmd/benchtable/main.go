@@ -105,6 +105,8 @@ func writeGroup(out io.Writer, group string, subs []string, res map[string]resul
 		ratio = "vs raw-pgx"
 	case "Handoff":
 		ratio = "p50 vs advisory-session"
+	case "Failover":
+		ratio = "p50: raw-pgx / subject"
 	}
 	if ratio != "" {
 		fmt.Fprintf(out, " %s |", ratio)
@@ -130,6 +132,8 @@ func writeGroup(out io.Writer, group string, subs []string, res map[string]resul
 			fmt.Fprintf(out, " %s |", ratioOf(median(r["ops/s"]), median(res[floor]["ops/s"])))
 		case "Handoff":
 			fmt.Fprintf(out, " %s |", ratioOf(median(r["p50-ns"]), median(res["advisory-session"]["p50-ns"])))
+		case "Failover":
+			fmt.Fprintf(out, " %s |", ratioOf(median(res[floor]["p50-ns"]), median(r["p50-ns"])))
 		}
 		fmt.Fprintln(out)
 	}
