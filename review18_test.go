@@ -1,0 +1,102 @@
+package advisory
+
+// Adversarial review of aa316b0 (DoTx in two round trips) and 242253a
+// (cheaper session wait slices). Each test here shows a defect: it fails
+// on 3323909.
+
+import (
+	"context"
+	"errors"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/seed0ad592b7/advisory/internal/pgtest"
+)
+
+// privateEnv starts a server of the test's own (ALTER SYSTEM and reloads
+// must not reach the shared one) and returns an env on it.
+func privateEnv(t *testing.T, settings map[string]string) (*env, *pgtest.Server) {
+	t.Helper()
+	srv, err := pgtest.Start(context.Background(), pgtest.Options{Private: true, Settings: settings})
+	must(t, err)
+	t.Cleanup(func() { must(t, srv.Stop()) })
+	return newEnvOn(t, srv), srv
+}
+
+// reloadDefaultReadOnly sets default_transaction_read_only in
+// postgresql.auto.conf and reloads the configuration, then awaits a new
+// session that sees it: the postmaster has then signalled every backend.
+func (e *env) reloadDefaultReadOnly(v string) {
+	e.t.Helper()
+	_, err := e.adminConn().Exec(e.ctx, "ALTER SYSTEM SET default_transaction_read_only = "+v)
+	must(e.t, err)
+	_, err = e.adminConn().Exec(e.ctx, "SELECT pg_reload_conf()")
+	must(e.t, err)
+	e.eventually("a new session sees default_transaction_read_only = "+v, func(c *pgx.Conn) (bool, error) {
+		fresh, err := pgx.Connect(e.ctx, e.dsn)
+		if err != nil {
+			return false, err
+		}
+		defer fresh.Close(e.ctx)
+		var got string
+		err = fresh.QueryRow(e.ctx, "SHOW default_transaction_read_only").Scan(&got)
+		return got == v, err
+	})
+}
+
+// DEFECT (high): a false "acquired". A configuration reload that changes
+// default_transaction_read_only (ALTER SYSTEM SET ... + pg_reload_conf(),
+// the usual way to put a cluster in or out of read-only maintenance) is
+// applied by an idle pooled backend when its next message arrives, and the
+// change is reported (ParameterStatus) in the reply to that message. When
+// that message is DoTx's BEGIN and the try does NOT get the key, pgx sees
+// default_transaction_read_only change, beginLocked takes that for the
+// flip, and DoTx runs fn while another session holds the key. Both
+// directions: "on" (maintenance starts) and back to "off" (maintenance
+// ends: fn then even runs in a read-write transaction without the lock).
+//
+// Proposed fix: make the BEGIN's statement pin the setting's final value
+// to something only the try's outcome decides, relative to the value pgx
+// last saw (before, "on" or "off", sent as a literal):
+//
+//	SELECT set_config('default_transaction_read_only',
+//	    CASE WHEN pg_try_advisory_xact_lock(k) THEN '<not before>' ELSE '<before>' END, true)
+//
+// Not got: the value ends as before, so whatever the server reports, pgx's
+// view stays before (no flip seen). Got: it ends as not-before, seen when
+// reported; when it is not reported (the server's last report differed from
+// pgx's view, as after a reload or on a PgBouncer server connection another
+// client changed) DoTx falls back to asking, as now. No reload, proxy or
+// leaked setting can then produce a false flip.
+func TestReview18DoTxReloadFalseAcquired(t *testing.T) {
+	e, _ := privateEnv(t, nil)
+	holder := e.conn()
+	key := StringKey("review18-reload")
+	if !e.tryFromKeep(holder, key) {
+		t.Fatal("key not free")
+	}
+	pool := e.pool(func(c *pgxpool.Config) { c.MaxConns = 1 })
+	other := map[string]string{"on": "off", "off": "on"}
+	for _, v := range []string{"on", "off"} {
+		for _, opts := range [][]Option{{NoWait()}, {WaitTimeout(50 * time.Millisecond)}} {
+			// The pool's idle connection has applied and reported the
+			// other value; then the configuration changes to v.
+			e.reloadDefaultReadOnly(other[v])
+			_, err := pool.Exec(e.ctx, "SELECT 1")
+			must(t, err)
+			e.reloadDefaultReadOnly(v)
+			ran, err := DoTx(e.ctx, pool, key, func(ctx context.Context, tx pgx.Tx) error {
+				t.Errorf("reload to %s, %d options: fn ran while another session holds the key", v, len(opts))
+				return nil
+			}, opts...)
+			if ran || (err != nil && !errors.Is(err, ErrTimeout)) {
+				t.Errorf("reload to %s: DoTx on a key another session holds = %v, %v; want false", v, ran, err)
+			}
+		}
+	}
+	_, err := holder.Exec(e.ctx, unlockSQL[ModeExclusive][key.space-1], key.args()...)
+	must(t, err)
+}
