@@ -7,10 +7,12 @@ package advisory
 import (
 	"context"
 	"errors"
+	"strings"
 	"testing"
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/seed0ad592b7/advisory/internal/pgtest"
@@ -98,5 +100,39 @@ func TestReview18DoTxReloadFalseAcquired(t *testing.T) {
 		}
 	}
 	_, err := holder.Exec(e.ctx, unlockSQL[ModeExclusive][key.space-1], key.args()...)
+	must(t, err)
+}
+
+// Checked, sound (kept as a regression guard): a BEGIN whose try fails
+// with 53200 (the lock table is full) is ErrTooManyLocks with the hint, the
+// *pgconn.PgError reachable, fn does not run, and the connection left in
+// the failed transaction is not reused.
+func TestReview18DoTxTooManyLocksInBegin(t *testing.T) {
+	e, _ := privateEnv(t, map[string]string{"max_locks_per_transaction": "10", "max_connections": "10"})
+	pool := e.pool(func(c *pgxpool.Config) { c.MaxConns = 1 })
+	_, err := pool.Exec(e.ctx, "SELECT 1") // the pool's connection exists before the table is full
+	must(t, err)
+	filler := e.conn()
+	for i := 0; ; i++ {
+		if _, err := filler.Exec(e.ctx, "SELECT pg_advisory_lock(3, $1)", int32(i)); err != nil {
+			var pgErr *pgconn.PgError
+			if !errors.As(err, &pgErr) || pgErr.Code != "53200" {
+				t.Fatalf("filling the lock table: %v", err)
+			}
+			break
+		}
+	}
+	for _, opts := range [][]Option{{NoWait()}, nil} {
+		ran, err := DoTx(e.ctx, pool, StringKey("review18-full"), func(context.Context, pgx.Tx) error {
+			t.Error("fn ran")
+			return nil
+		}, opts...)
+		var pgErr *pgconn.PgError
+		if ran || !errors.Is(err, ErrTooManyLocks) || !errors.As(err, &pgErr) ||
+			!strings.Contains(err.Error(), "max_locks_per_transaction") {
+			t.Errorf("DoTx on a full lock table (%d options) = %v, %v; want ErrTooManyLocks with the hint", len(opts), ran, err)
+		}
+	}
+	_, err = filler.Exec(e.ctx, "SELECT pg_advisory_unlock_all()")
 	must(t, err)
 }
