@@ -136,3 +136,40 @@ func TestReview18DoTxTooManyLocksInBegin(t *testing.T) {
 	_, err = filler.Exec(e.ctx, "SELECT pg_advisory_unlock_all()")
 	must(t, err)
 }
+
+// Checked, sound (kept as a guard): a ctx that ends at any moment of a
+// DoTx (a sweep of deadlines across the BEGIN with its try, fn and the
+// COMMIT) never runs fn without the key, and no connection goes back to
+// the pool with the flip on, on the server or in pgx's view.
+func TestReview18DoTxDeadlineSweep(t *testing.T) {
+	e := newEnv(t)
+	pool := e.pool(func(c *pgxpool.Config) { c.MaxConns = 2 })
+	checker := e.conn()
+	key := StringKey("review18-sweep")
+	var ran, failed int
+	for i := range 300 {
+		ctx, cancel := context.WithTimeout(e.ctx, time.Duration(i%60)*50*time.Microsecond)
+		ok, err := DoTx(ctx, pool, key, func(ctx context.Context, tx pgx.Tx) error {
+			if e.tryFrom(checker, key) {
+				t.Error("fn runs while the key is free")
+			}
+			return nil
+		}, NoWait())
+		cancel()
+		if ok {
+			ran++
+		}
+		if err != nil {
+			failed++
+		}
+		conn, err := pool.Acquire(e.ctx)
+		must(t, err)
+		var dro string
+		must(t, conn.QueryRow(e.ctx, "SHOW default_transaction_read_only").Scan(&dro))
+		if ps := conn.Conn().PgConn().ParameterStatus("default_transaction_read_only"); dro != "off" || ps != "off" {
+			t.Errorf("round %d: a pooled connection has default_transaction_read_only %q (pgx's view %q)", i, dro, ps)
+		}
+		conn.Release()
+	}
+	t.Logf("fn ran %d times, %d DoTx failed", ran, failed)
+}
