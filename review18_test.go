@@ -225,3 +225,34 @@ func TestReview18LockManyOneMsSlices(t *testing.T) {
 	wg.Wait()
 	checkLog()
 }
+
+// The same false "acquired" through PgBouncer 1.18 in transaction mode:
+// the server connection applies the reload when DoTx's BEGIN reaches it,
+// and PgBouncer passes the report on to the client that sent the BEGIN.
+// Same fix.
+func TestReview18DoTxReloadFalseAcquiredPgBouncer(t *testing.T) {
+	e, srv := privateEnv(t, nil)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	b, err := pgtest.StartPgBouncerWith(ctx, srv, pgtest.PgBouncerOptions{Mode: "transaction", PoolSize: 1})
+	must(t, err)
+	t.Cleanup(func() { must(t, b.Stop()) })
+	holder := e.conn()
+	key := StringKey("review18-reload-bouncer")
+	if !e.tryFromKeep(holder, key) {
+		t.Fatal("key not free")
+	}
+	pool := e.bouncerPool(b, "exec", func(c *pgxpool.Config) { c.MaxConns = 1 })
+	_, err = pool.Exec(e.ctx, "SELECT 1") // the server connection exists and is idle
+	must(t, err)
+	e.reloadDefaultReadOnly("on")
+	ran, err := DoTx(e.ctx, pool, key, func(ctx context.Context, tx pgx.Tx) error {
+		t.Error("fn ran while another session holds the key")
+		return nil
+	}, NoWait())
+	if ran || err != nil {
+		t.Errorf("DoTx through PgBouncer on a key another session holds = %v, %v; want false, nil", ran, err)
+	}
+	_, err = holder.Exec(e.ctx, unlockSQL[ModeExclusive][key.space-1], key.args()...)
+	must(t, err)
+}
