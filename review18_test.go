@@ -256,3 +256,33 @@ func TestReview18DoTxReloadFalseAcquiredPgBouncer(t *testing.T) {
 	_, err = holder.Exec(e.ctx, unlockSQL[ModeExclusive][key.space-1], key.args()...)
 	must(t, err)
 }
+
+// DEFECT (low, older than aa316b0 but in the code it rewrote): SPEC §2
+// says a wait that ends at the ctx deadline matches both ErrTimeout and
+// context.DeadlineExceeded, "wherever it was waiting: ... or for a
+// connection from an exhausted pool". DoTx's pool.Acquire failure is
+// wrapped as keyError("lock_tx", key, kindOf(err), err): kindOf knows only
+// SQLSTATEs, so the error matches context.DeadlineExceeded but not
+// ErrTimeout (Acquire and NewSession do: TestPoolExhaustedDeadlineIsTimeout).
+// The same holds for a deadline that passes during DoTx's BEGIN.
+//
+// Proposed fix: in DoTx (and beginLocked's BeginTx failure) classify as
+// Acquire does, e.g. kind = ErrTimeout with deadline set when ctx's
+// deadline has passed (errors.Is(ctx.Err(), context.DeadlineExceeded)).
+func TestReview18DoTxExhaustedPoolDeadline(t *testing.T) {
+	e := newEnv(t)
+	pool := e.pool(func(c *pgxpool.Config) { c.MaxConns = 1 })
+	held, err := Acquire(e.ctx, pool, Int64Key(1871))
+	must(t, err)
+	defer held.Release(e.ctx)
+	ctx, cancel := context.WithTimeout(e.ctx, 50*time.Millisecond)
+	defer cancel()
+	ran, err := DoTx(ctx, pool, Int64Key(1872), func(context.Context, pgx.Tx) error {
+		t.Error("fn ran")
+		return nil
+	})
+	if ran || !errors.Is(err, ErrTimeout) || !errors.Is(err, context.DeadlineExceeded) {
+		t.Errorf("DoTx from an exhausted pool past its deadline = %v, %v; want ErrTimeout and context.DeadlineExceeded", ran, err)
+	}
+	must(t, held.Release(e.ctx))
+}
