@@ -286,3 +286,74 @@ func TestReview18DoTxExhaustedPoolDeadline(t *testing.T) {
 	}
 	must(t, held.Release(e.ctx))
 }
+
+// Checked, sound (kept as a guard): the session slice's report, read from
+// SHOW lock_timeout, for the slice lengths whose SHOW text differs (1ms,
+// 999ms, 1000 ms shown as "1s"), one key and many, got and missed, with
+// and without the keep-alives; the session holds exactly what the report
+// says.
+func TestReview18SliceReportFormats(t *testing.T) {
+	e := newEnv(t)
+	c := e.conn()
+	holder := e.conn()
+	free, busy := Int64Key(18101), PairKey(18, 102)
+	_, err := holder.Exec(e.ctx, "SELECT pg_advisory_lock(18, 102)")
+	must(t, err)
+	held := func() int {
+		var n int
+		must(t, c.QueryRow(e.ctx, `SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND granted`).Scan(&n))
+		return n
+	}
+	for _, ms := range []int64{1, 999, 1000} {
+		for _, ka := range [][]any{nil, keepaliveArgs(time.Second)} {
+			for _, tc := range []struct {
+				sql  string
+				want bool
+			}{
+				{oneSliceSQL(free, ModeExclusive, ms, ka), true},
+				{oneSliceSQL(busy, ModeExclusive, ms, ka), false},
+				{manySliceSQL([]Key{free, busy}, ModeExclusive, ms, ka), false},
+				{manySliceSQL([]Key{free}, ModeShared, ms, ka), true},
+			} {
+				got, err := sliceReport(c.PgConn().Exec(e.ctx, tc.sql).ReadAll())
+				if err != nil || got != tc.want {
+					t.Errorf("%d ms slice (keep-alives %v): report %v, %v; want %v", ms, ka != nil, got, err, tc.want)
+				}
+				if n := held(); (n == 1) != tc.want || n > 1 {
+					t.Errorf("%d ms slice: the session holds %d locks after a report of %v", ms, n, got)
+				}
+				_, err = c.Exec(e.ctx, "SELECT pg_advisory_unlock_all()")
+				must(t, err)
+			}
+		}
+	}
+	_, err = holder.Exec(e.ctx, "SELECT pg_advisory_unlock_all()")
+	must(t, err)
+}
+
+// Checked, sound: the handler's THEN branch (a grant that landed as the
+// slice ended), which only a hand-off race reaches through the API, runs
+// without error with and without the keep-alives. Reached here by a
+// session that already holds the key shared (never the case for a slice,
+// whose session holds nothing) asking for it exclusively: the handler
+// finds the session's granted row and reports the slice as got.
+func TestReview18SliceHandlerGrantedBranch(t *testing.T) {
+	e := newEnv(t)
+	c := e.conn()
+	holder := e.conn()
+	key := Int64Key(18201)
+	for _, conn := range []*pgx.Conn{c, holder} {
+		_, err := conn.Exec(e.ctx, "SELECT pg_advisory_lock_shared(18201)")
+		must(t, err)
+	}
+	for _, ka := range [][]any{nil, keepaliveArgs(time.Second)} {
+		got, err := sliceReport(c.PgConn().Exec(e.ctx, oneSliceSQL(key, ModeExclusive, 20, ka)).ReadAll())
+		if err != nil || !got {
+			t.Errorf("keep-alives %v: the handler's granted branch reported %v, %v; want true", ka != nil, got, err)
+		}
+	}
+	for _, conn := range []*pgx.Conn{c, holder} {
+		_, err := conn.Exec(e.ctx, "SELECT pg_advisory_unlock_all()")
+		must(t, err)
+	}
+}
