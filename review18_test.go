@@ -85,7 +85,7 @@ func TestReview18DoTxReloadFalseAcquired(t *testing.T) {
 	pool := e.pool(func(c *pgxpool.Config) { c.MaxConns = 1 })
 	other := map[string]string{"on": "off", "off": "on"}
 	for _, v := range []string{"on", "off"} {
-		for _, opts := range [][]Option{{NoWait()}, {WaitTimeout(50 * time.Millisecond)}} {
+		for name, opts := range map[string][]Option{"NoWait": {NoWait()}, "WaitTimeout": {WaitTimeout(50 * time.Millisecond)}} {
 			// The pool's idle connection has applied and reported the
 			// other value; then the configuration changes to v.
 			e.reloadDefaultReadOnly(other[v])
@@ -93,11 +93,11 @@ func TestReview18DoTxReloadFalseAcquired(t *testing.T) {
 			must(t, err)
 			e.reloadDefaultReadOnly(v)
 			ran, err := DoTx(e.ctx, pool, key, func(ctx context.Context, tx pgx.Tx) error {
-				t.Errorf("reload to %s, %d options: fn ran while another session holds the key", v, len(opts))
+				t.Errorf("reload to %s, %s: fn ran while another session holds the key", v, name)
 				return nil
 			}, opts...)
 			if ran || (err != nil && !errors.Is(err, ErrTimeout)) {
-				t.Errorf("reload to %s: DoTx on a key another session holds = %v, %v; want false", v, ran, err)
+				t.Errorf("reload to %s, %s: DoTx on a key another session holds = %v, %v; want false", v, name, ran, err)
 			}
 		}
 	}
