@@ -1,0 +1,359 @@
+package advisory
+
+// Adversarial review of aa316b0 (DoTx in two round trips) and 242253a
+// (cheaper session wait slices). Each test here shows a defect: it fails
+// on 3323909.
+
+import (
+	"context"
+	"errors"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/seed0ad592b7/advisory/internal/pgtest"
+)
+
+// privateEnv starts a server of the test's own (ALTER SYSTEM and reloads
+// must not reach the shared one) and returns an env on it.
+func privateEnv(t *testing.T, settings map[string]string) (*env, *pgtest.Server) {
+	t.Helper()
+	srv, err := pgtest.Start(context.Background(), pgtest.Options{Private: true, Settings: settings})
+	must(t, err)
+	t.Cleanup(func() { must(t, srv.Stop()) })
+	return newEnvOn(t, srv), srv
+}
+
+// reloadDefaultReadOnly sets default_transaction_read_only in
+// postgresql.auto.conf and reloads the configuration, then awaits a new
+// session that sees it: the postmaster has then signalled every backend.
+func (e *env) reloadDefaultReadOnly(v string) {
+	e.t.Helper()
+	_, err := e.adminConn().Exec(e.ctx, "ALTER SYSTEM SET default_transaction_read_only = "+v)
+	must(e.t, err)
+	_, err = e.adminConn().Exec(e.ctx, "SELECT pg_reload_conf()")
+	must(e.t, err)
+	e.eventually("a new session sees default_transaction_read_only = "+v, func(c *pgx.Conn) (bool, error) {
+		fresh, err := pgx.Connect(e.ctx, e.dsn)
+		if err != nil {
+			return false, err
+		}
+		defer fresh.Close(e.ctx)
+		var got string
+		err = fresh.QueryRow(e.ctx, "SHOW default_transaction_read_only").Scan(&got)
+		return got == v, err
+	})
+}
+
+// DEFECT (high): a false "acquired". A configuration reload that changes
+// default_transaction_read_only (ALTER SYSTEM SET ... + pg_reload_conf(),
+// the usual way to put a cluster in or out of read-only maintenance) is
+// applied by an idle pooled backend when its next message arrives, and the
+// change is reported (ParameterStatus) in the reply to that message. When
+// that message is DoTx's BEGIN and the try does NOT get the key, pgx sees
+// default_transaction_read_only change, beginLocked takes that for the
+// flip, and DoTx runs fn while another session holds the key. Both
+// directions: "on" (maintenance starts) and back to "off" (maintenance
+// ends: fn then even runs in a read-write transaction without the lock).
+//
+// Proposed fix: make the BEGIN's statement pin the setting's final value
+// to something only the try's outcome decides, relative to the value pgx
+// last saw (before, "on" or "off", sent as a literal):
+//
+//	SELECT set_config('default_transaction_read_only',
+//	    CASE WHEN pg_try_advisory_xact_lock(k) THEN '<not before>' ELSE '<before>' END, true)
+//
+// Not got: the value ends as before, so whatever the server reports, pgx's
+// view stays before (no flip seen). Got: it ends as not-before, seen when
+// reported; when it is not reported (the server's last report differed from
+// pgx's view, as after a reload or on a PgBouncer server connection another
+// client changed) DoTx falls back to asking, as now. No reload, proxy or
+// leaked setting can then produce a false flip.
+func TestReview18DoTxReloadFalseAcquired(t *testing.T) {
+	e, _ := privateEnv(t, nil)
+	holder := e.conn()
+	key := StringKey("review18-reload")
+	if !e.tryFromKeep(holder, key) {
+		t.Fatal("key not free")
+	}
+	pool := e.pool(func(c *pgxpool.Config) { c.MaxConns = 1 })
+	other := map[string]string{"on": "off", "off": "on"}
+	for _, v := range []string{"on", "off"} {
+		for name, opts := range map[string][]Option{"NoWait": {NoWait()}, "WaitTimeout": {WaitTimeout(50 * time.Millisecond)}} {
+			// The pool's idle connection has applied and reported the
+			// other value; then the configuration changes to v.
+			e.reloadDefaultReadOnly(other[v])
+			_, err := pool.Exec(e.ctx, "SELECT 1")
+			must(t, err)
+			e.reloadDefaultReadOnly(v)
+			ran, err := DoTx(e.ctx, pool, key, func(ctx context.Context, tx pgx.Tx) error {
+				t.Errorf("reload to %s, %s: fn ran while another session holds the key", v, name)
+				return nil
+			}, opts...)
+			if ran || (err != nil && !errors.Is(err, ErrTimeout)) {
+				t.Errorf("reload to %s, %s: DoTx on a key another session holds = %v, %v; want false", v, name, ran, err)
+			}
+		}
+	}
+	_, err := holder.Exec(e.ctx, unlockSQL[ModeExclusive][key.space-1], key.args()...)
+	must(t, err)
+}
+
+// Checked, sound (kept as a regression guard): a BEGIN whose try fails
+// with 53200 (the lock table is full) is ErrTooManyLocks with the hint, the
+// *pgconn.PgError reachable, fn does not run, and the connection left in
+// the failed transaction is not reused.
+func TestReview18DoTxTooManyLocksInBegin(t *testing.T) {
+	e, _ := privateEnv(t, map[string]string{"max_locks_per_transaction": "10", "max_connections": "10"})
+	pool := e.pool(func(c *pgxpool.Config) { c.MaxConns = 1 })
+	_, err := pool.Exec(e.ctx, "SELECT 1") // the pool's connection exists before the table is full
+	must(t, err)
+	filler := e.conn()
+	for i := 0; ; i++ {
+		if _, err := filler.Exec(e.ctx, "SELECT pg_advisory_lock(3, $1)", int32(i)); err != nil {
+			var pgErr *pgconn.PgError
+			if !errors.As(err, &pgErr) || pgErr.Code != "53200" {
+				t.Fatalf("filling the lock table: %v", err)
+			}
+			break
+		}
+	}
+	for _, opts := range [][]Option{{NoWait()}, nil} {
+		ran, err := DoTx(e.ctx, pool, StringKey("review18-full"), func(context.Context, pgx.Tx) error {
+			t.Error("fn ran")
+			return nil
+		}, opts...)
+		var pgErr *pgconn.PgError
+		if ran || !errors.Is(err, ErrTooManyLocks) || !errors.As(err, &pgErr) ||
+			!strings.Contains(err.Error(), "max_locks_per_transaction") {
+			t.Errorf("DoTx on a full lock table (%d options) = %v, %v; want ErrTooManyLocks with the hint", len(opts), ran, err)
+		}
+	}
+	_, err = filler.Exec(e.ctx, "SELECT pg_advisory_unlock_all()")
+	must(t, err)
+}
+
+// Checked, sound (kept as a guard): a ctx that ends at any moment of a
+// DoTx (a sweep of deadlines across the BEGIN with its try, fn and the
+// COMMIT) never runs fn without the key, and no connection goes back to
+// the pool with the flip on, on the server or in pgx's view.
+func TestReview18DoTxDeadlineSweep(t *testing.T) {
+	e := newEnv(t)
+	pool := e.pool(func(c *pgxpool.Config) { c.MaxConns = 2 })
+	checker := e.conn()
+	key := StringKey("review18-sweep")
+	var ran, failed int
+	for i := range 300 {
+		ctx, cancel := context.WithTimeout(e.ctx, time.Duration(i%60)*50*time.Microsecond)
+		ok, err := DoTx(ctx, pool, key, func(ctx context.Context, tx pgx.Tx) error {
+			if e.tryFrom(checker, key) {
+				t.Error("fn runs while the key is free")
+			}
+			return nil
+		}, NoWait())
+		cancel()
+		if ok {
+			ran++
+		}
+		if err != nil {
+			failed++
+		}
+		conn, err := pool.Acquire(e.ctx)
+		must(t, err)
+		var dro string
+		must(t, conn.QueryRow(e.ctx, "SHOW default_transaction_read_only").Scan(&dro))
+		if ps := conn.Conn().PgConn().ParameterStatus("default_transaction_read_only"); dro != "off" || ps != "off" {
+			t.Errorf("round %d: a pooled connection has default_transaction_read_only %q (pgx's view %q)", i, dro, ps)
+		}
+		conn.Release()
+	}
+	t.Logf("fn ran %d times, %d DoTx failed", ran, failed)
+}
+
+// Checked, sound (kept as a guard): LockMany waits of 1 ms slices
+// (deadlock_timeout 2 ms), many grants landing as a slice ends, on
+// overlapping key sets (ints and pairs, shared and exclusive): at most one
+// exclusive holder of a key at a time, every wait served, the server log
+// free of ERROR and WARNING, nothing left behind.
+func TestReview18LockManyOneMsSlices(t *testing.T) {
+	e := newEnv(t)
+	checkLog := noErrorLogged(t)
+	pool := e.pool(deadlockTimeout("2ms", 10))
+	a, b, c := Int64Key(18001), PairKey(18, 2), Int64Key(18003)
+	sets := [][]Key{{a, b}, {b, c}, {a, c}, {a, b, c}}
+	var holding [3]atomic.Int32
+	idx := map[Key]int{a: 0, b: 1, c: 2}
+	var wg sync.WaitGroup
+	for w := range 6 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			s, err := NewSession(e.ctx, pool)
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			defer s.Close(e.ctx)
+			for r := range 40 {
+				keys := sets[(w+r)%len(sets)]
+				ok, err := s.LockMany(e.ctx, keys)
+				if err != nil || !ok {
+					t.Errorf("worker %d round %d: LockMany = %v, %v", w, r, ok, err)
+					return
+				}
+				for _, k := range keys {
+					if holding[idx[k]].Add(1) != 1 {
+						t.Errorf("two exclusive holders of %v", k)
+					}
+				}
+				for _, k := range keys {
+					holding[idx[k]].Add(-1)
+				}
+				if err := s.UnlockMany(e.ctx, keys); err != nil {
+					t.Errorf("UnlockMany: %v", err)
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	checkLog()
+}
+
+// The same false "acquired" through PgBouncer 1.18 in transaction mode:
+// the server connection applies the reload when DoTx's BEGIN reaches it,
+// and PgBouncer passes the report on to the client that sent the BEGIN.
+// Same fix.
+func TestReview18DoTxReloadFalseAcquiredPgBouncer(t *testing.T) {
+	e, srv := privateEnv(t, nil)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	b, err := pgtest.StartPgBouncerWith(ctx, srv, pgtest.PgBouncerOptions{Mode: "transaction", PoolSize: 1})
+	must(t, err)
+	t.Cleanup(func() { must(t, b.Stop()) })
+	holder := e.conn()
+	key := StringKey("review18-reload-bouncer")
+	if !e.tryFromKeep(holder, key) {
+		t.Fatal("key not free")
+	}
+	pool := e.bouncerPool(b, "exec", func(c *pgxpool.Config) { c.MaxConns = 1 })
+	_, err = pool.Exec(e.ctx, "SELECT 1") // the server connection exists and is idle
+	must(t, err)
+	e.reloadDefaultReadOnly("on")
+	ran, err := DoTx(e.ctx, pool, key, func(ctx context.Context, tx pgx.Tx) error {
+		t.Error("fn ran while another session holds the key")
+		return nil
+	}, NoWait())
+	if ran || err != nil {
+		t.Errorf("DoTx through PgBouncer on a key another session holds = %v, %v; want false, nil", ran, err)
+	}
+	_, err = holder.Exec(e.ctx, unlockSQL[ModeExclusive][key.space-1], key.args()...)
+	must(t, err)
+}
+
+// DEFECT (low, older than aa316b0 but in the code it rewrote): SPEC §2
+// says a wait that ends at the ctx deadline matches both ErrTimeout and
+// context.DeadlineExceeded, "wherever it was waiting: ... or for a
+// connection from an exhausted pool". DoTx's pool.Acquire failure is
+// wrapped as keyError("lock_tx", key, kindOf(err), err): kindOf knows only
+// SQLSTATEs, so the error matches context.DeadlineExceeded but not
+// ErrTimeout (Acquire and NewSession do: TestPoolExhaustedDeadlineIsTimeout).
+// The same holds for a deadline that passes during DoTx's BEGIN.
+//
+// Proposed fix: in DoTx (and beginLocked's BeginTx failure) classify as
+// Acquire does, e.g. kind = ErrTimeout with deadline set when ctx's
+// deadline has passed (errors.Is(ctx.Err(), context.DeadlineExceeded)).
+func TestReview18DoTxExhaustedPoolDeadline(t *testing.T) {
+	e := newEnv(t)
+	pool := e.pool(func(c *pgxpool.Config) { c.MaxConns = 1 })
+	held, err := Acquire(e.ctx, pool, Int64Key(1871))
+	must(t, err)
+	defer held.Release(e.ctx)
+	ctx, cancel := context.WithTimeout(e.ctx, 50*time.Millisecond)
+	defer cancel()
+	ran, err := DoTx(ctx, pool, Int64Key(1872), func(context.Context, pgx.Tx) error {
+		t.Error("fn ran")
+		return nil
+	})
+	if ran || !errors.Is(err, ErrTimeout) || !errors.Is(err, context.DeadlineExceeded) {
+		t.Errorf("DoTx from an exhausted pool past its deadline = %v, %v; want ErrTimeout and context.DeadlineExceeded", ran, err)
+	}
+	must(t, held.Release(e.ctx))
+}
+
+// Checked, sound (kept as a guard): the session slice's report, read from
+// SHOW lock_timeout, for the slice lengths whose SHOW text differs (1ms,
+// 999ms, 1000 ms shown as "1s"), one key and many, got and missed, with
+// and without the keep-alives; the session holds exactly what the report
+// says.
+func TestReview18SliceReportFormats(t *testing.T) {
+	e := newEnv(t)
+	c := e.conn()
+	holder := e.conn()
+	free, busy := Int64Key(18101), PairKey(18, 102)
+	_, err := holder.Exec(e.ctx, "SELECT pg_advisory_lock(18, 102)")
+	must(t, err)
+	held := func() int {
+		var n int
+		must(t, c.QueryRow(e.ctx, `SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND granted`).Scan(&n))
+		return n
+	}
+	for _, ms := range []int64{1, 999, 1000} {
+		for _, ka := range [][]any{nil, keepaliveArgs(time.Second)} {
+			for _, tc := range []struct {
+				sql  string
+				want bool
+			}{
+				{oneSliceSQL(free, ModeExclusive, ms, ka), true},
+				{oneSliceSQL(busy, ModeExclusive, ms, ka), false},
+				{manySliceSQL([]Key{free, busy}, ModeExclusive, ms, ka), false},
+				{manySliceSQL([]Key{free}, ModeShared, ms, ka), true},
+			} {
+				got, err := sliceReport(c.PgConn().Exec(e.ctx, tc.sql).ReadAll())
+				if err != nil || got != tc.want {
+					t.Errorf("%d ms slice (keep-alives %v): report %v, %v; want %v", ms, ka != nil, got, err, tc.want)
+				}
+				if n := held(); (n == 1) != tc.want || n > 1 {
+					t.Errorf("%d ms slice: the session holds %d locks after a report of %v", ms, n, got)
+				}
+				_, err = c.Exec(e.ctx, "SELECT pg_advisory_unlock_all()")
+				must(t, err)
+			}
+		}
+	}
+	_, err = holder.Exec(e.ctx, "SELECT pg_advisory_unlock_all()")
+	must(t, err)
+}
+
+// Checked, sound: the handler's THEN branch (a grant that landed as the
+// slice ended), which only a hand-off race reaches through the API, runs
+// without error with and without the keep-alives. Reached here by a
+// session that already holds the key shared (never the case for a slice,
+// whose session holds nothing) asking for it exclusively: the handler
+// finds the session's granted row and reports the slice as got.
+func TestReview18SliceHandlerGrantedBranch(t *testing.T) {
+	e := newEnv(t)
+	c := e.conn()
+	holder := e.conn()
+	key := Int64Key(18201)
+	for _, conn := range []*pgx.Conn{c, holder} {
+		_, err := conn.Exec(e.ctx, "SELECT pg_advisory_lock_shared(18201)")
+		must(t, err)
+	}
+	for _, ka := range [][]any{nil, keepaliveArgs(time.Second)} {
+		got, err := sliceReport(c.PgConn().Exec(e.ctx, oneSliceSQL(key, ModeExclusive, 20, ka)).ReadAll())
+		if err != nil || !got {
+			t.Errorf("keep-alives %v: the handler's granted branch reported %v, %v; want true", ka != nil, got, err)
+		}
+	}
+	for _, conn := range []*pgx.Conn{c, holder} {
+		_, err := conn.Exec(e.ctx, "SELECT pg_advisory_unlock_all()")
+		must(t, err)
+	}
+}
