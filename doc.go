@@ -95,13 +95,17 @@
 //
 // An uncontended DoTx costs two round trips, as a session lock's cycle: its
 // BEGIN carries the first try, and the try's outcome comes back as a
-// reported change of default_transaction_read_only, flipped for the rest of
-// the transaction when the try gets the key (it does not change the
-// transaction under way, whose access mode its BEGIN fixed; it ends with
-// the transaction). PostgreSQL 14 and later report that setting; PgBouncer
-// 1.18 passes the report on. Where it is not reported, DoTx asks the server
-// instead, one round trip more. LockTx, on a transaction the caller began,
-// is one round trip for the try.
+// reported change of default_transaction_read_only, which the BEGIN sets,
+// for the rest of the transaction, to the opposite of the value the client
+// last saw when the try got the key and to that same value when it did not
+// (so a configuration reload or any other change is never taken for the
+// key). It does not change the transaction under way, whose access mode
+// its BEGIN fixed, and it ends with the transaction; but fn sees the
+// flipped value (SHOW default_transaction_read_only, and pgconn's
+// ParameterStatus). PostgreSQL 14 and later report that setting; PgBouncer
+// 1.18 passes the report on. Where the change is not reported, DoTx asks
+// the server instead, one round trip more. LockTx, on a transaction the
+// caller began, is one round trip for the try.
 //
 // # Lost locks
 //

@@ -100,24 +100,31 @@ func init() {
 // DoTx begins its transaction and tries its key in one round trip. pgx
 // sends TxOptions.BeginQuery with the simple protocol, so it may be two
 // statements, but BeginTx keeps none of their results; the try's outcome
-// comes back as a parameter status instead. When the try gets the key, the
-// second statement flips default_transaction_read_only for the rest of the
-// transaction (set_config(..., true)), and PostgreSQL 14 and later report a
-// change of that setting to the client before the message's ReadyForQuery
-// (pgconn's ParameterStatus). The flip changes nothing for the transaction
-// under way, whose access mode was fixed by its BEGIN, and it ends with the
-// transaction, when the server reports the old value again. A server or
-// proxy that does not report the setting leaves a got key unseen: DoTx then
-// asks the server, as LockTx would (beginTryUnseen).
+// comes back as a parameter status instead. PostgreSQL 14 and later report
+// a change of default_transaction_read_only to the client, once, with its
+// final value, just before the message's ReadyForQuery (pgconn's
+// ParameterStatus). The BEGIN's second statement sets that setting for the
+// rest of the transaction (set_config(..., true)) to the opposite of the
+// value the client last saw when the try got the key, and to that same
+// value when it did not: so, whatever else changed it on the server (a
+// configuration reload applied as the message arrived, a SET left on a
+// PgBouncer server connection), the client sees it change only when the
+// key is held. The flip changes nothing for the transaction under way,
+// whose access mode was fixed by its BEGIN, and it ends with the
+// transaction; fn can see it (SHOW, ParameterStatus). A flip that is not
+// reported (a server that does not report the setting, a server session
+// whose last report differs from the client's) costs one more round trip:
+// DoTx then asks the server (beginLocked).
 
 // beginTrySignal is the setting whose reported change says that the
 // BEGIN's try got the key.
 const beginTrySignal = "default_transaction_read_only"
 
 // beginTrySQL begins a transaction and tries a key in mode suffix %[1]s,
-// key literals %[2]s, flipping beginTrySignal when it gets it.
-const beginTrySQL = `BEGIN; SELECT set_config('` + beginTrySignal + `', CASE current_setting('` + beginTrySignal +
-	`') WHEN 'on' THEN 'off' ELSE 'on' END, true) WHERE pg_try_advisory_xact_lock%[1]s(%[2]s)`
+// key literals %[2]s, setting beginTrySignal to %[3]s when it gets the key
+// and to %[4]s when it does not ('on' and 'off', or 'off' and 'on').
+const beginTrySQL = `BEGIN; SELECT set_config('` + beginTrySignal +
+	`', CASE WHEN pg_try_advisory_xact_lock%[1]s(%[2]s) THEN '%[3]s' ELSE '%[4]s' END, true)`
 
 // Keep-alive settings bound how long the server keeps a silent client's
 // session, and so its locks (see keepaliveArgs): TCP keep-alives for an idle
@@ -354,8 +361,8 @@ var (
 // granted just as it ended (read from pg_locks: the session held nothing
 // before) and, for many keys, releases the keys of an incomplete slice
 // (pg_advisory_unlock_all). The handler's statement is run with EXECUTE, so
-// that it is parsed only in the rare slice that ends, not each time the
-// block is compiled. The block sets the keep-alives, when the session has
+// that it is parsed only in a slice that does not get its keys, not each
+// time the block is compiled. The block sets the keep-alives, when the session has
 // not set them yet, before it waits, in the subtransaction that a timeout
 // rolls back, so they are in force exactly when the keys are held and
 // nothing runs between the grant and the end of the block. Measured on the
@@ -504,9 +511,15 @@ func manySliceSQL(keys []Key, m Mode, ms int64, keepalive []any) string {
 		ms, m.sqlSuffix(), len(keys), keepaliveLiterals(keepalive)))
 }
 
-// txBeginTrySQL is beginTrySQL for key in mode m.
-func txBeginTrySQL(key Key, m Mode) string {
-	return fmt.Sprintf(beginTrySQL, m.sqlSuffix(), keyLiterals(key))
+// txBeginTrySQL is beginTrySQL for key in mode m, flipping seen, the
+// client's last view of beginTrySignal ("on" or "off"), only if it gets the
+// key.
+func txBeginTrySQL(key Key, m Mode, seen string) string {
+	flipped := "on"
+	if seen == "on" {
+		flipped = "off"
+	}
+	return fmt.Sprintf(beginTrySQL, m.sqlSuffix(), keyLiterals(key), flipped, seen)
 }
 
 // txSliceSQL is one slice of a transaction-scope wait for key in mode m.

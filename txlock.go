@@ -142,7 +142,7 @@ func DoTx(ctx context.Context, pool *pgxpool.Pool, key Key, fn func(context.Cont
 	waitCtx, w := traceWait(ctx, cfg, TraceWaitStartData{Key: key})
 	conn, err := pool.Acquire(waitCtx)
 	if err != nil {
-		err = keyError("lock_tx", key, kindOf(err), err)
+		err = beginError(waitCtx, key, err)
 		w.end(waitCtx, false, err)
 		return false, err
 	}
@@ -176,26 +176,26 @@ func DoTx(ctx context.Context, pool *pgxpool.Pool, key Key, fn func(context.Cont
 
 // beginLocked begins a transaction on c and takes key in it, as LockTx
 // does. When the server reports beginTrySignal, the BEGIN carries the first
-// try (beginTrySQL), and a reported flip of the setting means the key is
-// held: one round trip. Otherwise (the try did not get the key, or the flip
-// was not reported) it goes on as LockTx: a NoWait asks pg_locks whether
-// the BEGIN's try got the key (heldSQL; a NoWait sends one try), a wait
-// starts with LockTx's first try. On a server that does not report the
+// try (beginTrySQL), and a reported change of the setting means the try got
+// the key: one round trip. Otherwise (the try did not get the key, or its
+// flip was not reported) it goes on as LockTx: a NoWait asks pg_locks
+// whether the BEGIN's try got the key (heldSQL: a NoWait sends one try), a
+// wait starts with LockTx's first try. On a server that does not report the
 // setting (before PostgreSQL 14) the BEGIN is plain and LockTx follows.
 // tx is nil when no transaction began; err is then the failure of BEGIN.
 func beginLocked(ctx context.Context, c *pgx.Conn, key Key, cfg config) (tx pgx.Tx, got bool, err error) {
 	pc := c.PgConn()
-	before := pc.ParameterStatus(beginTrySignal)
+	seen := pc.ParameterStatus(beginTrySignal)
 	var opts pgx.TxOptions
-	if before != "" {
-		opts.BeginQuery = txBeginTrySQL(key, cfg.mode)
+	if seen == "on" || seen == "off" {
+		opts.BeginQuery = txBeginTrySQL(key, cfg.mode, seen)
 	}
 	if tx, err = c.BeginTx(ctx, opts); err != nil {
-		return nil, false, keyError("lock_tx", key, kindOf(err), err)
+		return nil, false, beginError(ctx, key, err)
 	}
 	switch {
-	case before == "":
-	case pc.ParameterStatus(beginTrySignal) != before:
+	case opts.BeginQuery == "":
+	case pc.ParameterStatus(beginTrySignal) != seen:
 		return tx, true, nil
 	case cfg.noWait:
 		classid, objid, objsubid := key.LockRow()
@@ -206,6 +206,17 @@ func beginLocked(ctx context.Context, c *pgx.Conn, key Key, cfg config) (tx pgx.
 	}
 	got, err = lockTxCall(ctx, tx, key, cfg)
 	return tx, got, err
+}
+
+// beginError is the error of DoTx when no transaction began: a pool
+// connection or the BEGIN failed. A ctx deadline that passed meanwhile (a
+// pool exhausted by holders and waiters, say) is a wait that timed out.
+func beginError(ctx context.Context, key Key, err error) *Error {
+	e := keyError("lock_tx", key, kindOf(err), err)
+	if errors.Is(ctx.Err(), context.DeadlineExceeded) {
+		e.Kind, e.deadline = ErrTimeout, true
+	}
+	return e
 }
 
 // rollback ends tx, bounded by cleanupTimeout even when ctx has ended.

@@ -13,7 +13,7 @@ import (
 
 // Waiting for a lock held elsewhere (SPEC §2a).
 //
-// A Session that holds nothing waits in slices (see sliceSessionSQL): short
+// A Session that holds nothing waits in slices (see sliceOneSQL and sliceManySQL): short
 // server-side waits, each ended by the server before deadlock_timeout,
 // without an error, so that no waiter holds a snapshot for longer than a
 // slice. Between two slices the session is out of the server's queue only
