@@ -106,21 +106,38 @@ func BenchmarkHandoffLong(b *testing.B) {
 // handoff measures b.N hand-offs of key between two clients of s, the
 // waiter having waited at least wait (0: released as soon as it is queued).
 func handoff(b *testing.B, s subject, key int64, wait time.Duration) {
+	n := b.N
+	if s.polls {
+		n = min(n, pollingHandoffs)
+	}
+	one := newHandoff(b, s, key, wait)
+	samples := make([]time.Duration, 0, n)
+	b.ResetTimer()
+	for range n {
+		samples = append(samples, one())
+	}
+	b.StopTimer()
+	reportPercentiles(b, samples)
+}
+
+// newHandoff prepares hand-offs of key between two clients of s (the
+// holder takes key now, and the last holder lets go when the benchmark
+// ends) and returns one hand-off, which returns its t1−t0.
+func newHandoff(b *testing.B, s subject, key int64, wait time.Duration) func() time.Duration {
 	ctx := context.Background()
 	pool := newPool(b, 4)
 	warm(b, pool, 2)
 	monitor := newConn(b)
 	holder, waiter := s.open(b, pool, key), s.open(b, pool, key)
-	n := b.N
-	if s.polls {
-		n = min(n, pollingHandoffs)
-	}
 	if err := holder.lock(ctx); err != nil {
 		b.Fatal(err)
 	}
-	samples := make([]time.Duration, 0, n)
-	b.ResetTimer()
-	for range n {
+	b.Cleanup(func() {
+		if err := holder.unlock(ctx); err != nil {
+			b.Error(err)
+		}
+	})
+	return func() time.Duration {
 		got := make(chan error, 1)
 		var t1 time.Time
 		go func() {
@@ -144,14 +161,9 @@ func handoff(b *testing.B, s subject, key int64, wait time.Duration) {
 		if err := <-got; err != nil {
 			b.Fatal(err)
 		}
-		samples = append(samples, t1.Sub(t0))
 		holder, waiter = waiter, holder
+		return t1.Sub(t0)
 	}
-	b.StopTimer()
-	if err := holder.unlock(ctx); err != nil {
-		b.Fatal(err)
-	}
-	reportPercentiles(b, samples)
 }
 
 // Contended throughput: contenders clients on contendedKeys keys (client g

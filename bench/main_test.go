@@ -106,10 +106,15 @@ func reportPercentilesAs(b *testing.B, samples []time.Duration, prefix string) {
 	if len(samples) == 0 {
 		return
 	}
+	b.ReportMetric(float64(percentile(samples, 0.50).Nanoseconds()), prefix+"p50-ns")
+	b.ReportMetric(float64(percentile(samples, 0.99).Nanoseconds()), prefix+"p99-ns")
+}
+
+// percentile returns the p-th percentile (0 < p < 1) of samples, which it
+// sorts.
+func percentile(samples []time.Duration, p float64) time.Duration {
 	slices.Sort(samples)
-	at := func(p float64) time.Duration { return samples[min(len(samples)-1, int(p*float64(len(samples))))] }
-	b.ReportMetric(float64(at(0.50).Nanoseconds()), prefix+"p50-ns")
-	b.ReportMetric(float64(at(0.99).Nanoseconds()), prefix+"p99-ns")
+	return samples[min(len(samples)-1, int(p*float64(len(samples))))]
 }
 
 // warm opens n connections of pool at once and puts them back idle, so that

@@ -24,9 +24,8 @@ for round in $(seq "$rounds"); do
 		echo "# round $round" >>"results/pair-$side.txt"
 		cd "$tmp/$side/bench"
 		b() { go test -run '^$' -timeout 20m "$@" . 2>&1 | grep -E '^Benchmark' >>"$here/results/pair-$side.txt" || true; }
+		b -bench '^BenchmarkInterleaved$' -benchtime 1000x -count 1
 		b -bench '^BenchmarkCycle$/^(raw-pgx|advisory-session|advisory-acquire|advisory-locktx)$' -benchtime 2s -benchmem -count 1
-		b -bench '^BenchmarkTxCycle$' -benchtime 2s -count 1
-		b -bench '^BenchmarkHandoff$/^(raw-pgx|advisory-session|advisory-acquire|advisory-locktx)$' -benchtime 300x -count 1
 		b -bench '^BenchmarkHandoffLong$' -benchtime 10x -count 1
 		b -bench '^BenchmarkContended$/^(raw-pgx|advisory-session|advisory-acquire|advisory-locktx)$' -benchtime 8000x -count 1
 		b -bench '^BenchmarkFailover$' -benchtime 8x -count 1

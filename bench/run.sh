@@ -17,7 +17,9 @@ bench() {
 	echo "== go test -run '^\$' $*" >&2
 	go test -run '^$' -timeout 30m "$@" . | tee -a results/bench.txt
 }
+bench -bench '^BenchmarkInterleaved$' -benchtime 1000x -count "$COUNT"
 bench -bench '^BenchmarkCycle$' -benchtime 1s -count "$COUNT"
+bench -bench '^BenchmarkTxCycle$' -benchtime 1s -count "$COUNT"
 bench -bench '^BenchmarkHandoff$/^(raw|pgxpool|advisory|migrate)' -benchtime 200x -count "$COUNT"
 # goose polls every 5 s: 3 hand-offs per run (capped in the code), 2 runs.
 bench -bench '^BenchmarkHandoff$/^goose' -benchtime 3x -count 2

@@ -14,9 +14,14 @@ import (
 
 const txCycleKey = 4_000
 
-// BenchmarkTxCycle: one uncontended transaction lock per op, taken and
-// ended with its transaction, against the session floor (raw pgx's
-// lock+unlock, two round trips) measured in the same run. Subjects:
+// cycleSubject is one way of taking and ending an uncontended lock: open
+// prepares it (its connection, its pool) and returns one cycle.
+type cycleSubject struct {
+	name string
+	open func(b *testing.B) func() error
+}
+
+// txCycleSubjects, the floor first:
 //   - raw-pgx-session: the floor, as BenchmarkCycle/raw-pgx.
 //   - raw-pgx-xact: BEGIN, pg_advisory_xact_lock, COMMIT on one *pgx.Conn
 //     (three round trips: what pool.Begin + LockTx + Commit costs at best).
@@ -25,36 +30,16 @@ const txCycleKey = 4_000
 //     two-round-trip floor for a transaction lock: "BEGIN;
 //     SELECT pg_advisory_xact_lock(k)" in one message, then COMMIT.
 //   - pgbouncer/advisory-dotx: DoTx through PgBouncer (exec mode).
-//
-// ns/op is the mean; p50-ns and p99-ns are per cycle.
-func BenchmarkTxCycle(b *testing.B) {
+func txCycleSubjects() []cycleSubject {
 	ctx := context.Background()
 	key := advisory.Int64Key(txCycleKey)
-	noop := func(context.Context, pgx.Tx) error { return nil }
-	bouncerDSN := func(b *testing.B) string {
-		bctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-		defer cancel()
-		pgb, err := pgtest.StartPgBouncerWith(bctx, server, pgtest.PgBouncerOptions{Mode: "transaction", PoolSize: 2})
-		if err != nil {
-			b.Fatal(err)
-		}
-		b.Cleanup(func() { _ = pgb.Stop() })
-		return pgb.DSN + "&default_query_exec_mode=exec"
+	dotx := func(b *testing.B, dsn string) func() error {
+		pool := newPoolOn(b, dsn, 4)
+		warm(b, pool, 1)
+		noop := func(context.Context, pgx.Tx) error { return nil }
+		return func() error { _, err := advisory.DoTx(ctx, pool, key, noop); return err }
 	}
-	rawXact2 := func(c *pgx.Conn) func() error {
-		begin := fmt.Sprintf("BEGIN; SELECT pg_advisory_xact_lock(%d)", txCycleKey)
-		return func() error {
-			if _, err := c.Exec(ctx, begin); err != nil {
-				return err
-			}
-			_, err := c.Exec(ctx, "COMMIT")
-			return err
-		}
-	}
-	subjects := []struct {
-		name string
-		open func(b *testing.B) func() error
-	}{
+	return []cycleSubject{
 		{"raw-pgx-session", func(b *testing.B) func() error {
 			c := &rawClient{c: newConn(b), key: txCycleKey}
 			return func() error { return cycle(ctx, c) }
@@ -72,21 +57,42 @@ func BenchmarkTxCycle(b *testing.B) {
 				return tx.Commit(ctx)
 			}
 		}},
-		{"advisory-dotx", func(b *testing.B) func() error {
-			pool := newPool(b, 4)
-			warm(b, pool, 1)
-			return func() error { _, err := advisory.DoTx(ctx, pool, key, noop); return err }
-		}},
+		{"advisory-dotx", func(b *testing.B) func() error { return dotx(b, dsn) }},
 		{"pgbouncer/raw-pgx-xact2", func(b *testing.B) func() error {
-			return rawXact2(newConnOn(b, bouncerDSN(b)))
+			c := newConnOn(b, bouncerDSN(b))
+			begin := fmt.Sprintf("BEGIN; SELECT pg_advisory_xact_lock(%d)", txCycleKey)
+			return func() error {
+				if _, err := c.Exec(ctx, begin); err != nil {
+					return err
+				}
+				_, err := c.Exec(ctx, "COMMIT")
+				return err
+			}
 		}},
-		{"pgbouncer/advisory-dotx", func(b *testing.B) func() error {
-			pool := newPoolOn(b, bouncerDSN(b), 4)
-			warm(b, pool, 1)
-			return func() error { _, err := advisory.DoTx(ctx, pool, key, noop); return err }
-		}},
+		{"pgbouncer/advisory-dotx", func(b *testing.B) func() error { return dotx(b, bouncerDSN(b)) }},
 	}
-	for _, s := range subjects {
+}
+
+// bouncerDSN starts PgBouncer in transaction mode in front of the server,
+// stopped when the benchmark ends, and returns its DSN in exec mode.
+func bouncerDSN(b *testing.B) string {
+	b.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	pgb, err := pgtest.StartPgBouncerWith(ctx, server, pgtest.PgBouncerOptions{Mode: "transaction", PoolSize: 2})
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { _ = pgb.Stop() })
+	return pgb.DSN + "&default_query_exec_mode=exec"
+}
+
+// BenchmarkTxCycle: one uncontended transaction lock per op, taken and
+// ended with its transaction, against the session floor (raw pgx's
+// lock+unlock, two round trips) measured in the same run; subjects in
+// txCycleSubjects. ns/op is the mean; p50-ns and p99-ns are per cycle.
+func BenchmarkTxCycle(b *testing.B) {
+	for _, s := range txCycleSubjects() {
 		b.Run(s.name, func(b *testing.B) {
 			measureCycles(b, s.open(b))
 		})

@@ -53,6 +53,30 @@ func read(path string) (rounds, []string, error) {
 			continue
 		}
 		group, sub, fields := m[1], m[2], strings.Fields(m[3])
+		if group == "Interleaved" {
+			// Ratios measured in the run itself: NAME-vs-floor, NAME-p50-ns.
+			for i := 0; i+1 < len(fields); i += 2 {
+				name, ok := strings.CutSuffix(fields[i+1], "-vs-floor")
+				if !ok {
+					continue
+				}
+				v, err := strconv.ParseFloat(fields[i], 64)
+				if err != nil {
+					return nil, nil, fmt.Errorf("%s: %q: %w", path, line, err)
+				}
+				r := rs[len(rs)-1]
+				g := group + "/" + sub
+				if r[g] == nil {
+					r[g] = map[string]float64{}
+				}
+				r[g][name] = v
+				if id := g + "/" + name; !seen[id] {
+					seen[id] = true
+					order = append(order, id)
+				}
+			}
+			continue
+		}
 		unit, ok := metric[group]
 		if !ok {
 			continue
@@ -82,6 +106,9 @@ func read(path string) (rounds, []string, error) {
 // ratio is sub against the group's floor in one round: 1.00 is the floor,
 // lower is worse; 0 when either is missing.
 func ratio(r map[string]map[string]float64, group, sub string) float64 {
+	if strings.HasPrefix(group, "Interleaved/") {
+		return r[group][sub] // the run's own ratio
+	}
 	fl, ok := floor[group]
 	if !ok {
 		fl = "raw-pgx"
@@ -163,6 +190,14 @@ func write(before, after rounds, order []string) {
 	fmt.Println("| benchmark | ratio before | ratio after | median before | median after |")
 	fmt.Println("|---|---|---|---|---|")
 	for _, id := range order {
+		if strings.HasPrefix(id, "Interleaved/") {
+			i := strings.LastIndex(id, "/")
+			group, sub := id[:i], id[i+1:]
+			rb, _ := summary(before, group, sub)
+			ra, _ := summary(after, group, sub)
+			fmt.Printf("| %s | %.2f | %.2f | | |\n", id, rb, ra)
+			continue
+		}
 		group, sub, _ := strings.Cut(id, "/")
 		rb, vb := summary(before, group, sub)
 		ra, va := summary(after, group, sub)

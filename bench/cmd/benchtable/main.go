@@ -88,6 +88,10 @@ func floorOf(group string) string {
 }
 
 func writeGroup(out io.Writer, group string, subs []string, res map[string]result) {
+	if group == "Interleaved" {
+		writeInterleaved(out, subs, res)
+		return
+	}
 	cols := columns[group]
 	if cols == nil {
 		return
@@ -177,4 +181,27 @@ func format(unit string, vs []float64) string {
 		return fmt.Sprintf("%.0f", v)
 	}
 	return fmt.Sprintf("%.1f", v)
+}
+
+// writeInterleaved writes BenchmarkInterleaved's table: per kind (cycle,
+// handoff) and subject, the median p50 and the median of the ratios to the
+// floor measured in each run.
+func writeInterleaved(out io.Writer, kinds []string, res map[string]result) {
+	fmt.Fprint(out, "\n### Interleaved (subjects measured in turn, one sample each per op)\n\n")
+	fmt.Fprintln(out, "| kind | subject | runs | p50 | vs raw-pgx (same run) |")
+	fmt.Fprintln(out, "|---|---|---|---|---|")
+	for _, kind := range kinds {
+		r := res[kind]
+		var names []string
+		for unit := range r {
+			if name, ok := strings.CutSuffix(unit, "-vs-floor"); ok {
+				names = append(names, name)
+			}
+		}
+		slices.Sort(names)
+		for _, name := range names {
+			fmt.Fprintf(out, "| %s | %s | %d | %s | %.2f× |\n", kind, name, len(r[name+"-vs-floor"]),
+				format("p50-ns", r[name+"-p50-ns"]), median(r[name+"-vs-floor"]))
+		}
+	}
 }
