@@ -41,10 +41,10 @@ type env struct {
 	dsn   string
 	admin *pgx.Conn // for the test's own queries about the server; see adminConn
 
-	mu      sync.Mutex
-	pools   []*testPool
-	conns   []*pgx.Conn
-	closers []func() // what the test owns, closed after the checks, last first
+	mu    sync.Mutex
+	pools []*testPool
+	conns []*pgx.Conn
+	owned *pgtest.Owned // what the test owns, closed after the checks, last first
 }
 
 // testPool is a pool made by env.pool, with every connection it holds open
@@ -84,10 +84,10 @@ func newEnvDSN(t *testing.T, dsn string) *env {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), testTimeout)
 	e := &env{t: t, ctx: ctx, dsn: dsn}
-	pgtest.CheckAtEnd(t, pgtest.EndCheck{
+	e.owned = pgtest.CheckAtEnd(t, pgtest.EndCheck{
 		DSN:   dsn,
 		Open:  e.open,
-		Close: func(acquired []*pgxpool.Pool) { e.free(acquired); e.closeOwned(); cancel() },
+		Free:  e.free,
 		Grace: testTimeout,
 		Key: func(classid, objid uint32, objsubid int16) string {
 			key, _ := KeyFromLockRow(classid, objid, objsubid)
@@ -95,21 +95,12 @@ func newEnvDSN(t *testing.T, dsn string) *env {
 		},
 		Ignore: []goleak.Option{goleak.IgnoreAnyFunction(abandonedCloseFunc)},
 	})
+	e.own(cancel) // closed last
 	return e
 }
 
 // own registers a closer, run after the end-of-test checks.
-func (e *env) own(close func()) {
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	e.closers = append(e.closers, close)
-}
-
-func (e *env) closeOwned() {
-	for i := len(e.closers) - 1; i >= 0; i-- {
-		e.closers[i]()
-	}
-}
+func (e *env) own(close func()) { e.owned.Own(close) }
 
 // pool returns a pool on the test's server. When the test ends, before it
 // is closed, it must have no connection acquired (checked by the end-of-test check).

@@ -128,16 +128,17 @@ func TestToolStatementsLockTheKey(t *testing.T) {
 // database (a lock on tool's connection is reported at once); then that
 // no goroutine is left.
 func checkAtEnd(t *testing.T, pool *pgxpool.Pool, tool *pgx.Conn) {
-	pgtest.CheckAtEnd(t, pgtest.EndCheck{
+	owned := pgtest.CheckAtEnd(t, pgtest.EndCheck{
 		DSN: dsn,
 		Open: func() pgtest.Open {
 			return pgtest.Open{Pools: []*pgxpool.Pool{pool}, PIDs: map[uint32]string{tool.PgConn().PID(): "the tool's connection"}}
 		},
-		Close: func([]*pgxpool.Pool) { tool.Close(context.Background()); pool.Close() },
 		Grace: 10 * time.Second,
 		Key: func(classid, objid uint32, objsubid int16) string {
 			key, _ := advisory.KeyFromLockRow(classid, objid, objsubid)
 			return key.String()
 		},
 	})
+	owned.Own(pool.Close)
+	owned.Own(func() { tool.Close(context.Background()) })
 }

@@ -13,7 +13,6 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
-	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/seed0ad592b7/advisory"
 	"github.com/seed0ad592b7/advisory/internal/pgtest"
@@ -74,41 +73,31 @@ type env struct {
 	dsn string
 	dir string // a scratch directory for marks files
 
-	mu      sync.Mutex
-	conns   []*pgx.Conn
-	procs   []*proc
-	closers []func() // what the test owns, closed after the lock check, last first
+	mu    sync.Mutex
+	conns []*pgx.Conn
+	procs []*proc
+	owned *pgtest.Owned // what the test owns, closed after the lock check, last first
 }
 
 func newEnv(t *testing.T) *env {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), testTimeout)
 	e := &env{t: t, ctx: ctx, dsn: server.DSN, dir: t.TempDir()}
-	pgtest.CheckAtEnd(t, pgtest.EndCheck{
+	e.owned = pgtest.CheckAtEnd(t, pgtest.EndCheck{
 		DSN:   e.dsn,
 		Open:  e.open,
-		Close: func([]*pgxpool.Pool) { e.closeOwned(); cancel() },
 		Grace: testTimeout,
 		Key: func(classid, objid uint32, objsubid int16) string {
 			key, _ := advisory.KeyFromLockRow(classid, objid, objsubid)
 			return key.String()
 		},
 	})
+	e.own(cancel) // closed last
 	return e
 }
 
 // own registers a closer, run after the end-of-test lock check.
-func (e *env) own(close func()) {
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	e.closers = append(e.closers, close)
-}
-
-func (e *env) closeOwned() {
-	for i := len(e.closers) - 1; i >= 0; i-- {
-		e.closers[i]()
-	}
-}
+func (e *env) own(close func()) { e.owned.Own(close) }
 
 // open returns what the test still has open, for the end-of-test check:
 // the backends of its open connections, and how many of its pglock

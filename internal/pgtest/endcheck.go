@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -22,11 +23,11 @@ type EndCheck struct {
 	DSN string
 	// Open returns, when the test ends, what it still has open.
 	Open func() Open
-	// Close closes what the test owns, after the lock check and before
-	// goleak's. acquired are the pools found with a connection still
-	// acquired (already reported): Close must end what holds those
-	// connections, or closing such a pool blocks.
-	Close func(acquired []*pgxpool.Pool)
+	// Free, if set, runs after the lock check, before what the test owns
+	// is closed, with the pools found with a connection still acquired
+	// (already reported): it must end what holds those connections, or
+	// closing such a pool blocks.
+	Free func(acquired []*pgxpool.Pool)
 	// Grace bounds the wait for a pool to settle and for a closed
 	// connection's backend to end; FailedGrace once the test has failed.
 	Grace time.Duration
@@ -55,17 +56,47 @@ type Open struct {
 // waiting the full grace for that would only delay the tests after it.
 const FailedGrace = 2 * time.Second
 
+// Owned is what a test owns, closed after its end-of-test check, last
+// registered first. Its methods are safe for concurrent use.
+type Owned struct {
+	mu      sync.Mutex
+	closers []func()
+}
+
+// Own registers close, run after the end-of-test check.
+func (o *Owned) Own(close func()) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	o.closers = append(o.closers, close)
+}
+
+func (o *Owned) closeAll() {
+	o.mu.Lock()
+	closers := o.closers
+	o.mu.Unlock()
+	for i := len(closers) - 1; i >= 0; i-- {
+		closers[i]()
+	}
+}
+
 // CheckAtEnd registers c on t, to run when the test ends, after the
-// clean-ups t registers later (they run first). Every leak is reported
-// with t.Errorf, never t.Fatal, so Close always runs and one failure
-// cannot hang the tests after it. A check that cannot reach the server
-// fails the test too.
-func CheckAtEnd(t testing.TB, c EndCheck) {
+// clean-ups t registers later (they run first), and returns what will be
+// closed after the check. Every leak is reported with t.Errorf, never
+// t.Fatal, so what the test owns is always closed and one failure cannot
+// hang the tests after it. A check that cannot reach the server fails the
+// test too.
+func CheckAtEnd(t testing.TB, c EndCheck) *Owned {
 	t.Helper()
+	owned := new(Owned)
 	t.Cleanup(func() { goleak.VerifyNone(t, c.Ignore...) })
 	t.Cleanup(func() {
 		var acquired []*pgxpool.Pool
-		defer func() { c.Close(acquired) }()
+		defer func() {
+			if c.Free != nil {
+				c.Free(acquired)
+			}
+			owned.closeAll()
+		}()
 		grace := c.Grace
 		if t.Failed() {
 			grace = min(grace, FailedGrace)
@@ -82,6 +113,7 @@ func CheckAtEnd(t testing.TB, c EndCheck) {
 		}
 		checkNoLocks(t, c, open, grace)
 	})
+	return owned
 }
 
 // AwaitReleased returns pool's acquired connection count once it is

@@ -68,20 +68,20 @@ func TestCheckAtEnd(t *testing.T) {
 		conn := connect(t, shared.DSN)
 		release := leak(pool, conn)
 		r := &recorder{TB: t}
-		CheckAtEnd(r, EndCheck{
+		owned := CheckAtEnd(r, EndCheck{
 			DSN: shared.DSN,
 			Open: func() Open {
 				return Open{Pools: []*pgxpool.Pool{pool}, PIDs: map[uint32]string{conn.PgConn().PID(): "the test's connection"}}
 			},
-			Close: func(acquired []*pgxpool.Pool) {
+			Free: func(acquired []*pgxpool.Pool) {
 				if len(acquired) > 0 {
 					release()
 				}
-				conn.Close(context.Background())
-				pool.Close()
 			},
 			Grace: grace,
 		})
+		owned.Own(pool.Close)
+		owned.Own(func() { conn.Close(context.Background()) })
 		return r.end()
 	}
 	t.Run("clean", func(t *testing.T) {
