@@ -93,7 +93,7 @@ func newEnvDSN(t *testing.T, dsn string) *env {
 			key, _ := KeyFromLockRow(classid, objid, objsubid)
 			return key.String()
 		},
-		Ignore: []goleak.Option{goleak.IgnoreAnyFunction(abandonedCloseFunc)},
+		Goroutines: func() error { return goleak.Find(goleak.IgnoreAnyFunction(abandonedCloseFunc)) },
 	})
 	e.own(cancel) // closed last
 	return e

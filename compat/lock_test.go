@@ -10,6 +10,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
+	"go.uber.org/goleak"
 
 	"github.com/seed0ad592b7/advisory"
 	"github.com/seed0ad592b7/advisory/internal/pgtest"
@@ -138,6 +139,7 @@ func checkAtEnd(t *testing.T, pool *pgxpool.Pool, tool *pgx.Conn) {
 			key, _ := advisory.KeyFromLockRow(classid, objid, objsubid)
 			return key.String()
 		},
+		Goroutines: func() error { return goleak.Find() },
 	})
 	owned.Own(pool.Close)
 	owned.Own(func() { tool.Close(context.Background()) })

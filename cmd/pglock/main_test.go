@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"go.uber.org/goleak"
 
 	"github.com/seed0ad592b7/advisory"
 	"github.com/seed0ad592b7/advisory/internal/pgtest"
@@ -91,6 +92,7 @@ func newEnv(t *testing.T) *env {
 			key, _ := advisory.KeyFromLockRow(classid, objid, objsubid)
 			return key.String()
 		},
+		Goroutines: func() error { return goleak.Find() },
 	})
 	e.own(cancel) // closed last
 	return e

@@ -10,14 +10,13 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
-	"go.uber.org/goleak"
 )
 
 // EndCheck is the end-of-test check of a test on a server: no pool
 // connection still acquired and no advisory lock left in the database,
 // looked at while the test's connections are still open (closing them
-// first would free a leaked lock unseen); then, once Close has closed what
-// the test owns, no goroutine left (goleak).
+// first would free a leaked lock unseen); then, once what the test owns is
+// closed, no goroutine left.
 type EndCheck struct {
 	// DSN reaches the database to look at.
 	DSN string
@@ -34,8 +33,11 @@ type EndCheck struct {
 	// Key names a lock's key, from its pg_locks row, in the report; nil
 	// reports the row's numbers.
 	Key func(classid, objid uint32, objsubid int16) string
-	// Ignore are goroutines goleak is not to report.
-	Ignore []goleak.Option
+	// Goroutines, if set, runs once what the test owns is closed, and
+	// returns an error that describes the goroutines the test left
+	// running, if any (goleak.Find: pgtest does not import goleak, which
+	// the modules that use it need not require).
+	Goroutines func() error
 }
 
 // Open is what a test still has open when its end-of-test check runs.
@@ -88,7 +90,14 @@ func (o *Owned) closeAll() {
 func CheckAtEnd(t testing.TB, c EndCheck) *Owned {
 	t.Helper()
 	owned := new(Owned)
-	t.Cleanup(func() { goleak.VerifyNone(t, c.Ignore...) })
+	t.Cleanup(func() {
+		if c.Goroutines == nil {
+			return
+		}
+		if err := c.Goroutines(); err != nil {
+			t.Error(err)
+		}
+	})
 	t.Cleanup(func() {
 		var acquired []*pgxpool.Pool
 		defer func() {

@@ -78,7 +78,8 @@ func TestCheckAtEnd(t *testing.T) {
 					release()
 				}
 			},
-			Grace: grace,
+			Grace:      grace,
+			Goroutines: func() error { return goleak.Find() },
 		})
 		owned.Own(pool.Close)
 		owned.Own(func() { conn.Close(context.Background()) })
