@@ -5,6 +5,8 @@ import (
 	"testing"
 
 	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/seed0ad592b7/advisory/internal/pgtest"
 )
 
 // The hot path's cost in allocations, uncontended, against the test
@@ -23,7 +25,7 @@ func benchPool(b *testing.B) *pgxpool.Pool {
 		b.Fatal(err)
 	}
 	b.Cleanup(func() {
-		if n := awaitReleased(pool, failedGrace); n != 0 {
+		if n := pgtest.AwaitReleased(pool, pgtest.FailedGrace); n != 0 {
 			b.Errorf("%d connections still acquired", n)
 		}
 		pool.Close()

@@ -417,7 +417,7 @@ func TestBadServer(t *testing.T) {
 				t.Errorf("%s took %v with a 2 s context", name, d)
 			}
 		}
-		awaitNoAcquired(t, pool)
+		awaitAcquired(t, pool, 0)
 	})
 }
 

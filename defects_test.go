@@ -5,6 +5,7 @@ import (
 	"errors"
 	"net"
 	"strconv"
+	"sync"
 	"testing"
 	"time"
 
@@ -244,35 +245,64 @@ func TestPoolExhaustedDeadlineIsTimeout(t *testing.T) {
 	must(t, held.Release(e.ctx))
 }
 
+// releaseAllWhileRunning runs call in a goroutine, giving it a body that
+// waits for its context to end (for at most notHung) and returns nil; once
+// the body runs, it calls ReleaseAll on pool. It returns the cause with
+// which the body's context ended (nil if it did not), and what call
+// returned; it stops the test if call returns before running the body, or
+// does not return within notHung after ReleaseAll.
+func (e *env) releaseAllWhileRunning(pool *pgxpool.Pool, call func(body func(context.Context) error) error) (cause, err error) {
+	e.t.Helper()
+	running := make(chan struct{})
+	var once sync.Once
+	causes := make(chan error, 1)
+	done := make(chan error, 1)
+	go func() {
+		done <- call(func(ctx context.Context) error {
+			once.Do(func() { close(running) })
+			var cause error
+			select {
+			case <-ctx.Done():
+				cause = context.Cause(ctx)
+			case <-time.After(notHung):
+			}
+			select {
+			case causes <- cause:
+			default: // a body run again: the first run's cause is the one
+			}
+			return nil
+		})
+	}()
+	select {
+	case <-running:
+	case err := <-done:
+		e.t.Fatalf("returned before running its body: %v", err)
+	}
+	must(e.t, ReleaseAll(e.ctx, pool))
+	cause = <-causes
+	select {
+	case err = <-done:
+	case <-time.After(notHung): // only "it did not hang"
+		e.t.Fatal("did not return after ReleaseAll")
+	}
+	return cause, err
+}
+
 // Defect 8: ReleaseAll cancels the context of a running Do body before
-// another session can take the key, and Do reports it.
+// another session can take the key, and Do reports it (fn returns nil).
 func TestReleaseAllCancelsDo(t *testing.T) {
 	e := newEnv(t)
 	pool := e.pool()
 	other := e.conn()
 	key := StringKey("release-all-do")
-	running := make(chan struct{})
-	cancelled := make(chan error, 1)
-	done := make(chan error, 1)
-	go func() {
-		_, err := Do(e.ctx, pool, key, func(ctx context.Context) error {
-			close(running)
-			select {
-			case <-ctx.Done():
-				cancelled <- context.Cause(ctx)
-			case <-time.After(notHung):
-				cancelled <- nil
-			}
-			return ctx.Err()
-		})
-		done <- err
-	}()
-	<-running
-	must(t, ReleaseAll(e.ctx, pool))
-	if cause := <-cancelled; !errors.Is(cause, ErrClosed) {
+	cause, err := e.releaseAllWhileRunning(pool, func(body func(context.Context) error) error {
+		_, err := Do(e.ctx, pool, key, body)
+		return err
+	})
+	if !errors.Is(cause, ErrClosed) {
 		t.Errorf("fn's context after ReleaseAll: cause %v; want one matching ErrClosed", cause)
 	}
-	if err := <-done; !errors.Is(err, ErrClosed) {
+	if !errors.Is(err, ErrClosed) {
 		t.Errorf("Do after ReleaseAll: %v; want an error matching ErrClosed", err)
 	}
 	if !e.tryFrom(other, key) {
@@ -285,34 +315,14 @@ func TestReleaseAllCancelsDo(t *testing.T) {
 func TestReleaseAllEndsLead(t *testing.T) {
 	e := newEnv(t)
 	pool := e.pool()
-	key := StringKey("release-all-lead")
-	leading := make(chan struct{})
-	cancelled := make(chan bool, 1)
-	done := make(chan error, 1)
-	go func() {
-		done <- Lead(e.ctx, pool, key, func(ctx context.Context) error {
-			close(leading)
-			select {
-			case <-ctx.Done():
-				cancelled <- true
-			case <-time.After(notHung):
-				cancelled <- false
-			}
-			return nil
-		})
-	}()
-	<-leading
-	must(t, ReleaseAll(e.ctx, pool))
-	if !<-cancelled {
+	cause, err := e.releaseAllWhileRunning(pool, func(body func(context.Context) error) error {
+		return Lead(e.ctx, pool, StringKey("release-all-lead"), body)
+	})
+	if cause == nil {
 		t.Error("the leader's context was not cancelled by ReleaseAll")
 	}
-	select {
-	case err := <-done:
-		if !errors.Is(err, ErrClosed) {
-			t.Errorf("Lead after ReleaseAll: %v; want an error matching ErrClosed", err)
-		}
-	case <-time.After(notHung):
-		t.Fatal("Lead did not return after ReleaseAll")
+	if !errors.Is(err, ErrClosed) {
+		t.Errorf("Lead after ReleaseAll: %v; want an error matching ErrClosed", err)
 	}
 }
 

@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"os"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -42,10 +41,10 @@ type env struct {
 	dsn   string
 	admin *pgx.Conn // for the test's own queries about the server; see adminConn
 
-	mu      sync.Mutex
-	pools   []*testPool
-	conns   []*pgx.Conn
-	closers []func() // what the test owns, closed after the checks, last first
+	mu    sync.Mutex
+	pools []*testPool
+	conns []*pgx.Conn
+	owned *pgtest.Owned // what the test owns, closed after the checks, last first
 }
 
 // testPool is a pool made by env.pool, with every connection it holds open
@@ -56,8 +55,9 @@ type testPool struct {
 	conns map[*pgx.Conn]struct{}
 }
 
-// newEnv starts a test on the shared server. When the test ends, while
-// every pool and connection the test made is still open, it checks that no
+// newEnv starts a test on the shared server. When the test ends
+// (pgtest.CheckAtEnd), while every pool and connection the test made is
+// still open, it checks that no
 // pool has a connection still acquired and that no advisory lock is left on
 // the server's database; then it closes them, and checks that no goroutine
 // is left (goleak). So a lock leaked onto an idle pooled connection, or
@@ -82,52 +82,28 @@ func newEnvOn(t *testing.T, srv *pgtest.Server) *env {
 // checks at the end look at whichever server it reaches then.
 func newEnvDSN(t *testing.T, dsn string) *env {
 	t.Helper()
-	t.Cleanup(func() { goleak.VerifyNone(t, goleak.IgnoreAnyFunction(abandonedCloseFunc)) })
 	ctx, cancel := context.WithTimeout(context.Background(), testTimeout)
-	t.Cleanup(cancel)
 	e := &env{t: t, ctx: ctx, dsn: dsn}
-	t.Cleanup(e.end)
+	e.owned = pgtest.CheckAtEnd(t, pgtest.EndCheck{
+		DSN:   dsn,
+		Open:  e.open,
+		Free:  e.free,
+		Grace: testTimeout,
+		Key: func(classid, objid uint32, objsubid int16) string {
+			key, _ := KeyFromLockRow(classid, objid, objsubid)
+			return key.String()
+		},
+		Goroutines: func() error { return goleak.Find(goleak.IgnoreAnyFunction(abandonedCloseFunc)) },
+	})
+	e.own(cancel) // closed last
 	return e
 }
 
-// end runs the end-of-test checks, then closes what the test owns.
-func (e *env) end() {
-	defer e.closeOwned()
-	for _, p := range e.pools {
-		e.checkReleased(p)
-	}
-	e.checkNoLocks()
-}
-
 // own registers a closer, run after the end-of-test checks.
-func (e *env) own(close func()) {
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	e.closers = append(e.closers, close)
-}
-
-func (e *env) closeOwned() {
-	for i := len(e.closers) - 1; i >= 0; i-- {
-		e.closers[i]()
-	}
-}
-
-// failedGrace is how long the end-of-test checks wait for a state after the
-// test already failed: it may have stopped with a lock held, and waiting
-// the full testTimeout for that would only delay the tests after it.
-const failedGrace = 2 * time.Second
-
-// grace is how long an end-of-test check waits for the server or a pool to
-// settle.
-func (e *env) grace() time.Duration {
-	if e.t.Failed() {
-		return failedGrace
-	}
-	return testTimeout
-}
+func (e *env) own(close func()) { e.owned.Own(close) }
 
 // pool returns a pool on the test's server. When the test ends, before it
-// is closed, it must have no connection acquired (checked by env.end).
+// is closed, it must have no connection acquired (checked by the end-of-test check).
 func (e *env) pool(mods ...func(*pgxpool.Config)) *pgxpool.Pool {
 	e.t.Helper()
 	cfg, err := pgxpool.ParseConfig(e.dsn)
@@ -168,26 +144,28 @@ func (e *env) pool(mods ...func(*pgxpool.Config)) *pgxpool.Pool {
 	return pool
 }
 
-// checkReleased fails the test if p still has a connection acquired once
-// the pool has settled. Then it ends what holds them: the library's
-// sessions on the pool (ReleaseAll), and the sockets of its connections, so
-// that a statement stuck on one fails and its holder can give it back.
-func (e *env) checkReleased(p *testPool) {
-	n := awaitReleased(p.Pool, e.grace())
-	if n == 0 {
-		return
-	}
-	e.t.Errorf("pool has %d connections still acquired at the end of the test", n)
-	ctx, cancel := context.WithTimeout(context.Background(), failedGrace)
-	defer cancel()
-	_ = ReleaseAll(ctx, p.Pool)
-	if awaitReleased(p.Pool, failedGrace) == 0 {
-		return
-	}
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	for c := range p.conns {
-		_ = c.PgConn().Conn().Close() // net.Conn.Close is safe while another goroutine uses it
+// free ends what holds the acquired connections of pools (reported by
+// the end-of-test check): the library's sessions on each pool
+// (ReleaseAll), and failing that the sockets of its connections, so that a
+// statement stuck on one fails and its holder can give it back.
+func (e *env) free(pools []*pgxpool.Pool) {
+	for _, pool := range pools {
+		ctx, cancel := context.WithTimeout(context.Background(), pgtest.FailedGrace)
+		_ = ReleaseAll(ctx, pool)
+		cancel()
+		if pgtest.AwaitReleased(pool, pgtest.FailedGrace) == 0 {
+			continue
+		}
+		for _, p := range e.pools {
+			if p.Pool != pool {
+				continue
+			}
+			p.mu.Lock()
+			for c := range p.conns {
+				_ = c.PgConn().Conn().Close() // net.Conn.Close is safe while another goroutine uses it
+			}
+			p.mu.Unlock()
+		}
 	}
 }
 
@@ -202,7 +180,7 @@ func (e *env) closePool(p *testPool) {
 	done := closeInBackground(p.Pool)
 	select {
 	case <-done:
-	case <-time.After(failedGrace):
+	case <-time.After(pgtest.FailedGrace):
 		e.t.Errorf("pool.Close blocks: the test still holds an acquired connection; abandoned so the next tests run")
 	}
 }
@@ -216,25 +194,9 @@ func closeInBackground(pool *pgxpool.Pool) <-chan struct{} {
 	return done
 }
 
-// awaitReleased returns the pool's acquired connection count once it is
-// zero, or after grace. A connection the library closed is handed back
-// at once but leaves the acquired count only when pgxpool has destroyed it,
-// in the background, a moment later (SPEC §2); a connection still held
-// never leaves it.
-func awaitReleased(pool *pgxpool.Pool, grace time.Duration) int32 {
-	deadline := time.Now().Add(grace)
-	for {
-		n := pool.Stat().AcquiredConns()
-		if n == 0 || time.Now().After(deadline) {
-			return n
-		}
-		time.Sleep(time.Millisecond) // pgxpool offers nothing to wait on
-	}
-}
-
 // awaitAcquired waits until pool has want connections acquired, failing
 // the test after testTimeout. A connection the library closes leaves the
-// count a moment after it was handed back (see awaitReleased).
+// count a moment after it was handed back (see pgtest.AwaitReleased).
 func awaitAcquired(t testing.TB, pool *pgxpool.Pool, want int32) {
 	t.Helper()
 	deadline := time.Now().Add(testTimeout)
@@ -271,84 +233,27 @@ func (e *env) keep(c *pgx.Conn) {
 	e.own(func() { c.Close(context.Background()) })
 }
 
-// openPIDs returns the backend pids of the connections the test still has
-// open, naming each: a lock one of them holds cannot go away by waiting.
-func (e *env) openPIDs() map[uint32]string {
-	pids := make(map[uint32]string)
+// open returns what the test still has open, for the end-of-test check:
+// its pools, and the backends of its open connections, named (a lock one
+// of them holds cannot go away by waiting).
+func (e *env) open() pgtest.Open {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	open := pgtest.Open{PIDs: make(map[uint32]string)}
 	for i, p := range e.pools {
+		open.Pools = append(open.Pools, p.Pool)
 		p.mu.Lock()
 		for c := range p.conns {
-			pids[c.PgConn().PID()] = fmt.Sprintf("a connection of the test's pool #%d", i+1)
+			open.PIDs[c.PgConn().PID()] = fmt.Sprintf("a connection of the test's pool #%d", i+1)
 		}
 		p.mu.Unlock()
 	}
 	for _, c := range e.conns {
 		if !c.IsClosed() {
-			pids[c.PgConn().PID()] = "a connection the test opened with env.conn"
+			open.PIDs[c.PgConn().PID()] = "a connection the test opened with env.conn"
 		}
 	}
-	return pids
-}
-
-// lockLeftSQL lists the advisory lock rows of the current database: pid,
-// key row, mode, granted.
-const lockLeftSQL = `SELECT pid, classid::int8, objid::int8, objsubid, mode, granted FROM pg_locks
-	WHERE locktype = 'advisory' AND database = (SELECT oid FROM pg_database WHERE datname = current_database())`
-
-// checkNoLocks fails the test if an advisory lock is left on the server. A
-// lock held by a connection the test still has open is reported at once; a
-// lock of any other backend is awaited (a closed connection's backend ends
-// a moment after the close) for e.grace(). It never stops the test, so the
-// test's connections are closed after it.
-func (e *env) checkNoLocks() {
-	e.t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), e.grace()+failedGrace)
-	defer cancel()
-	c, err := pgx.Connect(ctx, e.dsn)
-	if err != nil {
-		e.t.Errorf("no advisory lock left on the server: cannot check: %v", err)
-		return
-	}
-	defer c.Close(context.Background())
-	open := e.openPIDs()
-	deadline := time.Now().Add(e.grace())
-	for {
-		var left []string
-		settled := true
-		rows, err := c.Query(ctx, lockLeftSQL)
-		if err != nil {
-			e.t.Errorf("no advisory lock left on the server: cannot check: %v", err)
-			return
-		}
-		var (
-			pid            uint32
-			classid, objid int64
-			objsubid       int16
-			mode           string
-			granted        bool
-		)
-		_, err = pgx.ForEachRow(rows, []any{&pid, &classid, &objid, &objsubid, &mode, &granted}, func() error {
-			key, _ := KeyFromLockRow(uint32(classid), uint32(objid), objsubid)
-			who, isOpen := open[pid]
-			if !isOpen {
-				who, settled = "a backend whose connection the test closed", false
-			}
-			left = append(left, fmt.Sprintf("%s %s (granted %v) held by pid %d, %s", key, mode, granted, pid, who))
-			return nil
-		})
-		if err != nil {
-			e.t.Errorf("no advisory lock left on the server: cannot check: %v", err)
-			return
-		}
-		if len(left) == 0 {
-			return
-		}
-		if settled || time.Now().After(deadline) {
-			e.t.Errorf("advisory lock left on the server at the end of the test:\n  %s", strings.Join(left, "\n  "))
-			return
-		}
-		time.Sleep(2 * time.Millisecond) // polling a server state
-	}
+	return open
 }
 
 // eventually awaits a server state: it runs cond on a fresh connection until

@@ -185,6 +185,26 @@ func queryPID(t *testing.T, ctx context.Context, q interface {
 	return pid
 }
 
+// lockThroughBouncer starts a PgBouncer in transaction mode with
+// serverConns server connections, and Acquires key through it as client
+// A. It returns A's lock, client B's pool on the same PgBouncer, a direct
+// connection to the server, and the server backend the lock is held on.
+// It stops the test unless pg_locks shows the lock granted to one backend.
+func (e *env) lockThroughBouncer(serverConns int, key Key) (lock *Lock, other *pgxpool.Pool, direct *pgx.Conn, serverPID uint32) {
+	e.t.Helper()
+	b := startBouncer(e.t, serverConns)
+	pool := e.bouncerPool(b, "exec")
+	other = e.bouncerPool(b, "exec")
+	direct = e.conn()
+	lock, err := Acquire(e.ctx, pool, key, HealthInterval(time.Hour))
+	must(e.t, err)
+	rows := e.lockRows(key)
+	if len(rows) != 1 || !rows[0].Granted {
+		e.t.Fatalf("after Acquire through pgbouncer: pg_locks rows %v", rows)
+	}
+	return lock, other, direct, rows[0].PID
+}
+
 // Session locks through PgBouncer in transaction mode are unsafe, shown
 // two ways (the docs say so):
 //
@@ -197,22 +217,10 @@ func queryPID(t *testing.T, ctx context.Context, q interface {
 //     on the server connection the first statement ran on.
 func TestPgBouncerSessionLocksUnsafe(t *testing.T) {
 	key := StringKey("bouncer-session-lock")
-	direct := func(e *env) *pgx.Conn { return e.conn() }
 
 	t.Run("shared server session", func(t *testing.T) {
 		e := newEnv(t)
-		b := startBouncer(t, 1)
-		pool := e.bouncerPool(b, "exec")
-		other := e.bouncerPool(b, "exec")
-		c := direct(e)
-
-		lock, err := Acquire(e.ctx, pool, key, HealthInterval(time.Hour))
-		must(t, err)
-		rows := e.lockRows(key)
-		if len(rows) != 1 || !rows[0].Granted {
-			t.Fatalf("after Acquire through pgbouncer: pg_locks rows %v", rows)
-		}
-		serverPID := rows[0].PID
+		lock, other, c, serverPID := e.lockThroughBouncer(1, key)
 		// An unrelated client gets the lock too: its statement runs on the
 		// same server session, and session locks are re-entrant.
 		var got bool
@@ -227,7 +235,7 @@ func TestPgBouncerSessionLocksUnsafe(t *testing.T) {
 		// A releases: the unlock returns true (B's hold counted), so Release
 		// reports success, yet the server still holds the key.
 		must(t, lock.Release(e.ctx))
-		rows = e.lockRows(key)
+		rows := e.lockRows(key)
 		if len(rows) != 1 || rows[0].PID != serverPID {
 			t.Errorf("after A's Release: pg_locks rows %v; want still held by server pid %d", rows, serverPID)
 		}
@@ -236,24 +244,13 @@ func TestPgBouncerSessionLocksUnsafe(t *testing.T) {
 		}
 		t.Logf("after A's successful Release the lock is still held on server pid %d, by no client", serverPID)
 		// Clean up the server connection pgbouncer keeps.
-		_, err = c.Exec(e.ctx, `SELECT pg_terminate_backend($1)`, serverPID)
+		_, err := c.Exec(e.ctx, `SELECT pg_terminate_backend($1)`, serverPID)
 		must(t, err)
 	})
 
 	t.Run("unlock on another server session", func(t *testing.T) {
 		e := newEnv(t)
-		b := startBouncer(t, 2)
-		pool := e.bouncerPool(b, "exec")
-		other := e.bouncerPool(b, "exec")
-		c := direct(e)
-
-		lock, err := Acquire(e.ctx, pool, key, HealthInterval(time.Hour))
-		must(t, err)
-		rows := e.lockRows(key)
-		if len(rows) != 1 {
-			t.Fatalf("after Acquire through pgbouncer: pg_locks rows %v", rows)
-		}
-		serverPID := rows[0].PID
+		lock, other, c, serverPID := e.lockThroughBouncer(2, key)
 		// Another client's transaction takes that server connection (it
 		// is the most recently used idle one) and keeps it, so A's next
 		// statement, the unlock, runs on the other one.
@@ -271,7 +268,7 @@ func TestPgBouncerSessionLocksUnsafe(t *testing.T) {
 		}
 		t.Logf("Release: %v", err)
 		must(t, tx.Commit(e.ctx))
-		rows = e.lockRows(key)
+		rows := e.lockRows(key)
 		if len(rows) != 1 || rows[0].PID != serverPID || !rows[0].Granted {
 			t.Errorf("after Release: pg_locks rows %v; want still held by server pid %d", rows, serverPID)
 		}

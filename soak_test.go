@@ -139,7 +139,7 @@ func TestSoak(t *testing.T) {
 
 	// Closed connections leave the pool's count a moment after their
 	// release (pgxpool destroys them in the background): await it.
-	awaitNoAcquired(t, pool)
+	awaitAcquired(t, pool, 0)
 	// A context of its own: the soak may outlast e.ctx on a loaded machine.
 	ctx, cancel := context.WithTimeout(context.Background(), testTimeout)
 	defer cancel()
@@ -183,18 +183,6 @@ func TestSoak(t *testing.T) {
 // counts as hung.
 const soakHangGuard = 30 * time.Second
 
-// awaitNoAcquired waits until pool has no connection acquired.
-func awaitNoAcquired(t *testing.T, pool *pgxpool.Pool) {
-	t.Helper()
-	deadline := time.Now().Add(testTimeout)
-	for pool.Stat().AcquiredConns() != 0 {
-		if time.Now().After(deadline) {
-			t.Fatalf("pool still has %d connections acquired", pool.Stat().AcquiredConns())
-		}
-		time.Sleep(time.Millisecond) // polling the pool's state; it has no channel to wait on
-	}
-}
-
 // opCtx returns a context for one operation: a deadline between 1 and 200
 // ms, or cancelled after up to 100 ms, and the time by which the operation
 // must have ended its wait.
@@ -224,6 +212,7 @@ func waitOpts(rng *rand.Rand) []Option {
 	return opts
 }
 
+// pause is jitter between operations, not synchronisation.
 func pause(rng *rand.Rand) { time.Sleep(time.Duration(rng.IntN(1000)) * time.Microsecond) }
 
 // soakOp runs one random operation.
@@ -343,7 +332,7 @@ func soakOp(t *testing.T, st *soakStats, pool *pgxpool.Pool, keys []Key, rng *ra
 		ttl := time.Duration(1+rng.IntN(5)) * time.Millisecond
 		acquired, err := Do(ctx, pool, key, func(fctx context.Context) error {
 			if rng.IntN(2) == 0 {
-				time.Sleep(2 * ttl)
+				time.Sleep(2 * ttl) // the scenario: a body that ignores its ctx past the TTL
 				return nil
 			}
 			select {

@@ -498,6 +498,22 @@ func (s slowFirstTry) TraceQueryStart(ctx context.Context, _ *pgx.Conn, d pgx.Tr
 
 func (slowFirstTry) TraceQueryEnd(context.Context, *pgx.Conn, pgx.TraceQueryEndData) {}
 
+// slowFirstTryOnHeldKey returns a pool whose waits try first for 700 ms
+// (slowFirstTry) and then wait in slices of 1 s, with key held by another
+// pool until the test ends.
+func (e *env) slowFirstTryOnHeldKey(key Key) *pgxpool.Pool {
+	e.t.Helper()
+	pool := e.pool(func(c *pgxpool.Config) {
+		c.ConnConfig.RuntimeParams["deadlock_timeout"] = "2s" // slices of 1 s
+		c.ConnConfig.Tracer = slowFirstTry{700 * time.Millisecond}
+		c.MaxConns = 2
+	})
+	holder, err := Acquire(e.ctx, e.pool(), key)
+	must(e.t, err)
+	e.t.Cleanup(func() { _ = holder.Release(e.ctx) })
+	return pool
+}
+
 // A ctx deadline bounds the whole LockTx wait (SPEC §2a), and a wait that
 // reaches its bound leaves the transaction usable. inSlices measures the
 // bound from its own start, after the first try, so when the first try
@@ -506,15 +522,8 @@ func (slowFirstTry) TraceQueryEnd(context.Context, *pgx.Conn, pgx.TraceQueryEndD
 // caller's transaction is gone.
 func TestLockTxSlowFirstTryDeadline(t *testing.T) {
 	e := newEnv(t)
-	pool := e.pool(func(c *pgxpool.Config) {
-		c.ConnConfig.RuntimeParams["deadlock_timeout"] = "2s" // slices of 1 s
-		c.ConnConfig.Tracer = slowFirstTry{700 * time.Millisecond}
-		c.MaxConns = 2
-	})
 	key := StringKey("review-slow-first-try")
-	holder, err := Acquire(e.ctx, e.pool(), key)
-	must(t, err)
-	defer holder.Release(e.ctx)
+	pool := e.slowFirstTryOnHeldKey(key)
 	tx, err := pool.Begin(e.ctx)
 	must(t, err)
 	defer tx.Rollback(e.ctx)
@@ -533,15 +542,8 @@ func TestLockTxSlowFirstTryDeadline(t *testing.T) {
 func TestAcquireSlowFirstTryDeadline(t *testing.T) {
 	e := newEnv(t)
 	checkLog := noErrorLogged(t)
-	pool := e.pool(func(c *pgxpool.Config) {
-		c.ConnConfig.RuntimeParams["deadlock_timeout"] = "2s" // slices of 1 s
-		c.ConnConfig.Tracer = slowFirstTry{700 * time.Millisecond}
-		c.MaxConns = 2
-	})
 	key := StringKey("review-slow-first-try-acquire")
-	holder, err := Acquire(e.ctx, e.pool(), key)
-	must(t, err)
-	defer holder.Release(e.ctx)
+	pool := e.slowFirstTryOnHeldKey(key)
 	ctx, cancel := context.WithTimeout(e.ctx, 1500*time.Millisecond)
 	defer cancel()
 	start := time.Now()

@@ -53,20 +53,18 @@ func toolStatements(v vector) []toolStatement {
 // tool holds it, and the tool's statement (as a try) cannot take it while
 // advisory holds it.
 func TestToolStatementsLockTheKey(t *testing.T) {
-	t.Cleanup(func() { goleak.VerifyNone(t) })
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	pool, err := pgxpool.New(ctx, dsn)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer pool.Close()
 	tool, err := pgx.Connect(ctx, dsn)
 	if err != nil {
+		pool.Close()
 		t.Fatal(err)
 	}
-	defer tool.Close(context.Background())
-	defer checkNoLocks(t, tool, pool)
+	checkAtEnd(t, pool, tool)
 
 	for _, v := range vectors {
 		for _, s := range toolStatements(v) {
@@ -126,25 +124,23 @@ func TestToolStatementsLockTheKey(t *testing.T) {
 	}
 }
 
-// checkNoLocks fails the test unless, within a few seconds, no advisory lock
-// is left in the database and the pool has no connection acquired. (A
-// connection closed rather than unlocked leaves its locks until its backend
-// exits, a moment later: hence the wait.)
-func checkNoLocks(t *testing.T, c *pgx.Conn, pool *pgxpool.Pool) {
-	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		hs, err := advisory.AllHolders(context.Background(), c)
-		if err != nil {
-			t.Fatal(err)
-		}
-		n := pool.Stat().AcquiredConns()
-		if len(hs) == 0 && n == 0 {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("left behind: advisory locks %+v, %d pool connections acquired", hs, n)
-		}
-		time.Sleep(5 * time.Millisecond) // poll interval of an awaited server state
-	}
+// checkAtEnd checks, when the test ends and before it closes them, that
+// pool has no connection acquired and that no advisory lock is left in the
+// database (a lock on tool's connection is reported at once); then that
+// no goroutine is left.
+func checkAtEnd(t *testing.T, pool *pgxpool.Pool, tool *pgx.Conn) {
+	owned := pgtest.CheckAtEnd(t, pgtest.EndCheck{
+		DSN: dsn,
+		Open: func() pgtest.Open {
+			return pgtest.Open{Pools: []*pgxpool.Pool{pool}, PIDs: map[uint32]string{tool.PgConn().PID(): "the tool's connection"}}
+		},
+		Grace: 10 * time.Second,
+		Key: func(classid, objid uint32, objsubid int16) string {
+			key, _ := advisory.KeyFromLockRow(classid, objid, objsubid)
+			return key.String()
+		},
+		Goroutines: func() error { return goleak.Find() },
+	})
+	owned.Own(pool.Close)
+	owned.Own(func() { tool.Close(context.Background()) })
 }

@@ -1,8 +1,6 @@
 package main
 
 import (
-	"io"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -10,12 +8,9 @@ import (
 	"slices"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
-
-	"github.com/jackc/pgx/v5/pgproto3"
 )
 
 // review15 (adversarial review of cmd/pglock): tests that show defects.
@@ -99,60 +94,6 @@ func TestSynopsesListEveryFlag(t *testing.T) {
 	}
 }
 
-// muteAfterStartup is a server that completes the startup of every
-// connection (AuthenticationOk, ReadyForQuery) and then never answers, as
-// a hung server or a pgbouncer with no server connection free behaves. It
-// returns a DSN for it, closed when the test ends.
-func (e *env) muteAfterStartup() string {
-	e.t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		e.t.Fatal(err)
-	}
-	var (
-		wg    sync.WaitGroup
-		mu    sync.Mutex
-		conns []net.Conn
-	)
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			mu.Lock()
-			conns = append(conns, c)
-			mu.Unlock()
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				b := pgproto3.NewBackend(c, c)
-				if _, err := b.ReceiveStartupMessage(); err != nil {
-					return
-				}
-				b.Send(&pgproto3.AuthenticationOk{})
-				b.Send(&pgproto3.ParameterStatus{Name: "server_version", Value: "15.0"})
-				b.Send(&pgproto3.BackendKeyData{ProcessID: 1, SecretKey: []byte{0, 0, 0, 2}})
-				b.Send(&pgproto3.ReadyForQuery{TxStatus: 'I'})
-				_ = b.Flush()
-				_, _ = io.Copy(io.Discard, c) // never answered
-			}()
-		}
-	}()
-	e.t.Cleanup(func() {
-		ln.Close()
-		mu.Lock()
-		for _, c := range conns {
-			c.Close()
-		}
-		mu.Unlock()
-		wg.Wait()
-	})
-	return "postgres://postgres@" + ln.Addr().String() + "/postgres?sslmode=disable"
-}
-
 // A pglock that connected but whose first query is never answered must
 // notice the stall as a waiter does (exit 1 within about 2 s, README
 // "Waiting"), not wait forever before it even starts waiting: run's first
@@ -160,7 +101,7 @@ func (e *env) muteAfterStartup() string {
 // when no --timeout is given.
 func TestStallBeforeWaitIsNoticed(t *testing.T) {
 	e := newEnv(t)
-	dsn := e.muteAfterStartup()
+	dsn := e.silentServer(true)
 	for _, extra := range [][]string{nil, {"--no-wait"}} {
 		args := append([]string{"run", "--dsn", dsn, "--key", "mute-after-startup"}, extra...)
 		p := e.start(nil, "", append(args, "--", "touch", "ran")...)

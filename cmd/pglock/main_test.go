@@ -62,107 +62,65 @@ func fileExists(p string) bool {
 // testTimeout bounds each test: its subprocesses and every wait in it.
 const testTimeout = 90 * time.Second
 
-// env is one test's view of the server. When the test ends, while the
-// test's connections and pglock processes are still open and running, it
-// awaits that no advisory lock is left in the database (so a lock left on
-// them is reported, not freed unseen by closing them first); then it
-// kills the processes still running, closes the connections, and checks
-// that no goroutine leaked.
+// env is one test's view of the server. When the test ends
+// (pgtest.CheckAtEnd), while the test's connections and pglock processes
+// are still open and running, it awaits that no advisory lock is left in
+// the database (so a lock left on them is reported, not freed unseen by
+// closing them first); then it kills the processes still running, closes
+// the connections, and checks that no goroutine leaked.
 type env struct {
 	t   *testing.T
 	ctx context.Context
 	dsn string
 	dir string // a scratch directory for marks files
 
-	mu      sync.Mutex
-	conns   []*pgx.Conn
-	procs   []*proc
-	closers []func() // what the test owns, closed after the lock check, last first
+	mu    sync.Mutex
+	conns []*pgx.Conn
+	procs []*proc
+	owned *pgtest.Owned // what the test owns, closed after the lock check, last first
 }
 
 func newEnv(t *testing.T) *env {
 	t.Helper()
-	t.Cleanup(func() { goleak.VerifyNone(t) })
 	ctx, cancel := context.WithTimeout(context.Background(), testTimeout)
-	t.Cleanup(cancel)
 	e := &env{t: t, ctx: ctx, dsn: server.DSN, dir: t.TempDir()}
-	t.Cleanup(func() {
-		defer e.closeOwned()
-		e.checkNoLocks()
+	e.owned = pgtest.CheckAtEnd(t, pgtest.EndCheck{
+		DSN:   e.dsn,
+		Open:  e.open,
+		Grace: testTimeout,
+		Key: func(classid, objid uint32, objsubid int16) string {
+			key, _ := advisory.KeyFromLockRow(classid, objid, objsubid)
+			return key.String()
+		},
+		Goroutines: func() error { return goleak.Find() },
 	})
+	e.own(cancel) // closed last
 	return e
 }
 
 // own registers a closer, run after the end-of-test lock check.
-func (e *env) own(close func()) {
+func (e *env) own(close func()) { e.owned.Own(close) }
+
+// open returns what the test still has open, for the end-of-test check:
+// the backends of its open connections, and how many of its pglock
+// processes still run. A lock held by either cannot go away by waiting.
+func (e *env) open() pgtest.Open {
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	e.closers = append(e.closers, close)
-}
-
-func (e *env) closeOwned() {
-	for i := len(e.closers) - 1; i >= 0; i-- {
-		e.closers[i]()
-	}
-}
-
-// checkNoLocks awaits that no advisory lock is left on the server. A lock
-// held by one of the test's own connections, or left while one of its
-// pglock processes still runs, cannot go away by waiting and is reported at
-// once; so is anything left after a test that already failed.
-func (e *env) checkNoLocks() {
-	e.t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), testTimeout+10*time.Second)
-	defer cancel()
-	c, err := pgx.Connect(ctx, e.dsn)
-	if err != nil {
-		e.t.Errorf("no advisory lock left on the server: cannot check: %v", err)
-		return
-	}
-	defer c.Close(context.Background())
-	e.mu.Lock()
-	open := make(map[int32]bool)
-	for _, oc := range e.conns {
-		if !oc.IsClosed() {
-			open[int32(oc.PgConn().PID())] = true
+	open := pgtest.Open{PIDs: make(map[uint32]string)}
+	for _, c := range e.conns {
+		if !c.IsClosed() {
+			open.PIDs[c.PgConn().PID()] = "a connection the test opened with env.conn"
 		}
 	}
-	running := 0
 	for _, p := range e.procs {
 		select {
 		case <-p.done:
 		default:
-			running++
+			open.Running++
 		}
 	}
-	e.mu.Unlock()
-	deadline := time.Now().Add(testTimeout)
-	for {
-		hs, err := advisory.AllHolders(ctx, c)
-		if err != nil {
-			e.t.Errorf("no advisory lock left on the server: cannot check: %v", err)
-			return
-		}
-		if len(hs) == 0 {
-			return
-		}
-		settled := e.t.Failed() || running > 0 || time.Now().After(deadline)
-		var left []string
-		for _, h := range hs {
-			who := "a backend whose connection was closed"
-			if open[h.PID] {
-				who, settled = "a connection the test opened with env.conn", true
-			}
-			left = append(left, fmt.Sprintf("%s %s (granted %v) held by pid %d %q, %s",
-				h.Key, h.Mode, h.Granted, h.PID, h.ApplicationName, who))
-		}
-		if settled {
-			e.t.Errorf("advisory locks left on the server at the end of the test (%d pglock processes still running):\n  %s",
-				running, strings.Join(left, "\n  "))
-			return
-		}
-		time.Sleep(5 * time.Millisecond) // poll interval of an awaited state
-	}
+	return open
 }
 
 // conn returns a plain connection, closed after the end-of-test lock

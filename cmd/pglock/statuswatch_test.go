@@ -12,11 +12,13 @@ import (
 	"github.com/seed0ad592b7/advisory"
 )
 
-// startWatch runs pglock with args and its stdout going to the file path
-// (not a terminal), and returns it; it is killed if still running when the
-// test ends.
-func (e *env) startWatch(path string, args ...string) *proc {
+// startWatch runs pglock with args and its stdout going to a file (not a
+// terminal; emptied first), and returns it and a function that reads what
+// it has written so far; it is killed if still running when the test
+// ends.
+func (e *env) startWatch(args ...string) (*proc, func() string) {
 	e.t.Helper()
+	path := filepath.Join(e.dir, "watch.out")
 	f, err := os.Create(path)
 	if err != nil {
 		e.t.Fatal(err)
@@ -37,7 +39,14 @@ func (e *env) startWatch(path string, args ...string) *proc {
 		_ = p.cmd.Process.Kill()
 		<-p.done
 	})
-	return p
+	read := func() string {
+		b, err := os.ReadFile(path)
+		if err != nil {
+			e.t.Fatal(err)
+		}
+		return string(b)
+	}
+	return p, read
 }
 
 // interrupt sends SIGINT to p and awaits its exit status.
@@ -56,15 +65,7 @@ func (e *env) interrupt(p *proc) int {
 // one line of JSON.
 func TestStatusWatchPipe(t *testing.T) {
 	e := newEnv(t)
-	out := filepath.Join(e.dir, "out")
-	read := func() string {
-		b, err := os.ReadFile(out)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return string(b)
-	}
-	p := e.startWatch(out, "status", e.dsnArg(), "--watch", "100ms")
+	p, read := e.startWatch("status", e.dsnArg(), "--watch", "100ms")
 	header := regexp.MustCompile(`(?m)^Every 100ms: pglock status on 127\.0\.0\.1:\d+/\S+  \d{4}-\d\d-\d\d \d\d:\d\d:\d\d$`)
 	e.await("two readings", func() (bool, error) { return len(header.FindAllString(read(), -1)) >= 2, nil })
 	key := advisory.StringKey("watch-pipe")
@@ -96,7 +97,7 @@ func TestStatusWatchPipe(t *testing.T) {
 	}
 
 	// --json: a JSON array a line, without header.
-	p = e.startWatch(out, "status", e.dsnArg(), "--watch", "100ms", "--json")
+	p, read = e.startWatch("status", e.dsnArg(), "--watch", "100ms", "--json")
 	e.await("two readings as JSON", func() (bool, error) { return strings.Count(read(), "\n") >= 2, nil })
 	if code := e.interrupt(p); code != 0 {
 		t.Errorf("pglock status --watch --json exited %d after SIGINT, want 0; stderr: %s", code, p.stderr.String())
@@ -256,15 +257,7 @@ func TestStatusWatchInTerminal(t *testing.T) {
 // again.
 func TestStatusWatchReconnects(t *testing.T) {
 	e := newEnv(t)
-	out := filepath.Join(e.dir, "out")
-	read := func() string {
-		b, err := os.ReadFile(out)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return string(b)
-	}
-	p := e.startWatch(out, "status", e.dsnArg(), "--watch", "100ms")
+	p, read := e.startWatch("status", e.dsnArg(), "--watch", "100ms")
 	e.await("a reading", func() (bool, error) { return strings.Contains(read(), "no advisory locks held"), nil })
 	var ended int
 	if err := e.conn().QueryRow(e.ctx, `SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = 'pglock status'`).Scan(&ended); err != nil || ended != 1 {

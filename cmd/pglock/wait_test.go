@@ -1,6 +1,7 @@
 package main
 
 import (
+	"io"
 	"net"
 	"net/url"
 	"path/filepath"
@@ -8,6 +9,8 @@ import (
 	"strings"
 	"sync"
 	"testing"
+
+	"github.com/jackc/pgx/v5/pgproto3"
 
 	"github.com/seed0ad592b7/advisory"
 	"github.com/seed0ad592b7/advisory/internal/pgtest"
@@ -39,6 +42,70 @@ func (e *env) proxyDSN(p *pgtest.Proxy) string {
 	return u.String()
 }
 
+// silentServer is a server that never answers a query: with startup
+// false it accepts connections and answers nothing at all; with startup
+// true it first completes each connection's startup (AuthenticationOk,
+// ReadyForQuery), as a hung server or a pgbouncer with no server
+// connection free behaves. It returns a DSN for it, closed when the test
+// ends.
+func (e *env) silentServer(startup bool) string {
+	e.t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	var (
+		wg     sync.WaitGroup
+		mu     sync.Mutex
+		conns  []net.Conn
+		closed bool
+	)
+	serve := func(c net.Conn) {
+		defer wg.Done()
+		if startup {
+			b := pgproto3.NewBackend(c, c)
+			if _, err := b.ReceiveStartupMessage(); err != nil {
+				return
+			}
+			b.Send(&pgproto3.AuthenticationOk{})
+			b.Send(&pgproto3.ParameterStatus{Name: "server_version", Value: "15.0"})
+			b.Send(&pgproto3.BackendKeyData{ProcessID: 1, SecretKey: []byte{0, 0, 0, 2}})
+			b.Send(&pgproto3.ReadyForQuery{TxStatus: 'I'})
+			_ = b.Flush()
+		}
+		_, _ = io.Copy(io.Discard, c) // never answered
+	}
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			if closed { // accepted as the test ended
+				c.Close()
+			}
+			conns = append(conns, c)
+			wg.Add(1)
+			mu.Unlock()
+			go serve(c)
+		}
+	}()
+	e.t.Cleanup(func() {
+		ln.Close()
+		mu.Lock()
+		closed = true
+		for _, c := range conns {
+			c.Close()
+		}
+		mu.Unlock()
+		wg.Wait()
+	})
+	return "postgres://postgres@" + ln.Addr().String() + "/postgres?sslmode=disable"
+}
+
 // A waiting pglock whose connection stalls notices it, exits 1 and never
 // runs CMD, instead of waiting forever while the server may grant the lock
 // to a backend whose client will never run CMD.
@@ -65,36 +132,7 @@ func TestRunWaitNoticesStalledConnection(t *testing.T) {
 // connect timeout.
 func TestRunTimeoutBoundsConnecting(t *testing.T) {
 	e := newEnv(t)
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var (
-		wg    sync.WaitGroup
-		mu    sync.Mutex
-		conns []net.Conn
-	)
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			mu.Lock()
-			conns = append(conns, c) // never answered
-			mu.Unlock()
-		}
-	}()
-	t.Cleanup(func() {
-		ln.Close()
-		wg.Wait()
-		for _, c := range conns {
-			c.Close()
-		}
-	})
-	dsn := "postgres://postgres@" + ln.Addr().String() + "/postgres?sslmode=disable"
+	dsn := e.silentServer(false)
 	p := e.pglock(nil, "run", "--dsn", dsn, "--key", "mute", "--timeout", "1", "--", "touch", "ran")
 	e.want(p, exitConflict)
 	t.Logf("pglock exited %d after %v; stderr: %s", p.code, p.elapsed, p.stderr.String())

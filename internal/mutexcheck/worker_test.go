@@ -18,6 +18,7 @@ import (
 	"go.uber.org/goleak"
 
 	"github.com/seed0ad592b7/advisory"
+	"github.com/seed0ad592b7/advisory/internal/pgtest"
 )
 
 // envWorker names the environment variable that turns the test binary into
@@ -129,20 +130,15 @@ func runWorker(spec string) int {
 }
 
 // awaitReleased returns the number of connections still acquired from the
-// pools, waiting up to 10 s for it to reach zero: pgxpool destroys a closed
-// connection in the background, and counts it as acquired until then.
+// pools, waiting up to 10 s for each to reach zero: pgxpool destroys a
+// closed connection in the background, and counts it as acquired until
+// then.
 func awaitReleased(pools ...*pgxpool.Pool) int64 {
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		var n int64
-		for _, p := range pools {
-			n += int64(p.Stat().AcquiredConns())
-		}
-		if n == 0 || time.Now().After(deadline) {
-			return n
-		}
-		time.Sleep(time.Millisecond) // polling the pool's state; it has no channel to wait on
+	var n int64
+	for _, p := range pools {
+		n += int64(pgtest.AwaitReleased(p, 10*time.Second))
 	}
+	return n
 }
 
 // idleLocks counts the advisory locks held by pool's idle connections,
@@ -216,7 +212,7 @@ func (w *worker) loop(stop context.Context, g int) {
 	for stop.Err() == nil {
 		// A moment between sections, so that the checker does not take
 		// the whole CPU from the tests run in parallel with it.
-		time.Sleep(time.Duration(rng.IntN(1000)) * time.Microsecond)
+		time.Sleep(time.Duration(rng.IntN(1000)) * time.Microsecond) // jitter, not synchronisation
 		key := rng.IntN(w.cfg.Keys)
 		writer := rng.Float64() < w.cfg.WriterRatio
 		opts := []advisory.Option{advisory.HealthInterval(w.cfg.Health)}
@@ -303,7 +299,7 @@ func (w *worker) waitFailed(what string, err error) {
 func (w *worker) failed(what string, err error) {
 	atomic.AddInt64(&w.stats.Failed, 1)
 	w.sample("%s: %v", what, err)
-	time.Sleep(time.Duration(5+rand.IntN(20)) * time.Millisecond)
+	time.Sleep(time.Duration(5+rand.IntN(20)) * time.Millisecond) // a back-off, not synchronisation
 }
 
 // sectionCtx bounds the statements of one critical section.

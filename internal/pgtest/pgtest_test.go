@@ -3,6 +3,7 @@ package pgtest
 import (
 	"bufio"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -17,6 +18,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"go.uber.org/goleak"
+	"golang.org/x/sys/unix"
 )
 
 // shared is the server started by TestMain through RunMain.
@@ -52,7 +54,7 @@ func helperDie(mode string) {
 	}
 	fmt.Println("server", s.local.dir, s.Port)
 	if mode == "sigint" {
-		time.Sleep(time.Minute)
+		time.Sleep(time.Minute) // the helper's life until its parent's SIGINT, not synchronisation
 		os.Exit(0)
 	}
 	panic("simulated test panic")
@@ -342,6 +344,37 @@ func TestBadSettings(t *testing.T) {
 	}
 }
 
+// awaitRemoved waits until dir is removed, watching it with inotify, and
+// reports whether that happened within d.
+func awaitRemoved(t *testing.T, dir string, d time.Duration) bool {
+	t.Helper()
+	fd, err := unix.InotifyInit1(unix.IN_NONBLOCK | unix.IN_CLOEXEC)
+	if err != nil {
+		t.Fatal(err)
+	}
+	events := os.NewFile(uintptr(fd), "inotify") // non-blocking: its reads take a deadline
+	defer events.Close()
+	if _, err := unix.InotifyAddWatch(fd, dir, unix.IN_DELETE_SELF); errors.Is(err, unix.ENOENT) {
+		return true // already gone
+	} else if err != nil {
+		t.Fatal(err)
+	}
+	if err := events.SetReadDeadline(time.Now().Add(d)); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 4096)
+	for {
+		// The only events: dir deleted (IN_DELETE_SELF), its watch
+		// removed (IN_IGNORED).
+		if _, err := events.Read(buf); err != nil {
+			return !fileExists(dir)
+		}
+		if !fileExists(dir) {
+			return true
+		}
+	}
+}
+
 // TestWatchdog checks that a server is removed when the process that
 // started it dies without calling Stop.
 func TestWatchdog(t *testing.T) {
@@ -381,11 +414,7 @@ func TestWatchdog(t *testing.T) {
 			if dir == "" {
 				t.Fatal("helper printed no server")
 			}
-			deadline := time.Now().Add(30 * time.Second)
-			for fileExists(dir) && time.Now().Before(deadline) {
-				time.Sleep(50 * time.Millisecond)
-			}
-			if fileExists(dir) {
+			if !awaitRemoved(t, dir, 30*time.Second) { // only "it did not hang"
 				t.Fatalf("%s still exists 30 s after the helper died", dir)
 			}
 			if !portRefuses(port) {

@@ -1,0 +1,219 @@
+package pgtest
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+)
+
+// EndCheck is the end-of-test check of a test on a server: no pool
+// connection still acquired and no advisory lock left in the database,
+// looked at while the test's connections are still open (closing them
+// first would free a leaked lock unseen); then, once what the test owns is
+// closed, no goroutine left.
+type EndCheck struct {
+	// DSN reaches the database to look at.
+	DSN string
+	// Open returns, when the test ends, what it still has open.
+	Open func() Open
+	// Free, if set, runs after the lock check, before what the test owns
+	// is closed, with the pools found with a connection still acquired
+	// (already reported): it must end what holds those connections, or
+	// closing such a pool blocks.
+	Free func(acquired []*pgxpool.Pool)
+	// Grace bounds the wait for a pool to settle and for a closed
+	// connection's backend to end; FailedGrace once the test has failed.
+	Grace time.Duration
+	// Key names a lock's key, from its pg_locks row, in the report; nil
+	// reports the row's numbers.
+	Key func(classid, objid uint32, objsubid int16) string
+	// Goroutines, if set, runs once what the test owns is closed, and
+	// returns an error that describes the goroutines the test left
+	// running, if any (goleak.Find: pgtest does not import goleak, which
+	// the modules that use it need not require).
+	Goroutines func() error
+}
+
+// Open is what a test still has open when its end-of-test check runs.
+type Open struct {
+	// Pools must each have no connection acquired.
+	Pools []*pgxpool.Pool
+	// PIDs names the backends of the connections the test has open,
+	// its pools' included: a lock one of them holds cannot go away by
+	// waiting, so it is reported at once.
+	PIDs map[uint32]string
+	// Running counts the test's processes still running: while one runs,
+	// any lock left is reported at once.
+	Running int
+}
+
+// FailedGrace is how long the end-of-test check waits for a state after
+// the test already failed: it may have stopped with a lock held, and
+// waiting the full grace for that would only delay the tests after it.
+const FailedGrace = 2 * time.Second
+
+// Owned is what a test owns, closed after its end-of-test check, last
+// registered first. Its methods are safe for concurrent use.
+type Owned struct {
+	mu      sync.Mutex
+	closers []func()
+}
+
+// Own registers close, run after the end-of-test check.
+func (o *Owned) Own(close func()) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	o.closers = append(o.closers, close)
+}
+
+func (o *Owned) closeAll() {
+	o.mu.Lock()
+	closers := o.closers
+	o.mu.Unlock()
+	for i := len(closers) - 1; i >= 0; i-- {
+		closers[i]()
+	}
+}
+
+// CheckAtEnd registers c on t, to run when the test ends, after the
+// clean-ups t registers later (they run first), and returns what will be
+// closed after the check. Every leak is reported with t.Errorf, never
+// t.Fatal, so what the test owns is always closed and one failure cannot
+// hang the tests after it. A check that cannot reach the server fails the
+// test too.
+func CheckAtEnd(t testing.TB, c EndCheck) *Owned {
+	t.Helper()
+	owned := new(Owned)
+	t.Cleanup(func() {
+		if c.Goroutines == nil {
+			return
+		}
+		if err := c.Goroutines(); err != nil {
+			t.Error(err)
+		}
+	})
+	t.Cleanup(func() {
+		var acquired []*pgxpool.Pool
+		defer func() {
+			if c.Free != nil {
+				c.Free(acquired)
+			}
+			owned.closeAll()
+		}()
+		grace := c.Grace
+		if t.Failed() {
+			grace = min(grace, FailedGrace)
+		}
+		open := c.Open()
+		for _, p := range open.Pools {
+			if n := AwaitReleased(p, grace); n != 0 {
+				t.Errorf("pool has %d connections still acquired at the end of the test", n)
+				acquired = append(acquired, p)
+			}
+		}
+		if t.Failed() {
+			grace = min(grace, FailedGrace)
+		}
+		checkNoLocks(t, c, open, grace)
+	})
+	return owned
+}
+
+// AwaitReleased returns pool's acquired connection count once it is
+// zero, or after grace. A connection closed while acquired is handed back
+// at once but leaves the count only when pgxpool has destroyed it, in the
+// background, a moment later; a connection still held never leaves it.
+func AwaitReleased(pool *pgxpool.Pool, grace time.Duration) int32 {
+	deadline := time.Now().Add(grace)
+	for {
+		n := pool.Stat().AcquiredConns()
+		if n == 0 || time.Now().After(deadline) {
+			return n
+		}
+		time.Sleep(time.Millisecond) // polling: pgxpool offers nothing to wait on
+	}
+}
+
+// locksLeftSQL lists the advisory locks of the current database.
+const locksLeftSQL = `SELECT coalesce(l.pid, 0), l.classid::int8, l.objid::int8, l.objsubid, l.mode, l.granted,
+		coalesce(a.application_name, '')
+	FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid
+	WHERE l.locktype = 'advisory' AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+	ORDER BY 1, 2, 3, 4, 5`
+
+// checkNoLocks fails t if an advisory lock is left in c.DSN's database.
+// A lock of a backend in open.PIDs, or any lock while open.Running, is
+// reported at once; a lock of another backend (a closed connection's
+// backend ends a moment after the close) is awaited for grace.
+func checkNoLocks(t testing.TB, c EndCheck, open Open, grace time.Duration) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), grace+FailedGrace)
+	defer cancel()
+	conn, err := pgx.Connect(ctx, c.DSN)
+	if err != nil {
+		t.Errorf("no advisory lock left on the server: cannot check: %v", err)
+		return
+	}
+	defer conn.Close(context.Background())
+	deadline := time.Now().Add(grace)
+	for {
+		left, settled, err := locksLeft(ctx, conn, c, open)
+		if err != nil {
+			t.Errorf("no advisory lock left on the server: cannot check: %v", err)
+			return
+		}
+		if len(left) == 0 {
+			return
+		}
+		if settled || time.Now().After(deadline) {
+			still := ""
+			if open.Running > 0 {
+				still = fmt.Sprintf(" (%d processes of the test still running)", open.Running)
+			}
+			t.Errorf("advisory lock left on the server at the end of the test%s:\n  %s", still, strings.Join(left, "\n  "))
+			return
+		}
+		time.Sleep(2 * time.Millisecond) // polling a server state: pg_locks offers nothing to wait on
+	}
+}
+
+// locksLeft describes the advisory locks of the database, and reports
+// whether waiting cannot make them go away.
+func locksLeft(ctx context.Context, conn *pgx.Conn, c EndCheck, open Open) (left []string, settled bool, err error) {
+	rows, err := conn.Query(ctx, locksLeftSQL)
+	if err != nil {
+		return nil, false, err
+	}
+	var (
+		pid            uint32
+		classid, objid int64
+		objsubid       int16
+		mode, app      string
+		granted        bool
+	)
+	settled = open.Running > 0
+	_, err = pgx.ForEachRow(rows, []any{&pid, &classid, &objid, &objsubid, &mode, &granted, &app}, func() error {
+		key := fmt.Sprintf("key (classid %d, objid %d, objsubid %d)", classid, objid, objsubid)
+		if c.Key != nil {
+			key = c.Key(uint32(classid), uint32(objid), objsubid)
+		}
+		who, isOpen := open.PIDs[pid]
+		switch {
+		case isOpen:
+			settled = true
+		case open.Running > 0:
+			who = "a backend of none of the test's open connections (a process of the test's may hold it)"
+		default:
+			who = "a backend whose connection the test closed"
+		}
+		left = append(left, fmt.Sprintf("%s %s (granted %v) held by pid %d %q, %s", key, mode, granted, pid, app, who))
+		return nil
+	})
+	return left, settled, err
+}
