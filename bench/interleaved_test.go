@@ -5,6 +5,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/jackc/pgx/v5"
 )
 
 // BenchmarkInterleaved measures the subjects in turn, one sample of each per
@@ -18,6 +20,11 @@ import (
 //     floor is raw-pgx (lock and unlock on one *pgx.Conn, two round trips).
 //   - handoff: as BenchmarkHandoff, for the subjects that wait on the
 //     server; the floor is raw-pgx.
+//   - handoff-split: hand-offs between a holder of one kind and a waiter
+//     of another (HOLDER_WAITER), raw pgx and Session, to tell what the
+//     releasing holder costs from what the woken waiter costs; the floor is
+//     raw-pgx_raw-pgx. The holder holds for 3 ms first, as a real holder
+//     would, so that its health watcher is reading.
 func BenchmarkInterleaved(b *testing.B) {
 	ctx := context.Background()
 	b.Run("cycle", func(b *testing.B) {
@@ -52,6 +59,53 @@ func BenchmarkInterleaved(b *testing.B) {
 		}
 		interleave(b, names, func(i int) time.Duration { return ones[i]() })
 	})
+	b.Run("handoff-split", func(b *testing.B) {
+		byName := map[string]subject{}
+		for _, s := range subjects {
+			byName[s.name] = s
+		}
+		monitor := newConn(b)
+		var names []string
+		var ones []func() time.Duration
+		for i, p := range [][2]string{{"raw-pgx", "raw-pgx"}, {"advisory-session", "raw-pgx"}, {"raw-pgx", "advisory-session"}, {"advisory-session", "advisory-session"}} {
+			pool := newPool(b, 4)
+			key := handoffKey + 300 + int64(i)
+			holder, waiter := byName[p[0]].open(b, pool, key), byName[p[1]].open(b, pool, key)
+			names = append(names, p[0]+"_"+p[1])
+			ones = append(ones, func() time.Duration { return splitHandoff(b, monitor, holder, waiter) })
+		}
+		interleave(b, names, func(i int) time.Duration { return ones[i]() })
+	})
+}
+
+// splitHandoff is one hand-off from holder to waiter, which then lets go:
+// holder takes the key and holds it for 3 ms, waiter queues, holder
+// releases at t0, waiter's lock returns at t1.
+func splitHandoff(b *testing.B, monitor *pgx.Conn, holder, waiter client) time.Duration {
+	ctx := context.Background()
+	if err := holder.lock(ctx); err != nil {
+		b.Fatal(err)
+	}
+	time.Sleep(3 * time.Millisecond) // the scenario: a hold long enough for the watcher to read
+	got := make(chan error, 1)
+	var t1 time.Time
+	go func() {
+		err := waiter.lock(ctx)
+		t1 = time.Now()
+		got <- err
+	}()
+	awaitWaiter(b, monitor)
+	t0 := time.Now()
+	if err := holder.unlock(ctx); err != nil {
+		b.Fatal(err)
+	}
+	if err := <-got; err != nil {
+		b.Fatal(err)
+	}
+	if err := waiter.unlock(ctx); err != nil {
+		b.Fatal(err)
+	}
+	return t1.Sub(t0)
 }
 
 // interleave runs measure(i) for every subject i once per op (once more
