@@ -207,4 +207,12 @@
 // next to the pool, and pass them to every call. A Session traced from
 // NewSession traces all its calls and holds. Without a tracer the hooks
 // are one nil check each and allocate nothing (BenchmarkUncontended…).
+//
+// A pgx QueryTracer on the pool sees the library's statements sent through
+// pgx (tries, unlocks, LockTx's statements, DoTx's BEGIN and COMMIT) but
+// not its wait slices: a slice is one simple-protocol message of several
+// statements whose last result the library reads, and pgx offers that only
+// on the underlying pgconn.PgConn, which pgx's tracer does not see. A
+// LockMany on a session that holds nothing is such a message even when
+// uncontended. The library's own Tracer reports every wait.
 package advisory
