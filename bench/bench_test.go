@@ -180,76 +180,21 @@ const (
 // on 4 keys do a few cycles a minute (FIELD-NOTES measured 11 of 16
 // starving); BenchmarkHandoff shows the cause.
 func BenchmarkContended(b *testing.B) {
-	ctx := context.Background()
 	for i, s := range subjects {
 		if s.polls {
 			continue
 		}
 		b.Run(s.name, func(b *testing.B) {
-			pool := newPool(b, contenders+4)
-			warm(b, pool, contenders)
-			clients := make([]client, contenders)
-			for g := range clients {
-				clients[g] = s.open(b, pool, contendedKey+int64(i*contendedKeys+g%contendedKeys))
-				if err := cycle(ctx, clients[g]); err != nil { // prepare, connect
-					b.Fatal(err)
-				}
-			}
-			var (
-				inside  [contendedKeys]atomic.Int32
-				left    atomic.Int64
-				overlap atomic.Int64
-				served  [contenders]atomic.Int64
-				errMu   sync.Mutex
-				errs    []error
-				wg      sync.WaitGroup
-			)
-			left.Store(int64(b.N))
+			clients := openContenders(b, s, contendedKey+int64(i*contendedKeys))
 			b.ResetTimer()
-			start := time.Now()
-			for g, c := range clients {
-				wg.Add(1)
-				go func() {
-					defer wg.Done()
-					k := g % contendedKeys
-					for left.Add(-1) >= 0 {
-						if err := c.lock(ctx); err != nil {
-							errMu.Lock()
-							errs = append(errs, err)
-							errMu.Unlock()
-							return
-						}
-						if inside[k].Add(1) != 1 {
-							overlap.Add(1)
-						}
-						runtime.Gosched() // the critical section: let another goroutine run
-						inside[k].Add(-1)
-						served[g].Add(1)
-						if err := c.unlock(ctx); err != nil {
-							errMu.Lock()
-							errs = append(errs, err)
-							errMu.Unlock()
-							return
-						}
-					}
-				}()
-			}
-			wg.Wait()
-			elapsed := time.Since(start)
+			elapsed, served := contend(b, clients, b.N)
 			b.StopTimer()
-			if err := errors.Join(errs...); err != nil {
-				b.Fatal(err)
-			}
-			if n := overlap.Load(); n > 0 {
-				b.Fatalf("mutual exclusion broken: %d overlapping critical sections", n)
-			}
 			b.ReportMetric(float64(b.N)/elapsed.Seconds(), "ops/s")
 			// How evenly the clients were served: how many got at least
 			// one critical section, and the least served one's cycles
 			// against a fair share (b.N / contenders).
 			clientsServed, least := 0, int64(b.N)
-			for i := range served {
-				n := served[i].Load()
+			for _, n := range served {
 				if n > 0 {
 					clientsServed++
 				}
@@ -259,6 +204,84 @@ func BenchmarkContended(b *testing.B) {
 			b.ReportMetric(float64(least)*contenders/float64(b.N), "min-share")
 		})
 	}
+}
+
+// openContenders opens the contenders clients of s, client g on key
+// firstKey + g % contendedKeys, each on its own connection or checkout,
+// and runs one cycle on each (to prepare statements and connect).
+func openContenders(b *testing.B, s subject, firstKey int64) []client {
+	b.Helper()
+	pool := newPool(b, contenders+4)
+	warm(b, pool, contenders)
+	clients := make([]client, contenders)
+	for g := range clients {
+		clients[g] = s.open(b, pool, firstKey+int64(g%contendedKeys))
+		if err := cycle(context.Background(), clients[g]); err != nil {
+			b.Fatal(err)
+		}
+	}
+	return clients
+}
+
+// contend runs n lock+unlock cycles in all on clients, each around a tiny
+// critical section that fails the benchmark if two clients are ever inside
+// it for one key at once, and returns how long that took and how many
+// cycles each client ran.
+func contend(b *testing.B, clients []client, n int) (time.Duration, []int64) {
+	b.Helper()
+	ctx := context.Background()
+	var (
+		inside  [contendedKeys]atomic.Int32
+		left    atomic.Int64
+		overlap atomic.Int64
+		served  = make([]atomic.Int64, len(clients))
+		errMu   sync.Mutex
+		errs    []error
+		wg      sync.WaitGroup
+	)
+	fail := func(err error) {
+		errMu.Lock()
+		errs = append(errs, err)
+		errMu.Unlock()
+	}
+	left.Store(int64(n))
+	start := time.Now()
+	for g, c := range clients {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			k := g % contendedKeys
+			for left.Add(-1) >= 0 {
+				if err := c.lock(ctx); err != nil {
+					fail(err)
+					return
+				}
+				if inside[k].Add(1) != 1 {
+					overlap.Add(1)
+				}
+				runtime.Gosched() // the critical section: let another goroutine run
+				inside[k].Add(-1)
+				served[g].Add(1)
+				if err := c.unlock(ctx); err != nil {
+					fail(err)
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	elapsed := time.Since(start)
+	if err := errors.Join(errs...); err != nil {
+		b.Fatal(err)
+	}
+	if n := overlap.Load(); n > 0 {
+		b.Fatalf("mutual exclusion broken: %d overlapping critical sections", n)
+	}
+	counts := make([]int64, len(served))
+	for i := range served {
+		counts[i] = served[i].Load()
+	}
+	return elapsed, counts
 }
 
 // manyKeys is the size of BenchmarkManyKeys's set. One Lock per key is

@@ -108,6 +108,31 @@ func splitHandoff(b *testing.B, monitor *pgx.Conn, holder, waiter client) time.D
 	return t1.Sub(t0)
 }
 
+// BenchmarkContendedInterleaved is BenchmarkContended with the subjects
+// measured in turn, as BenchmarkInterleaved does: per op, a block of
+// contendedBlock cycles of 16 clients on 4 keys for each subject.
+// NAME-p50-ns is a block's time, so NAME-vs-floor is the subject's
+// throughput against raw pgx's. ns/op means nothing.
+func BenchmarkContendedInterleaved(b *testing.B) {
+	var names []string
+	var sets [][]client
+	for i, s := range subjects {
+		if s.polls || s.name == "pgxpool-naive" || s.name == "migrate-pgx5" {
+			continue
+		}
+		names = append(names, s.name)
+		sets = append(sets, openContenders(b, s, contendedKey+1000+int64(i*contendedKeys)))
+	}
+	interleave(b, names, func(i int) time.Duration {
+		elapsed, _ := contend(b, sets[i], contendedBlock)
+		return elapsed // per block: the ratio of times is the inverse ratio of throughputs
+	})
+}
+
+// contendedBlock is how many cycles BenchmarkInterleaved/contended runs
+// per subject in one op: enough for every client to wait many times.
+const contendedBlock = 800
+
 // interleave runs measure(i) for every subject i once per op (once more
 // first, untimed, to prepare statements and open connections), and
 // reports each subject's p50 and its ratio to the floor's, names[0].

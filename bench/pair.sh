@@ -28,6 +28,7 @@ for round in $(seq "$rounds"); do
 		b -bench '^BenchmarkCycle$/^(raw-pgx|advisory-session|advisory-acquire|advisory-locktx)$' -benchtime 2s -benchmem -count 1
 		b -bench '^BenchmarkHandoffLong$' -benchtime 10x -count 1
 		b -bench '^BenchmarkContended$/^(raw-pgx|advisory-session|advisory-acquire|advisory-locktx)$' -benchtime 8000x -count 1
+		b -bench '^BenchmarkContendedInterleaved$' -benchtime 20x -count 1
 		b -bench '^BenchmarkFailover$' -benchtime 8x -count 1
 		cd "$here"
 	done

@@ -19,7 +19,7 @@ import (
 	"strings"
 )
 
-var benchLine = regexp.MustCompile(`^Benchmark([A-Za-z0-9]+)/(\S+?)(?:-\d+)?\s+\d+\s+(.*)$`)
+var benchLine = regexp.MustCompile(`^Benchmark([A-Za-z0-9]+)(?:/(\S+?))?(?:-\d+)?\s+\d+\s+(.*)$`)
 
 // metric is what a group is compared on; higher is better only for ops/s.
 var metric = map[string]string{
@@ -53,7 +53,7 @@ func read(path string) (rounds, []string, error) {
 			continue
 		}
 		group, sub, fields := m[1], m[2], strings.Fields(m[3])
-		if group == "Interleaved" {
+		if group == "Interleaved" || group == "ContendedInterleaved" {
 			// Ratios measured in the run itself: NAME-vs-floor, NAME-p50-ns.
 			for i := 0; i+1 < len(fields); i += 2 {
 				name, ok := strings.CutSuffix(fields[i+1], "-vs-floor")
@@ -65,7 +65,10 @@ func read(path string) (rounds, []string, error) {
 					return nil, nil, fmt.Errorf("%s: %q: %w", path, line, err)
 				}
 				r := rs[len(rs)-1]
-				g := group + "/" + sub
+				g := "Interleaved/" + sub
+				if group == "ContendedInterleaved" {
+					g = "Interleaved/contended"
+				}
 				if r[g] == nil {
 					r[g] = map[string]float64{}
 				}
