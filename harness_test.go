@@ -93,7 +93,7 @@ func newEnvDSN(t *testing.T, dsn string) *env {
 			key, _ := KeyFromLockRow(classid, objid, objsubid)
 			return key.String()
 		},
-		Goroutines: func() error { return goleak.Find(goleak.IgnoreAnyFunction(abandonedCloseFunc)) },
+		Goroutines: func() error { return goleak.Find(goleak.IgnoreAnyFunction(pgtest.AbandonedClose)) },
 	})
 	e.own(cancel) // closed last
 	return e
@@ -140,7 +140,7 @@ func (e *env) pool(mods ...func(*pgxpool.Config)) *pgxpool.Pool {
 	e.mu.Lock()
 	e.pools = append(e.pools, tp)
 	e.mu.Unlock()
-	e.own(func() { e.closePool(tp) })
+	e.own(func() { pgtest.ClosePool(e.t, tp.Pool) })
 	return pool
 }
 
@@ -169,30 +169,6 @@ func (e *env) free(pools []*pgxpool.Pool) {
 	}
 }
 
-// abandonedCloseFunc is the goroutine that closes a pool whose Close blocks
-// (a connection the test acquired and never gives back); goleak ignores it,
-// as env.end has already reported that connection.
-const abandonedCloseFunc = "github.com/seed0ad592b7/advisory.closeInBackground.func1"
-
-// closePool closes p, giving up (and failing the test) if pool.Close still
-// blocks after the connections' sockets were closed.
-func (e *env) closePool(p *testPool) {
-	done := closeInBackground(p.Pool)
-	select {
-	case <-done:
-	case <-time.After(pgtest.FailedGrace):
-		e.t.Errorf("pool.Close blocks: the test still holds an acquired connection; abandoned so the next tests run")
-	}
-}
-
-func closeInBackground(pool *pgxpool.Pool) <-chan struct{} {
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		pool.Close()
-	}()
-	return done
-}
 
 // awaitAcquired waits until pool has want connections acquired, failing
 // the test after testTimeout. A connection the library closes leaves the

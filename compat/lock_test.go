@@ -139,8 +139,8 @@ func checkAtEnd(t *testing.T, pool *pgxpool.Pool, tool *pgx.Conn) {
 			key, _ := advisory.KeyFromLockRow(classid, objid, objsubid)
 			return key.String()
 		},
-		Goroutines: func() error { return goleak.Find() },
+		Goroutines: func() error { return goleak.Find(goleak.IgnoreAnyFunction(pgtest.AbandonedClose)) },
 	})
-	owned.Own(pool.Close)
+	owned.Own(func() { pgtest.ClosePool(t, pool) })
 	owned.Own(func() { tool.Close(context.Background()) })
 }

@@ -217,3 +217,24 @@ func locksLeft(ctx context.Context, conn *pgx.Conn, c EndCheck, open Open) (left
 	})
 	return left, settled, err
 }
+
+// AbandonedClose is the goroutine ClosePool leaves behind when it gives up;
+// a goroutine check should ignore it (goleak.IgnoreAnyFunction), as the
+// test that left the connection acquired has been reported already.
+const AbandonedClose = "github.com/seed0ad592b7/advisory/internal/pgtest.ClosePool.func1"
+
+// ClosePool closes pool, giving up after FailedGrace, and failing t, if
+// Close still blocks then: a pool with a connection the test never gave
+// back blocks Close for ever, and the tests after it must still run.
+func ClosePool(t testing.TB, pool *pgxpool.Pool) {
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		pool.Close()
+	}()
+	select {
+	case <-done:
+	case <-time.After(FailedGrace):
+		t.Errorf("pool.Close blocks: the test still holds an acquired connection; abandoned so the next tests run")
+	}
+}
