@@ -5,6 +5,7 @@ import (
 	"errors"
 	"net"
 	"strconv"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -495,4 +496,39 @@ func TestSilentCutDuringFencedStatement(t *testing.T) {
 	}
 	proxy.Close()
 	e.terminate(pid) // the backend sleeps on, not reading its closed socket
+}
+
+// A wait whose connection goes silent in the middle of a slice is given up
+// once the slice's answer is overdue (sliceStall): it fails with
+// ErrLockLost and an error that says the connection stalled (pglock's
+// message relies on it), and leaves no connection acquired. Red before the
+// slice's stall was named: the error said only "conn closed".
+func TestWaitSliceStallSaysStalled(t *testing.T) {
+	e := newEnv(t)
+	proxy, pool := e.cutPool()
+	holder := e.conn()
+	key := StringKey("stall-wait")
+	if !e.tryFrom(holder, key) {
+		t.Fatal("key not free")
+	}
+	_, err := holder.Exec(e.ctx, lockSQL[scopeSession][ModeExclusive][waitTry][key.space-1], key.args()...)
+	must(t, err)
+	done := make(chan error, 1)
+	go func() {
+		l, err := Acquire(e.ctx, pool, key)
+		if err == nil {
+			err = errors.Join(errors.New("Acquire returned a lock through a cut network"), l.Release(e.ctx))
+		}
+		done <- err
+	}()
+	e.awaitWaiters(1)
+	proxy.Cut()
+	err = <-done
+	if !errors.Is(err, ErrLockLost) || !strings.Contains(err.Error(), "stalled") {
+		t.Errorf("a wait cut off mid-slice: %v; want ErrLockLost saying the connection stalled", err)
+	}
+	_, err = holder.Exec(e.ctx, unlockSQL[ModeExclusive][key.space-1], key.args()...)
+	must(t, err)
+	proxy.Close() // the server sees the cut client go
+	e.awaitKeyFree(key)
 }

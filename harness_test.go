@@ -169,7 +169,6 @@ func (e *env) free(pools []*pgxpool.Pool) {
 	}
 }
 
-
 // awaitAcquired waits until pool has want connections acquired, failing
 // the test after testTimeout. A connection the library closes leaves the
 // count a moment after it was handed back (see pgtest.AwaitReleased).

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -58,10 +59,17 @@ func (s *Session) waitSlicesReport(ctx context.Context, dtMs int64, end time.Tim
 	return inSlices(ctx, dtMs, end, func(ctx context.Context, ms int64) (got bool, err error) {
 		sql := slice(ms)
 		err = s.run(ctx, true, func(ctx context.Context, c *pgx.Conn) error {
-			stall := time.AfterFunc(s.sliceStall(), func() { _ = c.PgConn().Conn().Close() })
+			var stalled atomic.Bool
+			stall := time.AfterFunc(s.sliceStall(), func() {
+				stalled.Store(true)
+				_ = c.PgConn().Conn().Close()
+			})
 			defer stall.Stop()
 			var err error
 			got, err = report(c.PgConn().Exec(ctx, sql).ReadAll())
+			if err != nil && stalled.Load() {
+				err = fmt.Errorf("no answer to a wait slice within %v (network cut or server stalled): %w", s.sliceStall(), err)
+			}
 			return err
 		})
 		return got, err
