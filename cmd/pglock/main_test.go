@@ -241,7 +241,8 @@ func touch(t *testing.T, path string) {
 }
 
 // hold takes key on a plain connection with pg_advisory_lock and returns
-// the connection; the lock ends with the test (the connection closes).
+// the connection. The test must let it go (e.unlockAll): a lock still held
+// when the test ends is reported as a leak, before the connection closes.
 func (e *env) hold(key advisory.Key, shared bool) *pgx.Conn {
 	e.t.Helper()
 	c := e.conn()
