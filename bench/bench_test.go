@@ -138,32 +138,43 @@ func newHandoff(b *testing.B, s subject, key int64, wait time.Duration) func() t
 		}
 	})
 	return func() time.Duration {
-		got := make(chan error, 1)
-		var t1 time.Time
-		go func() {
-			err := waiter.lock(ctx)
-			t1 = time.Now()
-			got <- err
-		}()
-		if s.polls {
-			time.Sleep(rand.N(5 * time.Second))
-		} else {
-			awaitWaiter(b, monitor)
-		}
-		if wait > 0 {
-			time.Sleep(wait) // the scenario: a wait longer than a slice
-			awaitWaiter(b, monitor)
-		}
-		t0 := time.Now()
-		if err := holder.unlock(ctx); err != nil {
-			b.Fatal(err)
-		}
-		if err := <-got; err != nil {
-			b.Fatal(err)
-		}
+		d := handOver(b, holder, waiter, func() {
+			if s.polls {
+				time.Sleep(rand.N(5 * time.Second)) // a polling holder releases at a random moment
+			} else {
+				awaitWaiter(b, monitor)
+			}
+			if wait > 0 {
+				time.Sleep(wait) // the scenario: a wait longer than a slice
+				awaitWaiter(b, monitor)
+			}
+		})
 		holder, waiter = waiter, holder
-		return t1.Sub(t0)
+		return d
 	}
+}
+
+// handOver starts waiter's lock, runs queued (which returns once the
+// waiter should be released), and then has holder let go at t0; it
+// returns t1−t0, t1 being when the waiter's lock returned.
+func handOver(b *testing.B, holder, waiter client, queued func()) time.Duration {
+	ctx := context.Background()
+	got := make(chan error, 1)
+	var t1 time.Time
+	go func() {
+		err := waiter.lock(ctx)
+		t1 = time.Now()
+		got <- err
+	}()
+	queued()
+	t0 := time.Now()
+	if err := holder.unlock(ctx); err != nil {
+		b.Fatal(err)
+	}
+	if err := <-got; err != nil {
+		b.Fatal(err)
+	}
+	return t1.Sub(t0)
 }
 
 // Contended throughput: contenders clients on contendedKeys keys (client g

@@ -87,25 +87,11 @@ func splitHandoff(b *testing.B, monitor *pgx.Conn, holder, waiter client) time.D
 		b.Fatal(err)
 	}
 	time.Sleep(3 * time.Millisecond) // the scenario: a hold long enough for the watcher to read
-	got := make(chan error, 1)
-	var t1 time.Time
-	go func() {
-		err := waiter.lock(ctx)
-		t1 = time.Now()
-		got <- err
-	}()
-	awaitWaiter(b, monitor)
-	t0 := time.Now()
-	if err := holder.unlock(ctx); err != nil {
-		b.Fatal(err)
-	}
-	if err := <-got; err != nil {
-		b.Fatal(err)
-	}
+	d := handOver(b, holder, waiter, func() { awaitWaiter(b, monitor) })
 	if err := waiter.unlock(ctx); err != nil {
 		b.Fatal(err)
 	}
-	return t1.Sub(t0)
+	return d
 }
 
 // BenchmarkContendedInterleaved is BenchmarkContended with the subjects
