@@ -8,7 +8,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/seed0ad592b7/advisory/internal/pgtest"
@@ -51,16 +50,7 @@ func TestCheckAtEndDoesNotHang(t *testing.T) {
 func runProbes(t *testing.T) {
 	open := func(t *testing.T) (context.Context, *pgxpool.Pool) {
 		ctx := context.Background()
-		pool, err := pgxpool.New(ctx, dsn)
-		if err != nil {
-			t.Fatal(err)
-		}
-		tool, err := pgx.Connect(ctx, dsn)
-		if err != nil {
-			pool.Close()
-			t.Fatal(err)
-		}
-		checkAtEnd(t, pool, tool)
+		pool, _ := openChecked(t, ctx)
 		return ctx, pool
 	}
 	t.Run("connection never given back", func(t *testing.T) {

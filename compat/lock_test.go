@@ -55,16 +55,7 @@ func toolStatements(v vector) []toolStatement {
 func TestToolStatementsLockTheKey(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	pool, err := pgxpool.New(ctx, dsn)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tool, err := pgx.Connect(ctx, dsn)
-	if err != nil {
-		pool.Close()
-		t.Fatal(err)
-	}
-	checkAtEnd(t, pool, tool)
+	pool, tool := openChecked(t, ctx)
 
 	for _, v := range vectors {
 		for _, s := range toolStatements(v) {
@@ -128,6 +119,23 @@ func TestToolStatementsLockTheKey(t *testing.T) {
 // pool has no connection acquired and that no advisory lock is left in the
 // database (a lock on tool's connection is reported at once); then that
 // no goroutine is left.
+// openChecked opens a pool and a plain connection (the tool's) on the test
+// server, both checked and closed when the test ends (checkAtEnd).
+func openChecked(t *testing.T, ctx context.Context) (*pgxpool.Pool, *pgx.Conn) {
+	t.Helper()
+	pool, err := pgxpool.New(ctx, dsn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tool, err := pgx.Connect(ctx, dsn)
+	if err != nil {
+		pool.Close()
+		t.Fatal(err)
+	}
+	checkAtEnd(t, pool, tool)
+	return pool, tool
+}
+
 func checkAtEnd(t *testing.T, pool *pgxpool.Pool, tool *pgx.Conn) {
 	owned := pgtest.CheckAtEnd(t, pgtest.EndCheck{
 		DSN: dsn,
