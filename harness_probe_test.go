@@ -3,9 +3,9 @@ package advisory
 import (
 	"context"
 	"os"
-	"os/exec"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/seed0ad592b7/advisory/internal/pgtest"
 )
@@ -24,11 +24,7 @@ func TestHarnessReportsLeaks(t *testing.T) {
 		return
 	}
 	e := newEnv(t)
-	cmd := exec.CommandContext(e.ctx, os.Args[0], "-test.run=^TestHarnessReportsLeaks$", "-test.count=1", "-test.v",
-		"-test.timeout=5m")
-	cmd.Env = append(os.Environ(), envProbe+"=1", pgtest.EnvDSN+"="+e.dsn)
-	out, err := cmd.CombinedOutput()
-	text := string(out)
+	text, err := pgtest.RunChild(e.ctx, "TestHarnessReportsLeaks", envProbe, e.dsn, 5*time.Minute)
 	if err == nil {
 		t.Errorf("the probes passed; want each leak reported:\n%s", text)
 	}

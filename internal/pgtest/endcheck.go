@@ -3,6 +3,8 @@ package pgtest
 import (
 	"context"
 	"fmt"
+	"os"
+	"os/exec"
 	"strings"
 	"sync"
 	"testing"
@@ -237,4 +239,18 @@ func ClosePool(t testing.TB, pool *pgxpool.Pool) {
 	case <-time.After(FailedGrace):
 		t.Errorf("pool.Close blocks: the test still holds an acquired connection; abandoned so the next tests run")
 	}
+}
+
+// RunChild runs test (a top-level test name) again in a child process of
+// this test binary, with env=1 in its environment and dsn as the server
+// (EnvDSN), bounded by timeout, and returns its combined output and exit
+// error. A harness probe uses it: the child leaks on purpose, and the
+// parent checks that the end-of-test checks reported it and that the tests
+// after it still ran.
+func RunChild(ctx context.Context, test, env, dsn string, timeout time.Duration) (string, error) {
+	cmd := exec.CommandContext(ctx, os.Args[0], "-test.run=^"+test+"$", "-test.count=1", "-test.v",
+		"-test.timeout="+timeout.String())
+	cmd.Env = append(os.Environ(), env+"=1", EnvDSN+"="+dsn)
+	out, err := cmd.CombinedOutput()
+	return string(out), err
 }
