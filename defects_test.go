@@ -120,27 +120,29 @@ func TestExecContextEndsKeepsLock(t *testing.T) {
 	must(t, lock.Release(e.ctx))
 }
 
-// awaitListening waits until s's health watcher sits in its read.
-func awaitListening(t *testing.T, s *Session) {
+// awaitWatching waits until s's health watcher watches the socket: it has
+// set up its readiness and the registration is armed.
+func awaitWatching(t *testing.T, s *Session) {
 	t.Helper()
 	deadline := time.Now().Add(notHung)
 	for {
-		s.listenMu.Lock()
-		in := s.listenStop != nil
-		s.listenMu.Unlock()
+		s.turn <- struct{}{} // the turn guards ready; taken raw, so as not to disarm it
+		in := s.ready != nil && s.ready.armed
+		<-s.turn
 		if in {
 			return
 		}
 		if time.Now().After(deadline) {
-			t.Fatal("the health watcher never started its read")
+			t.Fatal("the health watcher never watched the socket")
 		}
 		time.Sleep(time.Millisecond) // the watcher's state has no channel to wait on
 	}
 }
 
 // Defect 4: with a pool whose context handler sends a cancel request and
-// sets the socket deadline only later, a caller that wakes the watcher
-// does not wait for that delay.
+// sets the socket deadline only later, a caller while the watcher watches
+// does not wait for that delay. (The watcher then sat in a read that the
+// caller ended; now it waits holding nothing, TestWatcherWaitsWithoutTheTurn.)
 func TestWatcherIgnoresPoolContextHandler(t *testing.T) {
 	e := newEnv(t)
 	pool := e.pool(cancelHandler(time.Minute))
@@ -148,15 +150,15 @@ func TestWatcherIgnoresPoolContextHandler(t *testing.T) {
 	must(t, err)
 	defer lock.Release(e.ctx)
 	for range 3 {
-		awaitListening(t, lock.s)
+		awaitWatching(t, lock.s)
 		ctx, cancel := context.WithTimeout(e.ctx, notHung)
 		start := time.Now()
 		_, err := lock.Exec(ctx, "SELECT 1")
 		cancel()
 		if err != nil {
-			t.Fatalf("a fenced statement while the watcher reads: %v (after %v)", err, time.Since(start))
+			t.Fatalf("a fenced statement while the watcher watches: %v (after %v)", err, time.Since(start))
 		}
-		t.Logf("a fenced statement that woke the watcher took %v", time.Since(start))
+		t.Logf("a fenced statement while the watcher watches took %v", time.Since(start))
 	}
 	must(t, lock.Release(e.ctx))
 }

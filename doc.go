@@ -110,12 +110,18 @@
 // # Lost locks
 //
 // A session lock lives exactly as long as its session. While a Session holds
-// locks and nobody is using its connection, a health watcher sits in a read
-// on it: a terminated backend or a stopped server (a FATAL message or a
-// closed socket) is noticed at once, with no round trip. Every
-// HealthInterval (default 1 s) it also pings, for a network cut that sends
-// nothing: a ping unanswered within the interval (at least 1 s) closes the
-// connection, so the holder steps down within about two intervals. A
+// locks, a health watcher watches its connection without holding it: on
+// Linux it waits, through an epoll descriptor of the session's own, for the
+// idle socket to become readable, so a terminated backend or a stopped
+// server (a FATAL message or a closed socket) is noticed at once, and the
+// watcher pings to read what came. Callers use the connection at once and
+// never wait for the watcher. When the connection has been quiet for a
+// HealthInterval (default 1 s) the watcher pings, for a network cut that
+// sends nothing: a ping unanswered within the interval (at least 1 s)
+// closes the connection, so the holder steps down within about two
+// intervals. On other systems, or with a DialFunc whose connection is not a
+// socket, the pings are the only check, and a closed connection is noticed
+// within the interval. A
 // waiting session notices a stalled connection too: a wait slice that does
 // not return within a slice plus that allowance closes it. The server side
 // is bounded as well: the statement that takes a session's first lock sets
@@ -170,11 +176,10 @@
 // acquired connection, so Release every Lock and Close every Session before
 // closing the pool, or call ReleaseAll.
 //
-// The watcher's reads and pings are bounded by socket deadlines it sets
-// itself, never by a context, so a pool configured with any
-// BuildContextWatcherHandler (for example CancelRequestContextWatcherHandler
-// with a DeadlineDelay) keeps the detection bounds, and a call that wakes
-// the watcher does not wait for that handler's delay. A lost connection is
+// The watcher's pings are bounded by socket deadlines it sets itself, never
+// by a context, so a pool configured with any BuildContextWatcherHandler
+// (for example CancelRequestContextWatcherHandler with a DeadlineDelay)
+// keeps the detection bounds. A lost connection is
 // hijacked from the pool, so it leaves the pool's count at once.
 //
 // # Concurrency

@@ -60,15 +60,12 @@ type Session struct {
 	// turn is a token: whoever holds it may use conn. Taking it obeys a
 	// context; Close takes it after interrupting the holder.
 	turn chan struct{}
-	// armed tells the watcher the session holds something to watch;
 	// lastUse is when a caller last gave the turn back (Unix nanoseconds).
-	// waiting counts callers blocked in takeTurn, and listenStop ends the
-	// watcher's read; both guarded by listenMu. See watch.go.
-	armed      chan struct{}
-	lastUse    atomic.Int64
-	listenMu   sync.Mutex
-	waiting    int
-	listenStop context.CancelFunc
+	// ready tells the health watcher that the socket has something to read
+	// (watch.go); set by the watcher at its first turn, nil until then and
+	// where the socket cannot be watched. Used under the turn.
+	lastUse atomic.Int64
+	ready   *readiness
 
 	// stmt is the statement in flight, for interrupting it.
 	stmtMu   sync.Mutex
@@ -149,7 +146,6 @@ func newSession(ctx context.Context, pool *pgxpool.Pool, cfg config) (*Session, 
 		health:    cfg.health,
 		keepalive: keepaliveFor(cfg.health),
 		turn:      make(chan struct{}, 1),
-		armed:     make(chan struct{}, 1),
 		holds:     make(map[hold]int),
 		done:      make(chan struct{}),
 		trace:     newSessionTrace(cfg),
@@ -630,6 +626,7 @@ func (s *Session) finish(cause error) {
 		return
 	}
 	defer s.giveTurn()
+	s.ready.close() // before the connection can go back to the pool
 
 	clean := !errors.Is(cause, ErrLockLost) && !s.pc.IsClosed()
 	s.mu.Lock()
@@ -816,21 +813,16 @@ func (s *Session) takeTurn(ctx context.Context) error {
 	}
 	select {
 	case s.turn <- struct{}{}:
-	default:
-		s.wantTurn(1)
-		defer s.wantTurn(-1)
-		select {
-		case s.turn <- struct{}{}:
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-s.ctx.Done():
-			return s.endKind()
-		}
-	}
-	if s.ctx.Err() != nil {
-		s.giveTurn()
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-s.ctx.Done():
 		return s.endKind()
 	}
+	if s.ctx.Err() != nil {
+		<-s.turn
+		return s.endKind()
+	}
+	s.ready.disarm()
 	return nil
 }
 
@@ -849,6 +841,15 @@ func turnError(op string, key Key, err error) *Error {
 // giveTurn ends a takeTurn.
 func (s *Session) giveTurn() {
 	s.lastUse.Store(time.Now().UnixNano())
+	s.passTurn()
+}
+
+// passTurn gives the turn back, arming the health watcher's readiness if
+// the session holds something.
+func (s *Session) passTurn() {
+	if s.holding() {
+		s.ready.arm()
+	}
 	<-s.turn
 }
 

@@ -11,58 +11,45 @@ import (
 // The health watcher: one goroutine per Session that notices a lost
 // connection while the session holds locks and nobody is using it.
 //
-// Between the holder's own calls the watcher takes the connection's turn and
-// sits in a read on it (pgconn's WaitForNotification). A terminated backend
-// or a stopped server sends a FATAL error or closes the socket, which ends
-// that read at once: such a loss is noticed immediately, with no round trip.
-// A silent network cut sends nothing, so every health interval the watcher
-// also pings (one small round trip), and a ping that gets no answer within
-// the interval (at least minPingTimeout) closes the connection.
+// The watcher never holds the connection while it waits, and never waits
+// for a caller: a caller takes the turn and uses the connection at once,
+// waking nobody. Between the holder's calls the server sends nothing unasked,
+// so on Linux the watcher waits for the socket to become readable
+// (readiness_linux.go): a terminated backend's FATAL error, a stopped
+// server's end of stream, a notification or a changed setting wakes it, and
+// it pings, which reads what came; a closed connection is noticed at once.
+// A caller that takes the turn disarms that wait (one epoll_ctl), and gives
+// it back armed while the session holds something.
 //
-// The holder's calls come first: the watcher starts only once the session
-// has been quiet for watchQuiet, and a caller that finds the watcher holding
-// the turn ends its read (wantTurn) by a past read deadline, leaving the
-// connection intact. A statement that a caller runs detects a closed
-// connection by itself.
+// A silent network cut sends nothing, so the watcher also pings once the
+// connection has been quiet for a health interval (one small round trip); a
+// ping that gets no answer within the interval (at least minPingTimeout)
+// closes the connection. Where the socket cannot be watched (other systems,
+// or a DialFunc whose connection is not a socket) the pings are the only
+// check, and a closed connection is noticed within the health interval.
 //
-// The watcher owns its socket deadlines: its reads and pings run under
+// The watcher takes the turn only when it is free. A caller that holds the
+// turn detects a closed connection by the statement it runs.
+//
+// The watcher owns its socket deadlines: its pings run under
 // context.Background, bounded by deadlines it sets on the net.Conn itself,
 // so no pgx context handler takes part (CancelRequestContextWatcherHandler
 // would first send a cancel request and end the read only DeadlineDelay
-// later, delaying both the callers and the detection of a cut).
+// later, delaying the detection of a cut).
 
-// watchQuiet is how long the session must be unused before the watcher takes
-// the connection, so that a holder's quick sequence of calls never waits for
-// it.
+// watchQuiet is how long the session must hold something before the
+// watcher starts, so that a lock released sooner (an Acquire and Release in
+// quick succession) never starts a goroutine at all.
 const watchQuiet = 2 * time.Millisecond
 
-// arm tells the watcher the session holds something to watch. The first
-// call schedules the watcher to start after watchQuiet, so a lock released
-// sooner (an Acquire and Release in quick succession) never starts a
-// goroutine at all.
+// arm tells the session it holds something to watch: the first call
+// schedules the watcher to start after watchQuiet.
 func (s *Session) arm() {
 	s.mu.Lock()
+	defer s.mu.Unlock()
 	if s.watchStart == nil && !s.ending {
 		s.watcher.Add(1)
 		s.watchStart = time.AfterFunc(watchQuiet, s.watch)
-	}
-	s.mu.Unlock()
-	select {
-	case s.armed <- struct{}{}:
-	default:
-	}
-}
-
-// wantTurn counts a caller that starts (delta 1) or stops (delta -1)
-// waiting for the turn. A caller that starts ends the watcher's read, if it
-// is in one; and the watcher does not start a read while anyone waits. So a
-// waiting caller is never left behind a read, whatever the interleaving.
-func (s *Session) wantTurn(delta int) {
-	s.listenMu.Lock()
-	defer s.listenMu.Unlock()
-	s.waiting += delta
-	if delta > 0 && s.listenStop != nil {
-		s.listenStop() // ends the read at once
 	}
 }
 
@@ -77,54 +64,76 @@ func (s *Session) holding() bool {
 // ends the session.
 func (s *Session) watch() {
 	defer s.watcher.Done()
-	timer := time.NewTimer(s.health)
-	defer timer.Stop()
-	nextPing := time.Now().Add(s.health)
+	started := false      // the readiness is set up (at the watcher's first turn)
+	checked := time.Now() // when the last ping answered
+	readable := false     // the socket has something to read
 	for {
-		if !s.holding() {
-			select {
-			case <-s.ctx.Done():
-				return
-			case <-s.armed:
-				nextPing = time.Now().Add(s.health)
+		if s.tryTurn() {
+			if !started {
+				started = true
+				s.ready = newReadiness(s.pc.PgConn().Conn())
+				context.AfterFunc(s.ctx, s.ready.close) // ends the wait below
 			}
-			continue
-		}
-		if wait := time.Until(time.Unix(0, s.lastUse.Load()).Add(watchQuiet)); wait > 0 {
-			timer.Reset(wait)
-			select {
-			case <-s.ctx.Done():
-				return
-			case <-timer.C:
+			var err error
+			quiet := time.Since(s.lastActive(checked)) >= s.health
+			if (readable || quiet) && s.holding() {
+				err = s.ping()
+				checked = time.Now()
 			}
-			continue
+			s.passTurn()
+			if err != nil {
+				s.lose(err)
+				return
+			}
 		}
-		select {
-		case <-s.ctx.Done():
-			return
-		case s.turn <- struct{}{}:
-		}
+		readable = s.await(s.lastActive(checked).Add(s.health))
 		if s.ctx.Err() != nil {
-			// The session ended while we waited: finish may already have
-			// given the connection back, and it must not be touched.
-			<-s.turn
-			return
-		}
-		var err error
-		if time.Since(time.Unix(0, s.lastUse.Load())) < watchQuiet {
-			// A caller used the session while we waited for the turn.
-		} else if !time.Now().Before(nextPing) {
-			err = s.ping()
-			nextPing = time.Now().Add(s.health)
-		} else if s.holding() {
-			err = s.listen(time.Until(nextPing))
-		}
-		<-s.turn // not giveTurn: the watcher's use does not count as the holder's
-		if err != nil {
-			s.lose(err)
 			return
 		}
 	}
+}
+
+// lastActive is the later of checked and the last time a caller gave the
+// turn back: the connection answered then.
+func (s *Session) lastActive(checked time.Time) time.Time {
+	if used := time.Unix(0, s.lastUse.Load()); used.After(checked) {
+		return used
+	}
+	return checked
+}
+
+// tryTurn takes the turn for the watcher if nobody holds it and the session
+// is not ending.
+func (s *Session) tryTurn() bool {
+	select {
+	case s.turn <- struct{}{}:
+	default:
+		return false
+	}
+	if s.ctx.Err() != nil {
+		// finish may already have given the connection back: it must not be
+		// touched.
+		<-s.turn
+		return false
+	}
+	s.ready.disarm()
+	return true
+}
+
+// await waits until the socket has something to read (true), deadline
+// passes or the session ends. s.ready is read without the turn: only the
+// watcher sets it, before its first wait.
+func (s *Session) await(deadline time.Time) bool {
+	if s.ready != nil {
+		return s.ready.wait(deadline)
+	}
+	t := time.NewTimer(time.Until(deadline))
+	defer t.Stop()
+	select {
+	case <-s.ctx.Done():
+	case <-t.C:
+	}
+	return false
 }
 
 // minPingTimeout is the least time a health check waits for its answer, so
@@ -137,9 +146,6 @@ const minPingTimeout = time.Second
 // A timeout is reported as such, not as a context error: the caller's
 // context had nothing to do with it.
 func (s *Session) ping() error {
-	if s.ctx.Err() != nil {
-		return nil
-	}
 	timeout := max(s.health, minPingTimeout)
 	pg := s.pc.PgConn()
 	nc := pg.Conn()
@@ -154,47 +160,4 @@ func (s *Session) ping() error {
 		return err
 	}
 	return nc.SetDeadline(time.Time{})
-}
-
-// listen reads from the connection for up to d, or until a caller wants
-// the turn or the session ends, either of which sets a past read deadline
-// (stopListen). It returns an error only when the connection is closed (a
-// FATAL from the server, EOF, a network error).
-func (s *Session) listen(d time.Duration) error {
-	pg := s.pc.PgConn()
-	nc := pg.Conn()
-	s.listenMu.Lock()
-	if s.waiting > 0 {
-		s.listenMu.Unlock()
-		return nil
-	}
-	if err := nc.SetReadDeadline(time.Now().Add(d)); err != nil {
-		s.listenMu.Unlock()
-		return err
-	}
-	s.listenStop = func() { _ = nc.SetReadDeadline(time.Unix(1, 0)) }
-	s.listenMu.Unlock()
-	stopEnd := context.AfterFunc(s.ctx, s.stopListen)
-
-	err := pg.WaitForNotification(context.Background())
-
-	stopEnd()
-	s.listenMu.Lock()
-	s.listenStop = nil // from here on, nothing sets a deadline on the connection
-	s.listenMu.Unlock()
-	if err != nil && pg.IsClosed() {
-		return err
-	}
-	// A notification (pgx keeps it for the connection), or the read was
-	// ended by its deadline: the connection is intact.
-	return nc.SetReadDeadline(time.Time{})
-}
-
-// stopListen ends the watcher's read, if it is in one.
-func (s *Session) stopListen() {
-	s.listenMu.Lock()
-	defer s.listenMu.Unlock()
-	if s.listenStop != nil {
-		s.listenStop()
-	}
 }

@@ -18,7 +18,8 @@ import (
 // connection still acquired and no advisory lock left in the database,
 // looked at while the test's connections are still open (closing them
 // first would free a leaked lock unseen); then, once what the test owns is
-// closed, no goroutine left.
+// closed, no goroutine left, and no more epoll descriptors than at the
+// test's start (each health watcher on Linux has one).
 type EndCheck struct {
 	// DSN reaches the database to look at.
 	DSN string
@@ -92,12 +93,17 @@ func (o *Owned) closeAll() {
 func CheckAtEnd(t testing.TB, c EndCheck) *Owned {
 	t.Helper()
 	owned := new(Owned)
+	epolls := epollsOpen()
 	t.Cleanup(func() {
 		if c.Goroutines == nil {
 			return
 		}
 		if err := c.Goroutines(); err != nil {
 			t.Error(err)
+		}
+		if n := epollsOpen(); n > epolls {
+			t.Errorf("%d epoll descriptors open at the end of the test, %d at its start: "+
+				"a health watcher's readiness was not closed", n, epolls)
 		}
 	})
 	t.Cleanup(func() {
@@ -253,4 +259,22 @@ func RunChild(ctx context.Context, test, env, dsn string, timeout time.Duration)
 	cmd.Env = append(os.Environ(), env+"=1", EnvDSN+"="+dsn)
 	out, err := cmd.CombinedOutput()
 	return string(out), err
+}
+
+// epollsOpen counts the process's epoll descriptors. It makes sure Go's
+// poller has its own first, so that a count taken before the first network
+// use is not one short.
+func epollsOpen() int {
+	if r, w, err := os.Pipe(); err == nil { // a pipe is registered with Go's poller
+		r.Close()
+		w.Close()
+	}
+	fds, _ := os.ReadDir("/proc/self/fd")
+	n := 0
+	for _, fd := range fds {
+		if target, err := os.Readlink("/proc/self/fd/" + fd.Name()); err == nil && target == "anon_inode:[eventpoll]" {
+			n++
+		}
+	}
+	return n
 }
