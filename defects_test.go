@@ -127,7 +127,7 @@ func awaitWatching(t *testing.T, s *Session) {
 	deadline := time.Now().Add(notHung)
 	for {
 		s.turn <- struct{}{} // the turn guards ready; taken raw, so as not to disarm it
-		in := s.ready != nil && s.ready.armed
+		in := s.ready.Load() != nil && s.ready.Load().armed
 		<-s.turn
 		if in {
 			return

@@ -101,11 +101,13 @@ func TTL(d time.Duration) Option {
 
 // HealthInterval sets how often a session's connection is checked while it
 // holds locks (default DefaultHealthInterval): a check is one small round
-// trip, skipped while another statement is running on the connection. A
-// closed connection or a terminated backend is noticed within one interval;
-// a silent network cut within about two, as a check that gets no answer
-// within one interval closes the connection. A d that is not positive makes
-// the call fail before any SQL is sent.
+// trip, sent once the connection has been quiet for d and skipped while
+// another statement is running on it. A closed connection or a terminated
+// backend is noticed at once on Linux (the watcher waits for the socket to
+// become readable), within one interval elsewhere; a silent network cut
+// within about two, as a check that gets no answer within one interval
+// closes the connection. A d that is not positive makes the call fail
+// before any SQL is sent.
 func HealthInterval(d time.Duration) Option {
 	return positive("HealthInterval", d, func(c *config) { c.health = d })
 }

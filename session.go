@@ -63,9 +63,10 @@ type Session struct {
 	// lastUse is when a caller last gave the turn back (Unix nanoseconds).
 	// ready tells the health watcher that the socket has something to read
 	// (watch.go); set by the watcher at its first turn, nil until then and
-	// where the socket cannot be watched. Used under the turn.
+	// where the socket cannot be watched. Armed and disarmed under the turn,
+	// closed by whoever ends the session.
 	lastUse atomic.Int64
-	ready   *readiness
+	ready   atomic.Pointer[readiness]
 
 	// stmt is the statement in flight, for interrupting it.
 	stmtMu   sync.Mutex
@@ -598,7 +599,19 @@ func (s *Session) beginEnd(err, why error, inBackground bool) bool {
 		s.watcher.Done() // the watcher never started
 	}
 	s.cancel(why)
-	go s.interruptUntilEnd() // not here: interrupt may hold stmtMu for a network round trip
+	// Interrupt the statement in flight if the end is to interrupt it (run's
+	// untilEnd); a statement that starts later sees the cancel. If stmtMu is
+	// busy, look in a goroutine: interrupt may hold it for a network round
+	// trip.
+	if s.stmtMu.TryLock() {
+		gen, ok := s.stmtGen, s.inFlight && s.untilEnd
+		s.stmtMu.Unlock()
+		if ok {
+			go s.interrupt(gen)
+		}
+	} else {
+		go s.interruptUntilEnd()
+	}
 	return true
 }
 
@@ -626,7 +639,7 @@ func (s *Session) finish(cause error) {
 		return
 	}
 	defer s.giveTurn()
-	s.ready.close() // before the connection can go back to the pool
+	s.ready.Load().disarm() // the unlock's answer wakes nobody
 
 	clean := !errors.Is(cause, ErrLockLost) && !s.pc.IsClosed()
 	s.mu.Lock()
@@ -647,6 +660,7 @@ func (s *Session) finish(cause error) {
 			s.mu.Unlock()
 		}
 	}
+	s.ready.Load().close() // before the connection can go back to the pool; ends the watcher
 	if clean {
 		s.conn.Release()
 	} else {
@@ -710,6 +724,7 @@ var errCutOff = errors.New("a call kept the connection past the close timeout (5
 // connection leaves the pool when the holder gives the turn back.
 func (s *Session) cutOff() {
 	s.pc.PgConn().Conn().Close()
+	s.ready.Load().close()
 	s.mu.Lock()
 	clear(s.holds)
 	if s.err == nil {
@@ -822,7 +837,7 @@ func (s *Session) takeTurn(ctx context.Context) error {
 		<-s.turn
 		return s.endKind()
 	}
-	s.ready.disarm()
+	s.ready.Load().disarm()
 	return nil
 }
 
@@ -848,7 +863,7 @@ func (s *Session) giveTurn() {
 // the session holds something.
 func (s *Session) passTurn() {
 	if s.holding() {
-		s.ready.arm()
+		s.ready.Load().arm()
 	}
 	<-s.turn
 }

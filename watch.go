@@ -64,6 +64,7 @@ func (s *Session) holding() bool {
 // ends the session.
 func (s *Session) watch() {
 	defer s.watcher.Done()
+	defer func() { s.ready.Load().close() }()
 	started := false      // the readiness is set up (at the watcher's first turn)
 	checked := time.Now() // when the last ping answered
 	readable := false     // the socket has something to read
@@ -71,8 +72,7 @@ func (s *Session) watch() {
 		if s.tryTurn() {
 			if !started {
 				started = true
-				s.ready = newReadiness(s.pc.PgConn().Conn())
-				context.AfterFunc(s.ctx, s.ready.close) // ends the wait below
+				s.ready.Store(newReadiness(s.pc.PgConn().Conn()))
 			}
 			var err error
 			quiet := time.Since(s.lastActive(checked)) >= s.health
@@ -86,10 +86,12 @@ func (s *Session) watch() {
 				return
 			}
 		}
-		readable = s.await(s.lastActive(checked).Add(s.health))
+		// The session's end closes the readiness, which ends the wait; an
+		// end that came before the readiness was stored is seen here.
 		if s.ctx.Err() != nil {
 			return
 		}
+		readable = s.await(s.lastActive(checked).Add(s.health))
 	}
 }
 
@@ -116,16 +118,15 @@ func (s *Session) tryTurn() bool {
 		<-s.turn
 		return false
 	}
-	s.ready.disarm()
+	s.ready.Load().disarm()
 	return true
 }
 
 // await waits until the socket has something to read (true), deadline
-// passes or the session ends. s.ready is read without the turn: only the
-// watcher sets it, before its first wait.
+// passes or the session ends.
 func (s *Session) await(deadline time.Time) bool {
-	if s.ready != nil {
-		return s.ready.wait(deadline)
+	if r := s.ready.Load(); r != nil {
+		return r.wait(deadline)
 	}
 	t := time.NewTimer(time.Until(deadline))
 	defer t.Stop()

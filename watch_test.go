@@ -20,7 +20,7 @@ func sessionReady(s *Session) (ready, turnFree bool) {
 	default:
 		s.turn <- struct{}{}
 	}
-	ready = s.ready != nil
+	ready = s.ready.Load() != nil
 	<-s.turn
 	return ready, turnFree
 }
