@@ -5,7 +5,6 @@ import (
 	"syscall"
 	"testing"
 	"time"
-
 )
 
 // Review of the readiness watcher (commit 6a7731f): each test here failed
