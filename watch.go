@@ -86,7 +86,13 @@ func (s *Session) watch() {
 				return
 			}
 		}
-		readable = s.await(s.lastActive(checked).Add(s.health))
+		next := s.lastActive(checked).Add(s.health)
+		if now := time.Now(); !next.After(now) {
+			// No ping came of that turn (nothing held, or a caller has the
+			// turn): look again an interval later, not at once.
+			next = now.Add(s.health)
+		}
+		readable = s.await(next)
 		if s.ctx.Err() != nil {
 			return
 		}
