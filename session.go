@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 )
 
@@ -60,7 +61,10 @@ type Session struct {
 	// turn is a token: whoever holds it may use conn. Taking it obeys a
 	// context; Close takes it after interrupting the holder.
 	turn chan struct{}
-	// lastUse is when a caller last gave the turn back (Unix nanoseconds).
+	// lastUse is when the server last answered one of the library's own
+	// statements (Unix nanoseconds): the watcher need not ping before an
+	// interval has passed since. A turn taken without a round trip, or a
+	// WithConn callback (which may send nothing), does not count.
 	// ready tells the health watcher that the socket has something to read
 	// (watch.go); set by the watcher at its first turn, nil until then and
 	// where the socket cannot be watched. Used under the turn.
@@ -520,7 +524,7 @@ func (s *Session) WithConn(ctx context.Context, fn func(*pgx.Conn) error) error 
 	s.rawUsed, s.kaOn = true, true
 	s.mu.Unlock()
 	s.arm()
-	err := s.run(ctx, true, func(_ context.Context, c *pgx.Conn) error { return fn(c) })
+	err := s.runFor(ctx, true, 0, func(_ context.Context, c *pgx.Conn) error { return fn(c) }) // not answered: fn may send nothing
 	if lost := s.lostErr(err); lost != nil {
 		return &Error{Op: "with_conn", Kind: ErrLockLost, Err: errors.Join(err, lost)}
 	}
@@ -840,7 +844,6 @@ func turnError(op string, key Key, err error) *Error {
 
 // giveTurn ends a takeTurn.
 func (s *Session) giveTurn() {
-	s.lastUse.Store(time.Now().UnixNano())
 	s.passTurn()
 }
 
@@ -859,13 +862,22 @@ func (s *Session) passTurn() {
 // cancel request, so the connection survives, and closed if that cannot be
 // done. f fails at once, sending nothing, if ctx is already done.
 func (s *Session) run(ctx context.Context, untilEnd bool, f func(context.Context, *pgx.Conn) error) error {
-	return s.runFor(ctx, untilEnd, 0, f)
+	return s.answered(s.runFor(ctx, untilEnd, 0, f))
+}
+
+// answered records, for the health watcher, that the server answered one of
+// the library's statements: it returned no error or the server's own.
+func (s *Session) answered(err error) error {
+	if pgErr := (*pgconn.PgError)(nil); err == nil || errors.As(err, &pgErr) {
+		s.lastUse.Store(time.Now().UnixNano())
+	}
+	return err
 }
 
 // runCleanup runs one of the library's own clean-up statements, bounded by
 // cleanupTimeout and not interrupted by the session's end.
 func (s *Session) runCleanup(f func(context.Context, *pgx.Conn) error) error {
-	return s.runFor(context.Background(), false, cleanupTimeout, f)
+	return s.answered(s.runFor(context.Background(), false, cleanupTimeout, f))
 }
 
 // runFor is run, and if bound > 0 the statement is also interrupted once it

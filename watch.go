@@ -99,8 +99,8 @@ func (s *Session) watch() {
 	}
 }
 
-// lastActive is the later of checked and the last time a caller gave the
-// turn back: the connection answered then.
+// lastActive is the later of checked and the last time the server answered
+// one of the library's statements (lastUse).
 func (s *Session) lastActive(checked time.Time) time.Time {
 	if used := time.Unix(0, s.lastUse.Load()); used.After(checked) {
 		return used
