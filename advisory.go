@@ -243,7 +243,7 @@ func (l *Lock) run(ctx context.Context, fn func(context.Context) error) error {
 func (l *Lock) Exec(ctx context.Context, sql string, args ...any) (tag pgconn.CommandTag, err error) {
 	err = l.WithConn(ctx, func(c *pgx.Conn) error {
 		tag, err = c.Exec(context.WithoutCancel(ctx), sql, args...)
-		return err
+		return l.s.answered(err) // unlike a WithConn callback, this one talked to the server
 	})
 	return tag, err
 }

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 )
 
@@ -60,13 +61,17 @@ type Session struct {
 	// turn is a token: whoever holds it may use conn. Taking it obeys a
 	// context; Close takes it after interrupting the holder.
 	turn chan struct{}
-	// lastUse is when a caller last gave the turn back (Unix nanoseconds).
+	// lastAnswer is when the server last answered one of the library's own
+	// statements (Unix nanoseconds): the watcher need not ping before an
+	// interval has passed since. A turn taken without a round trip, or a
+	// WithConn callback (which may send nothing), does not count.
+	//
 	// ready tells the health watcher that the socket has something to read
 	// (watch.go); set by the watcher at its first turn, nil until then and
 	// where the socket cannot be watched. Armed and disarmed under the turn,
 	// closed by whoever ends the session.
-	lastUse atomic.Int64
-	ready   atomic.Pointer[readiness]
+	lastAnswer atomic.Int64
+	ready      atomic.Pointer[readiness]
 
 	// stmt is the statement in flight, for interrupting it.
 	stmtMu   sync.Mutex
@@ -521,7 +526,7 @@ func (s *Session) WithConn(ctx context.Context, fn func(*pgx.Conn) error) error 
 	s.rawUsed, s.kaOn = true, true
 	s.mu.Unlock()
 	s.arm()
-	err := s.run(ctx, true, func(_ context.Context, c *pgx.Conn) error { return fn(c) })
+	err := s.runFor(ctx, true, 0, func(_ context.Context, c *pgx.Conn) error { return fn(c) }) // not answered: fn may send nothing
 	if lost := s.lostErr(err); lost != nil {
 		return &Error{Op: "with_conn", Kind: ErrLockLost, Err: errors.Join(err, lost)}
 	}
@@ -853,15 +858,9 @@ func turnError(op string, key Key, err error) *Error {
 	return keyError(op, key, nil, err)
 }
 
-// giveTurn ends a takeTurn.
+// giveTurn ends a takeTurn (or the watcher's tryTurn), arming the health
+// watcher's readiness if the session holds something.
 func (s *Session) giveTurn() {
-	s.lastUse.Store(time.Now().UnixNano())
-	s.passTurn()
-}
-
-// passTurn gives the turn back, arming the health watcher's readiness if
-// the session holds something.
-func (s *Session) passTurn() {
 	if s.holding() {
 		s.ready.Load().arm()
 	}
@@ -874,13 +873,22 @@ func (s *Session) passTurn() {
 // cancel request, so the connection survives, and closed if that cannot be
 // done. f fails at once, sending nothing, if ctx is already done.
 func (s *Session) run(ctx context.Context, untilEnd bool, f func(context.Context, *pgx.Conn) error) error {
-	return s.runFor(ctx, untilEnd, 0, f)
+	return s.answered(s.runFor(ctx, untilEnd, 0, f))
+}
+
+// answered records, for the health watcher, that the server answered one of
+// the library's statements: it returned no error or the server's own.
+func (s *Session) answered(err error) error {
+	if pgErr := (*pgconn.PgError)(nil); err == nil || errors.As(err, &pgErr) {
+		s.lastAnswer.Store(time.Now().UnixNano())
+	}
+	return err
 }
 
 // runCleanup runs one of the library's own clean-up statements, bounded by
 // cleanupTimeout and not interrupted by the session's end.
 func (s *Session) runCleanup(f func(context.Context, *pgx.Conn) error) error {
-	return s.runFor(context.Background(), false, cleanupTimeout, f)
+	return s.answered(s.runFor(context.Background(), false, cleanupTimeout, f))
 }
 
 // runFor is run, and if bound > 0 the statement is also interrupted once it

@@ -80,7 +80,7 @@ func (s *Session) watch() {
 				err = s.ping()
 				checked = time.Now()
 			}
-			s.passTurn()
+			s.giveTurn()
 			if err != nil {
 				s.lose(err)
 				return
@@ -91,14 +91,30 @@ func (s *Session) watch() {
 		if s.ctx.Err() != nil {
 			return
 		}
-		readable = s.await(s.lastActive(checked).Add(s.health))
+		readable = s.await(s.nextLook(checked))
 	}
 }
 
-// lastActive is the later of checked and the last time a caller gave the
-// turn back: the connection answered then.
+// nextLook is when the watcher looks at the connection again, unless the
+// socket becomes readable first: a health interval after the server last
+// answered. If that is past, no ping came of the last look: with nothing
+// held, look again an interval later; while a caller kept the turn, a
+// quarter interval later, so that the ping it put off is not late by more.
+func (s *Session) nextLook(checked time.Time) time.Time {
+	next := s.lastActive(checked).Add(s.health)
+	if now := time.Now(); !next.After(now) {
+		if s.holding() {
+			return now.Add(s.health / 4)
+		}
+		return now.Add(s.health)
+	}
+	return next
+}
+
+// lastActive is the later of checked and the last time the server answered
+// one of the library's statements (lastAnswer).
 func (s *Session) lastActive(checked time.Time) time.Time {
-	if used := time.Unix(0, s.lastUse.Load()); used.After(checked) {
+	if used := time.Unix(0, s.lastAnswer.Load()); used.After(checked) {
 		return used
 	}
 	return checked

@@ -1,0 +1,221 @@
+package advisory
+
+import (
+	"errors"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+)
+
+// Review of the readiness watcher (commit 6a7731f): each test here failed
+// on that commit.
+
+// cpuDuring returns the CPU time the process used while it waited for
+// window. The window is an observation period, not a synchronisation.
+func cpuDuring(t *testing.T, window time.Duration) time.Duration {
+	t.Helper()
+	cpu := func() time.Duration {
+		var ru syscall.Rusage
+		must(t, syscall.Getrusage(syscall.RUSAGE_SELF, &ru))
+		return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+	}
+	before := cpu()
+	time.Sleep(window)
+	return cpu() - before
+}
+
+// assertNoSpin fails if the process used a third or more of one core while
+// nothing but the session's watcher could run. The bound is loose on
+// purpose (a shared, loaded machine gives a spinning goroutine a fraction
+// of a core; an idle watcher uses a few milliseconds per second); the
+// numbers are logged.
+func assertNoSpin(t *testing.T, what string) {
+	t.Helper()
+	const window = time.Second
+	used := cpuDuring(t, window)
+	t.Logf("%s: the process used %v of CPU in %v", what, used, window)
+	if used > window/3 {
+		t.Errorf("%s: the process used %v of CPU in %v: the health watcher spins", what, used, window)
+	}
+}
+
+// A Session that held a lock and gave it back, and stays open, has a
+// watcher with nothing to watch: it must wait, not loop. On 6a7731f its
+// await deadline (last activity + interval) lies in the past once an
+// interval has gone by, so it returned at once, for ever.
+func TestWatcherIdleAfterUnlockDoesNotSpin(t *testing.T) {
+	e := newEnv(t)
+	s, err := NewSession(e.ctx, e.pool(), HealthInterval(50*time.Millisecond))
+	must(t, err)
+	defer s.Close(e.ctx)
+	key := StringKey("review4-idle")
+	got, err := s.Lock(e.ctx, key)
+	must(t, err)
+	if !got {
+		t.Fatal("Lock returned false")
+	}
+	awaitWatching(t, s)
+	must(t, s.Unlock(e.ctx, key))
+	assertNoSpin(t, "a session that holds nothing")
+	must(t, s.Close(e.ctx))
+}
+
+// While a caller keeps the turn for longer than an interval (a server-side
+// wait for a second key on a session that holds one), the watcher cannot
+// take the turn and must wait, not loop.
+func TestWatcherWaitsWhileCallerKeepsTurn(t *testing.T) {
+	e := newEnv(t)
+	other := e.conn()
+	held, waited := StringKey("review4-held"), StringKey("review4-waited")
+	if !e.tryFromKeep(other, waited) {
+		t.Fatal("the other connection could not take the key")
+	}
+	s, err := NewSession(e.ctx, e.pool(), HealthInterval(50*time.Millisecond))
+	must(t, err)
+	defer s.Close(e.ctx)
+	got, err := s.Lock(e.ctx, held)
+	must(t, err)
+	if !got {
+		t.Fatal("Lock returned false")
+	}
+	awaitWatching(t, s)
+	result := make(chan error, 1)
+	go func() {
+		_, err := s.Lock(e.ctx, waited)
+		result <- err
+	}()
+	e.awaitWaiters(1)
+	assertNoSpin(t, "a session whose turn a waiting Lock keeps")
+	if _, err := other.Exec(e.ctx, unlockSQL[ModeExclusive][waited.space-1], waited.args()...); err != nil {
+		t.Fatal(err)
+	}
+	must(t, <-result)
+	must(t, s.Close(e.ctx))
+}
+
+// A silent network cut is noticed while the holder keeps taking the turn
+// without a round trip (re-entrant Lock and Unlock of a key it holds send
+// nothing). On 6a7731f every giveTurn counted as the connection having
+// answered, so the watcher never pinged and the cut was never noticed,
+// while the server frees the lock after its keep-alives.
+func TestSilentCutNoticedDespiteTurnsWithoutRoundTrip(t *testing.T) {
+	e := newEnv(t)
+	proxy, pool := e.cutPool()
+	const interval = 100 * time.Millisecond
+	key := StringKey("review4-reentrant")
+	s, err := NewSession(e.ctx, pool, HealthInterval(interval))
+	must(t, err)
+	defer s.Close(e.ctx)
+	got, err := s.Lock(e.ctx, key)
+	must(t, err)
+	if !got {
+		t.Fatal("Lock returned false")
+	}
+	awaitWatching(t, s)
+	proxy.Cut()
+	start := time.Now()
+	stop := make(chan struct{})
+	busy := make(chan struct{})
+	go func() {
+		defer close(busy)
+		tick := time.NewTicker(interval / 4)
+		defer tick.Stop()
+		for {
+			select {
+			case <-stop:
+				return
+			case <-tick.C:
+			}
+			if _, err := s.Lock(e.ctx, key); err != nil {
+				return // the session ended
+			}
+			if err := s.Unlock(e.ctx, key); err != nil {
+				return
+			}
+		}
+	}()
+	select {
+	case <-s.Done():
+		t.Logf("a silent cut was noticed after %v", time.Since(start))
+	case <-time.After(notHung):
+		t.Errorf("a silent cut not noticed after %v while the holder re-entered its lock", notHung)
+	}
+	close(stop)
+	<-busy
+	if err := s.Close(e.ctx); !errors.Is(err, ErrLockLost) {
+		t.Errorf("Close after the cut = %v; want ErrLockLost", err)
+	}
+	proxy.Close()
+	e.awaitKeyFree(key)
+}
+
+// A terminated backend whose FATAL error and end of stream arrive while a
+// caller has the turn (the readiness disarmed) and reads nothing is noticed
+// as soon as that caller gives the turn back, not at the next health check:
+// arming reports what is already there. Checked, green on 6a7731f.
+func TestWatcherNoticesLossThatCameWhileDisarmed(t *testing.T) {
+	e := newEnv(t)
+	key := StringKey("review4-disarmed")
+	lock, err := Acquire(e.ctx, e.pool(), key, HealthInterval(time.Hour))
+	must(t, err)
+	awaitWatching(t, lock.s)
+	must(t, lock.WithConn(e.ctx, func(c *pgx.Conn) error {
+		pid := c.PgConn().PID()
+		e.terminate(pid)
+		e.eventually("the terminated backend is gone", func(c *pgx.Conn) (bool, error) {
+			var n int
+			err := c.QueryRow(e.ctx, "SELECT count(*) FROM pg_stat_activity WHERE pid = $1", int64(pid)).Scan(&n)
+			return n == 0, err
+		})
+		return nil
+	}))
+	select {
+	case <-lock.Done():
+	case <-time.After(notHung):
+		t.Fatalf("a loss that came while the readiness was disarmed not noticed after %v with an hour's interval", notHung)
+	}
+	if !errors.Is(lock.Err(), ErrLockLost) {
+		t.Errorf("Err() = %v; want ErrLockLost", lock.Err())
+	}
+	if err := lock.Release(e.ctx); !errors.Is(err, ErrLockLost) {
+		t.Errorf("Release after the loss = %v; want ErrLockLost", err)
+	}
+	e.awaitKeyFree(key)
+}
+
+// A session that holds, holds nothing, and holds again is watched again: a
+// terminated backend is noticed at once with an hour's interval. Checked,
+// green on 6a7731f.
+func TestWatcherWatchesAgainAfterHoldingNothing(t *testing.T) {
+	e := newEnv(t)
+	s, err := NewSession(e.ctx, e.pool(), HealthInterval(time.Hour))
+	must(t, err)
+	defer s.Close(e.ctx)
+	first, second := StringKey("review4-first"), StringKey("review4-second")
+	for _, k := range []Key{first, second} {
+		got, err := s.Lock(e.ctx, k)
+		must(t, err)
+		if !got {
+			t.Fatal("Lock returned false")
+		}
+		awaitWatching(t, s)
+		if k == first {
+			must(t, s.Unlock(e.ctx, k))
+		}
+	}
+	var pid uint32
+	must(t, s.WithConn(e.ctx, func(c *pgx.Conn) error { pid = c.PgConn().PID(); return nil }))
+	awaitWatching(t, s)
+	e.terminate(pid)
+	select {
+	case <-s.Done():
+	case <-time.After(notHung):
+		t.Fatalf("a terminated backend not noticed after %v on a session that held again", notHung)
+	}
+	if err := s.Close(e.ctx); !errors.Is(err, ErrLockLost) {
+		t.Errorf("Close after the loss = %v; want ErrLockLost", err)
+	}
+	e.awaitKeyFree(second)
+}
