@@ -39,6 +39,7 @@ type subject struct {
 // subjects, the floor first.
 var subjects = []subject{
 	{name: "raw-pgx", open: openRaw},
+	{name: "raw-pgx-sliced", open: openRawSliced},
 	{name: "pgxpool-naive", open: openPool},
 	{name: "advisory-session", open: openSession},
 	{name: "advisory-acquire", open: openAcquire},
