@@ -267,8 +267,8 @@ func TestReview18SliceReportFormats(t *testing.T) {
 				sql  string
 				want bool
 			}{
-				{oneSliceSQL(free, ModeExclusive, ms, ka), true},
-				{oneSliceSQL(busy, ModeExclusive, ms, ka), false},
+				{oneSliceSQL(free, ModeExclusive, ms), true},
+				{oneSliceSQL(busy, ModeExclusive, ms), false},
 				{manySliceSQL([]Key{free, busy}, ModeExclusive, ms, ka), false},
 				{manySliceSQL([]Key{free}, ModeShared, ms, ka), true},
 			} {
@@ -290,7 +290,7 @@ func TestReview18SliceReportFormats(t *testing.T) {
 
 // Checked, sound: the handler's THEN branch (a grant that landed as the
 // slice ended), which only a hand-off race reaches through the API, runs
-// without error with and without the keep-alives. Reached here by a
+// without error. Reached here by a
 // session that already holds the key shared (never the case for a slice,
 // whose session holds nothing) asking for it exclusively: the handler
 // finds the session's granted row and reports the slice as got.
@@ -303,11 +303,9 @@ func TestReview18SliceHandlerGrantedBranch(t *testing.T) {
 		_, err := conn.Exec(e.ctx, "SELECT pg_advisory_lock_shared(18201)")
 		must(t, err)
 	}
-	for _, ka := range [][]any{nil, keepaliveArgs(time.Second)} {
-		got, err := sliceReport(c.PgConn().Exec(e.ctx, oneSliceSQL(key, ModeExclusive, 20, ka)).ReadAll())
-		if err != nil || !got {
-			t.Errorf("keep-alives %v: the handler's granted branch reported %v, %v; want true", ka != nil, got, err)
-		}
+	got, err := sliceReport(c.PgConn().Exec(e.ctx, oneSliceSQL(key, ModeExclusive, 20)).ReadAll())
+	if err != nil || !got {
+		t.Errorf("the handler's granted branch reported %v, %v; want true", got, err)
 	}
 	for _, conn := range []*pgx.Conn{c, holder} {
 		_, err := conn.Exec(e.ctx, "SELECT pg_advisory_unlock_all()")

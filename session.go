@@ -244,13 +244,16 @@ func (s *Session) lock(ctx context.Context, key Key, cfg config) (bool, error) {
 }
 
 // lockFirst takes key on a session that holds nothing: one try that also
-// sets the keep-alives if it got the key, then, if it must wait, wait
-// slices. got == false with a nil error means not acquired: busy (waitTry)
+// sets the keep-alives (for a NoWait lock, only if it got the key), then,
+// if it must wait, wait slices. got == false with a nil error means not acquired: busy (waitTry)
 // or the bound passed. The caller holds the turn.
 func (s *Session) lockFirst(ctx context.Context, key Key, m Mode, w wait, end time.Time) (got bool, err error) {
-	sql, args, ka := firstTrySQL[m][key.space-1], append(key.args(), s.keepalive...), s.keepalive
-	if s.keepaliveOn() { // set by an earlier hold of this session: not again
-		sql, args, ka = tryDtSQL[m][key.space-1], key.args(), nil
+	sql, args := firstTrySQL[m][key.space-1], append(key.args(), s.keepalive...)
+	switch {
+	case s.keepaliveOn(): // set by an earlier hold of this session: not again
+		sql, args = tryDtSQL[m][key.space-1], key.args()
+	case w != waitTry: // set whatever the try's outcome: not in the wait's slices
+		sql = waitFirstTrySQL[m][key.space-1]
 	}
 	var dtMs int64
 	err = s.run(ctx, true, func(ctx context.Context, c *pgx.Conn) error {
@@ -259,7 +262,10 @@ func (s *Session) lockFirst(ctx context.Context, key Key, m Mode, w wait, end ti
 	if err != nil || got || w == waitTry {
 		return got, err
 	}
-	return s.waitSlices(ctx, dtMs, end, func(ms int64) string { return oneSliceSQL(key, m, ms, ka) })
+	s.mu.Lock()
+	s.kaOn = true // by waitFirstTrySQL, or before; Close resets them
+	s.mu.Unlock()
+	return s.waitSlices(ctx, dtMs, end, func(ms int64) string { return oneSliceSQL(key, m, ms) })
 }
 
 // keepaliveOn reports whether the session has set the keep-alives (they

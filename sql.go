@@ -66,6 +66,12 @@ var firstTrySQL [2][2]string
 // set already (it held a lock before): the same columns, nothing set.
 var tryDtSQL [2][2]string
 
+// waitFirstTrySQL[mode][space-1] is firstTrySQL for a lock that waits if
+// the try fails: it sets the keep-alives whatever the try's outcome, so
+// that the wait's slices need not, and a grant after a wait costs no more
+// than the lock itself. The same columns and arguments.
+var waitFirstTrySQL [2][2]string
+
 // txFirstTrySQL[mode][space-1] is the first statement of LockTx: a try,
 // deadlock_timeout in milliseconds, and, only when the try failed, whether
 // the session already holds an advisory lock (then its wait must be one
@@ -91,6 +97,8 @@ func init() {
 					n := strings.Count(params[0], "$")
 					firstTrySQL[m][sp] = fmt.Sprintf("SELECT t.got, CASE WHEN t.got THEN %s END, %s FROM (SELECT pg_try_advisory_lock%s(%s) AS got OFFSET 0) AS t",
 						keepaliveSetExpr(numberedParams(n+1)), deadlockTimeoutSQL, shared, params[0])
+					waitFirstTrySQL[m][sp] = fmt.Sprintf("SELECT pg_try_advisory_lock%s(%s), %s, %s",
+						shared, params[0], keepaliveSetExpr(numberedParams(n+1)), deadlockTimeoutSQL)
 				}
 			}
 		}
@@ -395,15 +403,15 @@ const sliceMessageSQL = "SET LOCAL lock_timeout = '%dms';\n%s;\nSHOW lock_timeou
 // sliceMissedSQL flags a session slice as a failure.
 const sliceMissedSQL = `set_config('lock_timeout', '0', true)`
 
-// sliceOneSQL: one key. Arguments: statement that sets the keep-alives (or
-// nothing), function suffix, key arguments, classid, objid, objsubid,
-// keep-alive expression.
+// sliceOneSQL: one key. Arguments: function suffix, key arguments,
+// classid, objid, objsubid. The session's keep-alives are set already, by
+// the try before the wait (waitFirstTrySQL).
 const sliceOneSQL = `DO $advisory$BEGIN
-	%[1]sPERFORM pg_advisory_lock%[2]s(%[3]s);
+	PERFORM pg_advisory_lock%[1]s(%[2]s);
 EXCEPTION WHEN lock_not_available THEN
 	EXECUTE $h$SELECT CASE WHEN EXISTS (SELECT FROM pg_catalog.pg_locks WHERE locktype = 'advisory' ` +
-	`AND pid = pg_backend_pid() AND granted AND classid::int8 = %[4]d AND objid::int8 = %[5]d AND objsubid = %[6]d) ` +
-	`THEN %[7]s ELSE ` + sliceMissedSQL + ` END$h$;
+	`AND pid = pg_backend_pid() AND granted AND classid::int8 = %[3]d AND objid::int8 = %[4]d AND objsubid = %[5]d) ` +
+	`THEN '' ELSE ` + sliceMissedSQL + ` END$h$;
 END$advisory$`
 
 // sliceManySQL: many keys, each waited for with lock_timeout set to what is
@@ -486,13 +494,9 @@ func keepaliveLiterals(keepalive []any) string {
 }
 
 // oneSliceSQL is one slice of a session-scope wait for key in mode m.
-func oneSliceSQL(key Key, m Mode, ms int64, keepalive []any) string {
+func oneSliceSQL(key Key, m Mode, ms int64) string {
 	classid, objid, objsubid := key.LockRow()
-	ka, set := keepaliveLiterals(keepalive), ""
-	if keepalive != nil {
-		set = "PERFORM " + ka + ";\n\t"
-	}
-	return fmt.Sprintf(sliceMessageSQL, ms, fmt.Sprintf(sliceOneSQL, set, m.sqlSuffix(), keyLiterals(key), classid, objid, objsubid, ka))
+	return fmt.Sprintf(sliceMessageSQL, ms, fmt.Sprintf(sliceOneSQL, m.sqlSuffix(), keyLiterals(key), classid, objid, objsubid))
 }
 
 // manySliceSQL is one slice of a session-scope wait for keys (in canonical
