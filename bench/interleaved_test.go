@@ -67,7 +67,8 @@ func BenchmarkInterleaved(b *testing.B) {
 		monitor := newConn(b)
 		var names []string
 		var ones []func() time.Duration
-		for i, p := range [][2]string{{"raw-pgx", "raw-pgx"}, {"advisory-session", "raw-pgx"}, {"raw-pgx", "advisory-session"}, {"advisory-session", "advisory-session"}} {
+		for i, p := range [][2]string{{"raw-pgx", "raw-pgx"}, {"advisory-session", "raw-pgx"}, {"raw-pgx", "advisory-session"}, {"advisory-session", "advisory-session"},
+			{"advisory-acquire", "raw-pgx"}, {"raw-pgx", "advisory-acquire"}, {"raw-pgx", "raw-pgx-sliced"}} {
 			pool := newPool(b, 4)
 			key := handoffKey + 300 + int64(i)
 			holder, waiter := byName[p[0]].open(b, pool, key), byName[p[1]].open(b, pool, key)
