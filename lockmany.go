@@ -119,6 +119,9 @@ func (s *Session) lockFresh(ctx context.Context, keys []Key, cfg config, first b
 		}
 		return true, nil
 	}
+	if w != waitTry {
+		s.keepClientAlive()
+	}
 	runCtx := ctx
 	if w == waitBounded && !byDeadline {
 		// lock_timeout bounds each key's wait; this bounds their sum.

@@ -346,3 +346,86 @@ func (ns *netns) query(dsn, sql string, dst any) error {
 	defer c.Close(ctx)
 	return c.QueryRow(ctx, sql).Scan(dst)
 }
+
+// A silent network cut while a Session that holds a lock waits for another
+// in one server-side wait (a Session that holds locks does not wait in
+// slices, so that the deadlock detector sees it): the wait keeps the
+// connection's turn, so the health watcher cannot ping, and the client
+// hears nothing. A backend waiting on a lock does not read its socket, so
+// the server keeps the held lock while the wait lasts; once the other
+// holder lets the awaited key go, the backend finds its client gone and
+// ends, freeing both. The holder must step down before that (SPEC §4). The
+// times are logged, not asserted.
+func TestNetworkCutDuringWaitWhileHolding(t *testing.T) {
+	ns := newNetns(t)
+	srv := ns.startServer(t)
+	port := uint16(srv.Port)
+	var socketDir string
+	must(t, ns.query(srv.DSN, "SHOW unix_socket_directories", &socketDir))
+	e := newEnvOn(t, &pgtest.Server{
+		DSN: fmt.Sprintf("host=%s port=%d user=postgres dbname=postgres sslmode=disable", socketDir, port),
+	})
+	pool := e.pool(func(c *pgxpool.Config) {
+		c.ConnConfig.Host, c.ConnConfig.Port, c.ConnConfig.Fallbacks = "127.0.0.1", port, nil
+		c.ConnConfig.DialFunc = ns.dial
+	})
+	other := e.conn() // through the unix socket: the cut does not touch it
+	held, waited := StringKey("cut-held"), StringKey("cut-waited")
+	if !e.tryFromKeep(other, waited) {
+		t.Fatal("the other connection could not take the key")
+	}
+	const interval = 200 * time.Millisecond
+	s, err := NewSession(e.ctx, pool, HealthInterval(interval))
+	must(t, err)
+	got, err := s.Lock(e.ctx, held)
+	must(t, err)
+	if !got {
+		t.Fatal("Lock returned false")
+	}
+	result := make(chan error, 1)
+	go func() {
+		_, err := s.Lock(e.ctx, waited)
+		result <- err
+	}()
+	e.awaitWaiters(1)
+
+	must(t, ns.setLoopback(false))
+	cut := time.Now()
+	if _, err := other.Exec(e.ctx, "SELECT pg_advisory_unlock_all()"); err != nil {
+		t.Fatal(err)
+	}
+	var heldWhenSteppedDown bool
+	var freedAfter, steppedDown time.Duration
+	e.eventually("the server frees the cut holder's lock", func(c *pgx.Conn) (bool, error) {
+		var n int
+		classid, objid, objsubid := held.LockRow()
+		err := c.QueryRow(context.Background(), `SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'
+			AND classid::int8 = $1 AND objid::int8 = $2 AND objsubid = $3`, int64(classid), int64(objid), objsubid).Scan(&n)
+		select {
+		case <-s.Done():
+			if steppedDown == 0 {
+				steppedDown = time.Since(cut)
+				heldWhenSteppedDown = n > 0
+			}
+		default:
+		}
+		if n == 0 {
+			freedAfter = time.Since(cut)
+		}
+		return n == 0, err
+	})
+	if steppedDown == 0 || !heldWhenSteppedDown {
+		t.Errorf("the server freed the lock (after %v) before the holder stepped down (after %v; 0: not yet)",
+			freedAfter.Round(time.Millisecond), steppedDown.Round(time.Millisecond))
+	}
+	t.Logf("cut during a wait while holding: holder stepped down after %v, server freed the lock after %v (health interval %v)",
+		steppedDown.Round(time.Millisecond), freedAfter.Round(time.Millisecond), interval)
+	if err := s.Close(e.ctx); !errors.Is(err, ErrLockLost) {
+		t.Errorf("Close after the cut: %v; want ErrLockLost", err)
+	}
+	if err := <-result; !errors.Is(err, ErrLockLost) {
+		t.Errorf("the wait cut by the network: %v; want ErrLockLost", err)
+	}
+	must(t, ns.setLoopback(true))
+	awaitAcquired(t, pool, 0)
+}

@@ -30,14 +30,7 @@ type readiness struct {
 // newReadiness returns a readiness for nc's socket, or nil if nc is not a
 // socket (a DialFunc's own net.Conn) or epoll cannot be had.
 func newReadiness(nc net.Conn) *readiness {
-	for {
-		u, ok := nc.(interface{ NetConn() net.Conn }) // *tls.Conn
-		if !ok {
-			break
-		}
-		nc = u.NetConn()
-	}
-	sc, ok := nc.(syscall.Conn)
+	sc, ok := netConn(nc).(syscall.Conn)
 	if !ok {
 		return nil
 	}
@@ -119,5 +112,16 @@ func (r *readiness) wait(deadline time.Time) bool {
 func (r *readiness) close() {
 	if r != nil {
 		r.ep.Close()
+	}
+}
+
+// netConn is the connection under nc's TLS, if any.
+func netConn(nc net.Conn) net.Conn {
+	for {
+		u, ok := nc.(interface{ NetConn() net.Conn }) // *tls.Conn
+		if !ok {
+			return nc
+		}
+		nc = u.NetConn()
 	}
 }

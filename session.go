@@ -72,6 +72,11 @@ type Session struct {
 	// closed by whoever ends the session.
 	lastAnswer atomic.Int64
 	ready      atomic.Pointer[readiness]
+	// clientKA is the client socket's keep-alive as the session found it,
+	// once keepClientAlive has tightened it (nil: not yet, or not a TCP
+	// socket); kaTried says it tried. Guarded by the turn.
+	clientKA *clientKeepalive
+	kaTried  bool
 
 	// stmt is the statement in flight, for interrupting it.
 	stmtMu   sync.Mutex
@@ -171,8 +176,10 @@ func newSession(ctx context.Context, pool *pgxpool.Pool, cfg config) (*Session, 
 // slices that hold no snapshot for long; on a session that already holds
 // locks it is one server-side wait, which PostgreSQL's deadlock detector
 // sees and which holds a snapshot while it lasts (see the package
-// documentation, "What waiting costs the server"). Either way the session's
-// other calls wait for it: the wait keeps the connection's turn.
+// documentation, "What waiting costs the server"); the health watcher cannot
+// ping while it lasts, so on Linux the socket's TCP keep-alive is tightened
+// for it, as for WithConn. Either way the session's other calls wait for
+// it: the wait keeps the connection's turn.
 //
 // On error nothing new is held and the session's earlier holds are kept:
 // ErrTimeout when the wait bound passed (also matching
@@ -281,6 +288,9 @@ func (s *Session) keepaliveOn() bool {
 // PostgreSQL's deadlock detector can see, under lock_timeout if bounded. The
 // caller holds the turn.
 func (s *Session) lockMore(ctx context.Context, key Key, m Mode, w wait, bound time.Duration) (got bool, err error) {
+	if w != waitTry {
+		s.keepClientAlive()
+	}
 	sql, args := lockStatement(scopeSession, m, w, key, bound)
 	got = true
 	err = s.run(ctx, true, func(ctx context.Context, c *pgx.Conn) error {
@@ -291,6 +301,18 @@ func (s *Session) lockMore(ctx context.Context, key Key, m Mode, w wait, bound t
 		return row.Scan(nil)
 	})
 	return got, err
+}
+
+// keepClientAlive tightens the client socket's keep-alive (see
+// clientKeepalive) before a statement that may last runs on a session that
+// holds locks: a wait in one statement, or a WithConn callback. Once per
+// session; finish puts it back before the connection returns to the pool.
+// The caller holds the turn.
+func (s *Session) keepClientAlive() {
+	if !s.kaTried {
+		s.kaTried = true
+		s.clientKA = tightenClientKeepalive(s.pc.PgConn().Conn(), s.health)
+	}
 }
 
 // lockFailed makes sure a failed lock statement left nothing held, and
@@ -501,13 +523,17 @@ func (s *Session) Err() error {
 // fn, so it would close the connection under fn after its timeout (5 s).
 //
 // While fn's statement runs, the health watcher cannot check the
-// connection: a silent network cut is then noticed when ctx ends (the
+// connection. On Linux the session therefore tightens its socket's TCP
+// keep-alive and TCP_USER_TIMEOUT for the rest of its life (and puts them
+// back before the connection returns to the pool): a silent network cut
+// ends the connection, and the session, within two health intervals
+// (rounded up to whole seconds), before the server frees the locks (a
+// backend busy with a statement finds its client gone only when the
+// statement ends). Elsewhere such a cut is noticed when ctx ends (the
 // cancel request cannot get through, and the connection is closed within
-// 4 s) or when the operating system gives up on the connection (minutes).
-// Meanwhile the server may already have freed the lock (within its
-// keep-alive bound, seconds) although Done is still open; fn's statements
-// still cannot run after that, as the backend is gone. Bound long fenced
-// work with ctx's deadline.
+// 4 s) or when the operating system gives up on the connection (minutes):
+// bound long fenced work with ctx's deadline. fn's statements cannot run
+// once the backend is gone.
 func (s *Session) WithConn(ctx context.Context, fn func(*pgx.Conn) error) error {
 	if err := s.takeTurn(ctx); err != nil {
 		return &Error{Op: "with_conn", Err: err}
@@ -532,6 +558,7 @@ func (s *Session) WithConn(ctx context.Context, fn func(*pgx.Conn) error) error 
 	s.rawUsed, s.kaOn = true, true
 	s.mu.Unlock()
 	s.arm()
+	s.keepClientAlive()
 	err := s.runFor(ctx, true, 0, func(_ context.Context, c *pgx.Conn) error { return fn(c) }) // not answered: fn may send nothing
 	if lost := s.lostErr(err); lost != nil {
 		return &Error{Op: "with_conn", Kind: ErrLockLost, Err: errors.Join(err, lost)}
@@ -672,6 +699,9 @@ func (s *Session) finish(cause error) {
 		}
 	}
 	s.ready.Load().close() // before the connection can go back to the pool; ends the watcher
+	if clean {
+		s.clientKA.restore()
+	}
 	if clean {
 		s.conn.Release()
 	} else {

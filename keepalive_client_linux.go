@@ -1,0 +1,102 @@
+package advisory
+
+import (
+	"net"
+	"syscall"
+	"time"
+)
+
+// clientKeepalive is the TCP keep-alive of the client's end of a session's
+// connection, tightened while a statement that may last runs on a session
+// that holds locks (see Session.keepClientAlive), with the settings it had
+// before, to put back.
+//
+// Such a statement keeps the connection's turn, so the health watcher cannot
+// ping, and on a silent network cut the client hears nothing; the waiting
+// backend does not read its socket either, so the server keeps the locks,
+// until the wait or the statement ends and the backend finds its client
+// gone. Then the server frees them (its keep-alives, set by the session,
+// have long declared the socket dead), while the client, left to pgx's
+// dialer settings (5 minutes idle, then probes), would believe it held them
+// for the better part of an hour. With these settings the client's kernel
+// probes after secs(h) of silence and declares the connection dead when one
+// probe gets no answer within secs(h), or when data it sent (the statement
+// itself, if the cut came before the server acknowledged it) has gone
+// unacknowledged for 2·secs(h) (TCP_USER_TIMEOUT): within 2·secs(h) of the
+// cut. The
+// server probes after secs(2h) and gives up after two probes secs(h) apart,
+// and it last heard the client less than secs(h) before the cut (the
+// client's own probes), so it frees the locks more than secs(2h) + secs(h)
+// after the cut: later. One lost probe ends the connection, and with it the
+// session, while such a statement runs: a loss the holder is told of, never
+// a lock held unknowingly.
+type clientKeepalive struct {
+	sock  syscall.RawConn
+	saved [len(keepaliveOpts)]int
+}
+
+// tcpUserTimeout is Linux's TCP_USER_TIMEOUT (linux/tcp.h), which package
+// syscall does not name.
+const tcpUserTimeout = 18
+
+// keepaliveOpts are the socket options clientKeepalive sets and puts back.
+var keepaliveOpts = [...][2]int{
+	{syscall.SOL_SOCKET, syscall.SO_KEEPALIVE},
+	{syscall.IPPROTO_TCP, syscall.TCP_KEEPIDLE},
+	{syscall.IPPROTO_TCP, syscall.TCP_KEEPINTVL},
+	{syscall.IPPROTO_TCP, syscall.TCP_KEEPCNT},
+	{syscall.IPPROTO_TCP, tcpUserTimeout},
+}
+
+// tightenClientKeepalive tightens nc's keep-alive for health interval h and
+// returns what to put back, or nil if nc is not a TCP socket (a unix
+// socket, a DialFunc's own net.Conn) or its options cannot be read.
+func tightenClientKeepalive(nc net.Conn, h time.Duration) *clientKeepalive {
+	tc, ok := netConn(nc).(*net.TCPConn)
+	if !ok {
+		return nil
+	}
+	sock, err := tc.SyscallConn()
+	if err != nil {
+		return nil
+	}
+	k := &clientKeepalive{sock: sock}
+	secs := max(1, int((h+time.Second-1)/time.Second))
+	if !k.control(func(fd int) error {
+		for i, o := range keepaliveOpts {
+			v, err := syscall.GetsockoptInt(fd, o[0], o[1])
+			if err != nil {
+				return err
+			}
+			k.saved[i] = v
+		}
+		return setsockopts(fd, [len(keepaliveOpts)]int{1, secs, secs, 1, 2 * secs * 1000})
+	}) {
+		return nil
+	}
+	return k
+}
+
+// restore puts the settings back; nil does nothing.
+func (k *clientKeepalive) restore() {
+	if k != nil {
+		k.control(func(fd int) error { return setsockopts(fd, k.saved) })
+	}
+}
+
+// control runs f on the socket's descriptor, and reports whether it could
+// and f succeeded.
+func (k *clientKeepalive) control(f func(fd int) error) bool {
+	var err error
+	cerr := k.sock.Control(func(fd uintptr) { err = f(int(fd)) })
+	return cerr == nil && err == nil
+}
+
+func setsockopts(fd int, values [len(keepaliveOpts)]int) error {
+	for i, o := range keepaliveOpts {
+		if err := syscall.SetsockoptInt(fd, o[0], o[1], values[i]); err != nil {
+			return err
+		}
+	}
+	return nil
+}
