@@ -13,4 +13,4 @@ import (
 type clientKeepalive struct{}
 
 func tightenClientKeepalive(net.Conn, time.Duration) *clientKeepalive { return nil }
-func (*clientKeepalive) restore()                                    {}
+func (*clientKeepalive) restore()                                     {}
