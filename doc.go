@@ -126,9 +126,10 @@
 // not return within a slice plus that allowance closes it. A statement that
 // may last on a session that holds locks (a wait for one more key, a
 // WithConn callback) keeps the watcher out; for those, on Linux, the session
-// tightens its socket's own TCP keep-alive and TCP_USER_TIMEOUT, so that a
-// cut ends it within two intervals rounded up to whole seconds, and puts
-// them back before the connection returns to the pool. The server side
+// tightens its socket's own TCP keep-alive (and, for a wait,
+// TCP_USER_TIMEOUT), so that a cut ends it within two intervals rounded up
+// to whole seconds, and puts them back before the connection returns to the
+// pool. The server side
 // is bounded as well: the statement that takes a session's first lock sets
 // tcp_keepalives_idle, _interval, _count and tcp_user_timeout (PostgreSQL 12
 // or later, which the library needs) on its backend, in the same

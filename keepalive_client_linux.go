@@ -20,19 +20,26 @@ import (
 // dialer settings (5 minutes idle, then probes), would believe it held them
 // for the better part of an hour. With these settings the client's kernel
 // probes after secs(h) of silence and declares the connection dead when one
-// probe gets no answer within secs(h), or when data it sent (the statement
-// itself, if the cut came before the server acknowledged it) has gone
-// unacknowledged for 2·secs(h) (TCP_USER_TIMEOUT): within 2·secs(h) of the
-// cut. The
+// probe gets no answer within secs(h): within 2·secs(h) of the cut. The
 // server probes after secs(2h) and gives up after two probes secs(h) apart,
 // and it last heard the client less than secs(h) before the cut (the
 // client's own probes), so it frees the locks more than secs(2h) + secs(h)
 // after the cut: later. One lost probe ends the connection, and with it the
 // session, while such a statement runs: a loss the holder is told of, never
 // a lock held unknowingly.
+//
+// TCP_USER_TIMEOUT (2·secs(h)) also ends the connection when the statement
+// itself went unacknowledged (the cut came as it was sent), but it is set
+// only around the library's own wait statements (userTimeout), never while
+// a WithConn callback runs: it also bounds data held back by the server's
+// closed receive window (tcp(7)), so a callback's COPY whose server is slow
+// to read (its first row waits on another transaction) would end a healthy
+// connection.
 type clientKeepalive struct {
-	sock  syscall.RawConn
-	saved [len(keepaliveOpts)]int
+	sock   syscall.RawConn
+	saved  [len(keepaliveOpts)]int
+	secs   int  // the tightened keep-alive's idle time and interval
+	userTO bool // TCP_USER_TIMEOUT is set (userTimeout)
 }
 
 // tcpUserTimeout is Linux's TCP_USER_TIMEOUT (linux/tcp.h), which package
@@ -45,7 +52,7 @@ var keepaliveOpts = [...][2]int{
 	{syscall.IPPROTO_TCP, syscall.TCP_KEEPIDLE},
 	{syscall.IPPROTO_TCP, syscall.TCP_KEEPINTVL},
 	{syscall.IPPROTO_TCP, syscall.TCP_KEEPCNT},
-	{syscall.IPPROTO_TCP, tcpUserTimeout},
+	{syscall.IPPROTO_TCP, tcpUserTimeout}, // last: set apart, by userTimeout
 }
 
 // tightenClientKeepalive tightens nc's keep-alive for health interval h and
@@ -60,8 +67,7 @@ func tightenClientKeepalive(nc net.Conn, h time.Duration) *clientKeepalive {
 	if err != nil {
 		return nil
 	}
-	k := &clientKeepalive{sock: sock}
-	secs := max(1, int((h+time.Second-1)/time.Second))
+	k := &clientKeepalive{sock: sock, secs: max(1, int((h+time.Second-1)/time.Second))}
 	if !k.control(func(fd int) error {
 		for i, o := range keepaliveOpts {
 			v, err := syscall.GetsockoptInt(fd, o[0], o[1])
@@ -70,11 +76,29 @@ func tightenClientKeepalive(nc net.Conn, h time.Duration) *clientKeepalive {
 			}
 			k.saved[i] = v
 		}
-		return setsockopts(fd, [len(keepaliveOpts)]int{1, secs, secs, 1, 2 * secs * 1000})
+		tight := k.saved
+		tight[0], tight[1], tight[2], tight[3] = 1, k.secs, k.secs, 1
+		return setsockopts(fd, tight)
 	}) {
 		return nil
 	}
 	return k
+}
+
+// userTimeout sets TCP_USER_TIMEOUT to 2·secs(h) (on) or puts it back
+// (off), if it is not so already; nil does nothing.
+func (k *clientKeepalive) userTimeout(on bool) {
+	if k == nil || k.userTO == on {
+		return
+	}
+	v := k.saved[len(keepaliveOpts)-1]
+	if on {
+		v = 2 * k.secs * 1000
+	}
+	o := keepaliveOpts[len(keepaliveOpts)-1]
+	if k.control(func(fd int) error { return syscall.SetsockoptInt(fd, o[0], o[1], v) }) {
+		k.userTO = on
+	}
 }
 
 // restore puts the settings back; nil does nothing.

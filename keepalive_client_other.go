@@ -13,4 +13,5 @@ import (
 type clientKeepalive struct{}
 
 func tightenClientKeepalive(net.Conn, time.Duration) *clientKeepalive { return nil }
+func (*clientKeepalive) userTimeout(bool)                             {}
 func (*clientKeepalive) restore()                                     {}

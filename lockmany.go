@@ -120,7 +120,7 @@ func (s *Session) lockFresh(ctx context.Context, keys []Key, cfg config, first b
 		return true, nil
 	}
 	if w != waitTry {
-		s.keepClientAlive()
+		s.keepClientAlive(true)
 	}
 	runCtx := ctx
 	if w == waitBounded && !byDeadline {

@@ -289,7 +289,7 @@ func (s *Session) keepaliveOn() bool {
 // caller holds the turn.
 func (s *Session) lockMore(ctx context.Context, key Key, m Mode, w wait, bound time.Duration) (got bool, err error) {
 	if w != waitTry {
-		s.keepClientAlive()
+		s.keepClientAlive(true)
 	}
 	sql, args := lockStatement(scopeSession, m, w, key, bound)
 	got = true
@@ -307,12 +307,15 @@ func (s *Session) lockMore(ctx context.Context, key Key, m Mode, w wait, bound t
 // clientKeepalive) before a statement that may last runs on a session that
 // holds locks: a wait in one statement, or a WithConn callback. Once per
 // session; finish puts it back before the connection returns to the pool.
-// The caller holds the turn.
-func (s *Session) keepClientAlive() {
+// userTimeout sets TCP_USER_TIMEOUT too (a wait statement of the library's
+// own), or puts it back (a WithConn callback; see clientKeepalive). The
+// caller holds the turn.
+func (s *Session) keepClientAlive(userTimeout bool) {
 	if !s.kaTried {
 		s.kaTried = true
 		s.clientKA = tightenClientKeepalive(s.pc.PgConn().Conn(), s.health)
 	}
+	s.clientKA.userTimeout(userTimeout)
 }
 
 // lockFailed makes sure a failed lock statement left nothing held, and
@@ -524,12 +527,15 @@ func (s *Session) Err() error {
 //
 // While fn's statement runs, the health watcher cannot check the
 // connection. On Linux the session therefore tightens its socket's TCP
-// keep-alive and TCP_USER_TIMEOUT for the rest of its life (and puts them
-// back before the connection returns to the pool): a silent network cut
-// ends the connection, and the session, within two health intervals
-// (rounded up to whole seconds), before the server frees the locks (a
-// backend busy with a statement finds its client gone only when the
-// statement ends). Elsewhere such a cut is noticed when ctx ends (the
+// keep-alive for the rest of its life (and puts it back before the
+// connection returns to the pool): a silent network cut during a statement
+// the server has received ends the connection, and the session, within two
+// health intervals (rounded up to whole seconds), before the server frees
+// the locks (a backend busy with a statement finds its client gone only
+// when the statement ends). TCP_USER_TIMEOUT is not set while fn runs, as
+// it would also end a healthy connection whose server is slow to read what
+// fn sends (a COPY waiting on a row lock). Elsewhere, or for a cut that
+// comes as a statement is sent, such a cut is noticed when ctx ends (the
 // cancel request cannot get through, and the connection is closed within
 // 4 s) or when the operating system gives up on the connection (minutes):
 // bound long fenced work with ctx's deadline. fn's statements cannot run
@@ -558,7 +564,7 @@ func (s *Session) WithConn(ctx context.Context, fn func(*pgx.Conn) error) error 
 	s.rawUsed, s.kaOn = true, true
 	s.mu.Unlock()
 	s.arm()
-	s.keepClientAlive()
+	s.keepClientAlive(false)
 	err := s.runFor(ctx, true, 0, func(_ context.Context, c *pgx.Conn) error { return fn(c) }) // not answered: fn may send nothing
 	if lost := s.lostErr(err); lost != nil {
 		return &Error{Op: "with_conn", Kind: ErrLockLost, Err: errors.Join(err, lost)}
