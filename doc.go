@@ -146,7 +146,12 @@
 // is reset to the startup value; set it in the connection string instead
 // (tcp_user_timeout=9000 becomes a startup parameter, which RESET keeps). A
 // Session that has run a WithConn callback, which may take locks of its
-// own, keeps the settings until it ends.
+// own, keeps the settings until it ends. The lock's own connection is held
+// to them: a WithConn callback that leaves a large result unread for longer
+// than tcp_user_timeout (four health intervals, 4 s by default) loses the
+// session, as the server cannot tell a client that stopped reading from a
+// cut one. Read results in fenced work as they come, or give the lock a
+// longer HealthInterval.
 //
 // When the session ends, Done is closed and Err matches ErrLockLost; Do and
 // Lead cancel their function's context. Until the holder has noticed, it may
