@@ -6,7 +6,7 @@
 # Each `go test` starts its own throw-away PostgreSQL (TestMain, through
 # internal/pgtest: local binaries, or Docker, with
 # max_locks_per_transaction=256). COUNT (default 6) sets -count.
-# Takes about ten minutes: one Lock per key on 10,000 keys alone is ~2 min.
+# Takes about twenty minutes: one Lock per key on 10,000 keys alone is ~2 min.
 set -euo pipefail
 cd "$(dirname "$0")"
 COUNT=${COUNT:-6}
