@@ -258,6 +258,13 @@ func openPTY(t *testing.T) (master, slave *os.File) {
 // both with CMD in a process group of its own and with --foreground; a
 // SIGTERM sent to pglock alone is passed on.
 func TestRunTerminalSignalsOnce(t *testing.T) {
+	// pglock keeps a signal ignored that was ignored when it started (a
+	// job started with nohup), and it inherits this test's: handled here,
+	// SIGHUP starts at its default in the processes the test starts, even
+	// when the tests run under nohup.
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
 	for _, mode := range [][]string{nil, {"--foreground"}} {
 		t.Run(strings.Join(append([]string{"mode"}, mode...), ""), func(t *testing.T) {
 			e := newEnv(t)
