@@ -3,6 +3,9 @@
 # (default 3), and compares them with cmd/benchpair: each subject against
 # its floor in the same `go test` run. Usage, from bench/:
 #   ./pair.sh BEFORE AFTER        # git revisions, e.g. 56c0c66 HEAD
+# With BENCH set, each round runs only `go test -bench "$BENCH" -benchtime
+# "$BENCHTIME"` (default 1000x) a side, e.g.
+#   BENCH='^BenchmarkInterleaved$/^handoff-split$' BENCHTIME=500x ./pair.sh A B
 # Writes results/pair-{before,after}.txt, results/pair-load.txt (uptime
 # before and after each round) and results/pair.md. Each revision is
 # checked out in a temporary worktree, and AFTER's bench/ is copied into
@@ -24,6 +27,11 @@ for round in $(seq "$rounds"); do
 		echo "# round $round" >>"results/pair-$side.txt"
 		cd "$tmp/$side/bench"
 		b() { go test -run '^$' -timeout 20m "$@" . 2>&1 | grep -E '^Benchmark' >>"$here/results/pair-$side.txt" || true; }
+		if [ -n "${BENCH:-}" ]; then
+			b -bench "$BENCH" -benchtime "${BENCHTIME:-1000x}" -count 1
+			cd "$here"
+			continue
+		fi
 		b -bench '^BenchmarkInterleaved$' -benchtime 1000x -count 1
 		b -bench '^BenchmarkCycle$/^(raw-pgx|advisory-session|advisory-acquire|advisory-locktx)$' -benchtime 2s -benchmem -count 1
 		b -bench '^BenchmarkHandoffLong$' -benchtime 10x -count 1
