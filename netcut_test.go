@@ -125,10 +125,39 @@ func TestSilentNetworkCut(t *testing.T) {
 // test's own questions to that server go through its unix socket, which the
 // cut does not touch. The times are logged, not asserted.
 func TestNetworkCut(t *testing.T) {
+	e, ns, pool := newCutEnv(t)
+	const interval = 200 * time.Millisecond
+	key := StringKey("cut")
+	lock, err := Acquire(e.ctx, pool, key, HealthInterval(interval))
+	must(t, err)
+
+	must(t, ns.setLoopback(false))
+	steppedDown, freedAfter := e.awaitFreedAfterStepDown(key, lock.Done(), time.Now())
+	if !errors.Is(lock.Err(), ErrLockLost) {
+		t.Errorf("Err() = %v; want ErrLockLost", lock.Err())
+	}
+	if err := lock.Release(e.ctx); !errors.Is(err, ErrLockLost) {
+		t.Errorf("Release after the cut: %v; want ErrLockLost", err)
+	}
+	t.Logf("network cut: holder stepped down after %v, server freed the lock after %v (health interval %v)",
+		steppedDown, freedAfter, interval)
+	// The network comes back. Until then pgxpool counts the dead
+	// connection as acquired: pgx closes it in the background, sending a
+	// cancel request first, whose dial waits up to 15 s on a cut network.
+	must(t, ns.setLoopback(true))
+	awaitAcquired(t, pool, 0)
+}
+
+// newCutEnv starts a server of the test's own in a network namespace
+// (newNetns), and returns the test's env on it, which reaches it through
+// its unix socket (in the file system, reachable from any namespace, and
+// untouched by a cut), the namespace, and a pool that connects through the
+// namespace's loopback interface, which the test can take down.
+func newCutEnv(t *testing.T) (*env, *netns, *pgxpool.Pool) {
+	t.Helper()
 	ns := newNetns(t)
 	srv := ns.startServer(t)
 	port := uint16(srv.Port)
-	// The unix socket is in the file system, reachable from any namespace.
 	var socketDir string
 	must(t, ns.query(srv.DSN, "SHOW unix_socket_directories", &socketDir))
 	e := newEnvOn(t, &pgtest.Server{
@@ -138,59 +167,39 @@ func TestNetworkCut(t *testing.T) {
 		c.ConnConfig.Host, c.ConnConfig.Port, c.ConnConfig.Fallbacks = "127.0.0.1", port, nil
 		c.ConnConfig.DialFunc = ns.dial
 	})
-	const interval = 200 * time.Millisecond
-	key := StringKey("cut")
-	lock, err := Acquire(e.ctx, pool, key, HealthInterval(interval))
-	must(t, err)
+	return e, ns, pool
+}
 
-	must(t, ns.setLoopback(false))
-	cut := time.Now()
-	stepDown := make(chan time.Duration, 1)
-	go func() {
-		<-lock.Done()
-		stepDown <- time.Since(cut)
-	}()
-	var heldWhenSteppedDown bool
-	var freedAfter time.Duration
+// awaitFreedAfterStepDown waits until the server frees key after a cut at
+// cut, and fails the test unless done (the holder's Done) had closed while
+// the server still held key: the holder must step down first (SPEC §4). It
+// returns when each happened after the cut.
+func (e *env) awaitFreedAfterStepDown(key Key, done <-chan struct{}, cut time.Time) (steppedDown, freedAfter time.Duration) {
+	e.t.Helper()
+	heldWhenSteppedDown := false
 	e.eventually("the server frees the cut holder's lock", func(c *pgx.Conn) (bool, error) {
 		var n int
 		classid, objid, objsubid := key.LockRow()
 		err := c.QueryRow(context.Background(), `SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'
 			AND classid::int8 = $1 AND objid::int8 = $2 AND objsubid = $3`, int64(classid), int64(objid), objsubid).Scan(&n)
 		select {
-		case <-lock.Done():
-			if n > 0 {
-				heldWhenSteppedDown = true
+		case <-done:
+			if steppedDown == 0 {
+				steppedDown = time.Since(cut).Round(time.Millisecond)
+				heldWhenSteppedDown = n > 0
 			}
 		default:
 		}
 		if n == 0 {
-			freedAfter = time.Since(cut)
+			freedAfter = time.Since(cut).Round(time.Millisecond)
 		}
 		return n == 0, err
 	})
-	var d time.Duration
-	select {
-	case d = <-stepDown:
-	case <-e.ctx.Done():
-		t.Fatalf("the holder never stepped down after a silent cut (the server freed its lock after %v)", freedAfter)
+	if steppedDown == 0 || !heldWhenSteppedDown {
+		e.t.Errorf("the server freed the lock (after %v) before the holder stepped down (after %v; 0: not yet)",
+			freedAfter, steppedDown)
 	}
-	if !heldWhenSteppedDown {
-		t.Errorf("the server freed the lock (after %v) before the holder stepped down (after %v)", freedAfter, d)
-	}
-	if !errors.Is(lock.Err(), ErrLockLost) {
-		t.Errorf("Err() = %v; want ErrLockLost", lock.Err())
-	}
-	if err := lock.Release(e.ctx); !errors.Is(err, ErrLockLost) {
-		t.Errorf("Release after the cut: %v; want ErrLockLost", err)
-	}
-	t.Logf("network cut: holder stepped down after %v, server freed the lock after %v (health interval %v)",
-		d.Round(time.Millisecond), freedAfter.Round(time.Millisecond), interval)
-	// The network comes back. Until then pgxpool counts the dead
-	// connection as acquired: pgx closes it in the background, sending a
-	// cancel request first, whose dial waits up to 15 s on a cut network.
-	must(t, ns.setLoopback(true))
-	awaitAcquired(t, pool, 0)
+	return steppedDown, freedAfter
 }
 
 // netns is a network namespace of the test's own, with nothing in it but a
@@ -357,18 +366,7 @@ func (ns *netns) query(dsn, sql string, dst any) error {
 // ends, freeing both. The holder must step down before that (SPEC §4). The
 // times are logged, not asserted.
 func TestNetworkCutDuringWaitWhileHolding(t *testing.T) {
-	ns := newNetns(t)
-	srv := ns.startServer(t)
-	port := uint16(srv.Port)
-	var socketDir string
-	must(t, ns.query(srv.DSN, "SHOW unix_socket_directories", &socketDir))
-	e := newEnvOn(t, &pgtest.Server{
-		DSN: fmt.Sprintf("host=%s port=%d user=postgres dbname=postgres sslmode=disable", socketDir, port),
-	})
-	pool := e.pool(func(c *pgxpool.Config) {
-		c.ConnConfig.Host, c.ConnConfig.Port, c.ConnConfig.Fallbacks = "127.0.0.1", port, nil
-		c.ConnConfig.DialFunc = ns.dial
-	})
+	e, ns, pool := newCutEnv(t)
 	other := e.conn() // through the unix socket: the cut does not touch it
 	held, waited := StringKey("cut-held"), StringKey("cut-waited")
 	if !e.tryFromKeep(other, waited) {
@@ -394,32 +392,9 @@ func TestNetworkCutDuringWaitWhileHolding(t *testing.T) {
 	if _, err := other.Exec(e.ctx, "SELECT pg_advisory_unlock_all()"); err != nil {
 		t.Fatal(err)
 	}
-	var heldWhenSteppedDown bool
-	var freedAfter, steppedDown time.Duration
-	e.eventually("the server frees the cut holder's lock", func(c *pgx.Conn) (bool, error) {
-		var n int
-		classid, objid, objsubid := held.LockRow()
-		err := c.QueryRow(context.Background(), `SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'
-			AND classid::int8 = $1 AND objid::int8 = $2 AND objsubid = $3`, int64(classid), int64(objid), objsubid).Scan(&n)
-		select {
-		case <-s.Done():
-			if steppedDown == 0 {
-				steppedDown = time.Since(cut)
-				heldWhenSteppedDown = n > 0
-			}
-		default:
-		}
-		if n == 0 {
-			freedAfter = time.Since(cut)
-		}
-		return n == 0, err
-	})
-	if steppedDown == 0 || !heldWhenSteppedDown {
-		t.Errorf("the server freed the lock (after %v) before the holder stepped down (after %v; 0: not yet)",
-			freedAfter.Round(time.Millisecond), steppedDown.Round(time.Millisecond))
-	}
+	steppedDown, freedAfter := e.awaitFreedAfterStepDown(held, s.Done(), cut)
 	t.Logf("cut during a wait while holding: holder stepped down after %v, server freed the lock after %v (health interval %v)",
-		steppedDown.Round(time.Millisecond), freedAfter.Round(time.Millisecond), interval)
+		steppedDown, freedAfter, interval)
 	if err := s.Close(e.ctx); !errors.Is(err, ErrLockLost) {
 		t.Errorf("Close after the cut: %v; want ErrLockLost", err)
 	}
