@@ -22,7 +22,7 @@ func cpuDuring(t *testing.T, window time.Duration) time.Duration {
 		return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 	}
 	before := cpu()
-	time.Sleep(window)
+	time.Sleep(window) // the observation period, not synchronisation
 	return cpu() - before
 }
 

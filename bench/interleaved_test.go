@@ -24,7 +24,7 @@ import (
 //     of another (HOLDER_WAITER), raw pgx and Session, to tell what the
 //     releasing holder costs from what the woken waiter costs; the floor is
 //     raw-pgx_raw-pgx. The holder holds for 3 ms first, as a real holder
-//     would, so that its health watcher is reading.
+//     would, so that its health watcher watches the connection.
 func BenchmarkInterleaved(b *testing.B) {
 	ctx := context.Background()
 	b.Run("cycle", func(b *testing.B) {
@@ -87,7 +87,7 @@ func splitHandoff(b *testing.B, monitor *pgx.Conn, holder, waiter client) time.D
 	if err := holder.lock(ctx); err != nil {
 		b.Fatal(err)
 	}
-	time.Sleep(3 * time.Millisecond) // the scenario: a hold long enough for the watcher to read
+	time.Sleep(3 * time.Millisecond) // the scenario: a hold long enough for the health watcher to start watching
 	d := handOver(b, holder, waiter, func() { awaitWaiter(b, monitor) })
 	if err := waiter.unlock(ctx); err != nil {
 		b.Fatal(err)

@@ -2,7 +2,8 @@ package bench
 
 import (
 	"context"
-	"fmt"
+	"encoding/binary"
+	"net"
 	"strconv"
 	"strings"
 	"sync"
@@ -66,22 +67,57 @@ var slice struct {
 }
 
 // sliceMessage returns the message a Session sends for one slice of a wait
-// for key, read once from pg_stat_activity while a Session waits (so it is
-// always the library's own), with the probe key replaced by key. The
-// Session has held and released a lock before, as a long-lived Session
-// has, so its message does not set the keep-alives again.
+// for key, captured once as the Session writes it (so it is always the
+// library's own), with the probe key replaced by key. The Session has held
+// and released a lock before, as a long-lived Session has, so its message
+// does not set the keep-alives again.
 func sliceMessage(b *testing.B, key int64) string {
-	// A pool of its own: the benchmark's may be exhausted by its clients.
-	slice.once.Do(func() { slice.msg = captureSlice(b, newPool(b, 2)) })
+	slice.once.Do(func() { slice.msg = captureSlice(b) })
 	if slice.msg == "" {
 		b.Fatal("no slice message captured")
 	}
 	return strings.ReplaceAll(slice.msg, strconv.Itoa(sliceProbeKey), strconv.FormatInt(key, 10))
 }
 
-func captureSlice(b *testing.B, pool *pgxpool.Pool) string {
+// sliceRecorder is a connection that sends, on seen, the text of each
+// simple-protocol query it writes that is a session slice's message.
+type sliceRecorder struct {
+	net.Conn
+	seen chan string
+}
+
+func (r sliceRecorder) Write(p []byte) (int, error) {
+	if len(p) > 5 && p[0] == 'Q' { // a Query message: 'Q', int32 length, text, NUL
+		if n := int(binary.BigEndian.Uint32(p[1:5])); n >= 5 && 1+n <= len(p) {
+			if text := string(p[5:n]); strings.HasPrefix(text, "SET LOCAL lock_timeout") {
+				select {
+				case r.seen <- text:
+				default:
+				}
+			}
+		}
+	}
+	return r.Conn.Write(p)
+}
+
+// captureSlice takes the probe key on a connection of its own, has a
+// Session wait for it on a pool of its own (the benchmark's may be
+// exhausted by its clients) whose connections record what they write,
+// and returns the first slice message the Session sends.
+func captureSlice(b *testing.B) string {
 	ctx := context.Background()
-	holder, monitor := newConn(b), newConn(b)
+	seen := make(chan string, 1)
+	pool := newPool(b, 2, func(c *pgxpool.Config) {
+		var d net.Dialer
+		c.ConnConfig.DialFunc = func(ctx context.Context, network, addr string) (net.Conn, error) {
+			nc, err := d.DialContext(ctx, network, addr)
+			if err != nil {
+				return nil, err
+			}
+			return sliceRecorder{nc, seen}, nil
+		}
+	})
+	holder := newConn(b)
 	if _, err := holder.Exec(ctx, "SELECT pg_advisory_lock($1)", int64(sliceProbeKey)); err != nil {
 		b.Fatal(err)
 	}
@@ -102,17 +138,12 @@ func captureSlice(b *testing.B, pool *pgxpool.Pool) string {
 	locked := make(chan error, 1)
 	go func() { _, err := s.Lock(ctx, advisory.Int64Key(sliceProbeKey)); locked <- err }()
 	var msg string
-	deadline := time.Now().Add(10 * time.Second)
-	for msg == "" {
-		err := monitor.QueryRow(ctx, `SELECT coalesce(max(query), '') FROM pg_stat_activity
-			WHERE wait_event_type = 'Lock' AND wait_event = 'advisory' AND query LIKE 'SET LOCAL lock_timeout%'`).Scan(&msg)
-		if err != nil {
-			b.Fatal(err)
-		}
-		if time.Now().After(deadline) {
-			b.Fatal("the Session did not wait in a slice within 10 s")
-		}
-		time.Sleep(100 * time.Microsecond) // the server pushes nothing: polling is the await
+	select {
+	case msg = <-seen:
+	case err := <-locked:
+		b.Fatalf("the Session's Lock returned (%v) without a wait slice", err)
+	case <-time.After(10 * time.Second): // not hung: a slice is sent within a round trip
+		b.Fatal("the Session sent no wait slice within 10 s")
 	}
 	if _, err := holder.Exec(ctx, "SELECT pg_advisory_unlock($1)", int64(sliceProbeKey)); err != nil {
 		b.Fatal(err)
@@ -123,8 +154,8 @@ func captureSlice(b *testing.B, pool *pgxpool.Pool) string {
 	if err := s.Unlock(ctx, advisory.Int64Key(sliceProbeKey)); err != nil {
 		b.Fatal(err)
 	}
-	if !strings.HasPrefix(msg, "SET LOCAL lock_timeout") || strings.Count(msg, strconv.Itoa(sliceProbeKey)) < 2 {
-		b.Fatal(fmt.Sprintf("not a slice message for the probe key: %q", msg))
+	if strings.Count(msg, strconv.Itoa(sliceProbeKey)) < 2 {
+		b.Fatalf("not a slice message for the probe key: %q", msg)
 	}
 	return msg
 }
