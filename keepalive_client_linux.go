@@ -70,7 +70,7 @@ func tightenClientKeepalive(nc net.Conn, h time.Duration) *clientKeepalive {
 	if err != nil {
 		return nil
 	}
-	k := &clientKeepalive{sock: sock, secs: max(1, int((h+time.Second-1)/time.Second))}
+	k := &clientKeepalive{sock: sock, secs: secs(h)}
 	if !k.control(func(fd int) error {
 		for i, o := range keepaliveOpts {
 			v, err := syscall.GetsockoptInt(fd, o[0], o[1])

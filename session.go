@@ -861,11 +861,14 @@ func keepaliveFor(h time.Duration) []any {
 // after it (and at least 3 s − h for short intervals), later than the holder
 // steps down.
 func keepaliveArgs(h time.Duration) []any {
-	secs := func(d time.Duration) int { return max(1, int((d+time.Second-1)/time.Second)) }
 	idle, interval, count := secs(2*h), secs(h), 2
 	userTimeoutMS := (idle + interval*count) * 1000
 	return []any{strconv.Itoa(idle), strconv.Itoa(interval), strconv.Itoa(count), strconv.Itoa(userTimeoutMS)}
 }
+
+// secs is d in whole seconds, rounded up, at least 1: the unit of TCP
+// keep-alive settings.
+func secs(d time.Duration) int { return max(1, int((d+time.Second-1)/time.Second)) }
 
 // takeTurn waits for exclusive use of the connection, or for ctx to end. It
 // fails with the session's end reason once the session is ending.
