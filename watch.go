@@ -43,13 +43,25 @@ import (
 const watchQuiet = 2 * time.Millisecond
 
 // arm tells the session it holds something to watch: the first call
-// schedules the watcher to start after watchQuiet.
+// has the watcher started after watchQuiet (deferred.go).
 func (s *Session) arm() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.watchStart == nil && !s.ending {
+	if !s.armed && !s.ending {
+		s.armed = true
 		s.watcher.Add(1)
-		s.watchStart = time.AfterFunc(watchQuiet, s.watch)
+		deferStart(s)
+	}
+}
+
+// startWatcher starts the watcher that arm asked for, unless the session
+// began ending first (beginEnd then counted the watcher done).
+func (s *Session) startWatcher() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.armed && !s.watching && !s.ending {
+		s.watching = true
+		go s.watch()
 	}
 }
 
