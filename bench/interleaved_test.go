@@ -18,12 +18,15 @@ import (
 // ns/op means nothing.
 //   - cycle: one uncontended lock+unlock (or transaction lock) cycle; the
 //     floor is raw-pgx (lock and unlock on one *pgx.Conn, two round trips).
+//     pgxpool-naive, raw pgx taking a pool connection per lock as Acquire
+//     does, is the floor of a lock on a connection of its own.
 //   - handoff: as BenchmarkHandoff, for the subjects that wait on the
 //     server; the floor is raw-pgx.
 //   - handoff-split: hand-offs between a holder of one kind and a waiter
 //     of another (HOLDER_WAITER), raw pgx and Session, to tell what the
 //     releasing holder costs from what the woken waiter costs; the floor is
-//     raw-pgx_raw-pgx. The holder holds for 3 ms first, as a real holder
+//     raw-pgx_raw-pgx; pgxpool-naive on either side is the floor for
+//     advisory-acquire on that side. The holder holds for 3 ms first, as a real holder
 //     would, so that its health watcher watches the connection.
 func BenchmarkInterleaved(b *testing.B) {
 	ctx := context.Background()
@@ -31,7 +34,7 @@ func BenchmarkInterleaved(b *testing.B) {
 		var names []string
 		var runs []func() error
 		for i, s := range subjects {
-			if s.polls || s.name == "pgxpool-naive" || s.name == "migrate-pgx5" {
+			if s.polls || s.name == "migrate-pgx5" {
 				continue
 			}
 			c := s.open(b, newPool(b, 4), cycleKey+int64(i))
@@ -52,7 +55,7 @@ func BenchmarkInterleaved(b *testing.B) {
 		var names []string
 		var ones []func() time.Duration
 		for i, s := range subjects {
-			if s.polls || s.name == "pgxpool-naive" || s.name == "migrate-pgx5" {
+			if s.polls || s.name == "migrate-pgx5" {
 				continue
 			}
 			names, ones = append(names, s.name), append(ones, newHandoff(b, s, handoffKey+200+int64(i), 0))
@@ -68,7 +71,8 @@ func BenchmarkInterleaved(b *testing.B) {
 		var names []string
 		var ones []func() time.Duration
 		for i, p := range [][2]string{{"raw-pgx", "raw-pgx"}, {"advisory-session", "raw-pgx"}, {"raw-pgx", "advisory-session"}, {"advisory-session", "advisory-session"},
-			{"advisory-acquire", "raw-pgx"}, {"raw-pgx", "advisory-acquire"}, {"raw-pgx", "raw-pgx-sliced"}} {
+			{"advisory-acquire", "raw-pgx"}, {"raw-pgx", "advisory-acquire"}, {"raw-pgx", "raw-pgx-sliced"},
+			{"pgxpool-naive", "raw-pgx"}, {"raw-pgx", "pgxpool-naive"}} {
 			pool := newPool(b, 4)
 			key := handoffKey + 300 + int64(i)
 			holder, waiter := byName[p[0]].open(b, pool, key), byName[p[1]].open(b, pool, key)

@@ -25,6 +25,10 @@ type cycleSubject struct {
 //   - raw-pgx-session: the floor, as BenchmarkCycle/raw-pgx.
 //   - raw-pgx-xact: BEGIN, pg_advisory_xact_lock, COMMIT on one *pgx.Conn
 //     (three round trips: what pool.Begin + LockTx + Commit costs at best).
+//   - raw-pgx-pool-xact2: what DoTx does at best with raw pgx: a
+//     connection from a pool, "BEGIN; SELECT pg_try_advisory_xact_lock(k)"
+//     in one message, COMMIT, the connection back. Against raw-pgx-session,
+//     the cost of the pool and of a transaction's two statements.
 //   - advisory-dotx: DoTx with an empty fn.
 //   - pgbouncer/raw-pgx-xact2: through PgBouncer in transaction mode, the
 //     two-round-trip floor for a transaction lock: "BEGIN;
@@ -55,6 +59,23 @@ func txCycleSubjects() []cycleSubject {
 					return err
 				}
 				return tx.Commit(ctx)
+			}
+		}},
+		{"raw-pgx-pool-xact2", func(b *testing.B) func() error {
+			pool := newPoolOn(b, dsn, 4)
+			warm(b, pool, 1)
+			begin := fmt.Sprintf("BEGIN; SELECT pg_try_advisory_xact_lock(%d)", txCycleKey)
+			return func() error {
+				c, err := pool.Acquire(ctx)
+				if err != nil {
+					return err
+				}
+				defer c.Release()
+				if _, err := c.Exec(ctx, begin); err != nil {
+					return err
+				}
+				_, err = c.Exec(ctx, "COMMIT")
+				return err
 			}
 		}},
 		{"advisory-dotx", func(b *testing.B) func() error { return dotx(b, dsn) }},
