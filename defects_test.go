@@ -124,24 +124,16 @@ func TestExecContextEndsKeepsLock(t *testing.T) {
 // set up its readiness and the registration is armed.
 func awaitWatching(t *testing.T, s *Session) {
 	t.Helper()
-	if err := watchingSoon(s); err != nil {
-		t.Fatal(err)
-	}
-}
-
-// watchingSoon is awaitWatching for a goroutine other than the test's: it
-// returns an error instead of failing the test.
-func watchingSoon(s *Session) error {
 	deadline := time.Now().Add(notHung)
 	for {
 		s.turn <- struct{}{} // the turn guards ready; taken raw, so as not to disarm it
 		in := s.ready.Load() != nil && s.ready.Load().armed
 		<-s.turn
 		if in {
-			return nil
+			return
 		}
 		if time.Now().After(deadline) {
-			return errors.New("the health watcher never watched the socket")
+			t.Fatal("the health watcher never watched the socket")
 		}
 		time.Sleep(time.Millisecond) // the watcher's state has no channel to wait on
 	}

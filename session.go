@@ -97,12 +97,9 @@ type Session struct {
 	cancel  context.CancelCauseFunc
 	done    chan struct{} // closed once the connection is given back or closed
 	watcher sync.WaitGroup
-	// armed: the session first held something, and its watcher is to
-	// start (arm); watching: it started (startWatcher). Guarded by mu.
-	armed, watching bool
-	// bound is the session's place among the clean-up statements in flight
-	// (deferred.go).
-	bound boundLink
+	// watchStart starts the watcher once the session first holds something
+	// (see arm); nil until then. Guarded by mu.
+	watchStart *time.Timer
 
 	trace *sessionTrace // nil unless traced (WithTracer, tracer.go)
 }
@@ -568,7 +565,7 @@ func (s *Session) WithConn(ctx context.Context, fn func(*pgx.Conn) error) error 
 	s.mu.Unlock()
 	s.arm()
 	s.keepClientAlive(false)
-	err := s.runFor(ctx, true, false, func(_ context.Context, c *pgx.Conn) error { return fn(c) }) // not answered: fn may send nothing
+	err := s.runFor(ctx, true, 0, func(_ context.Context, c *pgx.Conn) error { return fn(c) }) // not answered: fn may send nothing
 	if lost := s.lostErr(err); lost != nil {
 		return &Error{Op: "with_conn", Kind: ErrLockLost, Err: errors.Join(err, lost)}
 	}
@@ -642,8 +639,8 @@ func (s *Session) beginEnd(err, why error, inBackground bool) bool {
 	if inBackground {
 		s.watcher.Add(1)
 	}
-	if s.armed && !s.watching {
-		s.watcher.Done() // the watcher never started, and now never will
+	if s.watchStart != nil && s.watchStart.Stop() {
+		s.watcher.Done() // the watcher never started
 	}
 	s.cancel(why)
 	// Interrupt the statement in flight if the end is to interrupt it (run's
@@ -921,7 +918,7 @@ func (s *Session) giveTurn() {
 // cancel request, so the connection survives, and closed if that cannot be
 // done. f fails at once, sending nothing, if ctx is already done.
 func (s *Session) run(ctx context.Context, untilEnd bool, f func(context.Context, *pgx.Conn) error) error {
-	return s.answered(s.runFor(ctx, untilEnd, false, f))
+	return s.answered(s.runFor(ctx, untilEnd, 0, f))
 }
 
 // answered records, for the health watcher, that the server answered one of
@@ -936,15 +933,14 @@ func (s *Session) answered(err error) error {
 // runCleanup runs one of the library's own clean-up statements, bounded by
 // cleanupTimeout and not interrupted by the session's end.
 func (s *Session) runCleanup(f func(context.Context, *pgx.Conn) error) error {
-	return s.answered(s.runFor(context.Background(), false, true, f))
+	return s.answered(s.runFor(context.Background(), false, cleanupTimeout, f))
 }
 
-// runFor is run, and if bounded the statement is also interrupted once it
-// has run for cleanupTimeout. It allocates nothing to watch a ctx that
-// cannot end (context.Background) or the session's end (beginEnd interrupts
-// the statement in flight itself), and starts no timer of its own for the
-// bound (deferred.go).
-func (s *Session) runFor(ctx context.Context, untilEnd, bounded bool, f func(context.Context, *pgx.Conn) error) error {
+// runFor is run, and if bound > 0 the statement is also interrupted once it
+// has run for bound. It allocates nothing to watch a ctx that cannot end
+// (context.Background) or the session's end (beginEnd interrupts the
+// statement in flight itself).
+func (s *Session) runFor(ctx context.Context, untilEnd bool, bound time.Duration, f func(context.Context, *pgx.Conn) error) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
@@ -966,13 +962,11 @@ func (s *Session) runFor(ctx context.Context, untilEnd, bounded bool, f func(con
 		defer stop()
 		fctx = context.WithoutCancel(ctx)
 	}
-	if bounded {
-		boundStatement(s, gen)
+	if bound > 0 {
+		t := time.AfterFunc(bound, func() { s.interrupt(gen) })
+		defer t.Stop()
 	}
 	err := f(fctx, s.pc)
-	if bounded {
-		unbound(s)
-	}
 
 	// Wait for an interrupt already under way, so that its cancel request
 	// cannot reach a later statement.

@@ -43,25 +43,13 @@ import (
 const watchQuiet = 2 * time.Millisecond
 
 // arm tells the session it holds something to watch: the first call
-// has the watcher started after watchQuiet (deferred.go).
+// schedules the watcher to start after watchQuiet.
 func (s *Session) arm() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if !s.armed && !s.ending {
-		s.armed = true
+	if s.watchStart == nil && !s.ending {
 		s.watcher.Add(1)
-		deferStart(s)
-	}
-}
-
-// startWatcher starts the watcher that arm asked for, unless the session
-// began ending first (beginEnd then counted the watcher done).
-func (s *Session) startWatcher() {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.armed && !s.watching && !s.ending {
-		s.watching = true
-		go s.watch()
+		s.watchStart = time.AfterFunc(watchQuiet, s.watch)
 	}
 }
 
