@@ -2,6 +2,7 @@ package bench
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"testing"
 	"time"
@@ -29,6 +30,12 @@ type cycleSubject struct {
 //     connection from a pool, "BEGIN; SELECT pg_try_advisory_xact_lock(k)"
 //     in one message, COMMIT, the connection back. Against raw-pgx-session,
 //     the cost of the pool and of a transaction's two statements.
+//   - raw-pgx-pool-begintx: what DoTx sends, with raw pgx: as
+//     raw-pgx-pool-xact2, through pgx's BeginTx, with the second statement
+//     reporting the try's outcome as DoTx's does (beginTrySQL: a flip of
+//     default_transaction_read_only, which the server reports, and reports
+//     again when COMMIT undoes it). Against raw-pgx-pool-xact2, the cost of
+//     learning the outcome in the same round trip.
 //   - advisory-dotx: DoTx with an empty fn.
 //   - pgbouncer/raw-pgx-xact2: through PgBouncer in transaction mode, the
 //     two-round-trip floor for a transaction lock: "BEGIN;
@@ -76,6 +83,27 @@ func txCycleSubjects() []cycleSubject {
 				}
 				_, err = c.Exec(ctx, "COMMIT")
 				return err
+			}
+		}},
+		{"raw-pgx-pool-begintx", func(b *testing.B) func() error {
+			pool := newPoolOn(b, dsn, 4)
+			warm(b, pool, 1)
+			begin := fmt.Sprintf("BEGIN; SELECT set_config('default_transaction_read_only', "+
+				"CASE WHEN pg_try_advisory_xact_lock(%d) THEN 'on' ELSE 'off' END, true)", txCycleKey)
+			return func() error {
+				c, err := pool.Acquire(ctx)
+				if err != nil {
+					return err
+				}
+				defer c.Release()
+				tx, err := c.BeginTx(ctx, pgx.TxOptions{BeginQuery: begin})
+				if err != nil {
+					return err
+				}
+				if c.Conn().PgConn().ParameterStatus("default_transaction_read_only") != "on" {
+					return errors.New("the BEGIN's try did not get the key")
+				}
+				return tx.Commit(ctx)
 			}
 		}},
 		{"advisory-dotx", func(b *testing.B) func() error { return dotx(b, dsn) }},
