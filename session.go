@@ -12,7 +12,6 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
-	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 )
 
@@ -255,12 +254,12 @@ func (s *Session) lock(ctx context.Context, key Key, cfg config) (bool, error) {
 // if it must wait, wait slices. got == false with a nil error means not acquired: busy (waitTry)
 // or the bound passed. The caller holds the turn.
 func (s *Session) lockFirst(ctx context.Context, key Key, m Mode, w wait, end time.Time) (got bool, err error) {
-	sql, args := firstTrySQL[m][key.space-1], append(key.args(), s.keepalive...)
-	switch {
-	case s.keepaliveOn(): // set by an earlier hold of this session: not again
-		sql, args = tryDtSQL[m][key.space-1], key.args()
-	case w != waitTry: // set whatever the try's outcome: not in the wait's slices
-		sql = waitFirstTrySQL[m][key.space-1]
+	sql, args := tryDtSQL[m][key.space-1], key.args() // keep-alives set by an earlier hold of this session: not again
+	if !s.keepaliveOn() {
+		sql, args = firstTrySQL[m][key.space-1], append(args, s.keepalive...)
+		if w != waitTry { // set whatever the try's outcome: not in the wait's slices
+			sql = waitFirstTrySQL[m][key.space-1]
+		}
 	}
 	var dtMs int64
 	err = s.run(ctx, true, func(ctx context.Context, c *pgx.Conn) error {
@@ -924,7 +923,7 @@ func (s *Session) run(ctx context.Context, untilEnd bool, f func(context.Context
 // answered records, for the health watcher, that the server answered one of
 // the library's statements: it returned no error or the server's own.
 func (s *Session) answered(err error) error {
-	if pgErr := (*pgconn.PgError)(nil); err == nil || errors.As(err, &pgErr) {
+	if err == nil || sqlState(err) != "" { // only a failure pays for errors.As
 		s.lastAnswer.Store(time.Now().UnixNano())
 	}
 	return err
