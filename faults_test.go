@@ -156,3 +156,32 @@ func TestCloseCleanupTimesOut(t *testing.T) {
 	}
 	t.Logf("Close over a cut network returned after %v", time.Since(start))
 }
+
+// A clean-up statement's bound is one timer per session, reset for each
+// (interruptOverdue): after many unlocks that ended in time, an unlock over
+// a silently cut network is still interrupted at its bound, and the
+// session ends with its locks reported lost.
+func TestUnlockCleanupTimesOutAfterManyInTime(t *testing.T) {
+	e := newEnv(t)
+	pool, proxy := e.proxiedPool()
+	s, err := NewSession(e.ctx, pool, HealthInterval(time.Hour)) // the watcher only listens: it cannot notice a silent cut
+	must(t, err)
+	key := Int64Key(1614)
+	for range 20 {
+		_, err := s.Lock(e.ctx, key)
+		must(t, err)
+		must(t, s.Unlock(e.ctx, key))
+	}
+	_, err = s.Lock(e.ctx, key)
+	must(t, err)
+	proxy.Cut()
+	start := time.Now()
+	if err := s.Unlock(e.ctx, key); !errors.Is(err, ErrLockLost) {
+		t.Errorf("Unlock over a cut network = %v; want ErrLockLost", err)
+	}
+	e.awaitDone(s.Done(), "the session whose unlock got no answer")
+	if err := s.Close(e.ctx); !errors.Is(err, ErrLockLost) {
+		t.Errorf("Close = %v; want ErrLockLost", err)
+	}
+	t.Logf("Unlock over a cut network returned after %v", time.Since(start))
+}

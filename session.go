@@ -83,6 +83,12 @@ type Session struct {
 	inFlight bool        // a statement (or WithConn callback) is running
 	untilEnd bool        // the session's end interrupts the statement in flight
 	stopper  *time.Timer // closes the connection if a cancelled statement hangs
+	// overdue interrupts a clean-up statement that runs for cleanupTimeout
+	// (interruptOverdue): one timer per session, made at its first clean-up
+	// statement and reset for each; cleanupSince is when the clean-up
+	// statement in flight began (zero for any other statement).
+	overdue      *time.Timer
+	cleanupSince time.Time
 
 	mu      sync.Mutex
 	holds   map[hold]int
@@ -564,7 +570,7 @@ func (s *Session) WithConn(ctx context.Context, fn func(*pgx.Conn) error) error 
 	s.mu.Unlock()
 	s.arm()
 	s.keepClientAlive(false)
-	err := s.runFor(ctx, true, 0, func(_ context.Context, c *pgx.Conn) error { return fn(c) }) // not answered: fn may send nothing
+	err := s.runFor(ctx, true, false, func(_ context.Context, c *pgx.Conn) error { return fn(c) }) // not answered: fn may send nothing
 	if lost := s.lostErr(err); lost != nil {
 		return &Error{Op: "with_conn", Kind: ErrLockLost, Err: errors.Join(err, lost)}
 	}
@@ -917,7 +923,7 @@ func (s *Session) giveTurn() {
 // cancel request, so the connection survives, and closed if that cannot be
 // done. f fails at once, sending nothing, if ctx is already done.
 func (s *Session) run(ctx context.Context, untilEnd bool, f func(context.Context, *pgx.Conn) error) error {
-	return s.answered(s.runFor(ctx, untilEnd, 0, f))
+	return s.answered(s.runFor(ctx, untilEnd, false, f))
 }
 
 // answered records, for the health watcher, that the server answered one of
@@ -932,14 +938,15 @@ func (s *Session) answered(err error) error {
 // runCleanup runs one of the library's own clean-up statements, bounded by
 // cleanupTimeout and not interrupted by the session's end.
 func (s *Session) runCleanup(f func(context.Context, *pgx.Conn) error) error {
-	return s.answered(s.runFor(context.Background(), false, cleanupTimeout, f))
+	return s.answered(s.runFor(context.Background(), false, true, f))
 }
 
-// runFor is run, and if bound > 0 the statement is also interrupted once it
-// has run for bound. It allocates nothing to watch a ctx that cannot end
-// (context.Background) or the session's end (beginEnd interrupts the
-// statement in flight itself).
-func (s *Session) runFor(ctx context.Context, untilEnd bool, bound time.Duration, f func(context.Context, *pgx.Conn) error) error {
+// runFor is run, and if cleanup the statement is also interrupted once it
+// has run for cleanupTimeout. It allocates nothing to watch a ctx that
+// cannot end (context.Background) or the session's end (beginEnd
+// interrupts the statement in flight itself), nor, after a session's first
+// clean-up statement, for the timeout.
+func (s *Session) runFor(ctx context.Context, untilEnd, cleanup bool, f func(context.Context, *pgx.Conn) error) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
@@ -950,6 +957,15 @@ func (s *Session) runFor(ctx context.Context, untilEnd bool, bound time.Duration
 	s.stmtGen++
 	gen := s.stmtGen
 	s.inFlight, s.untilEnd = true, untilEnd
+	s.cleanupSince = time.Time{}
+	if cleanup {
+		s.cleanupSince = time.Now()
+		if s.overdue == nil {
+			s.overdue = time.AfterFunc(cleanupTimeout, s.interruptOverdue)
+		} else {
+			s.overdue.Reset(cleanupTimeout)
+		}
+	}
 	s.stmtMu.Unlock()
 	if untilEnd && s.ctx.Err() != nil { // beginEnd came just before inFlight was set
 		go s.interrupt(gen)
@@ -961,22 +977,34 @@ func (s *Session) runFor(ctx context.Context, untilEnd bool, bound time.Duration
 		defer stop()
 		fctx = context.WithoutCancel(ctx)
 	}
-	if bound > 0 {
-		t := time.AfterFunc(bound, func() { s.interrupt(gen) })
-		defer t.Stop()
-	}
 	err := f(fctx, s.pc)
 
 	// Wait for an interrupt already under way, so that its cancel request
 	// cannot reach a later statement.
 	s.stmtMu.Lock()
 	s.inFlight = false
+	if cleanup {
+		s.overdue.Stop()
+	}
 	if s.stopper != nil {
 		s.stopper.Stop()
 		s.stopper = nil
 	}
 	s.stmtMu.Unlock()
 	return err
+}
+
+// interruptOverdue interrupts the clean-up statement in flight if it has
+// run for cleanupTimeout. The timer may fire late for a statement that has
+// ended: the one in flight then began less than cleanupTimeout ago, or is
+// not a clean-up statement, and is left alone.
+func (s *Session) interruptOverdue() {
+	s.stmtMu.Lock()
+	gen, due := s.stmtGen, s.inFlight && !s.cleanupSince.IsZero() && time.Since(s.cleanupSince) >= cleanupTimeout
+	s.stmtMu.Unlock()
+	if due {
+		s.interrupt(gen)
+	}
 }
 
 // interrupt cancels statement gen if it is still in flight: it sends a
