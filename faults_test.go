@@ -3,8 +3,10 @@ package advisory
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -57,8 +59,16 @@ func TestWaitConnectionLost(t *testing.T) {
 		done := startWait(e.ctx, s, many, busy, Int64Key(1), Int64Key(2), Int64Key(-1))
 		e.awaitWaiters(1)
 		e.terminate(e.waiterPID(busy))
-		if err := <-done; !errors.Is(err, ErrLockLost) {
+		err = <-done
+		if !errors.Is(err, ErrLockLost) {
 			t.Errorf("many %v: a wait whose backend was terminated = %v; want ErrLockLost", many, err)
+		}
+		// The message says it once, on one line; Lock's names the key and,
+		// the session having held nothing, says that nothing held was lost
+		// (LockMany's errors have the zero Key).
+		if msg := fmt.Sprint(err); strings.Count(msg, ErrLockLost.Error()) != 1 || strings.Contains(msg, "\n") ||
+			(!many && (!strings.Contains(msg, busy.String()) || !strings.Contains(msg, "held no other lock"))) {
+			t.Errorf("many %v: the lost wait's message: %q", many, msg)
 		}
 		e.awaitDone(s.Done(), "the session of a wait lost")
 		if err := s.Close(e.ctx); !errors.Is(err, ErrLockLost) {

@@ -183,8 +183,8 @@ func (s *Session) lockFresh(ctx context.Context, keys []Key, cfg config, first b
 // they cannot, the session ends. runCtx is ctx, or ctx bounded by
 // WaitTimeout.
 func (s *Session) lockManyFailed(op string, key Key, ctx, runCtx context.Context, keys []Key, m Mode, byDeadline bool, err error) error {
-	if lost := s.lostErr(err); lost != nil {
-		return &Error{Op: op, Key: key, Kind: ErrLockLost, Err: errors.Join(err, lost)}
+	if s.lost(err) {
+		return &Error{Op: op, Key: key, Kind: ErrLockLost, Err: err}
 	}
 	if err := s.dropGrantedMany(keys, m); err != nil {
 		return &Error{Op: op, Key: key, Kind: ErrLockLost, Err: err}

@@ -238,7 +238,7 @@ func (s *Session) lock(ctx context.Context, key Key, cfg config) (bool, error) {
 	}
 	switch {
 	case err != nil:
-		return false, s.lockFailed(ctx, h, byDeadline, err)
+		return false, s.lockFailed(ctx, h, first, byDeadline, err)
 	case got:
 		s.mu.Lock()
 		s.holds[h] = 1
@@ -328,10 +328,15 @@ func (s *Session) keepClientAlive(userTimeout bool) {
 // server granted the lock, and a session lock outlives the statement that
 // failed, so unless the error says the lock cannot have been granted, the
 // session's own pg_locks rows decide; if that cannot be known, the session
-// ends and its connection is closed.
-func (s *Session) lockFailed(ctx context.Context, h hold, byDeadline bool, err error) error {
-	if lost := s.lostErr(err); lost != nil {
-		return keyError("lock", h.key, ErrLockLost, errors.Join(err, lost))
+// ends and its connection is closed. first: the session held nothing
+// before this lock.
+func (s *Session) lockFailed(ctx context.Context, h hold, first, byDeadline bool, err error) error {
+	if s.lost(err) {
+		if first {
+			err = fmt.Errorf("the connection was lost before the lock was granted; the session held no other lock, "+
+				"so take it again on a new connection: %w", err)
+		}
+		return keyError("lock", h.key, ErrLockLost, err)
 	}
 	kind := kindOf(err)
 	if code := sqlState(err); code != codeDeadlock && code != codeOutOfMemory {
@@ -559,8 +564,8 @@ func (s *Session) WithConn(ctx context.Context, fn func(*pgx.Conn) error) error 
 			return err
 		})
 		if err != nil {
-			if lost := s.lostErr(err); lost != nil {
-				return &Error{Op: "with_conn", Kind: ErrLockLost, Err: errors.Join(err, lost)}
+			if s.lost(err) {
+				return &Error{Op: "with_conn", Kind: ErrLockLost, Err: err}
 			}
 			return &Error{Op: "with_conn", Err: err}
 		}
@@ -571,8 +576,8 @@ func (s *Session) WithConn(ctx context.Context, fn func(*pgx.Conn) error) error 
 	s.arm()
 	s.keepClientAlive(false)
 	err := s.runFor(ctx, true, false, func(_ context.Context, c *pgx.Conn) error { return fn(c) }) // not answered: fn may send nothing
-	if lost := s.lostErr(err); lost != nil {
-		return &Error{Op: "with_conn", Kind: ErrLockLost, Err: errors.Join(err, lost)}
+	if s.lost(err) {
+		return &Error{Op: "with_conn", Kind: ErrLockLost, Err: err}
 	}
 	if s.pc.PgConn().TxStatus() != 'I' {
 		rollback := s.runCleanup(func(ctx context.Context, c *pgx.Conn) error {
@@ -808,14 +813,15 @@ func (s *Session) lose(cause error) {
 	}()
 }
 
-// lostErr reports whether err means the session's connection is gone, and
-// if so ends the session and returns its reason.
-func (s *Session) lostErr(err error) error {
+// lost reports whether err means the session's connection is gone, and if
+// so ends the session. The caller's error then matches ErrLockLost, with
+// err as its cause.
+func (s *Session) lost(err error) bool {
 	if err == nil || !s.pc.IsClosed() {
-		return nil
+		return false
 	}
 	s.lose(err)
-	return ErrLockLost
+	return true
 }
 
 // endKind is the sentinel for a call made after the session started ending.

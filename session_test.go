@@ -194,7 +194,7 @@ func TestFailedAfterGrantIsReleased(t *testing.T) {
 	must(t, err)
 	before := grantedThenCancelled.Load()
 	cancelled := &pgconn.PgError{Code: codeQueryCanceled, Message: "canceling statement due to user request"}
-	err = s.lockFailed(e.ctx, hold{key, ModeExclusive}, false, cancelled)
+	err = s.lockFailed(e.ctx, hold{key, ModeExclusive}, true, false, cancelled)
 	s.giveTurn()
 	if !errors.Is(err, cancelled) || errors.Is(err, ErrLockLost) {
 		t.Errorf("lockFailed = %v; want the cancel error, session kept", err)
