@@ -688,9 +688,13 @@ func (s *Session) interruptUntilEnd() {
 func (s *Session) finish(cause error) {
 	select {
 	case s.turn <- struct{}{}:
-	case <-time.After(cleanupTimeout):
-		s.cutOff()
-		return
+	default: // only a busy turn needs the timer
+		select {
+		case s.turn <- struct{}{}:
+		case <-time.After(cleanupTimeout):
+			s.cutOff()
+			return
+		}
 	}
 	defer s.giveTurn()
 	s.ready.Load().disarm() // the unlock's answer wakes nobody
