@@ -14,8 +14,9 @@ import (
 // The hot path's cost in allocations and in CPU, uncontended, against the
 // test server: run with -benchmem. cpu-ns/op is the CPU time the test
 // process (the client: pgx, the pool and the library, not the server)
-// spent per op, user and system, which unlike ns/op does not follow the
-// network's round-trip time. The numbers are for comparing a change
+// spent per op, user and system; it includes the Go runtime's idle
+// processor spinning after each wake-up, so it too moves with the round-trip
+// time, and compares only subjects of one run. The numbers are for comparing a change
 // before and after (the tracer hook adds none when no tracer is set), never
 // a pass/fail bound: allocations in pgx vary with its version.
 //
