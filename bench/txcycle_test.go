@@ -1,6 +1,7 @@
 package bench
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -8,6 +9,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgproto3"
 
 	"github.com/seed0ad592b7/advisory"
 	"github.com/seed0ad592b7/advisory/internal/pgtest"
@@ -44,6 +46,13 @@ type cycleSubject struct {
 //     into the cost of going through BeginTx and Commit (this one against
 //     raw-pgx-pool-xact2) and the cost of the flip and its two reports
 //     (raw-pgx-pool-begintx against this one).
+//   - raw-pgx-pool-begintx-trace: as raw-pgx-pool-begintx-noflip, learning
+//     the try's outcome from the BEGIN's command tag through the one
+//     per-connection hook that sees it inside BeginTx: pgproto3's message
+//     trace (PgConn().Frontend().Trace), set for the BEGIN and removed
+//     after it. Against raw-pgx-pool-begintx, whether that channel is
+//     cheaper than the flip. (A library could not use it as is: it would
+//     replace a trace the host set, which pgx offers no way to read back.)
 //   - advisory-dotx: DoTx with an empty fn.
 //   - pgbouncer/raw-pgx-xact2: through PgBouncer in transaction mode, the
 //     two-round-trip floor for a transaction lock: "BEGIN;
@@ -135,6 +144,30 @@ func txCycleSubjects() []cycleSubject {
 				return tx.Commit(ctx)
 			}
 		}},
+		{"raw-pgx-pool-begintx-trace", func(b *testing.B) func() error {
+			pool := newPoolOn(b, dsn, 4)
+			warm(b, pool, 1)
+			begin := fmt.Sprintf("BEGIN; SELECT 1 WHERE pg_try_advisory_xact_lock(%d)", txCycleKey)
+			return func() error {
+				c, err := pool.Acquire(ctx)
+				if err != nil {
+					return err
+				}
+				defer c.Release()
+				fe := c.Conn().PgConn().Frontend()
+				var w tagWatch
+				fe.Trace(&w, pgproto3.TracerOptions{SuppressTimestamps: true})
+				tx, err := c.BeginTx(ctx, pgx.TxOptions{BeginQuery: begin})
+				fe.Untrace()
+				if err != nil {
+					return err
+				}
+				if !w.got {
+					return errors.New("the BEGIN's try did not get the key")
+				}
+				return tx.Commit(ctx)
+			}
+		}},
 		{"advisory-dotx", func(b *testing.B) func() error { return dotx(b, dsn) }},
 		{"pgbouncer/raw-pgx-xact2", func(b *testing.B) func() error {
 			c := newConnOn(b, bouncerDSN(b))
@@ -175,4 +208,15 @@ func BenchmarkTxCycle(b *testing.B) {
 			measureCycles(b, s.open(b))
 		})
 	}
+}
+
+// tagWatch is a pgproto3 trace writer (one message per Write) that notes
+// a CommandComplete whose tag is SELECT 1.
+type tagWatch struct{ got bool }
+
+func (w *tagWatch) Write(p []byte) (int, error) {
+	if bytes.Contains(p, []byte("\tCommandComplete\t")) && bytes.HasSuffix(p, []byte(`"SELECT 1"`+"\n")) {
+		w.got = true
+	}
+	return len(p), nil
 }
