@@ -26,8 +26,10 @@ import (
 //   - handoff-split: hand-offs between a holder of one kind and a waiter
 //     of another (HOLDER_WAITER), raw pgx and Session, to tell what the
 //     releasing holder costs from what the woken waiter costs; the floor is
-//     raw-pgx_raw-pgx; pgxpool-naive on either side is the floor for
-//     advisory-acquire on that side. The holder holds for 3 ms first, as a real holder
+//     raw-pgx_raw-pgx; pgxpool-naive as the holder is the floor for an
+//     advisory-acquire holder. As the waiter it waits in one server-side
+//     wait, which SPEC §2a rules out: an advisory-acquire waiter's floor is
+//     raw-pgx-sliced. The holder holds for 3 ms first, as a real holder
 //     would, so that its health watcher watches the connection.
 func BenchmarkInterleaved(b *testing.B) {
 	ctx := context.Background()
