@@ -14,9 +14,9 @@ import (
 // The hot path's cost in allocations and in CPU, uncontended, against the
 // test server: run with -benchmem. cpu-ns/op is the CPU time the test
 // process (the client: pgx, the pool and the library, not the server)
-// spent per op, user and system; it includes the Go runtime's idle
-// processor spinning after each wake-up, so it too moves with the round-trip
-// time, and compares only subjects of one run. The numbers are for comparing a change
+// spent per op, user and system. It also counts the Go runtime's spinning
+// for work after each wake-up, so it too moves with the round-trip time:
+// compare subjects measured in one run. The numbers are for comparing a change
 // before and after (the tracer hook adds none when no tracer is set), never
 // a pass/fail bound: allocations in pgx vary with its version.
 //
@@ -104,7 +104,7 @@ func BenchmarkUncontendedSessionLockUnlock(b *testing.B) {
 	})
 }
 
-// The floor: raw pgx taking a pool connection, pg_advisory_lock,
+// Acquire's floor: raw pgx taking a pool connection, pg_advisory_lock,
 // pg_advisory_unlock (its boolean checked), the connection back.
 func BenchmarkUncontendedRawPgx(b *testing.B) {
 	pool := benchPool(b)
@@ -116,14 +116,34 @@ func BenchmarkUncontendedRawPgx(b *testing.B) {
 			b.Fatal(err)
 		}
 		defer c.Release()
-		if _, err := c.Exec(ctx, "SELECT pg_advisory_lock($1)", key.args()...); err != nil {
-			b.Fatal(err)
-		}
-		var ok bool
-		if err := c.QueryRow(ctx, "SELECT pg_advisory_unlock($1)", key.args()...).Scan(&ok); err != nil || !ok {
-			b.Fatalf("pg_advisory_unlock = %v, %v", ok, err)
-		}
+		rawLockUnlock(ctx, b, c, key)
 	})
+}
+
+// Session's floor: raw pgx's pg_advisory_lock and pg_advisory_unlock on
+// one connection kept for the whole benchmark, as a Session keeps its own.
+func BenchmarkUncontendedRawPgxConn(b *testing.B) {
+	pool := benchPool(b)
+	ctx := context.Background()
+	key := StringKey("bench-raw-conn")
+	c, err := pool.Acquire(ctx)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer c.Release()
+	loopCPU(b, func() { rawLockUnlock(ctx, b, c, key) })
+}
+
+// rawLockUnlock takes and releases key on c with raw pgx, checking the
+// boolean pg_advisory_unlock returns.
+func rawLockUnlock(ctx context.Context, b *testing.B, c *pgxpool.Conn, key Key) {
+	if _, err := c.Exec(ctx, "SELECT pg_advisory_lock($1)", key.args()...); err != nil {
+		b.Fatal(err)
+	}
+	var ok bool
+	if err := c.QueryRow(ctx, "SELECT pg_advisory_unlock($1)", key.args()...).Scan(&ok); err != nil || !ok {
+		b.Fatalf("pg_advisory_unlock = %v, %v", ok, err)
+	}
 }
 
 // nopTracer traces waits and holds and does nothing with them: the cost of

@@ -2,6 +2,7 @@ package bench
 
 import (
 	"context"
+	"math/rand/v2"
 	"strings"
 	"testing"
 	"time"
@@ -25,8 +26,10 @@ import (
 //   - handoff-split: hand-offs between a holder of one kind and a waiter
 //     of another (HOLDER_WAITER), raw pgx and Session, to tell what the
 //     releasing holder costs from what the woken waiter costs; the floor is
-//     raw-pgx_raw-pgx; pgxpool-naive on either side is the floor for
-//     advisory-acquire on that side. The holder holds for 3 ms first, as a real holder
+//     raw-pgx_raw-pgx; pgxpool-naive as the holder is the floor for an
+//     advisory-acquire holder. As the waiter it waits in one server-side
+//     wait, which SPEC §2a rules out: an advisory-acquire waiter's floor is
+//     raw-pgx-sliced. The holder holds for 3 ms first, as a real holder
 //     would, so that its health watcher watches the connection.
 func BenchmarkInterleaved(b *testing.B) {
 	ctx := context.Background()
@@ -127,9 +130,10 @@ func BenchmarkContendedInterleaved(b *testing.B) {
 // per subject in one op: enough for every client to wait many times.
 const contendedBlock = 800
 
-// interleave runs measure(i) for every subject i once per op (once more
-// first, untimed, to prepare statements and open connections), and
-// reports each subject's p50 and its ratio to the floor's, names[0].
+// interleave runs measure(i) for every subject i once per op, in a new
+// (seeded) random order each op (and once more first, untimed, to prepare
+// statements and open connections), and reports each subject's p50 and its
+// ratio to the floor's, names[0].
 func interleave(b *testing.B, names []string, measure func(i int) time.Duration) {
 	b.Helper()
 	for i := range names {
@@ -137,8 +141,14 @@ func interleave(b *testing.B, names []string, measure func(i int) time.Duration)
 	}
 	samples := make([][]time.Duration, len(names))
 	b.ResetTimer()
+	order := rand.New(rand.NewPCG(1, 2)) // the same orders in every run
 	for range b.N {
-		for i := range names {
+		// A new order per op: a subject's time depends on what ran just
+		// before it (the server and PgBouncer finishing the previous
+		// subject's work on the same cores), so a fixed order would give
+		// each subject the same neighbour, and the floor always the last
+		// subject's tail.
+		for _, i := range order.Perm(len(names)) {
 			samples[i] = append(samples[i], measure(i))
 		}
 	}

@@ -1,6 +1,7 @@
 package bench
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -8,6 +9,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgproto3"
 
 	"github.com/seed0ad592b7/advisory"
 	"github.com/seed0ad592b7/advisory/internal/pgtest"
@@ -27,15 +29,30 @@ type cycleSubject struct {
 //   - raw-pgx-xact: BEGIN, pg_advisory_xact_lock, COMMIT on one *pgx.Conn
 //     (three round trips: what pool.Begin + LockTx + Commit costs at best).
 //   - raw-pgx-pool-xact2: what DoTx does at best with raw pgx: a
-//     connection from a pool, "BEGIN; SELECT pg_try_advisory_xact_lock(k)"
-//     in one message, COMMIT, the connection back. Against raw-pgx-session,
-//     the cost of the pool and of a transaction's two statements.
+//     connection from a pool, "BEGIN; SELECT 1 WHERE
+//     pg_try_advisory_xact_lock(k)" in one message, whose command tag
+//     (SELECT 1 or SELECT 0) says whether the try got the key, COMMIT, the
+//     connection back. Against raw-pgx-session, the cost of the pool and of
+//     a transaction's two statements. Exec returns the tag; BeginTx drops it.
 //   - raw-pgx-pool-begintx: what DoTx sends, with raw pgx: as
 //     raw-pgx-pool-xact2, through pgx's BeginTx, with the second statement
 //     reporting the try's outcome as DoTx's does (beginTrySQL: a flip of
 //     default_transaction_read_only, which the server reports, and reports
 //     again when COMMIT undoes it). Against raw-pgx-pool-xact2, the cost of
-//     learning the outcome in the same round trip.
+//     learning the outcome through BeginTx rather than from the tag.
+//   - raw-pgx-pool-begintx-noflip: as raw-pgx-pool-begintx with
+//     raw-pgx-pool-xact2's BEGIN (the try's outcome is not learnt), so that
+//     the gap between raw-pgx-pool-xact2 and raw-pgx-pool-begintx splits
+//     into the cost of going through BeginTx and Commit (this one against
+//     raw-pgx-pool-xact2) and the cost of the flip and its two reports
+//     (raw-pgx-pool-begintx against this one).
+//   - raw-pgx-pool-begintx-trace: as raw-pgx-pool-begintx-noflip, learning
+//     the try's outcome from the BEGIN's command tag through the one
+//     per-connection hook that sees it inside BeginTx: pgproto3's message
+//     trace (PgConn().Frontend().Trace), set for the BEGIN and removed
+//     after it. Against raw-pgx-pool-begintx, whether that channel is
+//     cheaper than the flip. (A library could not use it as is: it would
+//     replace a trace the host set, which pgx offers no way to read back.)
 //   - advisory-dotx: DoTx with an empty fn.
 //   - pgbouncer/raw-pgx-xact2: through PgBouncer in transaction mode, the
 //     two-round-trip floor for a transaction lock: "BEGIN;
@@ -71,15 +88,19 @@ func txCycleSubjects() []cycleSubject {
 		{"raw-pgx-pool-xact2", func(b *testing.B) func() error {
 			pool := newPoolOn(b, dsn, 4)
 			warm(b, pool, 1)
-			begin := fmt.Sprintf("BEGIN; SELECT pg_try_advisory_xact_lock(%d)", txCycleKey)
+			begin := fmt.Sprintf("BEGIN; SELECT 1 WHERE pg_try_advisory_xact_lock(%d)", txCycleKey)
 			return func() error {
 				c, err := pool.Acquire(ctx)
 				if err != nil {
 					return err
 				}
 				defer c.Release()
-				if _, err := c.Exec(ctx, begin); err != nil {
+				tag, err := c.Exec(ctx, begin)
+				if err != nil {
 					return err
+				}
+				if tag.RowsAffected() != 1 {
+					return errors.New("the BEGIN's try did not get the key")
 				}
 				_, err = c.Exec(ctx, "COMMIT")
 				return err
@@ -101,6 +122,47 @@ func txCycleSubjects() []cycleSubject {
 					return err
 				}
 				if c.Conn().PgConn().ParameterStatus("default_transaction_read_only") != "on" {
+					return errors.New("the BEGIN's try did not get the key")
+				}
+				return tx.Commit(ctx)
+			}
+		}},
+		{"raw-pgx-pool-begintx-noflip", func(b *testing.B) func() error {
+			pool := newPoolOn(b, dsn, 4)
+			warm(b, pool, 1)
+			begin := fmt.Sprintf("BEGIN; SELECT 1 WHERE pg_try_advisory_xact_lock(%d)", txCycleKey)
+			return func() error {
+				c, err := pool.Acquire(ctx)
+				if err != nil {
+					return err
+				}
+				defer c.Release()
+				tx, err := c.BeginTx(ctx, pgx.TxOptions{BeginQuery: begin})
+				if err != nil {
+					return err
+				}
+				return tx.Commit(ctx)
+			}
+		}},
+		{"raw-pgx-pool-begintx-trace", func(b *testing.B) func() error {
+			pool := newPoolOn(b, dsn, 4)
+			warm(b, pool, 1)
+			begin := fmt.Sprintf("BEGIN; SELECT 1 WHERE pg_try_advisory_xact_lock(%d)", txCycleKey)
+			return func() error {
+				c, err := pool.Acquire(ctx)
+				if err != nil {
+					return err
+				}
+				defer c.Release()
+				fe := c.Conn().PgConn().Frontend()
+				var w tagWatch
+				fe.Trace(&w, pgproto3.TracerOptions{SuppressTimestamps: true})
+				tx, err := c.BeginTx(ctx, pgx.TxOptions{BeginQuery: begin})
+				fe.Untrace()
+				if err != nil {
+					return err
+				}
+				if !w.got {
 					return errors.New("the BEGIN's try did not get the key")
 				}
 				return tx.Commit(ctx)
@@ -146,4 +208,15 @@ func BenchmarkTxCycle(b *testing.B) {
 			measureCycles(b, s.open(b))
 		})
 	}
+}
+
+// tagWatch is a pgproto3 trace writer (one message per Write) that notes
+// a CommandComplete whose tag is SELECT 1.
+type tagWatch struct{ got bool }
+
+func (w *tagWatch) Write(p []byte) (int, error) {
+	if bytes.Contains(p, []byte("\tCommandComplete\t")) && bytes.HasSuffix(p, []byte(`"SELECT 1"`+"\n")) {
+		w.got = true
+	}
+	return len(p), nil
 }
