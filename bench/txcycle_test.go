@@ -10,6 +10,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgproto3"
+	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/seed0ad592b7/advisory"
 	"github.com/seed0ad592b7/advisory/internal/pgtest"
@@ -58,6 +59,44 @@ type cycleSubject struct {
 //     two-round-trip floor for a transaction lock: "BEGIN;
 //     SELECT pg_advisory_xact_lock(k)" in one message, then COMMIT.
 //   - pgbouncer/advisory-dotx: DoTx through PgBouncer (exec mode).
+//
+// The BEGINs of the raw transaction subjects: the try's outcome in the
+// command tag (SELECT 1 or SELECT 0), or reported as DoTx's BEGIN reports
+// it (beginTrySQL: a local flip of default_transaction_read_only, 'off' to
+// 'on' when the try got the key).
+var (
+	tagBegin  = fmt.Sprintf("BEGIN; SELECT 1 WHERE pg_try_advisory_xact_lock(%d)", txCycleKey)
+	flipBegin = fmt.Sprintf("BEGIN; SELECT set_config('default_transaction_read_only', "+
+		"CASE WHEN pg_try_advisory_xact_lock(%d) THEN 'on' ELSE 'off' END, true)", txCycleKey)
+)
+
+// rawBeginTx is a raw pgx transaction subject: a pool connection, begin as
+// BeginTx's BeginQuery, run by begun, which says whether the try got the
+// key; COMMIT; the connection back.
+func rawBeginTx(begin string, begun func(*pgxpool.Conn, pgx.TxOptions) (pgx.Tx, bool, error)) func(b *testing.B) func() error {
+	ctx := context.Background()
+	return func(b *testing.B) func() error {
+		pool := newPoolOn(b, dsn, 4)
+		warm(b, pool, 1)
+		opts := pgx.TxOptions{BeginQuery: begin}
+		return func() error {
+			c, err := pool.Acquire(ctx)
+			if err != nil {
+				return err
+			}
+			defer c.Release()
+			tx, got, err := begun(c, opts)
+			if err != nil {
+				return err
+			}
+			if !got {
+				return errors.New("the BEGIN's try did not get the key")
+			}
+			return tx.Commit(ctx)
+		}
+	}
+}
+
 func txCycleSubjects() []cycleSubject {
 	ctx := context.Background()
 	key := advisory.Int64Key(txCycleKey)
@@ -88,14 +127,13 @@ func txCycleSubjects() []cycleSubject {
 		{"raw-pgx-pool-xact2", func(b *testing.B) func() error {
 			pool := newPoolOn(b, dsn, 4)
 			warm(b, pool, 1)
-			begin := fmt.Sprintf("BEGIN; SELECT 1 WHERE pg_try_advisory_xact_lock(%d)", txCycleKey)
 			return func() error {
 				c, err := pool.Acquire(ctx)
 				if err != nil {
 					return err
 				}
 				defer c.Release()
-				tag, err := c.Exec(ctx, begin)
+				tag, err := c.Exec(ctx, tagBegin)
 				if err != nil {
 					return err
 				}
@@ -106,68 +144,22 @@ func txCycleSubjects() []cycleSubject {
 				return err
 			}
 		}},
-		{"raw-pgx-pool-begintx", func(b *testing.B) func() error {
-			pool := newPoolOn(b, dsn, 4)
-			warm(b, pool, 1)
-			begin := fmt.Sprintf("BEGIN; SELECT set_config('default_transaction_read_only', "+
-				"CASE WHEN pg_try_advisory_xact_lock(%d) THEN 'on' ELSE 'off' END, true)", txCycleKey)
-			return func() error {
-				c, err := pool.Acquire(ctx)
-				if err != nil {
-					return err
-				}
-				defer c.Release()
-				tx, err := c.BeginTx(ctx, pgx.TxOptions{BeginQuery: begin})
-				if err != nil {
-					return err
-				}
-				if c.Conn().PgConn().ParameterStatus("default_transaction_read_only") != "on" {
-					return errors.New("the BEGIN's try did not get the key")
-				}
-				return tx.Commit(ctx)
-			}
-		}},
-		{"raw-pgx-pool-begintx-noflip", func(b *testing.B) func() error {
-			pool := newPoolOn(b, dsn, 4)
-			warm(b, pool, 1)
-			begin := fmt.Sprintf("BEGIN; SELECT 1 WHERE pg_try_advisory_xact_lock(%d)", txCycleKey)
-			return func() error {
-				c, err := pool.Acquire(ctx)
-				if err != nil {
-					return err
-				}
-				defer c.Release()
-				tx, err := c.BeginTx(ctx, pgx.TxOptions{BeginQuery: begin})
-				if err != nil {
-					return err
-				}
-				return tx.Commit(ctx)
-			}
-		}},
-		{"raw-pgx-pool-begintx-trace", func(b *testing.B) func() error {
-			pool := newPoolOn(b, dsn, 4)
-			warm(b, pool, 1)
-			begin := fmt.Sprintf("BEGIN; SELECT 1 WHERE pg_try_advisory_xact_lock(%d)", txCycleKey)
-			return func() error {
-				c, err := pool.Acquire(ctx)
-				if err != nil {
-					return err
-				}
-				defer c.Release()
-				fe := c.Conn().PgConn().Frontend()
-				var w tagWatch
-				fe.Trace(&w, pgproto3.TracerOptions{SuppressTimestamps: true})
-				tx, err := c.BeginTx(ctx, pgx.TxOptions{BeginQuery: begin})
-				fe.Untrace()
-				if err != nil {
-					return err
-				}
-				if !w.got {
-					return errors.New("the BEGIN's try did not get the key")
-				}
-				return tx.Commit(ctx)
-			}
-		}},
+		{"raw-pgx-pool-begintx", rawBeginTx(flipBegin, func(c *pgxpool.Conn, opts pgx.TxOptions) (pgx.Tx, bool, error) {
+			tx, err := c.BeginTx(ctx, opts)
+			return tx, c.Conn().PgConn().ParameterStatus("default_transaction_read_only") == "on", err
+		})},
+		{"raw-pgx-pool-begintx-noflip", rawBeginTx(tagBegin, func(c *pgxpool.Conn, opts pgx.TxOptions) (pgx.Tx, bool, error) {
+			tx, err := c.BeginTx(ctx, opts)
+			return tx, true, err // not learnt: BeginTx drops the tag
+		})},
+		{"raw-pgx-pool-begintx-trace", rawBeginTx(tagBegin, func(c *pgxpool.Conn, opts pgx.TxOptions) (pgx.Tx, bool, error) {
+			fe := c.Conn().PgConn().Frontend()
+			var w tagWatch
+			fe.Trace(&w, pgproto3.TracerOptions{SuppressTimestamps: true})
+			tx, err := c.BeginTx(ctx, opts)
+			fe.Untrace()
+			return tx, w.got, err
+		})},
 		{"advisory-dotx", func(b *testing.B) func() error { return dotx(b, dsn) }},
 		{"pgbouncer/raw-pgx-xact2", func(b *testing.B) func() error {
 			c := newConnOn(b, bouncerDSN(b))
