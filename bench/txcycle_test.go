@@ -25,41 +25,6 @@ type cycleSubject struct {
 	open func(b *testing.B) func() error
 }
 
-// txCycleSubjects, the floor first:
-//   - raw-pgx-session: the floor, as BenchmarkCycle/raw-pgx.
-//   - raw-pgx-xact: BEGIN, pg_advisory_xact_lock, COMMIT on one *pgx.Conn
-//     (three round trips: what pool.Begin + LockTx + Commit costs at best).
-//   - raw-pgx-pool-xact2: what DoTx does at best with raw pgx: a
-//     connection from a pool, "BEGIN; SELECT 1 WHERE
-//     pg_try_advisory_xact_lock(k)" in one message, whose command tag
-//     (SELECT 1 or SELECT 0) says whether the try got the key, COMMIT, the
-//     connection back. Against raw-pgx-session, the cost of the pool and of
-//     a transaction's two statements. Exec returns the tag; BeginTx drops it.
-//   - raw-pgx-pool-begintx: what DoTx sends, with raw pgx: as
-//     raw-pgx-pool-xact2, through pgx's BeginTx, with the second statement
-//     reporting the try's outcome as DoTx's does (beginTrySQL: a flip of
-//     default_transaction_read_only, which the server reports, and reports
-//     again when COMMIT undoes it). Against raw-pgx-pool-xact2, the cost of
-//     learning the outcome through BeginTx rather than from the tag.
-//   - raw-pgx-pool-begintx-noflip: as raw-pgx-pool-begintx with
-//     raw-pgx-pool-xact2's BEGIN (the try's outcome is not learnt), so that
-//     the gap between raw-pgx-pool-xact2 and raw-pgx-pool-begintx splits
-//     into the cost of going through BeginTx and Commit (this one against
-//     raw-pgx-pool-xact2) and the cost of the flip and its two reports
-//     (raw-pgx-pool-begintx against this one).
-//   - raw-pgx-pool-begintx-trace: as raw-pgx-pool-begintx-noflip, learning
-//     the try's outcome from the BEGIN's command tag through the one
-//     per-connection hook that sees it inside BeginTx: pgproto3's message
-//     trace (PgConn().Frontend().Trace), set for the BEGIN and removed
-//     after it. Against raw-pgx-pool-begintx, whether that channel is
-//     cheaper than the flip. (A library could not use it as is: it would
-//     replace a trace the host set, which pgx offers no way to read back.)
-//   - advisory-dotx: DoTx with an empty fn.
-//   - pgbouncer/raw-pgx-xact2: through PgBouncer in transaction mode, the
-//     two-round-trip floor for a transaction lock: "BEGIN;
-//     SELECT pg_advisory_xact_lock(k)" in one message, then COMMIT.
-//   - pgbouncer/advisory-dotx: DoTx through PgBouncer (exec mode).
-//
 // The BEGINs of the raw transaction subjects: the try's outcome in the
 // command tag (SELECT 1 or SELECT 0), or reported as DoTx's BEGIN reports
 // it (beginTrySQL: a local flip of default_transaction_read_only, 'off' to
@@ -96,6 +61,41 @@ func rawBeginTx(begin string, begun func(*pgxpool.Conn, pgx.TxOptions) (pgx.Tx, 
 		}
 	}
 }
+
+// txCycleSubjects, the floor first:
+//   - raw-pgx-session: the floor, as BenchmarkCycle/raw-pgx.
+//   - raw-pgx-xact: BEGIN, pg_advisory_xact_lock, COMMIT on one *pgx.Conn
+//     (three round trips: what pool.Begin + LockTx + Commit costs at best).
+//   - raw-pgx-pool-xact2: what DoTx does at best with raw pgx: a
+//     connection from a pool, "BEGIN; SELECT 1 WHERE
+//     pg_try_advisory_xact_lock(k)" in one message, whose command tag
+//     (SELECT 1 or SELECT 0) says whether the try got the key, COMMIT, the
+//     connection back. Against raw-pgx-session, the cost of the pool and of
+//     a transaction's two statements. Exec returns the tag; BeginTx drops it.
+//   - raw-pgx-pool-begintx: what DoTx sends, with raw pgx: as
+//     raw-pgx-pool-xact2, through pgx's BeginTx, with the second statement
+//     reporting the try's outcome as DoTx's does (beginTrySQL: a flip of
+//     default_transaction_read_only, which the server reports, and reports
+//     again when COMMIT undoes it). Against raw-pgx-pool-xact2, the cost of
+//     learning the outcome through BeginTx rather than from the tag.
+//   - raw-pgx-pool-begintx-noflip: as raw-pgx-pool-begintx with
+//     raw-pgx-pool-xact2's BEGIN (the try's outcome is not learnt), so that
+//     the gap between raw-pgx-pool-xact2 and raw-pgx-pool-begintx splits
+//     into the cost of going through BeginTx and Commit (this one against
+//     raw-pgx-pool-xact2) and the cost of the flip and its two reports
+//     (raw-pgx-pool-begintx against this one).
+//   - raw-pgx-pool-begintx-trace: as raw-pgx-pool-begintx-noflip, learning
+//     the try's outcome from the BEGIN's command tag through the one
+//     per-connection hook that sees it inside BeginTx: pgproto3's message
+//     trace (PgConn().Frontend().Trace), set for the BEGIN and removed
+//     after it. Against raw-pgx-pool-begintx, whether that channel is
+//     cheaper than the flip. (A library could not use it as is: it would
+//     replace a trace the host set, which pgx offers no way to read back.)
+//   - advisory-dotx: DoTx with an empty fn.
+//   - pgbouncer/raw-pgx-xact2: through PgBouncer in transaction mode, the
+//     two-round-trip floor for a transaction lock: "BEGIN;
+//     SELECT pg_advisory_xact_lock(k)" in one message, then COMMIT.
+//   - pgbouncer/advisory-dotx: DoTx through PgBouncer (exec mode).
 
 func txCycleSubjects() []cycleSubject {
 	ctx := context.Background()
