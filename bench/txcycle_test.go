@@ -96,7 +96,6 @@ func rawBeginTx(begin string, begun func(*pgxpool.Conn, pgx.TxOptions) (pgx.Tx, 
 //     two-round-trip floor for a transaction lock: "BEGIN;
 //     SELECT pg_advisory_xact_lock(k)" in one message, then COMMIT.
 //   - pgbouncer/advisory-dotx: DoTx through PgBouncer (exec mode).
-
 func txCycleSubjects() []cycleSubject {
 	ctx := context.Background()
 	key := advisory.Int64Key(txCycleKey)
