@@ -170,7 +170,7 @@ func (s *Session) lockFresh(ctx context.Context, keys []Key, cfg config, first b
 	if *failedAt > 1 {
 		if err := s.unlockManyStatement(keys[:*failedAt-1], cfg.mode, false); err != nil {
 			s.lose(err)
-			return false, &Error{Op: "lock_many", Kind: ErrLockLost, Err: errors.Join(err, s.Err())}
+			return false, &Error{Op: "lock_many", Kind: ErrLockLost, Err: err}
 		}
 	}
 	return false, nil
@@ -238,7 +238,7 @@ func (s *Session) dropGrantedMany(keys []Key, m Mode) error {
 	}
 	if err != nil {
 		s.lose(err)
-		return errors.Join(err, s.Err())
+		return err
 	}
 	return nil
 }

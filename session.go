@@ -391,7 +391,7 @@ func (s *Session) dropIfGranted(h hold) error {
 	}
 	if err != nil {
 		s.lose(err)
-		return errors.Join(err, s.Err())
+		return err
 	}
 	return nil
 }
