@@ -333,8 +333,9 @@ func (s *Session) keepClientAlive(userTimeout bool) {
 func (s *Session) lockFailed(ctx context.Context, h hold, first, byDeadline bool, err error) error {
 	if s.lost(err) {
 		if first {
-			err = fmt.Errorf("the connection was lost before the lock was granted; the session held no other lock, "+
-				"so take it again on a new connection: %w", err)
+			err = fmt.Errorf("the connection was lost before the lock statement's answer came, and the session held no other lock: "+
+				"take the lock again on a new connection (after a network cut, the server may keep the old session's hold "+
+				"until its keep-alives end it): %w", err)
 		}
 		return keyError("lock", h.key, ErrLockLost, err)
 	}
