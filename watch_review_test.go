@@ -47,15 +47,9 @@ func assertNoSpin(t *testing.T, what string) {
 // interval has gone by, so it returned at once, for ever.
 func TestWatcherIdleAfterUnlockDoesNotSpin(t *testing.T) {
 	e := newEnv(t)
-	s, err := NewSession(e.ctx, e.pool(), HealthInterval(50*time.Millisecond))
-	must(t, err)
-	defer s.Close(e.ctx)
 	key := StringKey("review4-idle")
-	got, err := s.Lock(e.ctx, key)
-	must(t, err)
-	if !got {
-		t.Fatal("Lock returned false")
-	}
+	s := e.lockedSession(e.pool(), key, 50*time.Millisecond)
+	defer s.Close(e.ctx)
 	awaitWatching(t, s)
 	must(t, s.Unlock(e.ctx, key))
 	assertNoSpin(t, "a session that holds nothing")
@@ -72,14 +66,8 @@ func TestWatcherWaitsWhileCallerKeepsTurn(t *testing.T) {
 	if !e.tryFromKeep(other, waited) {
 		t.Fatal("the other connection could not take the key")
 	}
-	s, err := NewSession(e.ctx, e.pool(), HealthInterval(50*time.Millisecond))
-	must(t, err)
+	s := e.lockedSession(e.pool(), held, 50*time.Millisecond)
 	defer s.Close(e.ctx)
-	got, err := s.Lock(e.ctx, held)
-	must(t, err)
-	if !got {
-		t.Fatal("Lock returned false")
-	}
 	awaitWatching(t, s)
 	result := make(chan error, 1)
 	go func() {
@@ -105,14 +93,8 @@ func TestSilentCutNoticedDespiteTurnsWithoutRoundTrip(t *testing.T) {
 	proxy, pool := e.cutPool()
 	const interval = 100 * time.Millisecond
 	key := StringKey("review4-reentrant")
-	s, err := NewSession(e.ctx, pool, HealthInterval(interval))
-	must(t, err)
+	s := e.lockedSession(pool, key, interval)
 	defer s.Close(e.ctx)
-	got, err := s.Lock(e.ctx, key)
-	must(t, err)
-	if !got {
-		t.Fatal("Lock returned false")
-	}
 	awaitWatching(t, s)
 	proxy.Cut()
 	start := time.Now()

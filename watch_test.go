@@ -111,14 +111,8 @@ func TestWatcherWithoutSocketPings(t *testing.T) {
 // notification reaches the WithConn callback that waits for it.
 func TestWatcherKeepsNotifications(t *testing.T) {
 	e := newEnv(t)
-	s, err := NewSession(e.ctx, e.pool(), HealthInterval(time.Hour))
-	must(t, err)
+	s := e.lockedSession(e.pool(), StringKey("watcher-notify"), time.Hour)
 	defer s.Close(e.ctx)
-	got, err := s.Lock(e.ctx, StringKey("watcher-notify"))
-	must(t, err)
-	if !got {
-		t.Fatal("Lock returned false")
-	}
 	var pid uint32
 	must(t, s.WithConn(e.ctx, func(c *pgx.Conn) error {
 		pid = c.PgConn().PID()
@@ -158,4 +152,18 @@ func awaitPing(e *env, pid uint32) {
 		err := c.QueryRow(e.ctx, "SELECT query FROM pg_stat_activity WHERE pid = $1", int64(pid)).Scan(&query)
 		return query == "-- ping", err
 	})
+}
+
+// lockedSession opens a Session on pool checked every health interval h
+// and takes key on it, failing the test if it cannot.
+func (e *env) lockedSession(pool *pgxpool.Pool, key Key, h time.Duration) *Session {
+	e.t.Helper()
+	s, err := NewSession(e.ctx, pool, HealthInterval(h))
+	must(e.t, err)
+	got, err := s.Lock(e.ctx, key)
+	if err != nil || !got {
+		_ = s.Close(e.ctx)
+		e.t.Fatalf("Lock %s = %v, %v", key, got, err)
+	}
+	return s
 }
