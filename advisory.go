@@ -225,7 +225,7 @@ func runHeld(ctx context.Context, lock *Lock, acquireErr error, fn func(context.
 // TTL passed, or ended by ReleaseAll. In the last case, which Release does
 // not report, run returns an error matching ErrClosed joined with fn's.
 func (l *Lock) run(ctx context.Context, fn func(context.Context) error) error {
-	fnCtx, cancel := context.WithCancelCause(ctx)
+	fnCtx, cancel := context.WithCancelCause(context.WithValue(ctx, heldLockKey{}, l))
 	defer cancel(nil)
 	stop := context.AfterFunc(l.s.ctx, func() { cancel(context.Cause(l.s.ctx)) })
 	defer stop()
@@ -234,6 +234,20 @@ func (l *Lock) run(ctx context.Context, fn func(context.Context) error) error {
 		err = errors.Join(why, err)
 	}
 	return err
+}
+
+// heldLockKey is the context key of the Lock a body runs under.
+type heldLockKey struct{}
+
+// LockFromContext returns the Lock held for the body of Do, DoSemaphore or
+// Lead that ctx was given to (or derived from), for fenced work on the
+// lock's own connection: its WithConn and Exec run statements that cannot
+// land once the lock is lost. Under nested bodies it is the innermost
+// body's Lock. It returns nil for any other ctx. Once the body has
+// returned, the Lock is released and its WithConn returns ErrClosed.
+func LockFromContext(ctx context.Context) *Lock {
+	l, _ := ctx.Value(heldLockKey{}).(*Lock)
+	return l
 }
 
 // Exec runs one statement on the lock's own connection (see WithConn): it

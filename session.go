@@ -51,8 +51,8 @@ const (
 // The connection returns to the pool only when the Session knows it holds
 // no advisory lock; otherwise it is closed, never handed to another user.
 type Session struct {
-	pool      *pgxpool.Pool
-	conn      *pgxpool.Conn // for giving the connection back; use pc to talk on it
+	pool      *pgxpool.Pool // nil for a NewConnSession
+	conn      *pgxpool.Conn // for giving the connection back; use pc to talk on it; nil for a NewConnSession
 	pc        *pgx.Conn     // conn's connection, still reachable after conn is hijacked
 	health    time.Duration
 	keepalive []any // the keep-alive values for this health interval (keepaliveArgs)
@@ -155,10 +155,55 @@ func newSession(ctx context.Context, pool *pgxpool.Pool, cfg config) (*Session, 
 		}
 		return nil, e
 	}
+	s := sessionOn(conn.Conn(), cfg)
+	s.pool, s.conn = pool, conn
+	register(pool, s)
+	return s, nil
+}
+
+// NewConnSession returns a Session on conn, a connection the caller owns
+// and keeps (one that database/sql's pgx driver lent through sql.Conn.Raw,
+// for example), so that locks can be held by the very session that runs the
+// caller's own statements: they live exactly as long as that session, and a
+// statement of a dead process holds them until it ends on the server.
+// Only HealthInterval applies among opts (it sets the keep-alives).
+//
+// It is a Session as NewSession's are (waits in slices, the keep-alives set
+// while it holds locks and reset at its end, Unlock and Close checking what
+// pg_advisory_unlock returns), with three differences. It never touches conn
+// between its own calls: there is no health watcher, so a loss is found by
+// the Session's next statement (Unlock or Close then return an error
+// matching ErrLockLost, also when the caller's own statements found the
+// connection closed), and Done closes only then. Close leaves conn open to
+// the caller when the Session ends clean, and closes it when the locks'
+// state cannot be known. ReleaseAll does not reach it. The caller must not
+// use conn while a call on the Session runs, and runs its own statements
+// between them at its own risk: a pg_advisory_unlock_all of its own makes
+// the Session's unlock report the lock lost.
+//
+// It fails when conn is nil or closed, when conn is inside a transaction,
+// or when an option is invalid.
+func NewConnSession(conn *pgx.Conn, opts ...Option) (*Session, error) {
+	cfg, err := newConfig(opts)
+	if err != nil {
+		return nil, err
+	}
+	switch {
+	case conn == nil:
+		return nil, errorf("nil *pgx.Conn")
+	case conn.IsClosed():
+		return nil, &Error{Op: "session", Kind: ErrClosed, Err: errors.New("the connection is closed")}
+	case conn.PgConn().TxStatus() != 'I':
+		return nil, errorf("the connection is inside a transaction: a session lock taken there would outlive it, and its waits hold the transaction's snapshot; lock outside transactions")
+	}
+	return sessionOn(conn, cfg), nil
+}
+
+// sessionOn is a Session on pc that no pool lent (newSession sets pool and
+// conn when one did).
+func sessionOn(pc *pgx.Conn, cfg config) *Session {
 	s := &Session{
-		pool:      pool,
-		conn:      conn,
-		pc:        conn.Conn(),
+		pc:        pc,
 		health:    cfg.health,
 		keepalive: keepaliveFor(cfg.health),
 		turn:      make(chan struct{}, 1),
@@ -167,8 +212,7 @@ func newSession(ctx context.Context, pool *pgxpool.Pool, cfg config) (*Session, 
 		trace:     newSessionTrace(cfg),
 	}
 	s.ctx, s.cancel = context.WithCancelCause(context.Background())
-	register(pool, s)
-	return s, nil
+	return s
 }
 
 // Lock takes key on the session: exclusively, or with Shared(); waiting on
@@ -711,21 +755,28 @@ func (s *Session) finish(cause error) {
 	s.kaOn = false
 	s.mu.Unlock()
 	var unlockErr error
-	if clean && (len(holds) > 0 || rawUsed || kaOn) {
-		if unlockErr = s.unlockHolds(holds, rawUsed); unlockErr != nil {
-			clean = false
-			s.mu.Lock()
-			s.err = &Error{Op: "close", Kind: ErrLockLost, Err: unlockErr}
-			s.mu.Unlock()
-		}
+	switch {
+	case clean && (len(holds) > 0 || rawUsed || kaOn):
+		unlockErr = s.unlockHolds(holds, rawUsed)
+	case !clean && cause == nil && (len(holds) > 0 || rawUsed):
+		// Closed under a Close, found by none of the session's statements
+		// (its watcher's turn had not come, or it has none).
+		unlockErr = errClosedUnder
+	}
+	if unlockErr != nil {
+		clean = false
+		s.mu.Lock()
+		s.err = &Error{Op: "close", Kind: ErrLockLost, Err: unlockErr}
+		s.mu.Unlock()
 	}
 	s.ready.Load().close() // before the connection can go back to the pool; ends the watcher
-	if clean {
+	switch {
+	case clean && s.conn != nil:
 		s.clientKA.restore()
-	}
-	if clean {
 		s.conn.Release()
-	} else {
+	case clean: // a NewConnSession's connection stays with its owner
+		s.clientKA.restore()
+	default:
 		s.discard()
 	}
 	s.trace.ended(context.Cause(s.ctx), unlockErr)
@@ -777,6 +828,11 @@ func (s *Session) unlockHolds(holds []hold, rawUsed bool) error {
 var errCutOff = errors.New("a call kept the connection past the close timeout (5 s): " +
 	"the connection was closed under it, which ended the session's locks on the server; " +
 	"do not call Close or Release from inside WithConn, and return from WithConn when its context ends")
+
+// errClosedUnder is why a session ends lost whose connection was found
+// closed when it ended: closed by its owner (a NewConnSession's), or by a
+// statement that found the backend gone.
+var errClosedUnder = errors.New("the connection was closed while the session held locks: the server ended them with it")
 
 // cutOff ends a session whose turn was not given back within
 // cleanupTimeout: a WithConn callback that ignored the interruption, or
@@ -847,7 +903,10 @@ const discardTimeout = time.Second
 // a cut network never answers, and meanwhile every Acquire on a small pool
 // would wait. The caller holds the turn.
 func (s *Session) discard() {
-	c := s.conn.Hijack()
+	c := s.pc
+	if s.conn != nil {
+		c = s.conn.Hijack()
+	}
 	nc := c.PgConn().Conn()
 	_ = nc.SetDeadline(time.Now().Add(discardTimeout))
 	_ = c.Close(context.Background()) // the socket's deadline bounds it, not a context handler

@@ -43,11 +43,12 @@ import (
 const watchQuiet = 2 * time.Millisecond
 
 // arm tells the session it holds something to watch: the first call
-// schedules the watcher to start after watchQuiet.
+// schedules the watcher to start after watchQuiet. A NewConnSession has no
+// watcher: its owner uses the connection between the session's calls.
 func (s *Session) arm() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.watchStart == nil && !s.ending {
+	if s.watchStart == nil && !s.ending && s.conn != nil {
 		s.watcher.Add(1)
 		s.watchStart = time.AfterFunc(watchQuiet, s.watch)
 	}
