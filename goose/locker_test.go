@@ -478,4 +478,3 @@ type otherConn struct{}
 func (otherConn) Prepare(string) (driver.Stmt, error) { return nil, errors.New("not supported") }
 func (otherConn) Close() error                        { return nil }
 func (otherConn) Begin() (driver.Tx, error)           { return nil, errors.New("not supported") }
-
