@@ -10,9 +10,7 @@ import (
 	"strings"
 	"testing"
 	"testing/fstest"
-	"time"
 
-	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 	_ "github.com/jackc/pgx/v5/stdlib"
@@ -39,9 +37,6 @@ func TestMain(m *testing.M) {
 		os.Setenv("DATABASE_URL", s.DSN) // where the example connects, as a program would
 	}))
 }
-
-// gooseKey is compat.Goose() as the bigint pg_locks shows.
-var gooseKey = int64(4097083626)
 
 // migrations are the test's goose migrations: a table, written in a
 // transaction that also sleeps for sleep seconds (so that a test can find
@@ -97,98 +92,21 @@ func TestInstance(t *testing.T) {
 	}
 }
 
-// prepare makes a database for the test, with the runs table the
-// migrations write to, and returns its DSN and a connection to it.
-func prepare(t *testing.T) (string, *pgx.Conn) {
-	t.Helper()
-	dsn := migrationtest.NewDatabase(t, server)
-	ctx, cancel := context.WithTimeout(context.Background(), migrationtest.Timeout)
-	defer cancel()
-	c, err := pgx.Connect(ctx, dsn)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close(context.Background()) })
-	if _, err := c.Exec(ctx, "CREATE TABLE runs (pid int)"); err != nil {
-		t.Fatal(err)
-	}
-	return dsn, c
-}
-
-// runners returns the backends that ran migration 1 and committed.
-func runners(t *testing.T, c *pgx.Conn) []uint32 {
-	t.Helper()
-	rows, err := c.Query(context.Background(), "SELECT pid FROM runs")
-	if err != nil {
-		t.Fatal(err)
-	}
-	pids, err := pgx.CollectRows(rows, pgx.RowTo[uint32])
-	if err != nil {
-		t.Fatal(err)
-	}
-	return pids
-}
-
-// checkIndex fails t unless migration 2's index was built and is valid.
-func checkIndex(t *testing.T, c *pgx.Conn) {
-	t.Helper()
-	var valid bool
-	err := c.QueryRow(context.Background(), "SELECT indisvalid FROM pg_index WHERE indexrelid = 'items_id'::regclass").Scan(&valid)
-	if err != nil || !valid {
-		t.Errorf("the concurrently built index: valid %v, %v; want a valid index", valid, err)
-	}
-}
-
-// deadlockTimeout is the server's deadlock_timeout: a wait slice is shorter.
-func deadlockTimeout(t *testing.T, c *pgx.Conn) time.Duration {
-	t.Helper()
-	var ms int64
-	if err := c.QueryRow(context.Background(), "SELECT setting::int8 FROM pg_settings WHERE name = 'deadlock_timeout'").Scan(&ms); err != nil {
-		t.Fatal(err)
-	}
-	return time.Duration(ms) * time.Millisecond
-}
-
 // N instances start at once: exactly one migrates (CREATE INDEX
 // CONCURRENTLY included), the others wait and then find nothing to do; no
 // waiter holds a snapshot for as long as deadlock_timeout.
 func TestInstancesAtOnce(t *testing.T) {
-	dsn, c := prepare(t)
+	dsn, c := migrationtest.Prepare(t, server)
 	const n = 4
 	children := make([]*migrationtest.Child, n)
 	for i := range children {
 		children[i] = migrationtest.Start(t, "TestInstance", "guarded", dsn, "SLEEP=1.5")
 	}
-	exited := make(chan struct{})
-	go func() {
+	waiters := migrationtest.SampleWaiters(t, c, compat.Goose(), func() {
 		for _, ch := range children {
 			_ = ch.Wait(t)
 		}
-		close(exited)
-	}()
-	var (
-		waitSamples int
-		longest     time.Duration
-	)
-	for sampling := true; sampling; {
-		select {
-		case <-exited:
-			sampling = false
-		case <-time.After(10 * time.Millisecond): // sampling the server
-		}
-		backends, err := migrationtest.Activity(context.Background(), c, gooseKey)
-		if err != nil {
-			t.Fatal(err)
-		}
-		for _, b := range backends {
-			if b.WaitLock {
-				waitSamples++
-				if b.XminAge != nil {
-					longest = max(longest, *b.XminAge)
-				}
-			}
-		}
-	}
+	})
 	applied := map[string]int{}
 	for i, ch := range children {
 		if err := ch.Wait(t); err != nil {
@@ -199,18 +117,8 @@ func TestInstancesAtOnce(t *testing.T) {
 	if applied["2"] != 1 || applied["0"] != n-1 {
 		t.Errorf("migrations applied per instance: %v; want one instance applying 2 and %d applying 0", applied, n-1)
 	}
-	if pids := runners(t, c); len(pids) != 1 {
-		t.Errorf("migration 1 ran in backends %v; want exactly one", pids)
-	}
-	checkIndex(t, c)
-	if waitSamples == 0 {
-		t.Error("no instance was ever seen waiting on the server: the test proved nothing about waiters")
-	}
-	dt := deadlockTimeout(t, c)
-	if longest >= dt {
-		t.Errorf("a waiter held a snapshot for %v; want less than deadlock_timeout (%v): waits are sliced", longest, dt)
-	}
-	t.Logf("%d samples of waiting instances; the longest a waiter's statement held a snapshot: %v (deadlock_timeout %v)", waitSamples, longest, dt)
+	migrationtest.CheckMigrated(t, c)
+	waiters.Check(t, c)
 }
 
 // The migrating instance is killed (SIGKILL) in the middle of a statement
@@ -219,116 +127,22 @@ func TestInstancesAtOnce(t *testing.T) {
 // backend holds it or migrates; the next instance then migrates from
 // scratch (the dead one's transaction was rolled back).
 func TestKilledMigrator(t *testing.T) {
-	dsn, c := prepare(t)
-	ctx, cancel := context.WithTimeout(context.Background(), migrationtest.Timeout)
-	defer cancel()
+	dsn, c := migrationtest.Prepare(t, server)
 	a := migrationtest.Start(t, "TestInstance", "guarded", dsn, "SLEEP=3")
-	dead := awaitSleeping(t, ctx, c, 0)
+	dead := migrationtest.AwaitSleeping(t, c, compat.Goose(), 0)
 	b := migrationtest.Start(t, "TestInstance", "guarded", dsn, "SLEEP=0")
-	awaitWaiting(t, ctx, c, dead)
-
+	migrationtest.AwaitWaiting(t, c, compat.Goose(), dead)
 	if err := a.Cmd.Process.Kill(); err != nil {
 		t.Fatal(err)
 	}
 	_ = a.Wait(t)
-	outlived := 0 // samples where the dead instance's statement still ran
-	for {
-		backends, err := migrationtest.Activity(ctx, c, gooseKey)
-		if err != nil {
-			t.Fatal(err)
-		}
-		// The dead instance's backend, as long as it shows: while its
-		// statement runs it holds the key, and while it runs or holds the
-		// key nobody else holds it. (An exiting backend releases its locks
-		// a moment before it leaves pg_stat_activity.)
-		alive, busy := false, false
-		for _, bk := range backends {
-			if bk.PID != dead {
-				continue
-			}
-			alive = true
-			held := bk.Granted != nil && *bk.Granted
-			if bk.State == "active" {
-				if !held {
-					t.Fatalf("the dead instance's backend %d runs %q without the key: %+v", dead, bk.Query, backends)
-				}
-				outlived++
-			}
-			busy = held || bk.State == "active"
-		}
-		for _, bk := range backends {
-			if busy && bk.PID != dead && bk.Granted != nil && *bk.Granted {
-				t.Fatalf("backend %d holds the key while the dead instance's backend %d still runs or holds it: %+v", bk.PID, dead, backends)
-			}
-		}
-		if !alive {
-			break
-		}
-		if ctx.Err() != nil {
-			t.Fatal("the dead instance's backend never ended")
-		}
-	}
-	if outlived == 0 {
-		t.Error("the dead instance's statement was never seen running after its process died: the test proved nothing")
-	}
+	migrationtest.AwaitDeadBackend(t, server, c, compat.Goose(), dead)
 	if err := b.Wait(t); err != nil || b.Result("applied") != "2" {
 		t.Errorf("the next instance: %v, applied %q; want 2 migrations applied; output:\n%s", err, b.Result("applied"), b.Output())
 	}
-	if pids := runners(t, c); len(pids) != 1 || pids[0] == dead {
-		t.Errorf("migration 1 committed by backends %v; want one, not the dead instance's %d", pids, dead)
-	}
-	checkIndex(t, c)
-	lines := migrationtest.LogLines(t, server, dead)
-	t.Logf("%d samples saw the dead instance's statement still running after SIGKILL; its backend's server log:\n%s", outlived, strings.Join(lines, "\n"))
-	if !strings.Contains(strings.Join(lines, "\n"), "disconnection") {
-		t.Errorf("the server log has no disconnection of the dead instance's backend %d", dead)
-	}
-}
-
-// awaitSleeping waits until a backend other than not runs migration 1's
-// pg_sleep holding the key (the lock and the migration share a session),
-// and returns it.
-func awaitSleeping(t *testing.T, ctx context.Context, c *pgx.Conn, not uint32) uint32 {
-	t.Helper()
-	for {
-		backends, err := migrationtest.Activity(ctx, c, gooseKey)
-		if err != nil {
-			t.Fatalf("awaiting a migration in pg_sleep holding the key: %v", err)
-		}
-		for _, b := range backends {
-			if b.PID != not && strings.Contains(b.Query, "pg_sleep") && b.State == "active" {
-				if b.Granted == nil || !*b.Granted {
-					t.Fatalf("backend %d migrates without holding the key: %+v", b.PID, backends)
-				}
-				return b.PID
-			}
-		}
-		select {
-		case <-ctx.Done():
-			t.Fatal("no migration was seen in pg_sleep holding the key")
-		case <-time.After(5 * time.Millisecond): // polling a server state
-		}
-	}
-}
-
-// awaitWaiting waits until a backend other than holder waits for the key.
-func awaitWaiting(t *testing.T, ctx context.Context, c *pgx.Conn, holder uint32) {
-	t.Helper()
-	for {
-		backends, err := migrationtest.Activity(ctx, c, gooseKey)
-		if err != nil {
-			t.Fatalf("awaiting a waiter: %v", err)
-		}
-		for _, b := range backends {
-			if b.PID != holder && b.WaitLock {
-				return
-			}
-		}
-		select {
-		case <-ctx.Done():
-			t.Fatal("no instance was seen waiting for the key")
-		case <-time.After(5 * time.Millisecond): // polling a server state
-		}
+	migrationtest.CheckMigrated(t, c)
+	if pids := migrationtest.Runners(t, c); len(pids) == 1 && pids[0] == dead {
+		t.Errorf("migration 1 committed by the dead instance's backend %d", dead)
 	}
 }
 
@@ -337,7 +151,7 @@ func awaitWaiting(t *testing.T, ctx context.Context, c *pgx.Conn, holder uint32)
 func TestExcludesGooseLocker(t *testing.T) {
 	for _, plainFirst := range []bool{true, false} {
 		t.Run(fmt.Sprintf("plain-first=%v", plainFirst), func(t *testing.T) {
-			dsn, c := prepare(t)
+			dsn, c := migrationtest.Prepare(t, server)
 			ctx, cancel := context.WithTimeout(context.Background(), migrationtest.Timeout)
 			defer cancel()
 			plain, err := lock.NewPostgresSessionLocker(lock.WithLockTimeout(1, 60))
@@ -361,10 +175,10 @@ func TestExcludesGooseLocker(t *testing.T) {
 				}()
 			}
 			start(0, "1.5")
-			first := awaitSleeping(t, ctx, c, 0)
+			first := migrationtest.AwaitSleeping(t, c, compat.Goose(), 0)
 			start(1, "0")
 			if plainFirst { // goose's own locker polls with pg_try_advisory_lock: only ours shows as a waiter
-				awaitWaiting(t, ctx, c, first)
+				migrationtest.AwaitWaiting(t, c, compat.Goose(), first)
 			}
 			var got [2]result
 			for i := range results {
@@ -376,7 +190,7 @@ func TestExcludesGooseLocker(t *testing.T) {
 			if got[0].applied != 2 || got[1].applied != 0 {
 				t.Errorf("applied: first %d, second %d; want 2 and 0", got[0].applied, got[1].applied)
 			}
-			if pids := runners(t, c); len(pids) != 1 || pids[0] != first {
+			if pids := migrationtest.Runners(t, c); len(pids) != 1 || pids[0] != first {
 				t.Errorf("migration 1 committed by backends %v; want only the first instance's %d", pids, first)
 			}
 		})
@@ -386,7 +200,7 @@ func TestExcludesGooseLocker(t *testing.T) {
 // goose run inside advisory.Do on the key its SessionLocker locks would
 // wait for its own lock for ever: SessionLock refuses at once.
 func TestRefusesSelfDeadlock(t *testing.T) {
-	dsn, c := prepare(t)
+	dsn, c := migrationtest.Prepare(t, server)
 	ctx, cancel := context.WithTimeout(context.Background(), migrationtest.Timeout)
 	defer cancel()
 	pool, err := pgxpool.New(ctx, dsn)
@@ -405,7 +219,7 @@ func TestRefusesSelfDeadlock(t *testing.T) {
 	if !errors.Is(upErr, ErrHeldByCaller) {
 		t.Errorf("goose up under Do on the same key = %v; want ErrHeldByCaller", upErr)
 	}
-	if pids := runners(t, c); len(pids) != 0 {
+	if pids := migrationtest.Runners(t, c); len(pids) != 0 {
 		t.Errorf("migration 1 ran in %v; want not at all", pids)
 	}
 	if n := pool.Stat().AcquiredConns(); n != 0 {
@@ -417,7 +231,7 @@ func TestRefusesSelfDeadlock(t *testing.T) {
 // migration, is terminated): the migration's statement fails with the
 // session, and SessionUnlock reports ErrLockLost.
 func TestLockLostDuringMigration(t *testing.T) {
-	dsn, c := prepare(t)
+	dsn, c := migrationtest.Prepare(t, server)
 	ctx, cancel := context.WithTimeout(context.Background(), migrationtest.Timeout)
 	defer cancel()
 	done := make(chan error, 1)
@@ -425,7 +239,7 @@ func TestLockLostDuringMigration(t *testing.T) {
 		_, err := up(ctx, dsn, NewSessionLocker(compat.Goose()), "30")
 		done <- err
 	}()
-	pid := awaitSleeping(t, ctx, c, 0)
+	pid := migrationtest.AwaitSleeping(t, c, compat.Goose(), 0)
 	var ok bool
 	if err := c.QueryRow(ctx, "SELECT pg_terminate_backend($1)", int64(pid)).Scan(&ok); err != nil || !ok {
 		t.Fatalf("pg_terminate_backend = %v, %v", ok, err)
@@ -438,7 +252,7 @@ func TestLockLostDuringMigration(t *testing.T) {
 	if !errors.As(err, &pgErr) || pgErr.Code != "57P01" {
 		t.Errorf("goose up whose lock was lost = %v; want the migration's statement failed with 57P01 (admin shutdown)", err)
 	}
-	if pids := runners(t, c); len(pids) != 0 {
+	if pids := migrationtest.Runners(t, c); len(pids) != 0 {
 		t.Errorf("migration 1 committed by %v; want nothing committed", pids)
 	}
 }

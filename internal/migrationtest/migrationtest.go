@@ -18,6 +18,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
+	"github.com/seed0ad592b7/advisory"
 	"github.com/seed0ad592b7/advisory/internal/pgtest"
 )
 
@@ -191,19 +192,22 @@ type Backend struct {
 	WaitLock bool           // waits on an advisory lock
 }
 
-// Activity returns the client backends of database dsn's, with their hold
-// of key (classid, objid; a bigint key) and how long those holding a
-// snapshot have held it (the age of their running statement or
-// transaction, a bound of the snapshot's age).
-func Activity(ctx context.Context, c *pgx.Conn, key int64) ([]Backend, error) {
+// Holds reports whether the backend holds the key.
+func (b Backend) Holds() bool { return b.Granted != nil && *b.Granted }
+
+// Activity returns the client backends of c's database, with their hold
+// of key and, for those holding a snapshot, the age of their running
+// statement or transaction (a bound of the snapshot's age).
+func Activity(ctx context.Context, c *pgx.Conn, key advisory.Key) ([]Backend, error) {
+	classid, objid, objsubid := key.LockRow()
 	rows, err := c.Query(ctx, `SELECT a.pid, coalesce(a.state, ''), a.query, l.granted,
 			CASE WHEN a.backend_xmin IS NOT NULL THEN clock_timestamp() - coalesce(a.xact_start, a.query_start) END,
 			coalesce(a.wait_event_type = 'Lock' AND a.wait_event = 'advisory', false)
 		FROM pg_stat_activity a
-		LEFT JOIN pg_locks l ON l.pid = a.pid AND l.locktype = 'advisory' AND l.objsubid = 1
-			AND l.classid::int8 = ($1::int8 >> 32) AND l.objid::int8 = ($1::int8 & 4294967295)
+		LEFT JOIN pg_locks l ON l.pid = a.pid AND l.locktype = 'advisory'
+			AND l.classid::int8 = $1 AND l.objid::int8 = $2 AND l.objsubid = $3
 		WHERE a.datname = current_database() AND a.backend_type = 'client backend' AND a.pid <> pg_backend_pid()
-		ORDER BY a.pid`, key)
+		ORDER BY a.pid`, int64(classid), int64(objid), objsubid)
 	if err != nil {
 		return nil, err
 	}
@@ -212,6 +216,207 @@ func Activity(ctx context.Context, c *pgx.Conn, key int64) ([]Backend, error) {
 		err := r.Scan(&b.PID, &b.State, &b.Query, &b.Granted, &b.XminAge, &b.WaitLock)
 		return b, err
 	})
+}
+
+// await polls Activity until found returns true, failing t with what
+// after Timeout.
+func await(t *testing.T, c *pgx.Conn, key advisory.Key, what string, found func([]Backend) bool) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), Timeout)
+	defer cancel()
+	for {
+		backends, err := Activity(ctx, c, key)
+		if err != nil {
+			t.Fatalf("awaiting %s: %v", what, err)
+		}
+		if found(backends) {
+			return
+		}
+		select {
+		case <-ctx.Done():
+			t.Fatalf("awaiting %s: not seen within %v", what, Timeout)
+		case <-time.After(5 * time.Millisecond): // polling a server state
+		}
+	}
+}
+
+// AwaitSleeping waits until a backend other than not runs a migration's
+// pg_sleep, and returns it; t fails if that backend does not hold key (the
+// lock and the migration must share a session).
+func AwaitSleeping(t *testing.T, c *pgx.Conn, key advisory.Key, not uint32) (pid uint32) {
+	t.Helper()
+	await(t, c, key, "a migration in pg_sleep", func(backends []Backend) bool {
+		for _, b := range backends {
+			if b.PID != not && strings.Contains(b.Query, "pg_sleep") && b.State == "active" {
+				if !b.Holds() {
+					t.Fatalf("backend %d migrates without holding %s: %+v", b.PID, key, backends)
+				}
+				pid = b.PID
+				return true
+			}
+		}
+		return false
+	})
+	return pid
+}
+
+// AwaitWaiting waits until a backend other than holder waits on an
+// advisory lock.
+func AwaitWaiting(t *testing.T, c *pgx.Conn, key advisory.Key, holder uint32) {
+	t.Helper()
+	await(t, c, key, "an instance waiting for the key", func(backends []Backend) bool {
+		for _, b := range backends {
+			if b.PID != holder && b.WaitLock {
+				return true
+			}
+		}
+		return false
+	})
+}
+
+// AwaitDeadBackend follows the backend of a killed migrator (dead) until it
+// leaves pg_stat_activity, failing t unless, at every look, it held key
+// while its statement ran and no other backend held key while it ran or
+// held it. (An exiting backend releases its locks a moment before it
+// leaves pg_stat_activity.) It fails t too if the statement was never seen
+// running (the test then proved nothing), and logs the dead backend's
+// server log lines.
+func AwaitDeadBackend(t *testing.T, srv *pgtest.Server, c *pgx.Conn, key advisory.Key, dead uint32) {
+	t.Helper()
+	outlived := 0 // looks that saw the dead instance's statement still running
+	await(t, c, key, fmt.Sprintf("the end of the killed migrator's backend %d", dead), func(backends []Backend) bool {
+		alive, busy := false, false
+		for _, b := range backends {
+			if b.PID != dead {
+				continue
+			}
+			alive = true
+			if b.State == "active" {
+				if !b.Holds() {
+					t.Fatalf("the dead instance's backend %d runs %q without the key: %+v", dead, b.Query, backends)
+				}
+				outlived++
+			}
+			busy = b.Holds() || b.State == "active"
+		}
+		for _, b := range backends {
+			if busy && b.PID != dead && b.Holds() {
+				t.Fatalf("backend %d holds the key while the dead instance's backend %d still runs or holds it: %+v", b.PID, dead, backends)
+			}
+		}
+		return !alive
+	})
+	if outlived == 0 {
+		t.Error("the dead instance's statement was never seen running after its process died: the test proved nothing")
+	}
+	lines := LogLines(t, srv, dead)
+	t.Logf("%d looks saw the dead instance's statement still running after SIGKILL; its backend's server log:\n%s", outlived, strings.Join(lines, "\n"))
+	if !strings.Contains(strings.Join(lines, "\n"), "disconnection") {
+		t.Errorf("the server log has no disconnection of the dead instance's backend %d", dead)
+	}
+}
+
+// Waiters is what sampling saw of the instances waiting for a key.
+type Waiters struct {
+	Samples int           // looks at a waiting backend
+	Longest time.Duration // the longest a waiter's statement held a snapshot
+}
+
+// SampleWaiters looks at the waiters for key every 10 ms until wait returns.
+func SampleWaiters(t *testing.T, c *pgx.Conn, key advisory.Key, wait func()) Waiters {
+	t.Helper()
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		wait()
+	}()
+	var w Waiters
+	for sampling := true; sampling; {
+		select {
+		case <-done:
+			sampling = false
+		case <-time.After(10 * time.Millisecond): // sampling the server
+		}
+		backends, err := Activity(context.Background(), c, key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, b := range backends {
+			if b.WaitLock {
+				w.Samples++
+				if b.XminAge != nil {
+					w.Longest = max(w.Longest, *b.XminAge)
+				}
+			}
+		}
+	}
+	return w
+}
+
+// Check fails t unless waiters were seen, none of them holding a snapshot
+// for as long as the server's deadlock_timeout (waits are sliced).
+func (w Waiters) Check(t *testing.T, c *pgx.Conn) {
+	t.Helper()
+	var ms int64
+	if err := c.QueryRow(context.Background(), "SELECT setting::int8 FROM pg_settings WHERE name = 'deadlock_timeout'").Scan(&ms); err != nil {
+		t.Fatal(err)
+	}
+	dt := time.Duration(ms) * time.Millisecond
+	if w.Samples == 0 {
+		t.Error("no instance was ever seen waiting on the server: the test proved nothing about waiters")
+	}
+	if w.Longest >= dt {
+		t.Errorf("a waiter held a snapshot for %v; want less than deadlock_timeout (%v): waits are sliced", w.Longest, dt)
+	}
+	t.Logf("%d samples of waiting instances; the longest a waiter's statement held a snapshot: %v (deadlock_timeout %v)", w.Samples, w.Longest, dt)
+}
+
+// Runners returns the backends that ran the first migration and committed
+// (the migrations write pg_backend_pid() to the table runs).
+func Runners(t *testing.T, c *pgx.Conn) []uint32 {
+	t.Helper()
+	rows, err := c.Query(context.Background(), "SELECT pid FROM runs")
+	if err != nil {
+		t.Fatal(err)
+	}
+	pids, err := pgx.CollectRows(rows, pgx.RowTo[uint32])
+	if err != nil {
+		t.Fatal(err)
+	}
+	return pids
+}
+
+// CheckMigrated fails t unless the first migration committed exactly once
+// and the index the second builds concurrently (items_id) is valid.
+func CheckMigrated(t *testing.T, c *pgx.Conn) {
+	t.Helper()
+	if pids := Runners(t, c); len(pids) != 1 {
+		t.Errorf("the first migration committed in backends %v; want exactly one", pids)
+	}
+	var valid bool
+	err := c.QueryRow(context.Background(), "SELECT indisvalid FROM pg_index WHERE indexrelid = 'items_id'::regclass").Scan(&valid)
+	if err != nil || !valid {
+		t.Errorf("the concurrently built index: valid %v, %v; want a valid index", valid, err)
+	}
+}
+
+// Prepare makes a database of its own for the test (NewDatabase) with the
+// table runs the migrations write to, and returns its DSN and a
+// connection to it, closed when the test ends.
+func Prepare(t *testing.T, srv *pgtest.Server) (string, *pgx.Conn) {
+	t.Helper()
+	dsn := NewDatabase(t, srv)
+	ctx, cancel := context.WithTimeout(context.Background(), Timeout)
+	defer cancel()
+	c, err := pgx.Connect(ctx, dsn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close(context.Background()) })
+	if _, err := c.Exec(ctx, "CREATE TABLE runs (pid int)"); err != nil {
+		t.Fatal(err)
+	}
+	return dsn, c
 }
 
 // LogLines returns the server log's lines written by backend pid (the log
