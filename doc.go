@@ -159,7 +159,15 @@
 // still believe it holds the lock while the server has already granted it to
 // another session: work that must never overlap runs on the lock's own
 // connection through WithConn (or Lock.Exec), whose statements fail once the
-// session is gone. A TTL bounds how long a lock may be held at all.
+// session is gone; the body of Do, DoSemaphore and Lead finds its Lock with
+// LockFromContext. A TTL bounds how long a lock may be held at all.
+//
+// NewConnSession puts a Session on a connection the caller owns, such as the
+// one database/sql lends a migration tool: the lock then lives exactly as
+// long as the session that runs the tool's statements (the goose module's
+// SessionLocker is built on it). It has no health watcher, since its owner
+// uses the connection between the Session's calls: a loss shows at the
+// Session's next call.
 //
 // Lead elects one leader per key: candidates wait on the server, so when a
 // leader's session ends the next candidate takes over as soon as the server

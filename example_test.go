@@ -165,9 +165,18 @@ func ExampleLead() {
 	}
 	defer pool.Close()
 
+	if _, err := pool.Exec(context.Background(), "CREATE TABLE example_runs (at timestamptz)"); err != nil {
+		log.Fatal(err)
+	}
+	defer pool.Exec(context.Background(), "DROP TABLE example_runs")
+
 	ctx, shutDown := context.WithCancel(context.Background())
 	err = advisory.Lead(ctx, pool, advisory.StringKey("scheduler"), func(ctx context.Context) error {
 		fmt.Println("leading: the scheduler runs")
+		// A fenced write, on the lock's own connection: it cannot land once
+		// this instance has lost the lead, even if it learns so late.
+		tag, err := advisory.LockFromContext(ctx).Exec(ctx, "INSERT INTO example_runs VALUES (now())")
+		fmt.Println("fenced write:", tag, err)
 		shutDown() // for the example: the process is told to stop
 		<-ctx.Done()
 		fmt.Println("stepped down")
@@ -176,6 +185,7 @@ func ExampleLead() {
 	fmt.Println("Lead returned:", err)
 	// Output:
 	// leading: the scheduler runs
+	// fenced write: INSERT 0 1 <nil>
 	// stepped down
 	// Lead returned: context canceled
 }
@@ -250,9 +260,12 @@ func ExampleHolders() {
 
 // A migration guard: every instance migrates at start-up, and the lock
 // makes them take turns. The first applies the migration; the others wait,
-// then find nothing left to do. The lock and the migration share one
-// transaction, so they end together: no instance can ever see half a
-// migration, even if one dies midway.
+// then find nothing left to do. The migration runs on the lock's own
+// connection (LockFromContext, then WithConn): CREATE INDEX CONCURRENTLY
+// cannot run in a transaction (so not in DoTx), the waiters hold no
+// snapshot that would block it, and its statements cannot run once the
+// lock is lost. For goose and golang-migrate, see the README's "Migration
+// guards".
 func Example_migrationGuard() {
 	ctx := context.Background()
 	pool, err := pgxpool.New(ctx, os.Getenv("DATABASE_URL"))
@@ -262,24 +275,31 @@ func Example_migrationGuard() {
 	defer pool.Close()
 
 	var applied atomic.Int32
-	migrate := func(ctx context.Context, tx pgx.Tx) error {
-		_, err := tx.Exec(ctx, "CREATE TABLE IF NOT EXISTS example_migrations (version int PRIMARY KEY)")
-		if err != nil {
-			return err
-		}
-		var done bool
-		err = tx.QueryRow(ctx, "SELECT EXISTS (SELECT FROM example_migrations WHERE version = 1)").Scan(&done)
-		if err != nil || done {
-			return err
-		}
-		if _, err := tx.Exec(ctx, "CREATE TABLE example_accounts (id bigint PRIMARY KEY)"); err != nil {
-			return err
-		}
-		if _, err := tx.Exec(ctx, "INSERT INTO example_migrations VALUES (1)"); err != nil {
-			return err
-		}
-		applied.Add(1)
-		return nil
+	migrate := func(ctx context.Context) error {
+		lock := advisory.LockFromContext(ctx)
+		return lock.WithConn(ctx, func(c *pgx.Conn) error {
+			ctx := context.WithoutCancel(ctx) // WithConn cancels the statement if ctx ends
+			_, err := c.Exec(ctx, "CREATE TABLE IF NOT EXISTS example_migrations (version int PRIMARY KEY)")
+			if err != nil {
+				return err
+			}
+			var done bool
+			err = c.QueryRow(ctx, "SELECT EXISTS (SELECT FROM example_migrations WHERE version = 1)").Scan(&done)
+			if err != nil || done {
+				return err
+			}
+			for _, sql := range []string{
+				"CREATE TABLE example_accounts (id bigint PRIMARY KEY, email text)",
+				"CREATE INDEX CONCURRENTLY example_accounts_email ON example_accounts (email)",
+				"INSERT INTO example_migrations VALUES (1)",
+			} {
+				if _, err := c.Exec(ctx, sql); err != nil {
+					return err
+				}
+			}
+			applied.Add(1)
+			return nil
+		})
 	}
 
 	const instances = 3
@@ -287,7 +307,7 @@ func Example_migrationGuard() {
 	errs := make([]error, instances)
 	for i := range instances {
 		wg.Go(func() {
-			_, errs[i] = advisory.DoTx(ctx, pool, advisory.StringKey("migrations"), migrate,
+			_, errs[i] = advisory.Do(ctx, pool, advisory.StringKey("migrations"), migrate,
 				advisory.WaitTimeout(time.Minute))
 		})
 	}
