@@ -10,6 +10,7 @@ import (
 	"strings"
 	"testing"
 	"testing/fstest"
+	"time"
 
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
@@ -292,3 +293,68 @@ type otherConn struct{}
 func (otherConn) Prepare(string) (driver.Stmt, error) { return nil, errors.New("not supported") }
 func (otherConn) Close() error                        { return nil }
 func (otherConn) Begin() (driver.Tx, error)           { return nil, errors.New("not supported") }
+
+// SessionLock and SessionUnlock on a *sql.Conn: the lock is on that
+// connection's backend with the keep-alives set, and SessionUnlock gives the
+// connection back as it was; a bounded wait for a key held elsewhere ends
+// with advisory.ErrTimeout, holding nothing.
+func TestSessionLockOnConn(t *testing.T) {
+	dsn, c := migrationtest.Prepare(t, server)
+	ctx, cancel := context.WithTimeout(context.Background(), migrationtest.Timeout)
+	defer cancel()
+	db, err := sql.Open("pgx", dsn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	conn, err := db.Conn(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	show := func() (pid uint32, idle string) {
+		t.Helper()
+		if err := conn.QueryRowContext(ctx, "SELECT pg_backend_pid(), current_setting('tcp_keepalives_idle')").Scan(&pid, &idle); err != nil {
+			t.Fatal(err)
+		}
+		return pid, idle
+	}
+	pid, lent := show()
+	key := advisory.StringKey("advisorygoose-conn")
+	l := NewSessionLocker(key)
+	if err := l.SessionLock(ctx, conn); err != nil {
+		t.Fatal(err)
+	}
+	backends, err := migrationtest.Activity(ctx, c, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, b := range backends {
+		if b.Holds() != (b.PID == pid) {
+			t.Errorf("backend %d holds %s: %v; want only the *sql.Conn's backend %d to hold it", b.PID, key, b.Holds(), pid)
+		}
+	}
+	if _, idle := show(); idle == lent {
+		t.Errorf("tcp_keepalives_idle while locked = %s; want the lock's, not the connection's own", idle)
+	}
+	bounded := NewSessionLocker(key, advisory.WaitTimeout(300*time.Millisecond))
+	other, err := db.Conn(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := bounded.SessionLock(ctx, other); !errors.Is(err, advisory.ErrTimeout) {
+		t.Errorf("a bounded SessionLock of a held key = %v; want ErrTimeout", err)
+	}
+	if err := other.Close(); err != nil {
+		t.Error(err)
+	}
+	if err := l.SessionUnlock(ctx, conn); err != nil {
+		t.Fatal(err)
+	}
+	if _, idle := show(); idle != lent {
+		t.Errorf("tcp_keepalives_idle after SessionUnlock = %s; want the connection's own %s", idle, lent)
+	}
+	if err := l.SessionUnlock(ctx, conn); err == nil {
+		t.Error("a second SessionUnlock succeeded")
+	}
+}

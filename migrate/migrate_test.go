@@ -225,3 +225,33 @@ func TestExcludesPlain(t *testing.T) {
 		}
 	}
 }
+
+// The recipe's session is lost during a migration (its backend, which runs
+// the migration, is terminated): the migration fails with the session, and
+// the recipe's release reports advisory.ErrLockLost.
+func TestLockLostDuringMigration(t *testing.T) {
+	dsn, c := migrationtest.Prepare(t, server)
+	_, key := keys(t, dsn)
+	ctx, cancel := context.WithTimeout(context.Background(), migrationtest.Timeout)
+	defer cancel()
+	done := make(chan error, 1)
+	go func() {
+		_, err := migrateGuarded(ctx, dsn, migrations("30"))
+		done <- err
+	}()
+	pid := migrationtest.AwaitSleeping(t, c, key, 0)
+	var ok bool
+	if err := c.QueryRow(ctx, "SELECT pg_terminate_backend($1)", int64(pid)).Scan(&ok); err != nil || !ok {
+		t.Fatalf("pg_terminate_backend = %v, %v", ok, err)
+	}
+	err := <-done
+	if !errors.Is(err, advisory.ErrLockLost) {
+		t.Errorf("the recipe whose lock was lost = %v; want an error matching advisory.ErrLockLost", err)
+	}
+	if err == nil || !strings.Contains(err.Error(), "57P01") {
+		t.Errorf("the recipe whose lock was lost = %v; want the migration's failure (57P01) in it", err)
+	}
+	if pids := migrationtest.Runners(t, c); len(pids) != 0 {
+		t.Errorf("migration 1 committed by %v; want nothing committed", pids)
+	}
+}
