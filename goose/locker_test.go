@@ -24,20 +24,12 @@ import (
 	"github.com/seed0ad592b7/advisory/internal/pgtest"
 )
 
-// The tests migrate a real PostgreSQL started by the advisory module's
-// internal/pgtest, each in a database of its own; instances that must be
-// killed are child processes of the test binary (TestInstance).
+// The tests migrate a real PostgreSQL (migrationtest.RunMain), each in a
+// database of its own; instances that must be killed are child processes
+// of the test binary (TestInstance).
 var server *pgtest.Server
 
-func TestMain(m *testing.M) {
-	if os.Getenv(migrationtest.EnvRole) != "" { // a child: the server is the parent's
-		os.Exit(m.Run())
-	}
-	os.Exit(pgtest.RunMain(m, migrationtest.Options, func(s *pgtest.Server) {
-		server = s
-		os.Setenv("DATABASE_URL", s.DSN) // where the example connects, as a program would
-	}))
-}
+func TestMain(m *testing.M) { os.Exit(migrationtest.RunMain(m, &server)) }
 
 // migrations are the test's goose migrations: a table, written in a
 // transaction that also sleeps for sleep seconds (so that a test can find
@@ -99,22 +91,7 @@ func TestInstance(t *testing.T) {
 func TestInstancesAtOnce(t *testing.T) {
 	dsn, c := migrationtest.Prepare(t, server)
 	const n = 4
-	children := make([]*migrationtest.Child, n)
-	for i := range children {
-		children[i] = migrationtest.Start(t, "TestInstance", "guarded", dsn, "SLEEP=1.5")
-	}
-	waiters := migrationtest.SampleWaiters(t, c, compat.Goose(), func() {
-		for _, ch := range children {
-			_ = ch.Wait(t)
-		}
-	})
-	applied := map[string]int{}
-	for i, ch := range children {
-		if err := ch.Wait(t); err != nil {
-			t.Errorf("instance %d: %v; output:\n%s", i, err, ch.Output())
-		}
-		applied[ch.Result("applied")]++
-	}
+	applied, waiters := migrationtest.AtOnce(t, c, compat.Goose(), dsn, n)
 	if applied["2"] != 1 || applied["0"] != n-1 {
 		t.Errorf("migrations applied per instance: %v; want one instance applying 2 and %d applying 0", applied, n-1)
 	}
@@ -129,15 +106,7 @@ func TestInstancesAtOnce(t *testing.T) {
 // scratch (the dead one's transaction was rolled back).
 func TestKilledMigrator(t *testing.T) {
 	dsn, c := migrationtest.Prepare(t, server)
-	a := migrationtest.Start(t, "TestInstance", "guarded", dsn, "SLEEP=3")
-	dead := migrationtest.AwaitSleeping(t, c, compat.Goose(), 0)
-	b := migrationtest.Start(t, "TestInstance", "guarded", dsn, "SLEEP=0")
-	migrationtest.AwaitWaiting(t, c, compat.Goose(), dead)
-	if err := a.Cmd.Process.Kill(); err != nil {
-		t.Fatal(err)
-	}
-	_ = a.Wait(t)
-	migrationtest.AwaitDeadBackend(t, server, c, compat.Goose(), dead)
+	dead, b := migrationtest.KillMigrator(t, server, c, compat.Goose(), dsn)
 	if err := b.Wait(t); err != nil || b.Result("applied") != "2" {
 		t.Errorf("the next instance: %v, applied %q; want 2 migrations applied; output:\n%s", err, b.Result("applied"), b.Output())
 	}

@@ -20,20 +20,12 @@ import (
 	"github.com/seed0ad592b7/advisory/internal/pgtest"
 )
 
-// The tests migrate a real PostgreSQL started by the advisory module's
-// internal/pgtest, each in a database of its own; instances that must be
-// killed are child processes of the test binary (TestInstance).
+// The tests migrate a real PostgreSQL (migrationtest.RunMain), each in a
+// database of its own; instances that must be killed are child processes
+// of the test binary (TestInstance).
 var server *pgtest.Server
 
-func TestMain(m *testing.M) {
-	if os.Getenv(migrationtest.EnvRole) != "" { // a child: the server is the parent's
-		os.Exit(m.Run())
-	}
-	os.Exit(pgtest.RunMain(m, migrationtest.Options, func(s *pgtest.Server) {
-		server = s
-		os.Setenv("DATABASE_URL", s.DSN) // where the example connects, as a program would
-	}))
-}
+func TestMain(m *testing.M) { os.Exit(migrationtest.RunMain(m, &server)) }
 
 // migrations are the test's: a table, made in one implicit transaction
 // that records which backend ran it in runs (a table the test made) and
@@ -117,22 +109,7 @@ func TestInstancesAtOnce(t *testing.T) {
 	dsn, c := migrationtest.Prepare(t, server)
 	key, _ := keys(t, dsn)
 	const n = 4
-	children := make([]*migrationtest.Child, n)
-	for i := range children {
-		children[i] = migrationtest.Start(t, "TestInstance", "guarded", dsn, "SLEEP=1.5")
-	}
-	waiters := migrationtest.SampleWaiters(t, c, key, func() {
-		for _, ch := range children {
-			_ = ch.Wait(t)
-		}
-	})
-	applied := map[string]int{}
-	for i, ch := range children {
-		if err := ch.Wait(t); err != nil {
-			t.Errorf("instance %d: %v; output:\n%s", i, err, ch.Output())
-		}
-		applied[ch.Result("applied")]++
-	}
+	applied, waiters := migrationtest.AtOnce(t, c, key, dsn, n)
 	if applied["true"] != 1 || applied["false"] != n-1 {
 		t.Errorf("instances that applied migrations: %v; want one true and %d false", applied, n-1)
 	}
@@ -151,15 +128,7 @@ func TestKilledMigrator(t *testing.T) {
 	// migrate's own lock takes only the api spelling: a migration running on
 	// a backend that holds the cli spelling runs on the recipe's session.
 	_, key := keys(t, dsn)
-	a := migrationtest.Start(t, "TestInstance", "guarded", dsn, "SLEEP=3")
-	dead := migrationtest.AwaitSleeping(t, c, key, 0)
-	b := migrationtest.Start(t, "TestInstance", "guarded", dsn, "SLEEP=0")
-	migrationtest.AwaitWaiting(t, c, key, dead)
-	if err := a.Cmd.Process.Kill(); err != nil {
-		t.Fatal(err)
-	}
-	_ = a.Wait(t)
-	migrationtest.AwaitDeadBackend(t, server, c, key, dead)
+	dead, b := migrationtest.KillMigrator(t, server, c, key, dsn)
 	if err := b.Wait(t); err == nil || !strings.Contains(b.Output(), "Dirty database version 1") {
 		t.Errorf("the next instance: %v; want golang-migrate's dirty version error; output:\n%s", err, b.Output())
 	}

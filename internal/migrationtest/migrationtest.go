@@ -29,6 +29,20 @@ var Options = pgtest.Options{Local: true, Settings: map[string]string{
 	"log_disconnections": "on",
 }}
 
+// RunMain runs a migration module's tests on a server started by
+// pgtest.RunMain with Options, stored in *server, and with DATABASE_URL
+// pointing at it (where the examples connect, as a program would). A child
+// process (EnvRole set) runs its one test without a server of its own.
+func RunMain(m *testing.M, server **pgtest.Server) int {
+	if os.Getenv(EnvRole) != "" {
+		return m.Run()
+	}
+	return pgtest.RunMain(m, Options, func(s *pgtest.Server) {
+		*server = s
+		os.Setenv("DATABASE_URL", s.DSN)
+	})
+}
+
 // EnvRole names the role a child process of the test binary plays; EnvDSN
 // the database it migrates.
 const (
@@ -314,6 +328,50 @@ func AwaitDeadBackend(t *testing.T, srv *pgtest.Server, c *pgx.Conn, key advisor
 	if !strings.Contains(strings.Join(lines, "\n"), "disconnection") {
 		t.Errorf("the server log has no disconnection of the dead instance's backend %d", dead)
 	}
+}
+
+// AtOnce starts n instances at once (the test TestInstance, role
+// "guarded", migration 1 sleeping 1.5 s), samples the waiters for key until
+// they have all exited, fails t for any that failed, and returns how many
+// reported each "applied" result, and what the sampling saw.
+func AtOnce(t *testing.T, c *pgx.Conn, key advisory.Key, dsn string, n int) (applied map[string]int, w Waiters) {
+	t.Helper()
+	children := make([]*Child, n)
+	for i := range children {
+		children[i] = Start(t, "TestInstance", "guarded", dsn, "SLEEP=1.5")
+	}
+	w = SampleWaiters(t, c, key, func() {
+		for _, ch := range children {
+			_ = ch.Wait(t)
+		}
+	})
+	applied = map[string]int{}
+	for i, ch := range children {
+		if err := ch.Wait(t); err != nil {
+			t.Errorf("instance %d: %v; output:\n%s", i, err, ch.Output())
+		}
+		applied[ch.Result("applied")]++
+	}
+	return applied, w
+}
+
+// KillMigrator starts a guarded instance (TestInstance) whose migration 1
+// sleeps 3 s, and a second one once the first migrates holding key; it
+// kills the first with SIGKILL mid-statement once the second waits, and
+// follows the dead backend to its end (AwaitDeadBackend). It returns the
+// dead instance's backend and the second instance, still running.
+func KillMigrator(t *testing.T, srv *pgtest.Server, c *pgx.Conn, key advisory.Key, dsn string) (dead uint32, next *Child) {
+	t.Helper()
+	a := Start(t, "TestInstance", "guarded", dsn, "SLEEP=3")
+	dead = AwaitSleeping(t, c, key, 0)
+	next = Start(t, "TestInstance", "guarded", dsn, "SLEEP=0")
+	AwaitWaiting(t, c, key, dead)
+	if err := a.Cmd.Process.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	_ = a.Wait(t)
+	AwaitDeadBackend(t, srv, c, key, dead)
+	return dead, next
 }
 
 // Waiters is what sampling saw of the instances waiting for a key.
