@@ -30,7 +30,8 @@ const (
 )
 
 // Session is one connection taken from a pool and kept for as long as the
-// Session lives, holding any number of session-level advisory locks.
+// Session lives, holding any number of session-level advisory locks (or a
+// connection its caller lends it: NewConnSession).
 //
 // Holds are re-entrant with PostgreSQL's counts: Lock a key twice, Unlock it
 // twice. Shared and exclusive holds of one key are counted separately. The
