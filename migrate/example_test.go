@@ -24,21 +24,53 @@ import (
 // instance applied anything.
 func migrateGuarded(ctx context.Context, dsn string, fsys fs.FS) (applied bool, err error) {
 	// 1. A *sql.DB of exactly one connection: every Conn is the same session.
-	db, err := sql.Open("pgx", dsn)
+	db, err := openOne(dsn)
 	if err != nil {
 		return false, err
+	}
+	defer db.Close()
+
+	// 2. Take migrate's key on it, waiting in slices (no snapshot held).
+	s, err := guard(ctx, db)
+	if err != nil {
+		return false, err
+	}
+
+	// 3. migrate takes the same connection: its own lock is granted at once.
+	m, err := newMigrate(db, fsys)
+	if err != nil {
+		return false, errors.Join(err, s.Close(ctx))
+	}
+	err = m.Up()
+	applied = err == nil
+	if errors.Is(err, migrate.ErrNoChange) {
+		err = nil
+	}
+	// 4. Release on the same session (idle now), then close migrate and db.
+	releaseErr := s.Close(ctx)
+	srcErr, dbErr := m.Close()
+	return applied, errors.Join(err, releaseErr, srcErr, dbErr)
+}
+
+// openOne opens a *sql.DB of exactly one connection that never expires.
+func openOne(dsn string) (*sql.DB, error) {
+	db, err := sql.Open("pgx", dsn)
+	if err != nil {
+		return nil, err
 	}
 	db.SetMaxOpenConns(1)
 	db.SetMaxIdleConns(1)
 	db.SetConnMaxLifetime(0)
 	db.SetConnMaxIdleTime(0)
-	defer db.Close()
+	return db, nil
+}
 
-	// 2. Take migrate's key on it, waiting in slices (no snapshot held).
-	var s *advisory.Session
+// guard takes the keys golang-migrate locks on db's one connection, in
+// slices, and returns the Session holding them on it.
+func guard(ctx context.Context, db *sql.DB) (s *advisory.Session, err error) {
 	conn, err := db.Conn(ctx)
 	if err != nil {
-		return false, err
+		return nil, err
 	}
 	err = conn.Raw(func(dc any) error {
 		pc := dc.(*stdlib.Conn).Conn()
@@ -63,22 +95,9 @@ func migrateGuarded(ctx context.Context, dsn string, fsys fs.FS) (applied bool, 
 		if s != nil {
 			err = errors.Join(err, s.Close(ctx))
 		}
-		return false, err
+		return nil, err
 	}
-	// 3. migrate takes the same connection: its own lock is granted at once.
-	m, err := newMigrate(db, fsys)
-	if err != nil {
-		return false, errors.Join(err, s.Close(ctx))
-	}
-	err = m.Up()
-	applied = err == nil
-	if errors.Is(err, migrate.ErrNoChange) {
-		err = nil
-	}
-	// 4. Release on the same session (idle now), then close migrate and db.
-	releaseErr := s.Close(ctx)
-	srcErr, dbErr := m.Close()
-	return applied, errors.Join(err, releaseErr, srcErr, dbErr)
+	return s, nil
 }
 
 // newMigrate is golang-migrate on db (its pgx/v5 driver) with fsys's

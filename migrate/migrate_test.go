@@ -224,3 +224,68 @@ func TestLockLostDuringMigration(t *testing.T) {
 		t.Errorf("migration 1 committed by %v; want nothing committed", pids)
 	}
 }
+
+// The guarded connection breaks between the guard and migrate: database/sql
+// then hands migrate a new connection, which does not hold the guard's
+// keys. migrate's own lock still excludes other instances there (in one
+// unsliced wait), the migration runs, and the release reports
+// advisory.ErrLockLost.
+func TestGuardLostBeforeMigrate(t *testing.T) {
+	dsn, c := migrationtest.Prepare(t, server)
+	api, cli := keys(t, dsn)
+	ctx, cancel := context.WithTimeout(context.Background(), migrationtest.Timeout)
+	defer cancel()
+	db, err := openOne(dsn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	s, err := guard(ctx, db)
+	if err != nil {
+		t.Fatal(err)
+	}
+	backends, err := migrationtest.Activity(ctx, c, cli)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var guarded uint32
+	for _, b := range backends {
+		if b.Holds() {
+			guarded = b.PID
+		}
+	}
+	var ok bool
+	if err := c.QueryRow(ctx, "SELECT pg_terminate_backend($1)", int64(guarded)).Scan(&ok); err != nil || !ok {
+		t.Fatalf("pg_terminate_backend(%d) = %v, %v", guarded, ok, err)
+	}
+	done := make(chan error, 1)
+	var m *migrate.Migrate
+	go func() {
+		var err error
+		if m, err = newMigrate(db, migrations("1")); err == nil {
+			err = m.Up()
+		}
+		done <- err
+	}()
+	migrating := migrationtest.AwaitSleeping(t, c, api, guarded) // migrate's own lock, on a new connection
+	backends, err = migrationtest.Activity(ctx, c, cli)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, b := range backends {
+		if b.PID == migrating && b.Holds() {
+			t.Errorf("the new connection %d holds the guard's key", migrating)
+		}
+	}
+	if err := <-done; err != nil {
+		t.Errorf("migrate on the replaced connection: %v", err)
+	}
+	if err := s.Close(ctx); !errors.Is(err, advisory.ErrLockLost) {
+		t.Errorf("the guard's release after its connection broke = %v; want ErrLockLost", err)
+	}
+	if m != nil {
+		if srcErr, dbErr := m.Close(); srcErr != nil || dbErr != nil {
+			t.Errorf("closing migrate: %v, %v", srcErr, dbErr)
+		}
+	}
+}
