@@ -298,7 +298,11 @@ func AwaitWaiting(t *testing.T, c *pgx.Conn, key advisory.Key, holder uint32) {
 func AwaitDeadBackend(t *testing.T, srv *pgtest.Server, c *pgx.Conn, key advisory.Key, dead uint32) {
 	t.Helper()
 	outlived := 0 // looks that saw the dead instance's statement still running
+	var first, last []Backend
 	await(t, c, key, fmt.Sprintf("the end of the killed migrator's backend %d", dead), func(backends []Backend) bool {
+		if first == nil {
+			first = backends
+		}
 		alive, busy := false, false
 		for _, b := range backends {
 			if b.PID != dead {
@@ -312,6 +316,7 @@ func AwaitDeadBackend(t *testing.T, srv *pgtest.Server, c *pgx.Conn, key advisor
 				outlived++
 			}
 			busy = b.Holds() || b.State == "active"
+			last = backends
 		}
 		for _, b := range backends {
 			if busy && b.PID != dead && b.Holds() {
@@ -323,6 +328,8 @@ func AwaitDeadBackend(t *testing.T, srv *pgtest.Server, c *pgx.Conn, key advisor
 	if outlived == 0 {
 		t.Error("the dead instance's statement was never seen running after its process died: the test proved nothing")
 	}
+	t.Logf("pg_stat_activity with the key's pg_locks row, first look after the kill:\n%s\nlast look that saw the dead backend %d:\n%s",
+		formatBackends(first), dead, formatBackends(last))
 	lines := LogLines(t, srv, dead)
 	t.Logf("%d looks saw the dead instance's statement still running after SIGKILL; its backend's server log:\n%s", outlived, strings.Join(lines, "\n"))
 	if !strings.Contains(strings.Join(lines, "\n"), "disconnection") {
@@ -372,6 +379,21 @@ func KillMigrator(t *testing.T, srv *pgtest.Server, c *pgx.Conn, key advisory.Ke
 	_ = a.Wait(t)
 	AwaitDeadBackend(t, srv, c, key, dead)
 	return dead, next
+}
+
+// formatBackends prints backends one a line: pid, state, whether it holds
+// or waits for the key, and its query's first line.
+func formatBackends(backends []Backend) string {
+	var b strings.Builder
+	for _, bk := range backends {
+		granted := "-"
+		if bk.Granted != nil {
+			granted = fmt.Sprint(*bk.Granted)
+		}
+		query, _, _ := strings.Cut(bk.Query, "\n")
+		fmt.Fprintf(&b, "  pid %d state %q granted %s waiting %v query %.80q\n", bk.PID, bk.State, granted, bk.WaitLock, query)
+	}
+	return b.String()
 }
 
 // Waiters is what sampling saw of the instances waiting for a key.
