@@ -45,6 +45,10 @@ func addKeyFlags(fs *flag.FlagSet, verb string) *keyFlags {
 	return k
 }
 
+// emptyName is the usage message for an empty NAME given without
+// --empty-key, in every command that takes a NAME.
+const emptyName = "the NAME is empty (an unset variable?); add --empty-key if you mean the empty name"
+
 // check returns a usage message when more than one key flag was given, or
 // none when required.
 func (k *keyFlags) check(required bool) string {
@@ -54,7 +58,7 @@ func (k *keyFlags) check(required bool) string {
 	case len(k.given) == 0 && required:
 		return "missing the key: give --key NAME, --id N or --pair A,B"
 	case len(k.given) == 1 && k.given[0] == "--key" && k.name == "" && !*k.emptyName:
-		return "--key '': the NAME is empty (an unset variable?); add --empty-key if you mean the empty name"
+		return "--key '': " + emptyName
 	}
 	return ""
 }

@@ -3,6 +3,7 @@ package main
 import (
 	"fmt"
 	"io"
+	"slices"
 	"strconv"
 	"strings"
 	"text/tabwriter"
@@ -13,12 +14,13 @@ import (
 )
 
 func cmdKey(args []string, stdout, stderr io.Writer) int {
-	c := newCommand("key", "pglock key [--slots N] NAME...\n  pglock key --tool goose|migrate|rails|sqlx-migrate [ARG...]",
+	c := newCommand("key", "pglock key [--slots N] [--empty-key] NAME...\n  pglock key --tool goose|migrate|rails|sqlx-migrate [ARG...]",
 		`Prints, for each NAME, the key "pglock run --key NAME" locks: XXH64 (seed 0)
 of NAME's UTF-8 bytes, in hex (as "xxhsum -H1" prints it) and as the bigint
 pg_advisory_lock takes, and the classid, objid and objsubid of its pg_locks
 row. It needs no database. A NAME with spaces or control characters is
-printed quoted.
+printed quoted. An empty NAME is refused without --empty-key, as by
+"pglock run" and "pglock status".
 
 With --slots N, prints instead, for each NAME, the N slot keys of the
 semaphore "pglock run --key NAME --slots N" takes one of (slot i, from 0, is
@@ -39,6 +41,7 @@ DATABASE is the name SELECT current_database() returns.
 	tool := c.fs.String("tool", "", "print the key `TOOL` locks: goose, migrate, rails or sqlx-migrate")
 	var slots slotsFlag
 	c.fs.Var(&slots, "slots", "print the `N` slot keys of the semaphore on each NAME")
+	emptyKey := c.fs.Bool("empty-key", false, "allow an empty NAME (refused otherwise, as it is usually an unset variable)")
 	if code := c.parse(args, stdout, stderr); code >= 0 {
 		return code
 	}
@@ -54,6 +57,9 @@ DATABASE is the name SELECT current_database() returns.
 	}
 	if c.fs.NArg() == 0 {
 		return c.usageError(stderr, "missing NAME")
+	}
+	if slices.Contains(c.fs.Args(), "") && !*emptyKey {
+		return c.usageError(stderr, emptyName)
 	}
 	tw := tabwriter.NewWriter(stdout, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(tw, "XXH64\tINT64\tCLASSID\tOBJID\tOBJSUBID\tNAME")

@@ -13,7 +13,7 @@ import (
 func TestKey(t *testing.T) {
 	e := newEnv(t)
 	names := []string{"migrations", "", "a b", "nightly-report", "ünïcødé ✓", "tab\there"}
-	p := e.pglock(nil, append([]string{"key", "--"}, names...)...)
+	p := e.pglock(nil, append([]string{"key", "--empty-key", "--"}, names...)...)
 	e.want(p, 0)
 	lines := strings.Split(strings.TrimSpace(p.stdout.String()), "\n")
 	if len(lines) != len(names)+1 {

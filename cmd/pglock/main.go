@@ -38,7 +38,7 @@ Usage:
              -- CMD [ARG...]
   pglock status [--key NAME [--empty-key] | --id N | --pair A,B] [--keys] [--json]
                 [--watch [DUR]] [--dsn DSN]
-  pglock key [--slots N] NAME...
+  pglock key [--slots N] [--empty-key] NAME...
   pglock key --tool TOOL [ARG...]
   pglock demo [--dsn DSN]
   pglock help [COMMAND]

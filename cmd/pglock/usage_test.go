@@ -1,8 +1,11 @@
 package main
 
 import (
+	"strconv"
 	"strings"
 	"testing"
+
+	"github.com/seed0ad592b7/advisory"
 )
 
 func TestUsage(t *testing.T) {
@@ -57,6 +60,10 @@ func TestUsageRoughEdges(t *testing.T) {
 	}{
 		{[]string{"run", "--key", "", "--", "true"}, "--empty-key"},
 		{[]string{"run", "--key=", "--", "true"}, "--empty-key"},
+		{[]string{"status", "--key", ""}, "--empty-key"},
+		{[]string{"key", ""}, "--empty-key"},
+		{[]string{"key", "a", ""}, "--empty-key"},
+		{[]string{"key", "--slots", "2", ""}, "--empty-key"},
 		{[]string{"run", "--key", "k", "--no-wait", "--timeout", "5", "--", "true"}, "not both"},
 		{[]string{"run", "--dsn", "", "--key", "k", "--", "true"}, "empty connection string"},
 		{[]string{"status", "--dsn="}, "empty connection string"},
@@ -72,10 +79,18 @@ func TestUsageRoughEdges(t *testing.T) {
 		}
 	}
 	// --id and --pair both allow spaces around their numbers; --empty-key
-	// allows the empty name.
+	// allows the empty name, in every command that takes a NAME.
 	for _, args := range [][]string{{"--id", " 5 "}, {"--pair", " 1 , 2 "}, {"--key", "", "--empty-key"}} {
 		p := e.pglock(nil, append(append([]string{"run", e.dsnArg()}, args...), "--", "true")...)
 		e.want(p, 0)
+	}
+	for _, args := range [][]string{{"key", "--empty-key", "--slots", "2", ""}, {"status", e.dsnArg(), "--key", "", "--empty-key"}} {
+		e.want(e.pglock(nil, args...), 0)
+	}
+	p := e.pglock(nil, "key", "--empty-key", "")
+	e.want(p, 0)
+	if v, _ := advisory.StringKey("").Int64(); !strings.Contains(p.stdout.String(), strconv.FormatInt(v, 10)) {
+		t.Errorf("pglock key --empty-key '' printed %q, want the empty name's key %d", p.stdout.String(), v)
 	}
 }
 
