@@ -33,8 +33,27 @@ const maxAppName = 63
 // must never be printed.
 type conn struct {
 	dsn     string // "" means: the libpq PG* environment variables
-	from    string // "--dsn", "DATABASE_URL" or "PG* environment"
+	from    string // "--dsn", "DATABASE_URL", "PG* environment" or fromNothing
 	secrets []string
+}
+
+// fromNothing is conn.from when no --dsn, DATABASE_URL or PG* variable
+// names a database: pgx then tries libpq's defaults (a local socket, the
+// user's name).
+const fromNothing = "libpq's defaults (nothing configured)"
+
+// dbEnv are the variables that say a database is configured: with none of
+// them (and no --dsn) nothing is, and the demo starts its own server.
+var dbEnv = []string{"DATABASE_URL", "PGHOST", "PGPORT", "PGDATABASE", "PGUSER", "PGSERVICE"}
+
+// configured reports whether the environment names a database.
+func configured() bool {
+	for _, v := range dbEnv {
+		if os.Getenv(v) != "" {
+			return true
+		}
+	}
+	return false
 }
 
 // addDSNFlag defines --dsn on fs. An empty DSN is refused: pgx would read
@@ -56,6 +75,8 @@ func addDSNFlag(fs *flag.FlagSet, usage string) *string {
 func connFrom(flagDSN string) *conn {
 	c := &conn{from: "PG* environment"}
 	switch {
+	case flagDSN == "" && !configured():
+		c.from = fromNothing
 	case flagDSN != "":
 		c.dsn, c.from = flagDSN, "--dsn"
 	case os.Getenv("DATABASE_URL") != "":
@@ -93,10 +114,43 @@ func (c *conn) connConfig(app string) (*pgx.ConnConfig, error) {
 }
 
 // connectError is the one-line error for a connection that could not be
-// made: it names the host and port, never the password.
+// made: it names the host and port, never the password, and says each
+// distinct failed attempt once. When nothing was configured it says so and
+// how to configure a database.
 func (c *conn) connectError(cfg *pgx.ConnConfig, err error) error {
-	return c.errorf("cannot connect to %s as user %q (settings from %s): %v",
-		hostPort(cfg), cfg.User, c.from, err)
+	if c.from == fromNothing {
+		return c.errorf("cannot connect: no database is configured, and libpq's default (%s as user %q) failed: %s; "+
+			"give --dsn DSN, or set DATABASE_URL, or the PG* variables (PGHOST, PGPORT, PGDATABASE, PGUSER, PGPASSWORD)",
+			hostPort(cfg), cfg.User, attempts(err))
+	}
+	return c.errorf("cannot connect to %s as user %q (settings from %s): %s",
+		hostPort(cfg), cfg.User, c.from, attempts(err))
+}
+
+// attempts describes a failed connection: pgx's *pgconn.ConnectError joins
+// one error per attempt, and tries an address again on its fallback (TLS,
+// then without), so the same text can come twice; each distinct one is
+// said once, in order, after "; ". Other errors are said as they are.
+func attempts(err error) string {
+	var ce *pgconn.ConnectError
+	if !errors.As(err, &ce) {
+		return err.Error()
+	}
+	var tried []string
+	var add func(error)
+	add = func(err error) {
+		if j, ok := err.(interface{ Unwrap() []error }); ok {
+			for _, e := range j.Unwrap() {
+				add(e)
+			}
+			return
+		}
+		if msg := oneLine(err.Error()); !slices.Contains(tried, msg) {
+			tried = append(tried, msg)
+		}
+	}
+	add(ce.Unwrap())
+	return strings.Join(tried, "; ")
 }
 
 // ping opens one connection of pool, so that an unreachable server gives a

@@ -30,10 +30,6 @@ const (
 	demoTimeout    = 50 * time.Second
 )
 
-// dbEnv are the variables that say a database is configured: with none of
-// them (and no --dsn) the demo starts its own server.
-var dbEnv = []string{"DATABASE_URL", "PGHOST", "PGPORT", "PGDATABASE", "PGUSER", "PGSERVICE"}
-
 func cmdDemo(args []string, stdout, stderr io.Writer) int {
 	c := newCommand("demo", "pglock demo [--dsn DSN]",
 		`Shows the library at work: workers contending for one lock (mutual
@@ -75,16 +71,6 @@ right to terminate its own sessions. Exits 0 when every check passed.
 	return exitOK
 }
 
-// configured reports whether the environment names a database.
-func configured() bool {
-	for _, v := range dbEnv {
-		if os.Getenv(v) != "" {
-			return true
-		}
-	}
-	return false
-}
-
 // demo is one run of "pglock demo".
 type demo struct {
 	out   io.Writer
@@ -120,6 +106,7 @@ func (d *demo) run(ctx context.Context, cn *conn, own bool) (err error) {
 			return err
 		}
 		cfg.ConnConfig.RuntimeParams["application_name"] = "pglock demo"
+		cn.from = "the throw-away server"
 	} else {
 		if cfg, err = cn.poolConfig("pglock demo"); err != nil {
 			return err
