@@ -192,6 +192,9 @@ func TestRunTTLStopsProcessTree(t *testing.T) {
 	e.want(p, exitLost)
 	pids := e.awaitPIDs(2)
 	noneAlive(t, "after pglock exited 76 for the TTL", pids)
+	if stderr := p.stderr.String(); !strings.Contains(stderr, "SIGTERM sufficed") || strings.Contains(stderr, "SIGKILL") {
+		t.Errorf("stderr %q, want it to say SIGTERM sufficed and no SIGKILL was sent", stderr)
+	}
 }
 
 // Processes CMD leaves behind when it exits are stopped before the lock is
@@ -204,8 +207,9 @@ func TestRunStopsLeftoverProcesses(t *testing.T) {
 	e.want(p, 3)
 	pids := e.awaitPIDs(1)
 	noneAlive(t, "after pglock exited", pids)
-	if !strings.Contains(p.stderr.String(), "left processes") {
-		t.Errorf("stderr = %q, want it to say processes were left and stopped", p.stderr.String())
+	// child.sh ignores SIGTERM: the message says the SIGKILL ended it.
+	if !strings.Contains(p.stderr.String(), "left processes") || !strings.Contains(p.stderr.String(), "SIGKILL after the --grace 200ms") {
+		t.Errorf("stderr = %q, want it to say processes were left and stopped by SIGKILL after the grace", p.stderr.String())
 	}
 }
 

@@ -320,11 +320,14 @@ func (r *runner) runCmd(lock *advisory.Lock, sigs <-chan os.Signal) int {
 		poll     *time.Ticker // while processes outlive CMD
 		left     bool         // CMD exited and left processes in its group
 		reason   error
+		termAt   time.Time // when the job got SIGTERM
+		killed   bool      // the job got SIGKILL after the grace
 	)
 	stop := func() {
 		if !stopping {
 			stopping = true
 			j.signal(syscall.SIGTERM)
+			termAt = time.Now()
 			killAt = time.After(r.grace)
 		}
 	}
@@ -356,23 +359,33 @@ func (r *runner) runCmd(lock *advisory.Lock, sigs <-chan os.Signal) int {
 			stop()
 		case <-killAt:
 			killAt = nil
+			killed = true
 			j.signal(syscall.SIGKILL)
 		case <-tick:
 		}
 	}
 	if reason != nil {
 		_ = lock.Release(context.Background()) // the session has ended: this only returns its connection
-		r.failf("%s; stopped CMD's processes (SIGTERM, SIGKILL after --grace %v): %v", r.lostWhat(reason), r.grace, reason)
+		r.failf("%s; stopped CMD's processes (%s): %v", r.lostWhat(reason), r.howStopped(termAt, killed), reason)
 		return exitLost
 	}
 	if left {
-		r.failf("CMD exited but left processes in its process group; stopped them (SIGTERM, SIGKILL after --grace %v) before releasing the lock", r.grace)
+		r.failf("CMD exited but left processes in its process group; stopped them (%s) before releasing the lock", r.howStopped(termAt, killed))
 	}
 	if relErr := lock.Release(context.Background()); relErr != nil {
 		r.failf("%s before CMD ended: %v", r.lostWhat(relErr), relErr)
 		return exitLost
 	}
 	return j.status()
+}
+
+// howStopped says how the job's processes were stopped: by the SIGTERM
+// sent at termAt, or by the SIGKILL after the grace.
+func (r *runner) howStopped(termAt time.Time, killed bool) string {
+	if killed {
+		return fmt.Sprintf("SIGTERM, then SIGKILL after the --grace %v", r.grace)
+	}
+	return fmt.Sprintf("SIGTERM sufficed: they ended %v after it", time.Since(termAt).Round(time.Millisecond))
 }
 
 // lostWhat says how the lock ended: lost, or its TTL passed.

@@ -218,6 +218,10 @@ func TestRunTTL(t *testing.T) {
 	if p.elapsed < 300*time.Millisecond || !strings.Contains(p.stderr.String(), "--ttl 300ms") {
 		t.Errorf("exited after %v with stderr %q; want after the TTL, naming it", p.elapsed, p.stderr.String())
 	}
+	// CMD ended on the SIGTERM: the message says so, not that a SIGKILL came.
+	if stderr := p.stderr.String(); !strings.Contains(stderr, "SIGTERM sufficed") || strings.Contains(stderr, "SIGKILL") {
+		t.Errorf("stderr %q, want it to say SIGTERM sufficed and no SIGKILL was sent", stderr)
+	}
 }
 
 func TestRunGraceKill(t *testing.T) {
@@ -234,6 +238,9 @@ func TestRunGraceKill(t *testing.T) {
 	}
 	if got := readLines(t, marks); !slices.Equal(got, []string{"start"}) {
 		t.Errorf("marks = %q", got)
+	}
+	if stderr := p.stderr.String(); !strings.Contains(stderr, "SIGKILL after the --grace 300ms") || strings.Contains(stderr, "sufficed") {
+		t.Errorf("stderr %q, want it to say SIGKILL was sent after the --grace 300ms", stderr)
 	}
 }
 
