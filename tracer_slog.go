@@ -11,8 +11,8 @@ import (
 //	tr := advisory.SlogTracer(logger)
 //	lock, err := advisory.Acquire(ctx, pool, key, advisory.WithTracer(tr))
 //
-// Levels: the start and end of waits, and holds released, at Debug (a try
-// with NoWait logs only its end); waits that end in a deadlock, a full lock
+// Levels: the start and end of waits, and the start of holds and holds
+// released, at Debug (a try with NoWait logs only its end); waits that end in a deadlock, a full lock
 // table, a lost or closed session or another error at Warn; a hold whose
 // TTL passed at Warn, a hold lost at Error; leadership won and resigned at
 // Info, lost at Error (TTL: Warn). Attributes: entry (the call), key (as
@@ -55,8 +55,13 @@ func (t slogTracer) TraceWaitEnd(ctx context.Context, d TraceWaitEndData) {
 	})
 }
 
-// TraceHoldStart logs nothing: TraceWaitEnd has said the lock was acquired.
-func (slogTracer) TraceHoldStart(ctx context.Context, _ TraceHoldStartData) context.Context {
+// TraceHoldStart logs a hold that starts at Debug, so that the log says
+// who held what at any moment without pairing wait records: for a
+// semaphore its key is the slot taken.
+func (t slogTracer) TraceHoldStart(ctx context.Context, d TraceHoldStartData) context.Context {
+	t.log(ctx, slog.LevelDebug, "advisory lock hold started", func(a []slog.Attr) []slog.Attr {
+		return append(a, slog.String("entry", d.Entry.String()), slog.String("key", d.Key.String()), slog.String("mode", d.Mode.String()))
+	})
 	return ctx
 }
 

@@ -92,6 +92,7 @@ func TestSlogTracer(t *testing.T) {
 	recs, _ := logs.take(t)
 	expectRecord(t, recs, "DEBUG", "advisory lock wait started", map[string]any{"entry": "Acquire", "key": ks, "mode": "exclusive", "try": false})
 	expectRecord(t, recs, "DEBUG", "advisory lock wait ended", map[string]any{"entry": "Acquire", "key": ks, "outcome": "acquired"})
+	expectRecord(t, recs, "DEBUG", "advisory lock hold started", map[string]any{"entry": "Acquire", "key": ks, "mode": "exclusive"})
 
 	if l, err := Acquire(e.ctx, pool, key, tr, NoWait()); err != nil || l.Acquired() {
 		t.Fatalf("NoWait on a held key = %v, %v", l.Acquired(), err)
@@ -123,7 +124,19 @@ func TestSlogTracer(t *testing.T) {
 	recs, _ = logs.take(t)
 	expectRecord(t, recs, "DEBUG", "advisory lock hold ended", map[string]any{"entry": "Acquire", "key": ks, "end": "released"})
 	expectRecord(t, recs, "DEBUG", "advisory lock wait ended", map[string]any{"entry": "Do", "key": ks, "outcome": "acquired"})
+	expectRecord(t, recs, "DEBUG", "advisory lock hold started", map[string]any{"entry": "Do", "key": ks, "mode": "exclusive"})
 	expectRecord(t, recs, "DEBUG", "advisory lock hold ended", map[string]any{"entry": "Do", "key": ks, "end": "released"})
+
+	// A semaphore's hold names the slot taken; a shared hold its mode.
+	sem, err := AcquireSemaphore(e.ctx, pool, key, 2, tr)
+	must(t, err)
+	must(t, sem.Release(e.ctx))
+	shared, err := Acquire(e.ctx, pool, key, tr, Shared())
+	must(t, err)
+	must(t, shared.Release(e.ctx))
+	recs, _ = logs.take(t)
+	expectRecord(t, recs, "DEBUG", "advisory lock hold started", map[string]any{"entry": "AcquireSemaphore", "key": SemaphoreKeys(key, 2)[0].String(), "mode": "exclusive"})
+	expectRecord(t, recs, "DEBUG", "advisory lock hold started", map[string]any{"entry": "Acquire", "key": ks, "mode": "shared"})
 
 	// Lost: the backend is terminated.
 	lost, err := Acquire(e.ctx, pool, key, tr, HealthInterval(50*time.Millisecond))
