@@ -35,7 +35,7 @@ var closedChan = func() chan struct{} {
 
 // Acquire takes key on a connection of its own from pool, and keeps that
 // connection until Release. Options: Shared, NoWait, WaitTimeout, TTL,
-// HealthInterval.
+// HealthInterval, WithTracer.
 //
 // When the key is held elsewhere and NoWait (or WaitTimeout(0)) was given,
 // Acquire returns a Lock with Acquired() == false and a nil error: the
@@ -49,7 +49,7 @@ var closedChan = func() chan struct{} {
 // lock is held and the connection is back in the pool, or closed if its
 // state could not be known.
 func Acquire(ctx context.Context, pool *pgxpool.Pool, key Key, opts ...Option) (*Lock, error) {
-	cfg, err := newConfig(opts)
+	cfg, err := newConfig(callAcquire, opts)
 	if err != nil {
 		return nil, err
 	}
@@ -197,7 +197,7 @@ func (l *Lock) WithConn(ctx context.Context, fn func(*pgx.Conn) error) error {
 // error. Errors from Acquire are
 // returned with acquired == false.
 func Do(ctx context.Context, pool *pgxpool.Pool, key Key, fn func(context.Context) error, opts ...Option) (acquired bool, err error) {
-	cfg, err := newConfig(opts)
+	cfg, err := newConfig(callDo, opts)
 	if err != nil {
 		return false, err
 	}

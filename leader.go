@@ -10,9 +10,9 @@ import (
 
 // Lead runs fn whenever this process is the leader for key, until ctx ends.
 //
-// It campaigns by waiting for key on the server (always waiting: NoWait and
-// WaitTimeout are ignored; Shared is not allowed to matter either, as a
-// leader holds key exclusively), then runs fn with a context that is
+// It campaigns by waiting for key on the server (always waiting, and
+// leading exclusively: NoWait, WaitTimeout and Shared are errors), then
+// runs fn with a context that is
 // cancelled when leadership is lost (the lock's connection died, or its TTL
 // passed) or ctx ends. Then:
 //   - after a loss, it campaigns again, whatever fn returned;
@@ -38,7 +38,7 @@ import (
 // run twice goes through the lock's connection (see Lock.WithConn), which is
 // fenced.
 func Lead(ctx context.Context, pool *pgxpool.Pool, key Key, fn func(leaderCtx context.Context) error, opts ...Option) error {
-	cfg, err := newConfig(opts)
+	cfg, err := newConfig(callLead, opts)
 	if err != nil {
 		return err
 	}
@@ -48,7 +48,7 @@ func Lead(ctx context.Context, pool *pgxpool.Pool, key Key, fn func(leaderCtx co
 	if pool == nil {
 		return errorf("lead %s: nil *pgxpool.Pool", key)
 	}
-	cfg.mode, cfg.noWait, cfg.waitTimeout, cfg.entry = ModeExclusive, false, 0, EntryLead
+	cfg.entry = EntryLead
 	retry := time.NewTimer(0)
 	defer retry.Stop()
 	for {

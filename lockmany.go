@@ -49,7 +49,7 @@ import (
 // Like every call on a Session, LockMany holds the connection's turn for
 // its whole wait.
 func (s *Session) LockMany(ctx context.Context, keys []Key, opts ...Option) (bool, error) {
-	cfg, err := newConfig(opts)
+	cfg, err := newConfig(callSessionLockMany, opts)
 	if err != nil {
 		return false, err
 	}
@@ -260,7 +260,7 @@ func (s *Session) dropGrantedMany(keys []Key, m Mode) error {
 // ends and its connection is closed (which releases whatever it held), and
 // the error matches ErrLockLost.
 func (s *Session) UnlockMany(ctx context.Context, keys []Key, opts ...Option) error {
-	cfg, err := newConfig(opts)
+	cfg, err := newConfig(callSessionUnlockMany, opts)
 	if err != nil {
 		return err
 	}

@@ -2,6 +2,7 @@ package advisory
 
 import (
 	"context"
+	"strings"
 	"time"
 )
 
@@ -44,18 +45,100 @@ func (m Mode) lockMode() string {
 // connection is alive, unless HealthInterval says otherwise.
 const DefaultHealthInterval = time.Second
 
-// Option changes how a lock is taken or held. Options that do not apply to a
-// call are ignored: Shared, NoWait and WaitTimeout apply to every lock call;
-// TTL to Acquire, Do and Lead; HealthInterval to calls that create a session
-// (NewSession, Acquire, Do, Lead); WithTracer to every call but Session.Lock
-// and Session.LockMany, which the Session's own tracer traces.
+// Option changes how a lock is taken or held. An Option given to a call it
+// does not apply to is an error naming the option and the call, returned
+// before any connection is taken or SQL sent:
+//
+//	                     Shared NoWait WaitTimeout TTL HealthInterval WithTracer
+//	NewSession                                          x              x
+//	Acquire, Do            x      x        x        x   x              x
+//	Lead                                            x   x              x
+//	AcquireSemaphore,
+//	DoSemaphore                   x        x        x   x              x
+//	Session.Lock,
+//	Session.LockMany       x      x        x
+//	Session.Unlock,
+//	Session.UnlockMany     x
+//	LockTx, DoTx           x      x        x                           x
+//
+// Lead always waits and leads exclusively; a semaphore's slots are held
+// exclusively; a Session's health interval and tracer are given to
+// NewSession, and its holds have no TTL.
 type Option func(*config)
+
+// optionSet is a set of kinds of Option, to check that each Option given
+// to a call applies to it.
+type optionSet uint16
+
+// The kinds of Option, in the order of optionNames.
+const (
+	optShared optionSet = 1 << iota
+	optNoWait
+	optWaitTimeout
+	optTTL
+	optHealthInterval
+	optWithTracer
+)
+
+// optionNames names the kinds of Option, bit by bit.
+var optionNames = [...]string{"Shared", "NoWait", "WaitTimeout", "TTL", "HealthInterval", "WithTracer"}
+
+// String lists the options in o: "TTL, HealthInterval".
+func (o optionSet) String() string {
+	var names []string
+	for i, name := range optionNames {
+		if o&(1<<i) != 0 {
+			names = append(names, name)
+		}
+	}
+	return strings.Join(names, ", ")
+}
+
+// call is an exported function or method that takes Options.
+type call uint8
+
+// The calls that take Options.
+const (
+	callNewSession call = iota
+	callAcquire
+	callDo
+	callLead
+	callAcquireSemaphore
+	callDoSemaphore
+	callSessionLock
+	callSessionLockMany
+	callSessionUnlock
+	callSessionUnlockMany
+	callLockTx
+	callDoTx
+)
+
+// calls names each call and the Options that apply to it (the table in
+// Option's documentation).
+var calls = [...]struct {
+	name    string
+	applies optionSet
+}{
+	callNewSession:        {"NewSession", optHealthInterval | optWithTracer},
+	callAcquire:           {"Acquire", optShared | optNoWait | optWaitTimeout | optTTL | optHealthInterval | optWithTracer},
+	callDo:                {"Do", optShared | optNoWait | optWaitTimeout | optTTL | optHealthInterval | optWithTracer},
+	callLead:              {"Lead", optTTL | optHealthInterval | optWithTracer},
+	callAcquireSemaphore:  {"AcquireSemaphore", optNoWait | optWaitTimeout | optTTL | optHealthInterval | optWithTracer},
+	callDoSemaphore:       {"DoSemaphore", optNoWait | optWaitTimeout | optTTL | optHealthInterval | optWithTracer},
+	callSessionLock:       {"Session.Lock", optShared | optNoWait | optWaitTimeout},
+	callSessionLockMany:   {"Session.LockMany", optShared | optNoWait | optWaitTimeout},
+	callSessionUnlock:     {"Session.Unlock", optShared},
+	callSessionUnlockMany: {"Session.UnlockMany", optShared},
+	callLockTx:            {"LockTx", optShared | optNoWait | optWaitTimeout | optWithTracer},
+	callDoTx:              {"DoTx", optShared | optNoWait | optWaitTimeout | optWithTracer},
+}
 
 // config is the result of applying Options.
 type config struct {
 	mode        Mode
 	noWait      bool
 	entry       EntryPoint    // the call, for the tracer; set by it, not by an Option
+	given       optionSet     // the kinds of Option given
 	waitTimeout time.Duration // 0: not set
 	ttl         time.Duration // 0: no TTL
 	health      time.Duration
@@ -65,11 +148,11 @@ type config struct {
 
 // Shared takes (or, for Session.Unlock, releases) a shared hold instead of
 // an exclusive one.
-func Shared() Option { return func(c *config) { c.mode = ModeShared } }
+func Shared() Option { return func(c *config) { c.given |= optShared; c.mode = ModeShared } }
 
 // NoWait tries once: when another session holds the key the call returns
 // acquired == false and a nil error at once.
-func NoWait() Option { return func(c *config) { c.noWait = true } }
+func NoWait() Option { return func(c *config) { c.given |= optNoWait; c.noWait = true } }
 
 // WaitTimeout bounds the wait for the lock to d. The bound is enforced by the
 // server (the last wait slice ends at it, without an error; a single
@@ -79,6 +162,7 @@ func NoWait() Option { return func(c *config) { c.noWait = true } }
 // NoWait(); a negative d makes the call fail before any SQL is sent.
 func WaitTimeout(d time.Duration) Option {
 	return func(c *config) {
+		c.given |= optWaitTimeout
 		switch {
 		case d < 0:
 			c.setErr(errorf("WaitTimeout(%v): the wait bound must not be negative", d))
@@ -96,7 +180,7 @@ func WaitTimeout(d time.Duration) Option {
 // and returns ErrTTLExceeded. A d that is not positive makes the call fail
 // before any SQL is sent.
 func TTL(d time.Duration) Option {
-	return positive("TTL", d, func(c *config) { c.ttl = d })
+	return positive(optTTL, d, func(c *config) { c.ttl = d })
 }
 
 // HealthInterval sets how often a session's connection is checked while it
@@ -109,15 +193,16 @@ func TTL(d time.Duration) Option {
 // closes the connection. A d that is not positive makes the call fail
 // before any SQL is sent.
 func HealthInterval(d time.Duration) Option {
-	return positive("HealthInterval", d, func(c *config) { c.health = d })
+	return positive(optHealthInterval, d, func(c *config) { c.health = d })
 }
 
-// positive is the Option that applies set if d > 0, and otherwise fails the
-// call naming the option.
-func positive(name string, d time.Duration, set func(*config)) Option {
+// positive is the Option of kind opt that applies set if d > 0, and
+// otherwise fails the call naming the option.
+func positive(opt optionSet, d time.Duration, set func(*config)) Option {
 	return func(c *config) {
+		c.given |= opt
 		if d <= 0 {
-			c.setErr(errorf("%s(%v): the duration must be positive", name, d))
+			c.setErr(errorf("%s(%v): the duration must be positive", opt, d))
 			return
 		}
 		set(c)
@@ -130,9 +215,10 @@ func (c *config) setErr(err error) {
 	}
 }
 
-// newConfig applies opts over the defaults and returns the first invalid
-// option's error.
-func newConfig(opts []Option) (config, error) {
+// newConfig applies opts, given to fn, over the defaults and returns the
+// first invalid option's error, or else an error naming the first option
+// that does not apply to fn.
+func newConfig(fn call, opts []Option) (config, error) {
 	if len(opts) == 0 {
 		// The common call: no Option, so no pointer to the config escapes
 		// into one, and it stays off the heap.
@@ -143,6 +229,10 @@ func newConfig(opts []Option) (config, error) {
 		if opt != nil {
 			opt(c)
 		}
+	}
+	if extra := c.given &^ calls[fn].applies; extra != 0 {
+		c.setErr(errorf("%s: option %s does not apply to %s (it takes %s)",
+			calls[fn].name, extra&-extra, calls[fn].name, calls[fn].applies))
 	}
 	return *c, c.err
 }

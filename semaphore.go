@@ -54,9 +54,10 @@ func SemaphoreKeys(key Key, n int) []Key {
 // returned Lock holds that slot: its Key is the slot's key, and it behaves
 // as any Lock from Acquire: Release, Done and Err, TTL, WithConn.
 //
-// Options are Acquire's: NoWait, WaitTimeout, TTL, HealthInterval.
-// Shared() is an error, as is n < 1 or an invalid key (ErrInvalidKey), all
-// before any connection is taken or SQL sent.
+// Options are Acquire's but Shared: NoWait, WaitTimeout, TTL,
+// HealthInterval, WithTracer. Shared is an error (a slot is held
+// exclusively), as is n < 1 or an invalid key (ErrInvalidKey), all before
+// any connection is taken or SQL sent.
 //
 // With NoWait (or WaitTimeout(0)) it tries every slot, in order, in one
 // round trip, taking the first free one; when all are busy it returns a
@@ -88,7 +89,11 @@ func AcquireSemaphore(ctx context.Context, pool *pgxpool.Pool, key Key, n int, o
 
 // acquireSemaphore is AcquireSemaphore for the entry point entry.
 func acquireSemaphore(ctx context.Context, pool *pgxpool.Pool, key Key, n int, entry EntryPoint, opts []Option) (*Lock, error) {
-	cfg, err := newConfig(opts)
+	fn := callAcquireSemaphore
+	if entry == EntryDoSemaphore {
+		fn = callDoSemaphore
+	}
+	cfg, err := newConfig(fn, opts)
 	if err != nil {
 		return nil, err
 	}
@@ -98,8 +103,6 @@ func acquireSemaphore(ctx context.Context, pool *pgxpool.Pool, key Key, n int, e
 		return nil, invalidKey(opSemaphore)
 	case n < 1:
 		return nil, keyError(opSemaphore, key, nil, fmt.Errorf("size %d: a semaphore has at least one slot (n >= 1)", n))
-	case cfg.mode == ModeShared:
-		return nil, keyError(opSemaphore, key, nil, errors.New("Shared() does not apply: a semaphore's slots are held exclusively, one per holder"))
 	}
 	slots := SemaphoreKeys(key, n)
 	return acquireWith(ctx, pool, key, cfg, func(ctx context.Context, s *Session) (Key, error) {

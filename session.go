@@ -128,14 +128,15 @@ type Hold struct {
 	Count int
 }
 
-// NewSession takes a connection from pool for the life of the Session. Only
-// HealthInterval applies among opts. It fails if pool is nil, if an option is
-// invalid, or if no connection can be had before ctx ends.
+// NewSession takes a connection from pool for the life of the Session.
+// Options: HealthInterval, WithTracer. It fails if pool is nil, if an
+// option is invalid or does not apply, or if no connection can be had
+// before ctx ends.
 //
 // Every Session keeps one pool connection until Close: size the pool for the
 // sessions, locks and waiters you run at once, plus your other queries.
 func NewSession(ctx context.Context, pool *pgxpool.Pool, opts ...Option) (*Session, error) {
-	cfg, err := newConfig(opts)
+	cfg, err := newConfig(callNewSession, opts)
 	if err != nil {
 		return nil, err
 	}
@@ -240,7 +241,7 @@ func sessionOn(pc *pgx.Conn, cfg config) *Session {
 // survives). If the connection is lost the session ends and every hold goes
 // with it: the error then matches ErrLockLost and Done is closed.
 func (s *Session) Lock(ctx context.Context, key Key, opts ...Option) (bool, error) {
-	cfg, err := newConfig(opts)
+	cfg, err := newConfig(callSessionLock, opts)
 	if err != nil {
 		return false, err
 	}
@@ -454,7 +455,7 @@ func (s *Session) dropIfGranted(h hold) error {
 // fails, the session ends and its connection is closed (which releases
 // whatever it held), and the error matches ErrLockLost.
 func (s *Session) Unlock(ctx context.Context, key Key, opts ...Option) error {
-	cfg, err := newConfig(opts)
+	cfg, err := newConfig(callSessionUnlock, opts)
 	if err != nil {
 		return err
 	}

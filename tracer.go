@@ -238,9 +238,9 @@ type TraceLeadEndData struct {
 // HoldTracer or LeadTracer, its holds and leadership. On a call that
 // creates a session (NewSession, Acquire, Do, Lead, AcquireSemaphore,
 // DoSemaphore) t traces that session for its whole life: every
-// Session.Lock, LockMany, Unlock, UnlockMany and the end of its holds. On
-// Session.Lock and Session.LockMany it is ignored: the Session's own tracer
-// traces them. A nil t traces nothing.
+// Session.Lock, LockMany, Unlock, UnlockMany and the end of its holds; those
+// methods take no WithTracer (it is an error, see Option). A nil t traces
+// nothing.
 //
 // Why per call and not per pool: every setting of this package is an
 // Option, and a tracer is one more (define the options once, next to the
@@ -253,10 +253,10 @@ type TraceLeadEndData struct {
 // configuration (pgxpool.Pool.Config allocates) on every call.
 func WithTracer(t Tracer) Option {
 	if t == nil {
-		return func(c *config) { c.trace = nil }
+		return func(c *config) { c.given |= optWithTracer; c.trace = nil }
 	}
 	o := &tracerOption{t}
-	return func(c *config) { c.trace = o }
+	return func(c *config) { c.given |= optWithTracer; c.trace = o }
 }
 
 // tracerOption holds WithTracer's tracer behind a pointer, which keeps the

@@ -12,7 +12,7 @@ import (
 // LockTx takes key for the rest of transaction tx, with
 // pg_advisory_xact_lock (or its _shared and try forms): the lock ends when
 // tx commits or rolls back, and cannot be released earlier. Options:
-// Shared, NoWait, WaitTimeout. It returns false with a nil error when NoWait
+// Shared, NoWait, WaitTimeout, WithTracer. It returns false with a nil error when NoWait
 // found the key held elsewhere.
 //
 // Transaction locks work through PgBouncer in transaction pooling mode;
@@ -33,7 +33,7 @@ import (
 // deadline is the wait's bound. A nil, committed or rolled-back tx is an
 // error.
 func LockTx(ctx context.Context, tx pgx.Tx, key Key, opts ...Option) (bool, error) {
-	cfg, err := newConfig(opts)
+	cfg, err := newConfig(callLockTx, opts)
 	if err != nil {
 		return false, err
 	}
@@ -128,7 +128,7 @@ func lockTxOnce(ctx context.Context, tx pgx.Tx, key Key, m Mode, end time.Time) 
 // BEGIN carries the first try (see beginLocked), and the COMMIT ends the
 // lock. A contended one goes on as LockTx.
 func DoTx(ctx context.Context, pool *pgxpool.Pool, key Key, fn func(context.Context, pgx.Tx) error, opts ...Option) (acquired bool, err error) {
-	cfg, err := newConfig(opts)
+	cfg, err := newConfig(callDoTx, opts)
 	if err != nil {
 		return false, err
 	}

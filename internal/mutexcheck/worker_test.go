@@ -236,7 +236,8 @@ func (w *worker) loop(stop context.Context, g int) {
 				}
 				sess = s
 			}
-			if !w.viaSession(rng, g, sess, key, writer, opts) {
+			// The session has its health interval: Lock takes only the mode.
+			if !w.viaSession(rng, g, sess, key, writer, opts[1:]) {
 				closeCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 				_ = sess.Close(closeCtx)
 				cancel()
