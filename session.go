@@ -650,7 +650,7 @@ func (s *Session) WithConn(ctx context.Context, fn func(*pgx.Conn) error) error 
 // connection holds no lock, it closes the connection instead. It does not
 // obey ctx. It interrupts the statement in flight (a Lock waiting on the
 // session, a WithConn callback's statement) with a cancel request and waits
-// for the call to return; after cleanupTimeout (5 s) without the connection,
+// for the call to return; after 5 s without the connection,
 // it closes the connection under that call, which ends the session's locks
 // on the server, and returns; the connection then leaves the pool when that
 // call returns. Called from inside a WithConn callback, it returns after

@@ -125,7 +125,7 @@ func lockTxOnce(ctx context.Context, tx pgx.Tx, key Key, m Mode, end time.Time) 
 // panics (the panic goes on). The lock ends with the transaction.
 //
 // An uncontended DoTx is two round trips, as a session lock's cycle: the
-// BEGIN carries the first try (see beginLocked), and the COMMIT ends the
+// BEGIN carries the first try, and the COMMIT ends the
 // lock. A contended one goes on as LockTx.
 func DoTx(ctx context.Context, pool *pgxpool.Pool, key Key, fn func(context.Context, pgx.Tx) error, opts ...Option) (acquired bool, err error) {
 	cfg, err := newConfig(callDoTx, opts)
