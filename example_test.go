@@ -158,6 +158,11 @@ func ExampleDoTx() {
 // Leader election: every instance calls Lead; fn runs in the one that
 // leads, until it loses the lead (its ctx is cancelled, and Lead campaigns
 // again) or Lead's ctx ends.
+//
+// fn leads for as long as it runs: when it returns nil, Lead resigns and
+// campaigns again, and another instance may lead. So a periodic job ticks
+// inside fn, as here; a body that did one tick and returned nil would hand
+// the leadership round on every tick.
 func ExampleLead() {
 	pool, err := pgxpool.New(context.Background(), os.Getenv("DATABASE_URL"))
 	if err != nil {
@@ -173,19 +178,33 @@ func ExampleLead() {
 	ctx, shutDown := context.WithCancel(context.Background())
 	err = advisory.Lead(ctx, pool, advisory.StringKey("scheduler"), func(ctx context.Context) error {
 		fmt.Println("leading: the scheduler runs")
-		// A fenced write, on the lock's own connection: it cannot land once
-		// this instance has lost the lead, even if it learns so late.
-		tag, err := advisory.LockFromContext(ctx).Exec(ctx, "INSERT INTO example_runs VALUES (now())")
-		fmt.Println("fenced write:", tag, err)
-		shutDown() // for the example: the process is told to stop
-		<-ctx.Done()
-		fmt.Println("stepped down")
-		return nil
+		tick := time.NewTicker(10 * time.Millisecond)
+		defer tick.Stop()
+		for ticks := 1; ; ticks++ {
+			select {
+			case <-ctx.Done(): // leadership lost, or Lead's ctx ended
+				fmt.Println("stepped down")
+				return nil
+			case <-tick.C:
+				// One tick of the scheduler's work: a fenced write, on the
+				// lock's own connection; it cannot land once this instance
+				// has lost the lead, even if it learns so late.
+				tag, err := advisory.LockFromContext(ctx).Exec(ctx, "INSERT INTO example_runs VALUES (now())")
+				if err != nil {
+					return err
+				}
+				if ticks == 3 {
+					fmt.Println("three fenced writes, the last:", tag)
+					tick.Stop()
+					shutDown() // for the example: the process is told to stop
+				}
+			}
+		}
 	})
 	fmt.Println("Lead returned:", err)
 	// Output:
 	// leading: the scheduler runs
-	// fenced write: INSERT 0 1 <nil>
+	// three fenced writes, the last: INSERT 0 1
 	// stepped down
 	// Lead returned: context canceled
 }

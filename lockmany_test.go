@@ -447,10 +447,11 @@ func TestLockMany10k(t *testing.T) {
 	pool := e.pool(func(c *pgxpool.Config) { c.ConnConfig.Tracer = &counter })
 	s := e.session(pool)
 	keys, canonical := mixedKeys(10_000)
-	for _, mode := range []Option{nil, Shared(), NoWait(), WaitTimeout(5 * time.Second)} {
+	// UnlockMany takes only the mode (Shared) among the options.
+	for _, opt := range []struct{ lock, unlock Option }{{nil, nil}, {Shared(), Shared()}, {NoWait(), nil}, {WaitTimeout(5 * time.Second), nil}} {
 		counter.n.Store(0)
 		start := time.Now()
-		ok, err := s.LockMany(e.ctx, keys, mode)
+		ok, err := s.LockMany(e.ctx, keys, opt.lock)
 		if err != nil || !ok {
 			t.Fatalf("LockMany(10,000) = %v, %v", ok, err)
 		}
@@ -463,7 +464,7 @@ func TestLockMany10k(t *testing.T) {
 			t.Errorf("the server holds %d keys; want the 10,000", len(granted))
 		}
 		counter.n.Store(0)
-		must(t, s.UnlockMany(e.ctx, keys, mode))
+		must(t, s.UnlockMany(e.ctx, keys, opt.unlock))
 		if n := counter.n.Load(); n > 3 {
 			t.Errorf("UnlockMany(10,000) sent %d statements; want at most 3", n)
 		}
