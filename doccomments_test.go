@@ -4,7 +4,7 @@ import (
 	"go/ast"
 	"go/parser"
 	"go/token"
-	"io/fs"
+	"path/filepath"
 	"regexp"
 	"sort"
 	"strings"
@@ -18,12 +18,7 @@ import (
 // when it reads as code, not as an English word: it has an upper-case
 // letter, a digit or an underscore (beginLocked), or is followed by "(".
 func TestExportedDocsNameNoUnexported(t *testing.T) {
-	fset := token.NewFileSet()
-	pkgs, err := parser.ParseDir(fset, ".", func(fi fs.FileInfo) bool { return !strings.HasSuffix(fi.Name(), "_test.go") }, parser.ParseComments)
-	if err != nil {
-		t.Fatal(err)
-	}
-	pkg := pkgs["advisory"]
+	files := packageFiles(t, parser.ParseComments)
 
 	unexported := map[string]bool{}
 	addName := func(id *ast.Ident) {
@@ -43,7 +38,7 @@ func TestExportedDocsNameNoUnexported(t *testing.T) {
 	}
 	// docs are the doc comments pkg.go.dev shows, by what they document.
 	docs := map[string]*ast.CommentGroup{}
-	for _, f := range pkg.Files {
+	for _, f := range files {
 		if f.Doc != nil {
 			docs["package advisory"] = f.Doc
 		}
@@ -131,6 +126,29 @@ func TestExportedDocsNameNoUnexported(t *testing.T) {
 	for _, f := range found {
 		t.Errorf("the doc comment of %s names the unexported identifier", f)
 	}
+}
+
+// packageFiles parses the package's source files (every build variant, not
+// the tests).
+func packageFiles(t *testing.T, mode parser.Mode) []*ast.File {
+	t.Helper()
+	names, err := filepath.Glob("*.go")
+	if err != nil {
+		t.Fatal(err)
+	}
+	fset := token.NewFileSet()
+	var files []*ast.File
+	for _, name := range names {
+		if strings.HasSuffix(name, "_test.go") {
+			continue
+		}
+		f, err := parser.ParseFile(fset, name, nil, mode)
+		if err != nil {
+			t.Fatal(err)
+		}
+		files = append(files, f)
+	}
+	return files
 }
 
 // recvName is the name of a method's receiver type.

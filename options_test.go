@@ -4,9 +4,6 @@ import (
 	"context"
 	"errors"
 	"go/ast"
-	"go/parser"
-	"go/token"
-	"io/fs"
 	"slices"
 	"strings"
 	"testing"
@@ -207,13 +204,8 @@ func TestOptionsApplyOrFail(t *testing.T) {
 // Every kind of Option and every call that takes Options is in the table
 // test above, so that a new one cannot skip the rule.
 func TestOptionsTableComplete(t *testing.T) {
-	fset := token.NewFileSet()
-	pkgs, err := parser.ParseDir(fset, ".", func(fi fs.FileInfo) bool { return !strings.HasSuffix(fi.Name(), "_test.go") }, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
 	var kinds, calls []string
-	for _, f := range pkgs["advisory"].Files {
+	for _, f := range packageFiles(t, 0) {
 		for _, d := range f.Decls {
 			fd, ok := d.(*ast.FuncDecl)
 			if !ok || !fd.Name.IsExported() {
