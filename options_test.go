@@ -101,12 +101,7 @@ var optionCalls = []optionCall{
 	}},
 	{"Session.Unlock", []string{"Shared"}, func(e *env, pool *pgxpool.Pool, key Key, span func(func() error) error, opts ...Option) error {
 		return onSession(e, pool, func(s *Session) error {
-			// Hold key in both modes, so that Unlock has what to release
-			// whatever mode opts say.
-			if err := ranOrNot(s.Lock(e.ctx, key)); err != nil {
-				return err
-			}
-			if err := ranOrNot(s.Lock(e.ctx, key, Shared())); err != nil {
+			if err := holdBothModes(e, s, key); err != nil {
 				return err
 			}
 			return span(func() error { return s.Unlock(e.ctx, key, opts...) })
@@ -114,10 +109,7 @@ var optionCalls = []optionCall{
 	}},
 	{"Session.UnlockMany", []string{"Shared"}, func(e *env, pool *pgxpool.Pool, key Key, span func(func() error) error, opts ...Option) error {
 		return onSession(e, pool, func(s *Session) error {
-			if err := ranOrNot(s.Lock(e.ctx, key)); err != nil {
-				return err
-			}
-			if err := ranOrNot(s.Lock(e.ctx, key, Shared())); err != nil {
+			if err := holdBothModes(e, s, key); err != nil {
 				return err
 			}
 			return span(func() error { return s.UnlockMany(e.ctx, []Key{key}, opts...) })
@@ -152,6 +144,15 @@ func ranOrNot(acquired bool, err error) error {
 		return errors.New("not acquired on an uncontended key")
 	}
 	return err
+}
+
+// holdBothModes has s hold key exclusively and shared, so that an unlock
+// has what to release whatever mode its options say.
+func holdBothModes(e *env, s *Session, key Key) error {
+	if err := ranOrNot(s.Lock(e.ctx, key)); err != nil {
+		return err
+	}
+	return ranOrNot(s.Lock(e.ctx, key, Shared()))
 }
 
 // onSession runs fn on a new Session and closes it.
