@@ -231,8 +231,8 @@ func newConfig(fn call, opts []Option) (config, error) {
 		}
 	}
 	if extra := c.given &^ calls[fn].applies; extra != 0 {
-		c.setErr(errorf("%s: option %s does not apply to %s (it takes %s)",
-			calls[fn].name, extra&-extra, calls[fn].name, calls[fn].applies))
+		c.setErr(errorf("option %s does not apply to %s (it takes %s)",
+			extra&-extra, calls[fn].name, calls[fn].applies))
 	}
 	return *c, c.err
 }
