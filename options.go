@@ -50,7 +50,8 @@ const DefaultHealthInterval = time.Second
 // before any connection is taken or SQL sent:
 //
 //	                     Shared NoWait WaitTimeout TTL HealthInterval WithTracer
-//	NewSession                                          x              x
+//	NewSession,
+//	NewConnSession                                      x              x
 //	Acquire, Do            x      x        x        x   x              x
 //	Lead                                            x   x              x
 //	AcquireSemaphore,
@@ -100,6 +101,7 @@ type call uint8
 // The calls that take Options.
 const (
 	callNewSession call = iota
+	callNewConnSession
 	callAcquire
 	callDo
 	callLead
@@ -120,6 +122,7 @@ var calls = [...]struct {
 	applies optionSet
 }{
 	callNewSession:        {"NewSession", optHealthInterval | optWithTracer},
+	callNewConnSession:    {"NewConnSession", optHealthInterval | optWithTracer},
 	callAcquire:           {"Acquire", optShared | optNoWait | optWaitTimeout | optTTL | optHealthInterval | optWithTracer},
 	callDo:                {"Do", optShared | optNoWait | optWaitTimeout | optTTL | optHealthInterval | optWithTracer},
 	callLead:              {"Lead", optTTL | optHealthInterval | optWithTracer},
@@ -194,6 +197,26 @@ func TTL(d time.Duration) Option {
 // before any SQL is sent.
 func HealthInterval(d time.Duration) Option {
 	return positive(optHealthInterval, d, func(c *config) { c.health = d })
+}
+
+// SessionOptions splits opts into those of the call that creates a Session
+// (HealthInterval, WithTracer) and the others, in order: for an adapter
+// that takes one list of Options for a Session and its locks, as
+// advisorygoose's SessionLocker does for NewConnSession and Session.Lock.
+// Each of those calls still reports an option that does not apply to it.
+func SessionOptions(opts []Option) (session, others []Option) {
+	for _, opt := range opts {
+		var c config
+		if opt != nil {
+			opt(&c)
+		}
+		if c.given&calls[callNewSession].applies != 0 {
+			session = append(session, opt)
+		} else {
+			others = append(others, opt)
+		}
+	}
+	return session, others
 }
 
 // positive is the Option of kind opt that applies set if d > 0, and

@@ -51,6 +51,19 @@ var optionCalls = []optionCall{
 		}
 		return err
 	}},
+	{"NewConnSession", []string{"HealthInterval", "WithTracer"}, func(e *env, pool *pgxpool.Pool, _ Key, span func(func() error) error, opts ...Option) error {
+		c, err := pool.Acquire(e.ctx)
+		if err != nil {
+			return err
+		}
+		defer c.Release()
+		var s *Session
+		err = span(func() (err error) { s, err = NewConnSession(c.Conn(), opts...); return err })
+		if err == nil {
+			err = s.Close(e.ctx)
+		}
+		return err
+	}},
 	{"Acquire", []string{"Shared", "NoWait", "WaitTimeout", "TTL", "HealthInterval", "WithTracer"}, func(e *env, pool *pgxpool.Pool, key Key, span func(func() error) error, opts ...Option) error {
 		var l *Lock
 		err := span(func() (err error) { l, err = Acquire(e.ctx, pool, key, opts...); return err })
@@ -200,6 +213,30 @@ func TestOptionsApplyOrFail(t *testing.T) {
 		}
 	}
 	// The end-of-test check asserts that no lock and no connection is left.
+}
+
+// SessionOptions gives NewConnSession its options and Session.Lock the
+// others, so that an adapter taking one list (advisorygoose) can follow the
+// rule.
+func TestSessionOptions(t *testing.T) {
+	var all []Option
+	for _, o := range optionKinds {
+		all = append(all, o.opt)
+	}
+	session, others := SessionOptions(all)
+	for _, c := range []struct {
+		fn   call
+		opts []Option
+		want string
+	}{
+		{callNewConnSession, session, "HealthInterval, WithTracer"},
+		{callSessionLock, others, "Shared, NoWait, WaitTimeout, TTL"},
+	} {
+		cfg, _ := newConfig(c.fn, c.opts)
+		if got := cfg.given.String(); got != c.want {
+			t.Errorf("SessionOptions gave %s %s; want %s", calls[c.fn].name, got, c.want)
+		}
+	}
 }
 
 // Every kind of Option and every call that takes Options is in the table

@@ -168,7 +168,7 @@ func newSession(ctx context.Context, pool *pgxpool.Pool, cfg config) (*Session, 
 // for example), so that locks can be held by the very session that runs the
 // caller's own statements: they live exactly as long as that session, and a
 // statement of a dead process holds them until it ends on the server.
-// Only HealthInterval applies among opts (it sets the keep-alives).
+// Options: HealthInterval (it sets the keep-alives), WithTracer.
 //
 // It is a Session as NewSession's are (waits in slices, the keep-alives set
 // while it holds locks and reset at its end, Unlock and Close checking what
@@ -184,9 +184,9 @@ func newSession(ctx context.Context, pool *pgxpool.Pool, cfg config) (*Session, 
 // the Session's unlock report the lock lost.
 //
 // It fails when conn is nil or closed, when conn is inside a transaction,
-// or when an option is invalid.
+// or when an option is invalid or does not apply.
 func NewConnSession(conn *pgx.Conn, opts ...Option) (*Session, error) {
-	cfg, err := newConfig(opts)
+	cfg, err := newConfig(callNewConnSession, opts)
 	if err != nil {
 		return nil, err
 	}

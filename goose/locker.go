@@ -44,8 +44,9 @@ import (
 // on the connection goose migrates on. It is safe for concurrent use: one
 // SessionLocker may serve several Providers.
 type SessionLocker struct {
-	key  advisory.Key
-	opts []advisory.Option
+	key         advisory.Key
+	sessionOpts []advisory.Option // NewConnSession's (advisory.SessionOptions)
+	lockOpts    []advisory.Option // Session.Lock's
 
 	mu       sync.Mutex
 	sessions map[*sql.Conn]*advisory.Session
@@ -61,7 +62,8 @@ var _ lock.SessionLocker = (*SessionLocker)(nil)
 // advisory.Int64Key of the id given to goose's lock.WithLockID) to exclude
 // goose's own locker.
 func NewSessionLocker(key advisory.Key, opts ...advisory.Option) *SessionLocker {
-	return &SessionLocker{key: key, opts: opts, sessions: make(map[*sql.Conn]*advisory.Session)}
+	session, lock := advisory.SessionOptions(opts)
+	return &SessionLocker{key: key, sessionOpts: session, lockOpts: lock, sessions: make(map[*sql.Conn]*advisory.Session)}
 }
 
 // ErrNotPgx is returned (wrapped) by SessionLock when the *sql.Conn is not
@@ -93,14 +95,14 @@ func (l *SessionLocker) SessionLock(ctx context.Context, conn *sql.Conn) error {
 		if err != nil {
 			return err
 		}
-		s, err := advisory.NewConnSession(pc, l.opts...)
+		s, err := advisory.NewConnSession(pc, l.sessionOpts...)
 		if err != nil {
 			return fmt.Errorf("advisorygoose: lock %s: %w", l.key, err)
 		}
 		if err := l.claim(conn, s); err != nil {
 			return err
 		}
-		ok, err := s.Lock(ctx, l.key, l.opts...)
+		ok, err := s.Lock(ctx, l.key, l.lockOpts...)
 		if err == nil && !ok {
 			err = &advisory.Error{Op: "lock", Key: l.key, Kind: advisory.ErrTimeout}
 		}
