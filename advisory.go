@@ -147,17 +147,17 @@ func (l *Lock) Err() error {
 	return l.s.Err()
 }
 
-// Release unlocks the key exactly once, checking the boolean
-// pg_advisory_unlock returns, and gives the connection back to the pool when
-// it is known to hold no lock; otherwise it closes the connection and
-// returns an error matching ErrLockLost. It does not obey ctx, so it runs
-// even when ctx is already cancelled: like Session.Close, it interrupts a
-// WithConn in progress with a cancel request, and if that call keeps the
-// connection past a timeout of its own (5 s), closes the connection under
-// it (which releases the lock on the server) and returns. A second Release,
-// and Release of a lock that was not acquired, do nothing and return nil.
-// After the TTL passed, the first Release returns ErrTTLExceeded; after
-// ReleaseAll, Release returns nil.
+// Release unlocks the key and gives the connection back to the pool. It
+// does not obey ctx: a cancelled ctx still gets the unlock done. A second
+// Release, and Release of a lock that was not acquired, do nothing and
+// return nil.
+//
+// It returns an error matching ErrLockLost when the server no longer held
+// the lock or the unlock failed (the connection is then closed, never
+// returned); ErrTTLExceeded on the first Release after the TTL passed; nil
+// after ReleaseAll. A WithConn in progress is interrupted; if it keeps the
+// connection over 5 s, the connection is closed under it, which ends the
+// lock on the server.
 func (l *Lock) Release(ctx context.Context) error {
 	if l.s == nil {
 		return nil

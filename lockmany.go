@@ -11,43 +11,33 @@ import (
 )
 
 // LockMany takes every key in keys on the session, in one mode (exclusive,
-// or Shared()), and returns true when the session holds them all. It is
-// Lock for a set of keys, in a constant number of round trips: one
-// statement takes all the keys the session does not hold yet in that mode;
-// keys it already holds only have their counts raised, with no SQL.
+// or Shared()), and returns true when the session holds them all: Lock for
+// a set of keys, in a constant number of round trips. Keys the session
+// already holds in that mode only have their counts raised.
 //
-// keys is a set: Int64Key (and StringKey) and PairKey keys may be mixed, and
-// a key listed more than once is taken once and counted once. An empty set
-// returns true at once. Any invalid key fails the call with ErrInvalidKey
+// keys is a set: Int64Key (and StringKey) and PairKey keys may be mixed,
+// and a key listed more than once is taken and counted once. An empty set
+// returns true at once. An invalid key fails the call with ErrInvalidKey
 // before anything is sent.
 //
 // The keys are taken in one canonical order, whatever the order of keys:
 // the Int64Key space first, by the key's value as an unsigned number, then
 // the PairKey space, by (uint32(a), uint32(b)). Two sessions that LockMany
-// overlapping sets therefore never deadlock on each other; keys a session
-// took before, with Lock or an earlier LockMany, are outside that promise.
+// overlapping sets therefore never deadlock on each other; keys taken
+// before, with Lock or an earlier LockMany, are outside that promise.
 //
-// Waiting is as for Lock. On a session that holds nothing it is a sequence
-// of wait slices, each of which takes every key or none (so between slices
-// the session holds nothing); on a session that holds locks it is one
-// server-side wait for each key in turn, which the deadlock detector sees.
-// With NoWait
-// it is all or nothing: if any key is held elsewhere, LockMany releases the
-// keys it took and returns false and a nil error. WaitTimeout(d) bounds each
-// key's wait on the server (lock_timeout) and the whole call; ctx's deadline
-// bounds the whole call; either fails with ErrTimeout.
+// It waits as Lock does (the session's other calls wait for it), and takes
+// every key or none: with NoWait, if any key is held elsewhere it returns
+// false and a nil error; on a session that holds nothing, no key is held
+// between wait slices. WaitTimeout(d) bounds each key's wait and the whole
+// call, ctx's deadline the whole call; either fails with ErrTimeout.
 //
-// On error nothing new is held and the session's earlier holds are kept,
-// with their counts: the keys the failed statement had already taken are
-// found in the session's own pg_locks rows and released. The errors are
-// Lock's: ErrTimeout, ErrDeadlock, ErrTooManyLocks (the server's lock
-// table is too small for the set), the context's error when ctx was
+// On error nothing new is held and earlier holds keep their counts. The
+// errors are Lock's: ErrTimeout, ErrDeadlock, ErrTooManyLocks (the
+// server's lock table is too small for the set), ctx's error when ctx was
 // cancelled. If the connection is lost, or the clean-up fails, the session
-// ends, every hold goes with it, and the error matches ErrLockLost. Errors
-// are an *Error with Op "lock_many" and the zero Key.
-//
-// Like every call on a Session, LockMany holds the connection's turn for
-// its whole wait.
+// ends with every hold, and the error matches ErrLockLost. Errors are an
+// *Error with Op "lock_many" and the zero Key.
 func (s *Session) LockMany(ctx context.Context, keys []Key, opts ...Option) (bool, error) {
 	cfg, err := newConfig(callSessionLockMany, opts)
 	if err != nil {

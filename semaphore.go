@@ -59,30 +59,23 @@ func SemaphoreKeys(key Key, n int) []Key {
 // exclusively), as is n < 1 or an invalid key (ErrInvalidKey), all before
 // any connection is taken or SQL sent.
 //
-// With NoWait (or WaitTimeout(0)) it tries every slot, in order, in one
-// round trip, taking the first free one; when all are busy it returns a
-// Lock with Acquired() == false and a nil error, whose Key is key itself
-// (no slot): the connection is back in the pool and Release does nothing.
+// With NoWait (or WaitTimeout(0)) it takes the first free slot in slot
+// order, in one round trip; when all are busy it returns a Lock with
+// Acquired() == false and a nil error, whose Key is key itself: the
+// connection is back in the pool and Release does nothing.
 //
-// Otherwise it tries every slot, then waits in wait slices (see the package
-// documentation, "What waiting costs the server"): no snapshot is held for
-// longer than a slice. Each slice waits on the server on one slot, a
-// different one each slice, so waiters spread over the slots, and then
-// tries every slot again. A slot that frees is taken at once by a waiter
-// queued on it, and otherwise, by some waiter, within about one slice.
-// Waiters are not served in strict FIFO order, but every waiter queues on
-// every slot in turn, where the server serves them in order, so none
-// starves while holders come and go. Each slice is one round trip; an
-// uncontended acquire is one round trip in all. Its cost grows with n: the
-// slot keys travel in every round trip.
+// Otherwise it waits, holding no snapshot for longer than a wait slice (see
+// the package documentation, "What waiting costs the server"). A slot that
+// frees is taken within about one slice. Waiters are not served in strict
+// FIFO order, but none starves while holders come and go. An uncontended
+// acquire is one round trip, as is each slice; the slot keys travel in
+// each, so the cost grows with n.
 //
 // A wait bounded by WaitTimeout or ctx's deadline fails with ErrTimeout
 // (also matching context.DeadlineExceeded for the deadline); a cancelled
 // ctx ends the wait at once with ctx's error. On any error no slot is held
-// (a slot granted just as the wait failed is found in the session's own
-// pg_locks rows and released) and the connection is back in the pool, or
-// closed if its state could not be known. Errors are an *Error with Op
-// "semaphore" and key as its Key.
+// and the connection is back in the pool, or closed if its state could not
+// be known. Errors are an *Error with Op "semaphore" and key as its Key.
 func AcquireSemaphore(ctx context.Context, pool *pgxpool.Pool, key Key, n int, opts ...Option) (*Lock, error) {
 	return acquireSemaphore(ctx, pool, key, n, EntryAcquireSemaphore, opts)
 }
@@ -129,6 +122,14 @@ func DoSemaphore(ctx context.Context, pool *pgxpool.Pool, key Key, n int, fn fun
 // lockSlot takes one of slots (the semaphore sem's, in slot order) on a
 // session that holds nothing, and returns it, or the zero Key when NoWait
 // found every slot busy.
+//
+// It tries every slot, then waits in slices. Each slice waits on the server
+// on one slot, a different one each slice, so waiters spread over the
+// slots, and then tries every slot again: a slot that frees is taken at
+// once by a waiter queued on it, and otherwise by some waiter within about
+// one slice. Every waiter queues on every slot in turn, where the server
+// serves waiters in order, so none starves. A slot granted just as the
+// wait fails is found in the session's own pg_locks rows and released.
 func (s *Session) lockSlot(ctx context.Context, sem Key, slots []Key, cfg config) (Key, error) {
 	if err := s.takeTurn(ctx); err != nil {
 		return Key{}, turnError(opSemaphore, sem, err)

@@ -29,28 +29,25 @@ const (
 	cancelGrace = 2 * time.Second
 )
 
-// Session is one connection taken from a pool and kept for as long as the
-// Session lives, holding any number of session-level advisory locks (or a
-// connection its caller lends it: NewConnSession).
+// Session is one connection, taken from a pool and kept for the Session's
+// life (or lent by its caller: NewConnSession), that holds any number of
+// session-level advisory locks.
 //
-// Holds are re-entrant with PostgreSQL's counts: Lock a key twice, Unlock it
-// twice. Shared and exclusive holds of one key are counted separately. The
-// Session sends a lock statement only for the first hold of a (key, mode)
-// and an unlock only for the last release, so re-entry costs no round trip.
+// Holds are counted as PostgreSQL counts them: Lock a key twice, Unlock it
+// twice; shared and exclusive holds of a key are counted apart. Only the
+// first Lock and the last Unlock of a (key, mode) reach the server.
 //
-// A Session is safe for concurrent use, but its one connection runs one
-// statement at a time: Lock, Unlock, WithConn and Close wait for the
-// statement in progress, so a Lock waiting for a busy key delays the others
-// (bounded by their contexts, except Close, which interrupts it). Held, Done
-// and Err never block.
+// A Session is safe for concurrent use. Its connection runs one call at a
+// time: Lock, Unlock, WithConn and Close wait for the call in progress (a
+// Lock waiting for a busy key delays the others; Close interrupts it).
+// Held, Done and Err never block.
 //
-// The Session ends when Close is called or when its connection is lost
-// (closed, backend terminated, server restarted, network cut): then every
-// hold is gone, Done is closed and Err says why. A health watcher checks the
-// connection every HealthInterval while the Session holds locks.
-//
-// The connection returns to the pool only when the Session knows it holds
-// no advisory lock; otherwise it is closed, never handed to another user.
+// The Session ends at Close or when its connection is lost (closed, backend
+// terminated, server restarted, network cut; noticed within HealthInterval
+// while it holds locks, but on a NewConnSession only by its next call):
+// every hold is gone, Done is closed and Err says why. The connection goes
+// back to the pool only when it is known to hold no advisory lock;
+// otherwise it is closed.
 type Session struct {
 	pool      *pgxpool.Pool // nil for a NewConnSession
 	conn      *pgxpool.Conn // for giving the connection back; use pc to talk on it; nil for a NewConnSession
@@ -227,10 +224,8 @@ func sessionOn(pc *pgx.Conn, cfg config) *Session {
 // slices that hold no snapshot for long; on a session that already holds
 // locks it is one server-side wait, which PostgreSQL's deadlock detector
 // sees and which holds a snapshot while it lasts (see the package
-// documentation, "What waiting costs the server"); the health watcher cannot
-// ping while it lasts, so on Linux the socket's TCP keep-alive is tightened
-// for it, as for WithConn. Either way the session's other calls wait for
-// it: the wait keeps the connection's turn.
+// documentation, "What waiting costs the server"). Either way the
+// session's other calls wait for it.
 //
 // On error nothing new is held and the session's earlier holds are kept:
 // ErrTimeout when the wait bound passed (also matching
@@ -337,7 +332,9 @@ func (s *Session) keepaliveOn() bool {
 // lockMore takes key on a session that already holds locks (and so has its
 // keep-alives set), in one statement: a try, or one server-side wait that
 // PostgreSQL's deadlock detector can see, under lock_timeout if bounded. The
-// caller holds the turn.
+// health watcher cannot ping while such a wait lasts, so on Linux the
+// socket's TCP keep-alive is tightened for it, as for WithConn. The caller
+// holds the turn.
 func (s *Session) lockMore(ctx context.Context, key Key, m Mode, w wait, bound time.Duration) (got bool, err error) {
 	if w != waitTry {
 		s.keepClientAlive(true)
@@ -558,45 +555,32 @@ func (s *Session) Err() error {
 	return s.err
 }
 
-// WithConn runs fn with exclusive use of the session's own connection: the
-// same backend that holds the session's locks, so fn's statements can only
-// run while those locks are held and fail once the session is gone (fenced
-// work). Other calls on the session, and its health watcher, wait for fn.
+// WithConn runs fn with exclusive use of the session's own connection, the
+// backend that holds its locks: fn's statements run only while those locks
+// are held (fenced work). Other calls on the session wait for fn.
 //
-// Contexts: ctx bounds the wait for the connection and then the whole of
-// fn. When ctx ends while fn runs, WithConn cancels the statement in flight
-// with a cancel request, so it fails with SQLSTATE 57014 (the error then
-// also matches ctx's error) while the connection and the locks survive; fn
-// must then return within 2 s, or the connection is closed under it, which
-// ends the session. Inside fn, give statements a context that does not end
-// while the lock should live, such as context.WithoutCancel(ctx): pgx
-// handles a statement whose own context ends by its connection's context
-// handler, which by default closes the connection, and that loses every lock
-// of the session.
+// It returns fn's error; an error matching ErrLockLost (joined with fn's)
+// if the session was lost before or during fn; ErrClosed after Close.
 //
-// It returns ErrLockLost (joined with fn's error) if the session was lost
-// before or during fn, and ErrClosed after Close. fn must not keep the
-// connection, or rows read from it, after it returns, and must not leave a
-// transaction open (WithConn rolls it back and returns an error). Locks fn
-// takes with its own SQL are the caller's to release, though Close releases
-// them too. fn must not call Close (or its Lock's Release): Close waits for
-// fn, so it would close the connection under fn after its timeout (5 s).
+// ctx bounds the wait for the connection and then fn. When ctx ends while
+// fn runs, the statement in flight is cancelled (SQLSTATE 57014, also
+// matching ctx's error) and the locks survive; fn must then return within
+// 2 s, or the connection is closed under it and the session ends.
 //
-// While fn's statement runs, the health watcher cannot check the
-// connection. On Linux the session therefore tightens its socket's TCP
-// keep-alive for the rest of its life (and puts it back before the
-// connection returns to the pool): a silent network cut during a statement
-// the server has received ends the connection, and the session, within two
-// health intervals (rounded up to whole seconds), before the server frees
-// the locks (a backend busy with a statement finds its client gone only
-// when the statement ends). TCP_USER_TIMEOUT is not set while fn runs, as
-// it would also end a healthy connection whose server is slow to read what
-// fn sends (a COPY waiting on a row lock). Elsewhere, or for a cut that
-// comes as a statement is sent, such a cut is noticed when ctx ends (the
-// cancel request cannot get through, and the connection is closed within
-// 4 s) or when the operating system gives up on the connection (minutes):
-// bound long fenced work with ctx's deadline. fn's statements cannot run
-// once the backend is gone.
+// Give fn's statements a context that lives as long as the lock should,
+// such as context.WithoutCancel(ctx): by default pgx closes a connection
+// whose statement's own context ends, which ends every lock of the session.
+//
+// fn must not keep the connection or rows read from it after it returns,
+// must not leave a transaction open (it is rolled back and WithConn returns
+// an error), and must not call Close or Release (they wait for fn, and
+// close the connection under it after 5 s). Locks fn takes with its own SQL
+// are the caller's to release; Close releases them too.
+//
+// A silent network cut while fn's statement runs ends the session within
+// about two health intervals on Linux; elsewhere only when ctx ends or the
+// operating system gives up on the connection (minutes): bound long fenced
+// work with a deadline.
 func (s *Session) WithConn(ctx context.Context, fn func(*pgx.Conn) error) error {
 	if err := s.takeTurn(ctx); err != nil {
 		return &Error{Op: "with_conn", Err: err}
@@ -621,6 +605,18 @@ func (s *Session) WithConn(ctx context.Context, fn func(*pgx.Conn) error) error 
 	s.rawUsed, s.kaOn = true, true
 	s.mu.Unlock()
 	s.arm()
+	// While fn's statement runs the health watcher cannot check the
+	// connection, so on Linux the socket's TCP keep-alive is tightened for
+	// the rest of the session (put back before the connection returns to
+	// the pool): a silent cut during a statement the server has received
+	// ends the connection within two health intervals (rounded up to whole
+	// seconds), before the server frees the locks (a busy backend finds its
+	// client gone only when the statement ends). TCP_USER_TIMEOUT is not
+	// set, as it would also end a healthy connection whose server is slow to
+	// read what fn sends (a COPY waiting on a row lock). Elsewhere, or for a
+	// cut as a statement is sent, the cut is noticed when ctx ends (the
+	// cancel request cannot get through; the connection is closed within
+	// 4 s) or when the operating system gives up.
 	s.keepClientAlive(false)
 	err := s.runFor(ctx, true, false, func(_ context.Context, c *pgx.Conn) error { return fn(c) }) // not answered: fn may send nothing
 	if s.lost(err) {

@@ -234,24 +234,23 @@ type TraceLeadEndData struct {
 	Err error
 }
 
-// WithTracer traces the call with t: its wait, and when t also implements
-// HoldTracer or LeadTracer, its holds and leadership. On a call that
+// WithTracer traces the call with t: its wait and, when t also implements
+// HoldTracer or LeadTracer, its holds and leadership. Given to a call that
 // creates a session (NewSession, Acquire, Do, Lead, AcquireSemaphore,
-// DoSemaphore) t traces that session for its whole life: every
-// Session.Lock, LockMany, Unlock, UnlockMany and the end of its holds; those
-// methods take no WithTracer (it is an error, see Option). A nil t traces
-// nothing.
-//
-// Why per call and not per pool: every setting of this package is an
-// Option, and a tracer is one more (define the options once, next to the
-// pool, and pass them with opts...); it reaches every entry point alike,
-// LockTx too, whose pgx.Tx does not lead to a pool; it needs no global
-// registry that tests or libraries sharing a pool would fight over; and
-// it costs nothing when absent. Reading it from the pool's
-// ConnConfig.Tracer, as pgxpool finds its AcquireTracer, would make every
-// advisory tracer a pgx QueryTracer too and would copy the pool's
-// configuration (pgxpool.Pool.Config allocates) on every call.
+// DoSemaphore), t traces that session for its whole life, including its
+// Lock, LockMany, Unlock and UnlockMany, which take no WithTracer. A nil t
+// traces nothing; without WithTracer nothing is traced and nothing is
+// allocated.
 func WithTracer(t Tracer) Option {
+	// Why per call and not per pool: every setting of this package is an
+	// Option, and a tracer is one more (define the options once, next to
+	// the pool); it reaches every entry point alike, LockTx too, whose
+	// pgx.Tx does not lead to a pool; it needs no global registry that
+	// tests or libraries sharing a pool would fight over; and it costs
+	// nothing when absent. Reading it from the pool's ConnConfig.Tracer, as
+	// pgxpool finds its AcquireTracer, would make every advisory tracer a
+	// pgx QueryTracer too and would copy the pool's configuration
+	// (pgxpool.Pool.Config allocates) on every call.
 	if t == nil {
 		return func(c *config) { c.given |= optWithTracer; c.trace = nil }
 	}
