@@ -62,8 +62,9 @@ func sigCountCmd(t *testing.T) (env []string, argv []string) {
 }
 
 // childScript is a process of the job that ignores SIGTERM (so only the
-// SIGKILL after --grace ends it) and runs until killed.
-const childScript = `trap '' TERM; while :; do sleep 0.05; done`
+// SIGKILL after --grace ends it) and runs until killed. It creates the file
+// child-ready once it ignores SIGTERM.
+const childScript = `trap '' TERM; : > child-ready; while :; do sleep 0.05; done`
 
 // writeChild writes childScript to child.sh in the scratch directory.
 func (e *env) writeChild() {
@@ -202,8 +203,10 @@ func TestRunTTLStopsProcessTree(t *testing.T) {
 func TestRunStopsLeftoverProcesses(t *testing.T) {
 	e := newEnv(t)
 	e.writeChild()
+	// CMD exits once the child ignores SIGTERM: before, the SIGTERM would
+	// end it.
 	p := e.pglock(nil, "run", e.dsnArg(), "--key", "leftover", "--grace", "200ms", "--",
-		"sh", "-c", `sh child.sh & echo $! >> pids; exit 3`)
+		"sh", "-c", `sh child.sh & echo $! >> pids; until [ -e child-ready ]; do sleep 0.01; done; exit 3`)
 	e.want(p, 3)
 	pids := e.awaitPIDs(1)
 	noneAlive(t, "after pglock exited", pids)
