@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -864,7 +865,7 @@ func (s *Session) cutOff() {
 // sent on it, and finishes the end in the background (the caller may hold
 // the turn).
 func (s *Session) lose(cause error) {
-	err := &Error{Op: "session", Kind: ErrLockLost, Err: cause}
+	err := s.lossError(cause)
 	if !s.beginEnd(err, err, true) {
 		return
 	}
@@ -873,6 +874,37 @@ func (s *Session) lose(cause error) {
 		defer s.watcher.Done()
 		s.finish(err)
 	}()
+}
+
+// lossError is the end reason of a session lost by cause: it names the key
+// the session held (a Lock's, a Lead's, a semaphore slot's) or, for a
+// Session holding several, how many and the first few.
+func (s *Session) lossError(cause error) *Error {
+	s.mu.Lock()
+	var keys []Key
+	for h := range s.holds {
+		if !slices.Contains(keys, h.key) {
+			keys = append(keys, h.key)
+		}
+	}
+	s.mu.Unlock()
+	err := &Error{Op: "session", Kind: ErrLockLost, Err: cause}
+	switch len(keys) {
+	case 0:
+	case 1:
+		err.Key = keys[0]
+	default:
+		slices.SortFunc(keys, compareKeys)
+		listed := make([]string, 0, 4)
+		for _, k := range keys[:min(3, len(keys))] {
+			listed = append(listed, k.describe())
+		}
+		if len(keys) > 3 {
+			listed = append(listed, "…")
+		}
+		err.Err = fmt.Errorf("it held %d keys (%s): %w", len(keys), strings.Join(listed, ", "), cause)
+	}
+	return err
 }
 
 // lost reports whether err means the session's connection is gone, and if

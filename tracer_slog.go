@@ -16,7 +16,8 @@ import (
 // table, a lost or closed session or another error at Warn; a hold whose
 // TTL passed at Warn, a hold lost at Error; leadership won and resigned at
 // Info, lost at Error (TTL: Warn). Attributes: entry (the call), key (as
-// Key.String prints it; for LockMany, keys: how many), mode, try, outcome
+// Key.String prints it, preceded by the key's quoted name when it has one,
+// as "scheduler" (int64:…): see NameKey; for LockMany, keys: how many), mode, try, outcome
 // or end, duration (waited, held, led), error (the library's error
 // message, which carries no password). A record is built only when logger
 // is enabled for its level.
@@ -64,7 +65,7 @@ func (slogTracer) TraceHoldStart(ctx context.Context, _ TraceHoldStartData) cont
 // lost at Error.
 func (t slogTracer) TraceHoldEnd(ctx context.Context, d TraceHoldEndData) {
 	t.log(ctx, endLevel(d.End, slog.LevelDebug), "advisory lock hold ended", func(a []slog.Attr) []slog.Attr {
-		a = append(a, slog.String("entry", d.Entry.String()), slog.String("key", d.Key.String()), slog.String("mode", d.Mode.String()),
+		a = append(a, slog.String("entry", d.Entry.String()), slog.String("key", d.Key.describe()), slog.String("mode", d.Mode.String()),
 			slog.String("end", d.End.String()), slog.Duration("duration", d.Duration))
 		return errAttr(a, d.Err)
 	})
@@ -73,7 +74,7 @@ func (t slogTracer) TraceHoldEnd(ctx context.Context, d TraceHoldEndData) {
 // TraceLeadStart logs a leadership won at Info.
 func (t slogTracer) TraceLeadStart(ctx context.Context, d TraceLeadStartData) context.Context {
 	t.log(ctx, slog.LevelInfo, "advisory leadership won", func(a []slog.Attr) []slog.Attr {
-		return append(a, slog.String("entry", EntryLead.String()), slog.String("key", d.Key.String()))
+		return append(a, slog.String("entry", EntryLead.String()), slog.String("key", d.Key.describe()))
 	})
 	return ctx
 }
@@ -82,7 +83,7 @@ func (t slogTracer) TraceLeadStart(ctx context.Context, d TraceLeadStartData) co
 // Warn, lost at Error.
 func (t slogTracer) TraceLeadEnd(ctx context.Context, d TraceLeadEndData) {
 	t.log(ctx, endLevel(d.End, slog.LevelInfo), "advisory leadership ended", func(a []slog.Attr) []slog.Attr {
-		a = append(a, slog.String("entry", EntryLead.String()), slog.String("key", d.Key.String()),
+		a = append(a, slog.String("entry", EntryLead.String()), slog.String("key", d.Key.describe()),
 			slog.String("end", d.End.String()), slog.Duration("duration", d.Duration))
 		return errAttr(a, d.Err)
 	})
@@ -113,7 +114,7 @@ func waitAttrs(a []slog.Attr, d TraceWaitStartData) []slog.Attr {
 	if d.Entry == EntrySessionLockMany {
 		a = append(a, slog.Int("keys", len(d.Keys)))
 	} else {
-		a = append(a, slog.String("key", d.Key.String()))
+		a = append(a, slog.String("key", d.Key.describe()))
 	}
 	return append(a, slog.String("mode", d.Mode.String()), slog.Bool("try", d.Try))
 }

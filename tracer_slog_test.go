@@ -85,7 +85,7 @@ func TestSlogTracer(t *testing.T) {
 	var logs capturedLog
 	tr := WithTracer(SlogTracer(logs.logger()))
 	key := StringKey("slog-trace")
-	ks := key.String()
+	ks := `"slog-trace" (` + key.String() + `)` // the key's name, then its numbers
 
 	holder, err := Acquire(e.ctx, pool, key, tr)
 	must(t, err)
@@ -135,8 +135,8 @@ func TestSlogTracer(t *testing.T) {
 	}
 	recs, _ = logs.take(t)
 	if rec := expectRecord(t, recs, "ERROR", "advisory lock hold ended", map[string]any{"key": ks, "end": "lost"}); rec != nil {
-		if !strings.Contains(fmt.Sprint(rec["error"]), "lock lost") {
-			t.Errorf("a lost hold logged error %q", rec["error"])
+		if msg := fmt.Sprint(rec["error"]); !strings.Contains(msg, "lock lost") || !strings.Contains(msg, ks) {
+			t.Errorf("a lost hold logged error %q; want ErrLockLost's, naming %s", msg, ks)
 		}
 	}
 
