@@ -1034,6 +1034,7 @@ func (s *Session) run(ctx context.Context, untilEnd bool, f func(context.Context
 func (s *Session) answered(err error) error {
 	if err == nil || sqlState(err) != "" { // only a failure pays for errors.As
 		s.lastAnswer.Store(time.Now().UnixNano())
+		s.trace.answered()
 	}
 	return err
 }

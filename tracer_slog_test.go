@@ -170,7 +170,20 @@ func TestSlogTracer(t *testing.T) {
 		t.Fatal("Acquire through a pool that cannot connect succeeded")
 	}
 	recs, text := logs.take(t)
-	expectRecord(t, recs, "WARN", "advisory lock wait ended", map[string]any{"key": ks, "outcome": "error"})
+	expectRecord(t, recs, "WARN", "advisory lock waits failing", map[string]any{"key": ks, "outcome": "error"})
+	// The second failure is part of the same outage: Debug only.
+	if _, err := Acquire(e.ctx, bad, key, tr); err == nil {
+		t.Fatal("Acquire through a pool that cannot connect succeeded")
+	}
+	more, _ := logs.take(t)
+	expectRecord(t, more, "DEBUG", "advisory lock wait ended", map[string]any{"key": ks, "outcome": "error"})
+	if l, err := Acquire(e.ctx, pool, key, tr, NoWait()); err != nil || !l.Acquired() {
+		t.Fatalf("Acquire after the outage = %v, %v", l.Acquired(), err)
+	} else {
+		must(t, l.Release(e.ctx))
+	}
+	more, _ = logs.take(t)
+	expectRecord(t, more, "INFO", "advisory lock waits reach the server again", map[string]any{"failed_waits": 2})
 	if strings.Contains(text, password) {
 		t.Errorf("the log carries the password:\n%s", text)
 	}
