@@ -60,12 +60,26 @@ type config struct {
 	ttl         time.Duration // 0: no TTL
 	health      time.Duration
 	trace       *tracerOption // nil: not traced (WithTracer)
+	waitingFrom int64         // WaitingSince, Unix nanoseconds; 0: not set
 	err         error         // the first invalid option
 }
 
 // Shared takes (or, for Session.Unlock, releases) a shared hold instead of
 // an exclusive one.
 func Shared() Option { return func(c *config) { c.mode = ModeShared } }
+
+// WaitingSince says that the call's wait continues one that began at t,
+// for a caller that waits in several calls (a loop of WaitTimeout waits,
+// as pglock run's): while the call waits, Holders and pglock status show
+// it waiting since t rather than since the call began. It changes nothing
+// else. A zero t, or one after the call began, is ignored.
+func WaitingSince(t time.Time) Option {
+	return func(c *config) {
+		if !t.IsZero() {
+			c.waitingFrom = t.UnixNano()
+		}
+	}
+}
 
 // NoWait tries once: when another session holds the key the call returns
 // acquired == false and a nil error at once.
@@ -173,4 +187,12 @@ func (c config) waitPlan(ctx context.Context) (w wait, bound time.Duration, byDe
 		return waitForever, 0, false
 	}
 	return waitBounded, bound, byDeadline
+}
+
+// waitingSince is WaitingSince's time, zero when not given.
+func (c config) waitingSince() time.Time {
+	if c.waitingFrom == 0 {
+		return time.Time{}
+	}
+	return time.Unix(0, c.waitingFrom)
 }

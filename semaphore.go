@@ -139,6 +139,7 @@ func (s *Session) lockSlot(ctx context.Context, sem Key, slots []Key, cfg config
 	defer s.giveTurn()
 
 	w, bound, byDeadline := cfg.waitPlan(ctx)
+	s.waitingSince = cfg.waitingSince()
 	slot, dtMs, err := s.trySlots(ctx, slots)
 	if err == nil && !slot.Valid() && w != waitTry {
 		slot, err = s.waitSlots(ctx, slots, dtMs, endOf(bound))

@@ -95,6 +95,13 @@ type Session struct {
 	mu      sync.Mutex
 	holds   map[hold]int
 	rawUsed bool  // WithConn ran: the connection may hold locks the Session did not take
+	// heldSince is when the session began holding something without a
+	// break (its first hold, or WithConn); zero while it holds nothing. Its
+	// health checks report it (heldPingSQL).
+	heldSince time.Time
+	// waitingSince is when the wait in progress began, if a caller said
+	// (WaitingSince); zero otherwise. Guarded by the turn.
+	waitingSince time.Time
 	kaOn    bool  // the session set the keep-alives; they are reset when it ends
 	ending  bool  // Close began or the session was lost
 	closed  bool  // Close has returned the end reason once
@@ -273,6 +280,7 @@ func (s *Session) lock(ctx context.Context, key Key, cfg config) (bool, error) {
 	s.mu.Unlock()
 
 	w, bound, byDeadline := cfg.waitPlan(ctx)
+	s.waitingSince = cfg.waitingSince()
 	var (
 		got bool
 		err error
@@ -486,6 +494,7 @@ func (s *Session) unlock(ctx context.Context, h hold) error {
 	}
 	s.mu.Lock()
 	delete(s.holds, h)
+	s.notHolding()
 	s.mu.Unlock()
 	err := s.unlockStatement(h, false)
 	s.trace.released(h.mode, err, key)
@@ -494,6 +503,14 @@ func (s *Session) unlock(ctx context.Context, h hold) error {
 		return keyError("unlock", key, ErrLockLost, err)
 	}
 	return nil
+}
+
+// notHolding forgets when the session began holding, if it holds nothing
+// now. The caller holds mu.
+func (s *Session) notHolding() {
+	if len(s.holds) == 0 && !s.rawUsed {
+		s.heldSince = time.Time{}
+	}
 }
 
 // unlockTurn takes the turn for an unlock. ctx bounds the wait, except

@@ -248,6 +248,9 @@ func (r *runner) acquire(ctx context.Context, pool *pgxpool.Pool) (*advisory.Loc
 	if r.ttl.set {
 		opts = append(opts, advisory.TTL(r.ttl.d))
 	}
+	// One wait, in calls of a slice each: pglock status shows it waiting
+	// since its first.
+	opts = append(opts, advisory.WaitingSince(time.Now()))
 	for {
 		slice := waitSlice
 		if r.noWait {

@@ -31,11 +31,15 @@ A key another tool locks while it migrates this database is labelled with
 the tool, as "pglock key --tool" names it: goose (default lock id), migrate
 (golang-migrate, public.schema_migrations), rails, sqlx-migrate.
 
-WAITING is since the wait began. PostgreSQL records no grant time, so HELD
-is since the session last changed state (a session that keeps sending
-statements, as pglock run's health check and this package's sliced waits
-do, shows a short time) and CONNECTED bounds how long it can have held its
-keys. Durations are measured by the server's clock.
+HELD is since the grant and WAITING since the wait began, for the sessions
+of package advisory (pglock run, and programs using the package): their
+health checks and wait slices write those times into the statement text
+that pg_stat_activity shows. For other clients the times are PostgreSQL's,
+marked with "*": WAITING since pg_locks.waitstart, and HELD since the
+session last changed state (PostgreSQL records no grant time; the grant
+was no later if the session is idle), with CONNECTED the other bound. So is
+a session of package advisory just after an uncontended grant, until its
+first health check. Durations are measured by the server's clock.
 
 A waiter using package advisory waits in short slices (shorter than the
 server's deadlock_timeout) and between two slices leaves the server's queue
@@ -50,7 +54,8 @@ that fails is shown and the next one reconnects.
 
 --json prints a JSON array for scripts: one element a lock row, holders
 and waiters, times in RFC 3339 (null unknown), blocked_by the pids that
-block a waiter ([] for a holder), held_seconds or waiting_seconds.
+block a waiter ([] for a holder), held_seconds or waiting_seconds, and
+since_source: "advisory" for a true time, "postgresql" for PostgreSQL's.
 `
 
 func cmdStatus(args []string, stdout, stderr io.Writer) int {
@@ -256,6 +261,7 @@ type holderJSON struct {
 	ClientAddr      string     `json:"client_addr"`
 	State           string     `json:"state"`
 	Since           *time.Time `json:"since"`
+	SinceSource     string     `json:"since_source"` // "advisory": the true time; "postgresql": PostgreSQL's record
 	HeldSeconds     *float64   `json:"held_seconds,omitempty"`    // a holder: seconds since Since
 	WaitingSeconds  *float64   `json:"waiting_seconds,omitempty"` // a waiter: seconds since Since
 	BackendStart    *time.Time `json:"backend_start"`
@@ -270,7 +276,7 @@ func (v *statusView) jsonRows(snap *snapshot) []holderJSON {
 			Key: h.Key.String(), Name: v.name, Tool: snap.tools[h.Key], ClassID: classid, ObjID: objid, ObjSubID: objsubid,
 			Mode: h.Mode.String(), Granted: h.Granted, PID: h.PID, BlockedBy: []int32{},
 			ApplicationName: h.ApplicationName, ClientAddr: h.ClientAddr, State: h.State,
-			Since: timeOrNil(h.Since), BackendStart: timeOrNil(h.BackendStart),
+			Since: timeOrNil(h.Since), SinceSource: sinceSource(h), BackendStart: timeOrNil(h.BackendStart),
 		}
 		if v, ok := h.Key.Int64(); ok {
 			j.Int64 = &v
@@ -290,6 +296,14 @@ func (v *statusView) jsonRows(snap *snapshot) []holderJSON {
 		out = append(out, j)
 	}
 	return out
+}
+
+// sinceSource says where h.Since comes from, for --json.
+func sinceSource(h advisory.Holder) string {
+	if h.SinceExact {
+		return "advisory"
+	}
+	return "postgresql"
 }
 
 func timeOrNil(t time.Time) *time.Time {
