@@ -94,7 +94,7 @@ type Session struct {
 
 	mu      sync.Mutex
 	holds   map[hold]int
-	rawUsed bool  // WithConn ran: the connection may hold locks the Session did not take
+	rawUsed bool // WithConn ran: the connection may hold locks the Session did not take
 	// heldSince is when the session began holding something without a
 	// break (its first hold, or WithConn); zero while it holds nothing. Its
 	// health checks report it (heldPingSQL).
@@ -102,10 +102,10 @@ type Session struct {
 	// waitingSince is when the wait in progress began, if a caller said
 	// (WaitingSince); zero otherwise. Guarded by the turn.
 	waitingSince time.Time
-	kaOn    bool  // the session set the keep-alives; they are reset when it ends
-	ending  bool  // Close began or the session was lost
-	closed  bool  // Close has returned the end reason once
-	err     error // why it ended; nil after a clean Close
+	kaOn         bool  // the session set the keep-alives; they are reset when it ends
+	ending       bool  // Close began or the session was lost
+	closed       bool  // Close has returned the end reason once
+	err          error // why it ended; nil after a clean Close
 
 	ctx     context.Context // cancelled, with the reason, when the session starts ending
 	cancel  context.CancelCauseFunc

@@ -261,7 +261,7 @@ type holderJSON struct {
 	ClientAddr      string     `json:"client_addr"`
 	State           string     `json:"state"`
 	Since           *time.Time `json:"since"`
-	SinceSource     string     `json:"since_source"` // "advisory": the true time; "postgresql": PostgreSQL's record
+	SinceSource     string     `json:"since_source"`              // "advisory": the true time; "postgresql": PostgreSQL's record
 	HeldSeconds     *float64   `json:"held_seconds,omitempty"`    // a holder: seconds since Since
 	WaitingSeconds  *float64   `json:"waiting_seconds,omitempty"` // a waiter: seconds since Since
 	BackendStart    *time.Time `json:"backend_start"`
