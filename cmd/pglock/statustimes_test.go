@@ -1,8 +1,10 @@
 package main
 
 import (
+	"encoding/json"
 	"fmt"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -92,4 +94,96 @@ func deref(f *float64) string {
 		return "null"
 	}
 	return fmt.Sprint(*f)
+}
+
+// pglock status --slots N shows a semaphore as one group: three pglock
+// runs on a semaphore of two, two holding a slot and one waiting, read by
+// pglock status as an operator would, in the table and in --json.
+func TestStatusSemaphore(t *testing.T) {
+	e := newEnv(t)
+	slots := advisory.SemaphoreKeys(advisory.StringKey("sem-status"), 2)
+	var runs []*proc
+	for _, name := range []string{"A", "B", "C"} {
+		runs = append(runs, e.start(nil, "", append([]string{"run", e.dsnArg(), "--key", "sem-status", "--slots", "2", "--"}, marksCmd(name)...)...))
+	}
+	holders := map[int]int32{} // slot: the pid holding it
+	c := e.conn()
+	e.await("two slots held and a waiter", func() (bool, error) {
+		waiting := 0
+		for i, k := range slots {
+			hs, err := advisory.Holders(e.ctx, c, k)
+			if err != nil {
+				return false, err
+			}
+			for _, h := range hs {
+				if h.Granted {
+					holders[i] = h.PID
+				} else {
+					waiting++
+				}
+			}
+		}
+		return len(holders) == 2 && waiting > 0, nil
+	})
+
+	p := e.pglock(nil, "status", e.dsnArg(), "--key", "sem-status", "--slots", "3")
+	e.want(p, 0)
+	out := p.stdout.String()
+	if !strings.HasPrefix(out, `semaphore "sem-status" (`+advisory.StringKey("sem-status").String()+`): 3 slots, 2 held, 1 waiting`) {
+		t.Errorf("pglock status --slots 3: want a first line naming the semaphore and counting 2 held, 1 waiting:\n%s", out)
+	}
+	third := advisory.SemaphoreKeys(advisory.StringKey("sem-status"), 3)[2]
+	for i, pid := range holders {
+		if !hasLine(out, fmt.Sprintf("%d", i), slots[i].String(), fmt.Sprintf("%d", pid)) {
+			t.Errorf("no line for slot %d (%s) held by %d:\n%s", i, slots[i], pid, out)
+		}
+	}
+	if !hasLine(out, "2", third.String(), "free") || !hasLine(out, "-", "waits", "for", "a", "slot") {
+		t.Errorf("want slot 2 free and a line for the waiter:\n%s", out)
+	}
+
+	p = e.pglock(nil, "status", e.dsnArg(), "--key", "sem-status", "--slots", "2", "--json")
+	e.want(p, 0)
+	var sem semaphoreJSON
+	if err := json.Unmarshal(p.stdout.Bytes(), &sem); err != nil {
+		t.Fatalf("--slots --json does not parse: %v\n%s", err, p.stdout.String())
+	}
+	if sem.Name != "sem-status" || sem.Size != 2 || len(sem.Slots) != 2 || len(sem.Waiters) != 1 || sem.Waiters[0].Granted {
+		t.Fatalf("--slots --json = %+v; want 2 slots and 1 waiter", sem)
+	}
+	for i, s := range sem.Slots {
+		if s.Slot != i || s.Key != slots[i].String() || len(s.Holders) != 1 || s.Holders[0].PID != holders[i] || !s.Holders[0].Granted {
+			t.Errorf("--slots --json slot %d = %+v; want %s held by %d", i, s, slots[i], holders[i])
+		}
+	}
+
+	// The semaphore's own key is not locked: without --slots, status says
+	// so and suggests --slots.
+	p = e.pglock(nil, "status", e.dsnArg(), "--key", "sem-status")
+	e.want(p, 0)
+	if !strings.Contains(p.stdout.String(), "add --slots N") {
+		t.Errorf("status of a semaphore's key without --slots: %q; want the hint", p.stdout.String())
+	}
+	p = e.pglock(nil, "status", e.dsnArg(), "--slots", "2")
+	e.want(p, exitUsage)
+
+	for _, name := range []string{"A", "B", "C"} {
+		touch(t, filepath.Join(e.dir, "release-"+name))
+	}
+	for _, r := range runs {
+		e.wait(r)
+		e.want(r, 0)
+	}
+}
+
+// hasLine reports whether a line of out has the fields want, in order, as
+// its first fields.
+func hasLine(out string, want ...string) bool {
+	for l := range strings.Lines(out) {
+		f := strings.Fields(l)
+		if len(f) >= len(want) && slices.Equal(f[:len(want)], want) {
+			return true
+		}
+	}
+	return false
 }
