@@ -10,9 +10,10 @@
 # The tests need, besides Go: PostgreSQL's server binaries (or
 # ADVISORY_TEST_DSN, or a Docker engine), pgbouncer, tmux (a terminal for
 # what pglock shows there), and a C compiler for the race detector. Run as
-# root on Debian or Ubuntu, this installs whichever is missing with apt-get. Otherwise it says what is missing and how to
-# install it: the race detector cannot run without a C compiler, so it stops
-# there; the PgBouncer tests fail with the same advice (they never skip).
+# root on Debian or Ubuntu, this installs whichever is missing with apt-get.
+# Otherwise it says what is missing and how to install it: the race detector
+# cannot run without a C compiler, so it stops there; the PgBouncer and
+# terminal tests fail with the same advice (they never skip).
 # TestNetworkCut needs root (it cuts a connection inside a network namespace
 # of its own) and says so when it fails.
 set -euo pipefail
