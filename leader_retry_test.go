@@ -3,6 +3,8 @@ package advisory
 import (
 	"context"
 	"errors"
+	"fmt"
+	"strings"
 	"testing"
 	"time"
 
@@ -168,6 +170,9 @@ func TestLeadOutageReportedOnce(t *testing.T) {
 			warns++
 			if r["msg"] != "advisory lock waits failing" {
 				t.Errorf("a WARN record during the outage besides its beginning: %v", r)
+			}
+			if strings.Contains(fmt.Sprint(r["error"]), "mutual exclusion") {
+				t.Errorf("a failed wait is logged as a loss of mutual exclusion: %v", r)
 			}
 		case "ERROR":
 			errs++
