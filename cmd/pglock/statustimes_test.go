@@ -45,8 +45,14 @@ func TestStatusTrueTimes(t *testing.T) {
 		return err == nil && checked.Sub(granted) > 1500*time.Millisecond && sliced.Sub(b.started) > 1500*time.Millisecond, nil
 	})
 
-	got := e.statusJSON("--key", "true-times")
-	if len(got) != 2 || got[0].PID != holderPID || got[1].PID != waiterPID {
+	// A reading taken between two of the waiter's slices misses it: read
+	// again.
+	var got []holderJSON
+	e.await("status --json showing the holder and the waiter", func() (bool, error) {
+		got = e.statusJSON("--key", "true-times")
+		return len(got) == 2, nil
+	})
+	if got[0].PID != holderPID || got[1].PID != waiterPID {
 		t.Fatalf("status --json = %+v; want the holder %d and the waiter %d", got, holderPID, waiterPID)
 	}
 	if h := got[0]; h.SinceSource != "advisory" || h.HeldSeconds == nil || *h.HeldSeconds < 1.4 {
@@ -60,13 +66,18 @@ func TestStatusTrueTimes(t *testing.T) {
 	}
 
 	// The table says the same: true times plain, PostgreSQL's marked.
-	p := e.pglock(nil, "status", e.dsnArg())
-	e.want(p, 0)
-	out := p.stdout.String()
+	var out string
 	cells := map[int32]map[string]string{}
-	for _, r := range readStatusTable(t, out) {
-		cells[r.pid] = r.cells
-	}
+	e.await("status showing the holder and the waiter", func() (bool, error) {
+		p := e.pglock(nil, "status", e.dsnArg())
+		e.want(p, 0)
+		out = p.stdout.String()
+		clear(cells)
+		for _, r := range readStatusTable(t, out) {
+			cells[r.pid] = r.cells
+		}
+		return cells[holderPID] != nil && cells[waiterPID] != nil, nil
+	})
 	held, waiting := cells[holderPID]["HELD"], cells[waiterPID]["WAITING"]
 	plainHeld := cells[int32(plain.PgConn().PID())]["HELD"]
 	if d, err := time.ParseDuration(held); err != nil || d < 1400*time.Millisecond {
@@ -75,7 +86,7 @@ func TestStatusTrueTimes(t *testing.T) {
 	if d, err := time.ParseDuration(waiting); err != nil || d < 1400*time.Millisecond {
 		t.Errorf("WAITING of pglock run's wait is %q; want a true time, at least 1.4s, unmarked:\n%s", waiting, out)
 	}
-	if !strings.HasSuffix(plainHeld, "*") || !strings.Contains(out, "* as PostgreSQL records it") {
+	if !strings.HasSuffix(plainHeld, "*") || !strings.Contains(out, "* PostgreSQL's time: ") {
 		t.Errorf("a plain client's HELD is %q; want it marked * and the mark explained:\n%s", plainHeld, out)
 	}
 
@@ -126,12 +137,15 @@ func TestStatusSemaphore(t *testing.T) {
 		return len(holders) == 2 && waiting > 0, nil
 	})
 
-	p := e.pglock(nil, "status", e.dsnArg(), "--key", "sem-status", "--slots", "3")
-	e.want(p, 0)
-	out := p.stdout.String()
-	if !strings.HasPrefix(out, `semaphore "sem-status" (`+advisory.StringKey("sem-status").String()+`): 3 slots, 2 held, 1 waiting`) {
-		t.Errorf("pglock status --slots 3: want a first line naming the semaphore and counting 2 held, 1 waiting:\n%s", out)
-	}
+	// A reading taken between two of the waiter's slices misses it: read
+	// again.
+	var out string
+	e.await("pglock status --slots 3 naming the semaphore and counting 2 held, 1 waiting", func() (bool, error) {
+		p := e.pglock(nil, "status", e.dsnArg(), "--key", "sem-status", "--slots", "3")
+		e.want(p, 0)
+		out = p.stdout.String()
+		return strings.HasPrefix(out, `semaphore "sem-status" (`+advisory.StringKey("sem-status").String()+`): 3 slots, 2 held, 1 waiting`), nil
+	})
 	third := advisory.SemaphoreKeys(advisory.StringKey("sem-status"), 3)[2]
 	for i, pid := range holders {
 		if !hasLine(out, fmt.Sprintf("%d", i), slots[i].String(), fmt.Sprintf("%d", pid)) {
@@ -142,12 +156,16 @@ func TestStatusSemaphore(t *testing.T) {
 		t.Errorf("want slot 2 free and a line for the waiter:\n%s", out)
 	}
 
-	p = e.pglock(nil, "status", e.dsnArg(), "--key", "sem-status", "--slots", "2", "--json")
-	e.want(p, 0)
 	var sem semaphoreJSON
-	if err := json.Unmarshal(p.stdout.Bytes(), &sem); err != nil {
-		t.Fatalf("--slots --json does not parse: %v\n%s", err, p.stdout.String())
-	}
+	e.await("pglock status --slots 2 --json showing the waiter", func() (bool, error) {
+		p := e.pglock(nil, "status", e.dsnArg(), "--key", "sem-status", "--slots", "2", "--json")
+		e.want(p, 0)
+		sem = semaphoreJSON{}
+		if err := json.Unmarshal(p.stdout.Bytes(), &sem); err != nil {
+			return false, fmt.Errorf("--slots --json does not parse: %v\n%s", err, p.stdout.String())
+		}
+		return len(sem.Waiters) == 1, nil
+	})
 	if sem.Name != "sem-status" || sem.Size != 2 || len(sem.Slots) != 2 || len(sem.Waiters) != 1 || sem.Waiters[0].Granted {
 		t.Fatalf("--slots --json = %+v; want 2 slots and 1 waiter", sem)
 	}
@@ -159,7 +177,7 @@ func TestStatusSemaphore(t *testing.T) {
 
 	// The semaphore's own key is not locked: without --slots, status says
 	// so and suggests --slots.
-	p = e.pglock(nil, "status", e.dsnArg(), "--key", "sem-status")
+	p := e.pglock(nil, "status", e.dsnArg(), "--key", "sem-status")
 	e.want(p, 0)
 	if !strings.Contains(p.stdout.String(), "add --slots N") {
 		t.Errorf("status of a semaphore's key without --slots: %q; want the hint", p.stdout.String())
@@ -186,4 +204,51 @@ func hasLine(out string, want ...string) bool {
 		}
 	}
 	return false
+}
+
+// What a person sees in a terminal: pglock status --watch --slots 2 on a
+// semaphore of three pglock runs redraws the group in place, and the
+// waiter's WAITING keeps growing past its slices (a true time, unmarked),
+// where PostgreSQL's own time would start over with every slice.
+func TestStatusWatchSemaphoreInTerminal(t *testing.T) {
+	e := newEnv(t)
+	m := newTmux(e)
+	cmd := "exec " + shellQuote(binary) + " status " + shellQuote(e.dsnArg()) + " --key tmux-sem --slots 2 --watch 200ms"
+	m.run("new-session", "-d", "-s", "status", "-x", "200", "-y", "30", cmd,
+		";", "set-option", "-w", "-t", "status", "remain-on-exit", "on")
+	m.awaitScreen("the empty semaphore", func(s string) bool {
+		return strings.Contains(s, `semaphore "tmux-sem" (`) && strings.Contains(s, "2 slots, 0 held, 0 waiting")
+	})
+	var runs []*proc
+	for _, name := range []string{"A", "B", "C"} {
+		runs = append(runs, e.start(nil, "", append([]string{"run", e.dsnArg(), "--key", "tmux-sem", "--slots", "2", "--"}, marksCmd(name)...)...))
+	}
+	s := m.awaitScreen("two slots held and a waiter who has waited 1.5s", func(s string) bool {
+		if !strings.Contains(s, "2 slots, 2 held, 1 waiting") {
+			return false
+		}
+		for l := range strings.Lines(s) {
+			// "-  waits for a slot  PID  -  WAITING  ..."
+			if f := strings.Fields(l); len(f) > 7 && f[1] == "waits" {
+				d, err := time.ParseDuration(f[7])
+				return err == nil && d >= 1500*time.Millisecond
+			}
+		}
+		return false
+	})
+	if strings.Count(s, "semaphore ") != 1 || strings.Contains(s, "*") {
+		t.Errorf("want one group, redrawn in place, with true times only (no *):\n%s", s)
+	}
+	m.run("send-keys", "-t", "status", "C-c")
+	m.awaitScreen("pglock exited", func(string) bool {
+		dead := strings.Fields(m.run("display-message", "-p", "-t", "status", "#{pane_dead}"))
+		return len(dead) > 0 && dead[0] == "1"
+	})
+	for _, name := range []string{"A", "B", "C"} {
+		touch(t, filepath.Join(e.dir, "release-"+name))
+	}
+	for _, r := range runs {
+		e.wait(r)
+		e.want(r, 0)
+	}
 }

@@ -204,8 +204,7 @@ func writeTree(w io.Writer, roots []*lockSession, snap *snapshot, allKeys bool) 
 }
 
 // recordedNote explains the times marked "*", after a blank line.
-const recordedNote = "\n* as PostgreSQL records it: HELD since the session's last change of state (no grant time is recorded),\n" +
-	"  WAITING since pg_locks.waitstart. Unmarked times are the true ones that sessions of package advisory report.\n"
+const recordedNote = "\n* PostgreSQL's time: WAITING since pg_locks.waitstart, HELD since the session last changed state (no grant time is recorded)\n"
 
 // oldest is the hold held longest.
 func oldest(hs []advisory.Holder) advisory.Holder {
