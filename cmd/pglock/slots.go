@@ -120,19 +120,7 @@ func (v *statusView) writeSemaphore(w io.Writer, snap *snapshot) error {
 	for _, h := range g.waiters {
 		line("-", "waits for a slot", &h)
 	}
-	if err := tw.Flush(); err != nil {
-		return err
-	}
-	for l := range strings.Lines(buf.String()) {
-		if _, err := io.WriteString(w, strings.TrimRight(l, " \n")+"\n"); err != nil {
-			return err
-		}
-	}
-	if recorded {
-		_, err := io.WriteString(w, recordedNote)
-		return err
-	}
-	return nil
+	return flushTable(w, tw, &buf, recorded)
 }
 
 // semaphore is a reading of a semaphore's slots.

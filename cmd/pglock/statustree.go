@@ -188,6 +188,12 @@ func writeTree(w io.Writer, roots []*lockSession, snap *snapshot, allKeys bool) 
 	for _, r := range roots {
 		line(r, "", "")
 	}
+	return flushTable(w, tw, &buf, recorded)
+}
+
+// flushTable writes the table tw wrote to buf, its lines' trailing spaces
+// cut, and after it, if recorded, the note on the times marked "*".
+func flushTable(w io.Writer, tw *tabwriter.Writer, buf *bytes.Buffer, recorded bool) error {
 	if err := tw.Flush(); err != nil {
 		return err
 	}
