@@ -129,6 +129,7 @@ func FuzzKeyFromLockRow(f *testing.F) {
 // process keeps a bounded number of names.
 func TestKeyNames(t *testing.T) {
 	newEnv(t)
+	freshKeyNames(t)
 	k := StringKey("scheduler")
 	if k != Int64Key(int64(xxhash.Sum64String("scheduler"))) {
 		t.Fatal("a named StringKey is not == the Int64Key of its hash")
@@ -176,4 +177,20 @@ func TestKeyNames(t *testing.T) {
 	if got, _ := tbl.lookup(Int64Key(1)); len(got) > maxKeyNameLen+len("…") || !strings.HasSuffix(got, "…") || !utf8.ValidString(got) {
 		t.Errorf("a 300-byte name is kept as %q (%d bytes); want it cut to %d bytes of valid UTF-8 and …", got, len(got), maxKeyNameLen)
 	}
+}
+
+// freshKeyNames gives the test an empty table of key names, as a process
+// that has just started has: the tests before it may have filled the
+// table's 4096 names (LockMany's tests alone make thousands of keys), and a
+// key named after that shows only its numbers.
+func freshKeyNames(t *testing.T) {
+	names.mu.Lock()
+	saved := names.m
+	names.m = make(map[Key]string)
+	names.mu.Unlock()
+	t.Cleanup(func() {
+		names.mu.Lock()
+		names.m = saved
+		names.mu.Unlock()
+	})
 }

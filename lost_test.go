@@ -44,6 +44,7 @@ func (e *env) awaitDone(done <-chan struct{}, what string) {
 // ErrLockLost, fenced statements fail, and another session can take the key.
 func TestTerminatedHolder(t *testing.T) {
 	e := newEnv(t)
+	freshKeyNames(t)
 	pool := e.pool()
 	other := e.conn()
 	key := StringKey("terminated")
@@ -196,6 +197,7 @@ func TestServerRestart(t *testing.T) {
 // while fn ignores its context; Do returns ErrTTLExceeded.
 func TestTTL(t *testing.T) {
 	e := newEnv(t)
+	freshKeyNames(t)
 	pool := e.pool()
 	other := e.conn()
 	key := StringKey("ttl")

@@ -81,6 +81,7 @@ next:
 // level with its attributes, and no password, even for a connection error.
 func TestSlogTracer(t *testing.T) {
 	e := newEnv(t)
+	freshKeyNames(t)
 	pool := e.pool()
 	var logs capturedLog
 	tr := WithTracer(SlogTracer(logs.logger()))
