@@ -105,12 +105,10 @@ func newLock(ctx context.Context, pool *pgxpool.Pool, key Key, cfg config, lock 
 	return l, nil
 }
 
-// errTTL is the end reason of a Lock whose TTL passed.
-var errTTL = &Error{Op: "ttl", Kind: ErrTTLExceeded}
-
 // expire ends the lock's session at its TTL: the statement in flight is
-// interrupted and the lock released.
+// interrupted and the lock released. The end reason names the key.
 func (l *Lock) expire() {
+	errTTL := &Error{Op: "ttl", Key: l.key, Kind: ErrTTLExceeded}
 	if l.s.beginEnd(errTTL, errTTL, false) {
 		l.s.finish(errTTL)
 	}

@@ -65,11 +65,13 @@ type Error struct {
 	deadline bool // the wait was bounded by the context's deadline
 }
 
-// Error returns "advisory: OP KEY: KIND: CAUSE".
+// Error returns "advisory: OP KEY: KIND: CAUSE", where KEY is the key's
+// numbers (int64:…, pair:A,B) preceded by its quoted name when it has one
+// (see NameKey): advisory: lock "scheduler" (int64:…): ….
 func (e *Error) Error() string {
 	msg := "advisory: " + e.Op
 	if e.Key.Valid() {
-		msg += " " + e.Key.String()
+		msg += " " + e.Key.describe()
 	}
 	if e.Kind != nil {
 		msg += ": " + e.Kind.Error()

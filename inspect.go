@@ -1,8 +1,10 @@
 package advisory
 
 import (
+	"cmp"
 	"context"
 	"fmt"
+	"slices"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -41,25 +43,37 @@ type Holder struct {
 	// State is pg_stat_activity.state: "active", "idle", "idle in
 	// transaction", ...
 	State string
-	// Since is, for a waiter, when its wait began (pg_locks.waitstart;
-	// for the first moments of a wait, when its statement began).
+	// Since is, for a waiter, when its wait began; for a holder, since
+	// when it holds. Zero when not shown.
 	//
-	// For a holder PostgreSQL records no grant time, and Since is the best
-	// available proxy: the session's state_change, that is when its last
-	// statement ended if it is idle (the lock was granted no later than
-	// that), or when its current statement began if it is active (the
-	// statement may have taken the lock later). A session that keeps
-	// sending statements while it holds the lock (this package's health
-	// watcher does, every HealthInterval) shows a recent Since; BackendStart
-	// is then the useful bound. Zero when not shown.
+	// For a session of this package (SinceExact) it is the true time: its
+	// health check and its wait slices carry how long the hold or the wait
+	// has lasted in their statement text, which pg_stat_activity shows, so
+	// a hold shows the time since the grant whatever health checks came
+	// since, and a wait the time since it began whatever slices came since.
+	// (For a Session holding several keys, since it began holding without
+	// a break; the grant itself when its last statement was the lock.)
+	//
+	// Otherwise it is what PostgreSQL records. For a waiter,
+	// pg_locks.waitstart (for the first moments of a wait, when its
+	// statement began). For a holder PostgreSQL records no grant time, and
+	// Since is the best available proxy: the session's state_change, that
+	// is when its last statement ended if it is idle (the lock was granted
+	// no later than that), or when its current statement began if it is
+	// active (the statement may have taken the lock later); BackendStart is
+	// then the other bound.
 	Since time.Time
+	// SinceExact is true when Since is the true grant or wait start that a
+	// session of this package reported, false when it is PostgreSQL's
+	// record.
+	SinceExact bool
 	// BackendStart is when the session connected: no lock it holds was
 	// granted earlier. Zero when not shown.
 	BackendStart time.Time
 }
 
 // Holders returns the sessions that hold or wait for key in the current
-// database, holders first, each group ordered by Since. It only reads
+// database, holders first, each group ordered by Since, then PID and Mode. It only reads
 // pg_locks and pg_stat_activity (never by trying to lock) and so sees every
 // session's locks, including locks taken outside this package.
 //
@@ -86,8 +100,8 @@ func Holders(ctx context.Context, q Querier, key Key) ([]Holder, error) {
 // AllHolders returns every advisory lock hold and wait in the current
 // database, ordered by key as pg_locks stores it (int64 keys first, then
 // pair keys; within a space by classid, then objid, as unsigned numbers),
-// then holders before waiters, then Since. Errors and caveats are those of
-// Holders.
+// then holders before waiters, then Since, PID and Mode. Errors and caveats
+// are those of Holders.
 func AllHolders(ctx context.Context, q Querier) ([]Holder, error) {
 	if q == nil {
 		return nil, errorf("all_holders: nil Querier")
@@ -105,7 +119,29 @@ func queryHolders(ctx context.Context, q Querier, sql string, args ...any) ([]Ho
 	if err != nil {
 		return nil, err
 	}
-	return pgx.CollectRows(rows, scanHolder)
+	hs, err := pgx.CollectRows(rows, scanHolder)
+	if err != nil {
+		return nil, err
+	}
+	// The true times may reorder holders and waiters of a key.
+	slices.SortStableFunc(hs, func(a, b Holder) int {
+		ac, ao, as := a.Key.LockRow()
+		bc, bo, bs := b.Key.LockRow()
+		return cmp.Or(cmp.Compare(as, bs), cmp.Compare(ac, bc), cmp.Compare(ao, bo),
+			-compareBool(a.Granted, b.Granted), a.Since.Compare(b.Since), cmp.Compare(a.PID, b.PID), cmp.Compare(a.Mode, b.Mode))
+	})
+	return hs, nil
+}
+
+// compareBool orders false before true.
+func compareBool(a, b bool) int {
+	switch {
+	case a == b:
+		return 0
+	case a:
+		return 1
+	}
+	return -1
 }
 
 // scanHolder reads one row of holdersSQL.
@@ -116,9 +152,11 @@ func scanHolder(row pgx.CollectableRow) (Holder, error) {
 		objsubid       int16
 		mode           string
 		since, start   *time.Time
+		queryStart     *time.Time
+		markerLine     *string
 	)
 	err := row.Scan(&h.PID, &classid, &objid, &objsubid, &mode, &h.Granted,
-		&h.ApplicationName, &h.ClientAddr, &h.State, &since, &start)
+		&h.ApplicationName, &h.ClientAddr, &h.State, &since, &start, &queryStart, &markerLine)
 	if err != nil {
 		return Holder{}, err
 	}
@@ -139,5 +177,25 @@ func scanHolder(row pgx.CollectableRow) (Holder, error) {
 	if start != nil {
 		h.BackendStart = *start
 	}
+	if markerLine != nil && queryStart != nil {
+		h.trueSince(*markerLine, *queryStart)
+	}
 	return h, nil
+}
+
+// trueSince sets Since to the true time a session of this package reported
+// in the first line of its statement (see Since), when that line is a
+// marker that applies to h; queryStart is when that statement began.
+func (h *Holder) trueSince(line string, queryStart time.Time) {
+	held, d, ok := parseMarker(line)
+	switch {
+	case !ok:
+	case h.Granted && held, !h.Granted && !held && h.State == "active":
+		// A health check of the hold, or a slice of the wait in flight.
+		h.Since, h.SinceExact = queryStart.Add(-d), true
+	case h.Granted && !held && h.State == "idle":
+		// The session's last statement was the slice that got the lock:
+		// it went idle at the grant (Since is state_change).
+		h.SinceExact = true
+	}
 }

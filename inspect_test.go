@@ -204,3 +204,96 @@ func TestHoldersInvalid(t *testing.T) {
 		t.Errorf("AllHolders(cancelled ctx) = %v, want context.Canceled", err)
 	}
 }
+
+// activityOf reads pid's pg_stat_activity: state and state_change.
+func (e *env) activityOf(c *pgx.Conn, pid int32) (state string, stateChange time.Time, err error) {
+	err = c.QueryRow(e.ctx, `SELECT state, state_change FROM pg_stat_activity WHERE pid = $1`, pid).Scan(&state, &stateChange)
+	return
+}
+
+// Holders shows the true times of this package's sessions: a hold since its
+// grant across the health checks that came since, and a wait since it began
+// across its slices; another client's times are PostgreSQL's, and say so.
+func TestHoldersTrueTimes(t *testing.T) {
+	e := newEnv(t)
+	pool := e.pool()
+	key := StringKey("true-times")
+	beforeHold := time.Now()
+	holder, err := Acquire(e.ctx, pool, key, HealthInterval(100*time.Millisecond))
+	must(t, err)
+	granted := time.Now()
+	holderPID := int32(lockPID(t, e.ctx, holder))
+
+	// Await a health check that came well after the grant: state_change,
+	// PostgreSQL's proxy for a grant time, is then far from the grant.
+	e.eventually("a health check of the hold 500ms after its grant", func(c *pgx.Conn) (bool, error) {
+		state, changed, err := e.activityOf(c, holderPID)
+		return state == "idle" && changed.Sub(granted) > 500*time.Millisecond, err
+	})
+
+	beforeWait := time.Now()
+	type result struct {
+		l   *Lock
+		err error
+	}
+	waited := make(chan result, 1)
+	go func() {
+		l, err := Acquire(e.ctx, pool, key)
+		waited <- result{l, err}
+	}()
+	// Await a slice that began well after the wait: pg_locks.waitstart is
+	// then far from the wait's start.
+	var waiterPID int32
+	e.eventually("a wait slice 700ms after the wait began", func(c *pgx.Conn) (bool, error) {
+		var started time.Time
+		err := c.QueryRow(e.ctx, `SELECT l.pid, l.waitstart FROM pg_locks l WHERE l.locktype = 'advisory' AND NOT l.granted
+			AND l.waitstart IS NOT NULL`).Scan(&waiterPID, &started)
+		if errors.Is(err, pgx.ErrNoRows) {
+			return false, nil
+		}
+		return err == nil && started.Sub(beforeWait) > 700*time.Millisecond, err
+	})
+
+	other := e.namedConn("true-times-other")
+	otherKey := Int64Key(-7_000_000_000_321)
+	_, err = other.Exec(e.ctx, `SELECT pg_advisory_lock($1)`, int64(-7_000_000_000_321))
+	must(t, err)
+
+	hs, err := Holders(e.ctx, e.conn(), key)
+	must(t, err)
+	if len(hs) != 2 || hs[0].PID != holderPID || hs[1].PID != waiterPID {
+		t.Fatalf("Holders = %+v; want the holder %d, then the waiter %d", hs, holderPID, waiterPID)
+	}
+	// The bounds: the client's clock around the grant or the wait's start,
+	// with what a busy machine may add between measuring a duration and
+	// sending it.
+	const slack = 250 * time.Millisecond
+	if h := hs[0]; !h.SinceExact || h.Since.Before(beforeHold.Add(-slack)) || h.Since.After(granted.Add(slack)) {
+		t.Errorf("holder: Since %v (exact %v); want the grant, between %v and %v", h.Since, h.SinceExact, beforeHold, granted)
+	}
+	if w := hs[1]; !w.SinceExact || w.Since.Before(beforeWait.Add(-slack)) || w.Since.After(beforeWait.Add(slack)) {
+		t.Errorf("waiter: Since %v (exact %v); want the wait's start, about %v", w.Since, w.SinceExact, beforeWait)
+	}
+	hs, err = Holders(e.ctx, e.conn(), otherKey)
+	must(t, err)
+	if len(hs) != 1 || hs[0].SinceExact || hs[0].Since.IsZero() {
+		t.Errorf("another client's hold: %+v; want PostgreSQL's time, not marked exact", hs)
+	}
+	_, err = other.Exec(e.ctx, `SELECT pg_advisory_unlock_all()`)
+	must(t, err)
+
+	// The waiter gets the key from the slice under way: until its first
+	// health check its last statement is that slice, and it went idle at
+	// the grant.
+	released := time.Now()
+	must(t, holder.Release(e.ctx))
+	r := <-waited
+	must(t, r.err)
+	got := time.Now()
+	hs, err = Holders(e.ctx, e.conn(), key)
+	must(t, err)
+	if len(hs) != 1 || !hs[0].SinceExact || hs[0].Since.Before(released.Add(-slack)) || hs[0].Since.After(got.Add(slack)) {
+		t.Errorf("the waiter, granted: %+v; want Since the grant, between %v and %v, exact", hs, released, got)
+	}
+	must(t, r.l.Release(e.ctx))
+}

@@ -2,6 +2,9 @@ package advisory
 
 import (
 	"fmt"
+	"strconv"
+	"strings"
+	"sync"
 
 	"github.com/cespare/xxhash/v2"
 )
@@ -50,7 +53,17 @@ func PairKey(a, b int32) Key {
 //
 // Different strings may, with probability about n²/2⁶⁵ for n names, hash to
 // the same key; such names then share one lock.
+//
+// The key keeps s as its name for errors, traces and log lines (see
+// NameKey, which says how many names a process keeps).
 func StringKey(s string) Key {
+	k := hashKey(s)
+	names.remember(k, s)
+	return k
+}
+
+// hashKey is StringKey without recording a name.
+func hashKey(s string) Key {
 	return Int64Key(int64(xxhash.Sum64String(s)))
 }
 
@@ -104,6 +117,97 @@ func (k Key) String() string {
 		return fmt.Sprintf("pair:%d,%d", a, b)
 	}
 	return "invalid"
+}
+
+// Names of keys. A Key is a comparable value of three numbers, so that ==
+// means "locks the same thing" (StringKey(s) == Int64Key(int64(XXH64(s))));
+// the name a key was made from cannot be a field of it. The process keeps
+// the names instead, in one table from key to name shared by the whole
+// process: StringKey, NameKey, SemaphoreKeys and package compat fill it, and
+// errors, traces and log lines read it. It holds at most maxKeyNames names:
+// once full, a key made from a new name shows only its numbers, so a
+// program that makes a key per entity (StringKey("order:" + id)) cannot
+// grow it without limit. The first name given to a key is kept.
+
+// maxKeyNames is how many key names a process keeps (see NameKey).
+const maxKeyNames = 4096
+
+// maxKeyNameLen is the longest name kept whole; a longer one is cut, and
+// ends with "…".
+const maxKeyNameLen = 200
+
+// keyNames is the table of names.
+type keyNames struct {
+	mu sync.RWMutex
+	m  map[Key]string
+}
+
+var names = keyNames{m: make(map[Key]string)}
+
+// remember records name as k's name, unless k has one or the table is full.
+func (t *keyNames) remember(k Key, name string) {
+	t.mu.RLock()
+	_, known := t.m[k]
+	full := len(t.m) >= maxKeyNames
+	t.mu.RUnlock()
+	if known || full {
+		return
+	}
+	if len(name) > maxKeyNameLen {
+		name = strings.ToValidUTF8(name[:maxKeyNameLen], "") + "…"
+	} else {
+		name = strings.Clone(name) // not a part of a larger string the caller may drop
+	}
+	t.mu.Lock()
+	if _, known := t.m[k]; !known && len(t.m) < maxKeyNames {
+		t.m[k] = name
+	}
+	t.mu.Unlock()
+}
+
+func (t *keyNames) lookup(k Key) (string, bool) {
+	t.mu.RLock()
+	name, ok := t.m[k]
+	t.mu.RUnlock()
+	return name, ok
+}
+
+// NameKey records name as the name of k for this process's errors, traces
+// and log lines, which then show k as "name" (int64:…) rather than only its
+// numbers, and returns k. It does not change k: keys compare and lock by
+// their numbers alone. StringKey(s) names its key s; package compat names
+// the keys of other tools ("goose", …). Use NameKey for a key made from
+// numbers that has a name in your program (PairKey(tenant, job)).
+//
+// The first name given to a key is kept; later ones are ignored. The
+// process keeps at most 4096 names (at most about 4096 × 200 bytes): once
+// that many keys have names, new names are not recorded and their keys
+// show only their numbers, so a program that makes a key per entity cannot
+// grow the table without limit. Names longer than 200 bytes are cut.
+// An invalid key gets no name.
+func NameKey(k Key, name string) Key {
+	if k.Valid() {
+		names.remember(k, name)
+	}
+	return k
+}
+
+// Name returns the name this process recorded for k (see NameKey): the
+// string given to StringKey, the tool's name for a key of package compat,
+// NAME#i for slot i of a semaphore on a named key; "" when k has none.
+func (k Key) Name() string {
+	name, _ := names.lookup(k)
+	return name
+}
+
+// describe is k as errors, traces and log lines show it: "int64:…" or
+// "pair:A,B", preceded by its quoted name when it has one:
+// "scheduler" (int64:1675389942357680994).
+func (k Key) describe() string {
+	if name, ok := names.lookup(k); ok {
+		return strconv.Quote(name) + " (" + k.String() + ")"
+	}
+	return k.String()
 }
 
 // args returns the SQL arguments that name k: one int64, or two int32, which

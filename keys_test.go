@@ -3,6 +3,9 @@ package advisory
 import (
 	"errors"
 	"math"
+	"strconv"
+	"strings"
+	"unicode/utf8"
 
 	"github.com/cespare/xxhash/v2"
 	"testing"
@@ -118,5 +121,76 @@ func FuzzKeyFromLockRow(f *testing.F) {
 		if err != nil || c != classid || o != objid || s != objsubid {
 			t.Fatalf("round trip of %d,%d,%d gave %d,%d,%d, %v", classid, objid, objsubid, c, o, s, err)
 		}
+	})
+}
+
+// A key made from a name keeps it for errors, traces and log lines, without
+// changing what == compares; a key made from numbers shows its numbers; the
+// process keeps a bounded number of names.
+func TestKeyNames(t *testing.T) {
+	newEnv(t)
+	freshKeyNames(t)
+	k := StringKey("scheduler")
+	if k != Int64Key(int64(xxhash.Sum64String("scheduler"))) {
+		t.Fatal("a named StringKey is not == the Int64Key of its hash")
+	}
+	if k.Name() != "scheduler" {
+		t.Errorf("StringKey(scheduler).Name() = %q", k.Name())
+	}
+	if got, want := keyError("lock", k, ErrTimeout, nil).Error(), `advisory: lock "scheduler" (`+k.String()+`): timed out`; !strings.HasPrefix(got, want) {
+		t.Errorf("error = %q; want it to begin %q", got, want)
+	}
+	n := Int64Key(-4242)
+	if got, want := keyError("lock", n, ErrTimeout, nil).Error(), "advisory: lock int64:-4242: timed out"; !strings.HasPrefix(got, want) || n.Name() != "" {
+		t.Errorf("a numeric key: error %q, name %q; want it to begin %q, no name", got, n.Name(), want)
+	}
+	p := NameKey(PairKey(3, 7), "tenant 3 job 7")
+	NameKey(PairKey(3, 7), "a later name")
+	if p != PairKey(3, 7) || p.describe() != `"tenant 3 job 7" (pair:3,7)` {
+		t.Errorf("NameKey(PairKey(3, 7)) = %v, shown %s; want the same key, shown with its first name", p, p.describe())
+	}
+	if NameKey(Key{}, "zero").Name() != "" {
+		t.Error("the zero Key got a name")
+	}
+	slots := SemaphoreKeys(StringKey("exports"), 2)
+	if slots[1] != hashKey(StringKey("exports").String()+"#1") || slots[1].Name() != "exports#1" {
+		t.Errorf("slot 1 of exports = %v named %q; want the slot formula's key named exports#1", slots[1], slots[1].Name())
+	}
+	if got := SemaphoreKeys(Int64Key(-4243), 1)[0].Name(); got != "int64:-4243#0" {
+		t.Errorf("slot 0 of a numeric key is named %q; want its StringKey's string", got)
+	}
+
+	// The bound: a table that is full takes no new name; a long name is cut.
+	tbl := keyNames{m: make(map[Key]string)}
+	for i := range maxKeyNames + 100 {
+		tbl.remember(Int64Key(int64(i)), "entity:"+strconv.Itoa(i))
+	}
+	if len(tbl.m) != maxKeyNames {
+		t.Errorf("the table holds %d names after %d keys; want the bound %d", len(tbl.m), maxKeyNames+100, maxKeyNames)
+	}
+	if _, ok := tbl.lookup(Int64Key(maxKeyNames)); ok {
+		t.Error("a key named after the table was full has a name")
+	}
+	long := strings.Repeat("é", 150) // 300 bytes
+	tbl = keyNames{m: make(map[Key]string)}
+	tbl.remember(Int64Key(1), long)
+	if got, _ := tbl.lookup(Int64Key(1)); len(got) > maxKeyNameLen+len("…") || !strings.HasSuffix(got, "…") || !utf8.ValidString(got) {
+		t.Errorf("a 300-byte name is kept as %q (%d bytes); want it cut to %d bytes of valid UTF-8 and …", got, len(got), maxKeyNameLen)
+	}
+}
+
+// freshKeyNames gives the test an empty table of key names, as a process
+// that has just started has: the tests before it may have filled the
+// table's 4096 names (LockMany's tests alone make thousands of keys), and a
+// key named after that shows only its numbers.
+func freshKeyNames(t *testing.T) {
+	names.mu.Lock()
+	saved := names.m
+	names.m = make(map[Key]string)
+	names.mu.Unlock()
+	t.Cleanup(func() {
+		names.mu.Lock()
+		names.m = saved
+		names.mu.Unlock()
 	})
 }

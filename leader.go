@@ -3,6 +3,7 @@ package advisory
 import (
 	"context"
 	"errors"
+	"math/rand/v2"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgxpool"
@@ -27,9 +28,14 @@ import (
 // campaigning or leading (fn's context is cancelled first). When a campaign
 // fails for another reason (the server is restarting, the pool cannot
 // connect, the server's statement_timeout ended the wait) it campaigns again
-// at once, but not sooner than one health interval (at most 100 ms) after
-// the failed campaign began, so it leaves the server's queue only for a
-// moment.
+// after a pause: one health interval (at most 100 ms) after the failed
+// campaign began, so it leaves the server's queue only for a moment; then,
+// while campaigns keep failing, a pause that doubles each time, up to
+// 5 s, less a random part of up to a quarter (so that a fleet of
+// candidates does not retry in step). A won campaign, or one that failed
+// after 5 s or more (it was waiting on the server), starts the pauses over.
+// So while the server is down a candidate tries about once every 4–5 s, and
+// a leader is elected within about 5 s of the server's return.
 //
 // Fail-over is done by the server: the next candidate's wait ends as soon as
 // the old leader's session ends, so a leader whose backend is terminated is
@@ -51,6 +57,7 @@ func Lead(ctx context.Context, pool *pgxpool.Pool, key Key, fn func(leaderCtx co
 	cfg.entry = EntryLead
 	retry := time.NewTimer(0)
 	defer retry.Stop()
+	failed := 0 // campaigns failed in a row
 	for {
 		start := time.Now()
 		lock, err := acquire(ctx, pool, key, cfg)
@@ -61,7 +68,11 @@ func Lead(ctx context.Context, pool *pgxpool.Pool, key Key, fn func(leaderCtx co
 			if errors.Is(err, ErrClosed) {
 				return err // ReleaseAll
 			}
-			retry.Reset(min(cfg.health, 100*time.Millisecond) - time.Since(start))
+			if time.Since(start) >= leadPauseCap {
+				failed = 0 // it was waiting on the server: not a failure in a row
+			}
+			failed++
+			retry.Reset(leadPause(cfg.health, failed) - time.Since(start))
 			select {
 			case <-ctx.Done():
 				return context.Cause(ctx)
@@ -69,6 +80,7 @@ func Lead(ctx context.Context, pool *pgxpool.Pool, key Key, fn func(leaderCtx co
 			}
 			continue
 		}
+		failed = 0
 		var (
 			fnErr   error
 			leadCtx = ctx
@@ -90,4 +102,23 @@ func Lead(ctx context.Context, pool *pgxpool.Pool, key Key, fn func(leaderCtx co
 			return fnErr
 		}
 	}
+}
+
+// leadPauseCap is the longest pause between two failed campaigns.
+const leadPauseCap = 5 * time.Second
+
+// leadPause is the pause after the failed-th failed campaign in a row,
+// counted from when it began: the health interval (at most 100 ms) after
+// the first, then doubling up to leadPauseCap, less a random part of up to
+// a quarter after the first.
+func leadPause(health time.Duration, failed int) time.Duration {
+	first := min(health, 100*time.Millisecond)
+	if failed <= 1 {
+		return first
+	}
+	d := leadPauseCap
+	if failed-1 < 32 && first<<(failed-1) < leadPauseCap {
+		d = first << (failed - 1)
+	}
+	return d - rand.N(d/4+1)
 }

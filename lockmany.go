@@ -287,6 +287,7 @@ func (s *Session) UnlockMany(ctx context.Context, keys []Key, opts ...Option) er
 	for _, k := range last {
 		delete(s.holds, hold{k, cfg.mode})
 	}
+	s.notHolding()
 	s.mu.Unlock()
 	err = s.unlockManyStatement(last, cfg.mode, false)
 	s.trace.released(cfg.mode, err, last...)

@@ -44,6 +44,7 @@ func (e *env) awaitDone(done <-chan struct{}, what string) {
 // ErrLockLost, fenced statements fail, and another session can take the key.
 func TestTerminatedHolder(t *testing.T) {
 	e := newEnv(t)
+	freshKeyNames(t)
 	pool := e.pool()
 	other := e.conn()
 	key := StringKey("terminated")
@@ -58,6 +59,10 @@ func TestTerminatedHolder(t *testing.T) {
 	t.Logf("loss noticed %v after pg_terminate_backend (health interval 50ms)", time.Since(start))
 	if !errors.Is(lock.Err(), ErrLockLost) {
 		t.Errorf("Err() = %v; want ErrLockLost", lock.Err())
+	}
+	var lossErr *Error
+	if !errors.As(lock.Err(), &lossErr) || lossErr.Key != key || !strings.Contains(lock.Err().Error(), `"terminated" (`+key.String()+`)`) {
+		t.Errorf("the session-loss error %q does not name its key %s", lock.Err(), key.describe())
 	}
 	if _, err := lock.Exec(e.ctx, "SELECT 1"); !errors.Is(err, ErrLockLost) {
 		t.Errorf("fenced statement after the loss = %v; want ErrLockLost", err)
@@ -192,6 +197,7 @@ func TestServerRestart(t *testing.T) {
 // while fn ignores its context; Do returns ErrTTLExceeded.
 func TestTTL(t *testing.T) {
 	e := newEnv(t)
+	freshKeyNames(t)
 	pool := e.pool()
 	other := e.conn()
 	key := StringKey("ttl")
@@ -228,6 +234,9 @@ func TestTTL(t *testing.T) {
 	e.awaitDone(lock.Done(), "lock with TTL")
 	if !errors.Is(lock.Err(), ErrTTLExceeded) || !errors.Is(lock.Release(e.ctx), ErrTTLExceeded) {
 		t.Errorf("Err() after the TTL = %v; want ErrTTLExceeded from Err and Release", lock.Err())
+	}
+	if !strings.Contains(lock.Err().Error(), key.describe()) {
+		t.Errorf("the TTL error %q does not name its key %s", lock.Err(), key.describe())
 	}
 }
 

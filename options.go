@@ -62,7 +62,8 @@ const DefaultHealthInterval = time.Second
 //	Session.UnlockMany     x
 //	LockTx, DoTx           x      x        x                           x
 //
-// Lead always waits and leads exclusively; a semaphore's slots are held
+// WaitingSince applies to Acquire, Do, AcquireSemaphore, DoSemaphore and
+// Session.Lock. Lead always waits and leads exclusively; a semaphore's slots are held
 // exclusively; a Session's health interval and tracer are given to
 // NewSession, and its holds have no TTL.
 type Option func(*config)
@@ -79,10 +80,11 @@ const (
 	optTTL
 	optHealthInterval
 	optWithTracer
+	optWaitingSince
 )
 
 // optionNames names the kinds of Option, bit by bit.
-var optionNames = [...]string{"Shared", "NoWait", "WaitTimeout", "TTL", "HealthInterval", "WithTracer"}
+var optionNames = [...]string{"Shared", "NoWait", "WaitTimeout", "TTL", "HealthInterval", "WithTracer", "WaitingSince"}
 
 // String lists the options in o: "TTL, HealthInterval".
 func (o optionSet) String() string {
@@ -123,12 +125,12 @@ var calls = [...]struct {
 }{
 	callNewSession:        {"NewSession", optHealthInterval | optWithTracer},
 	callNewConnSession:    {"NewConnSession", optHealthInterval | optWithTracer},
-	callAcquire:           {"Acquire", optShared | optNoWait | optWaitTimeout | optTTL | optHealthInterval | optWithTracer},
-	callDo:                {"Do", optShared | optNoWait | optWaitTimeout | optTTL | optHealthInterval | optWithTracer},
+	callAcquire:           {"Acquire", optShared | optNoWait | optWaitTimeout | optTTL | optHealthInterval | optWithTracer | optWaitingSince},
+	callDo:                {"Do", optShared | optNoWait | optWaitTimeout | optTTL | optHealthInterval | optWithTracer | optWaitingSince},
 	callLead:              {"Lead", optTTL | optHealthInterval | optWithTracer},
-	callAcquireSemaphore:  {"AcquireSemaphore", optNoWait | optWaitTimeout | optTTL | optHealthInterval | optWithTracer},
-	callDoSemaphore:       {"DoSemaphore", optNoWait | optWaitTimeout | optTTL | optHealthInterval | optWithTracer},
-	callSessionLock:       {"Session.Lock", optShared | optNoWait | optWaitTimeout},
+	callAcquireSemaphore:  {"AcquireSemaphore", optNoWait | optWaitTimeout | optTTL | optHealthInterval | optWithTracer | optWaitingSince},
+	callDoSemaphore:       {"DoSemaphore", optNoWait | optWaitTimeout | optTTL | optHealthInterval | optWithTracer | optWaitingSince},
+	callSessionLock:       {"Session.Lock", optShared | optNoWait | optWaitTimeout | optWaitingSince},
 	callSessionLockMany:   {"Session.LockMany", optShared | optNoWait | optWaitTimeout},
 	callSessionUnlock:     {"Session.Unlock", optShared},
 	callSessionUnlockMany: {"Session.UnlockMany", optShared},
@@ -146,12 +148,27 @@ type config struct {
 	ttl         time.Duration // 0: no TTL
 	health      time.Duration
 	trace       *tracerOption // nil: not traced (WithTracer)
+	waitingFrom int64         // WaitingSince, Unix nanoseconds; 0: not set
 	err         error         // the first invalid option
 }
 
 // Shared takes (or, for Session.Unlock, releases) a shared hold instead of
 // an exclusive one.
 func Shared() Option { return func(c *config) { c.given |= optShared; c.mode = ModeShared } }
+
+// WaitingSince says that the call's wait continues one that began at t,
+// for a caller that waits in several calls (a loop of WaitTimeout waits,
+// as pglock run's): while the call waits, Holders and pglock status show
+// it waiting since t rather than since the call began. It changes nothing
+// else. A zero t, or one after the call began, is ignored.
+func WaitingSince(t time.Time) Option {
+	return func(c *config) {
+		c.given |= optWaitingSince
+		if !t.IsZero() {
+			c.waitingFrom = t.UnixNano()
+		}
+	}
+}
 
 // NoWait tries once: when another session holds the key the call returns
 // acquired == false and a nil error at once.
@@ -286,4 +303,12 @@ func (c config) waitPlan(ctx context.Context) (w wait, bound time.Duration, byDe
 		return waitForever, 0, false
 	}
 	return waitBounded, bound, byDeadline
+}
+
+// waitingSince is WaitingSince's time, zero when not given.
+func (c config) waitingSince() time.Time {
+	if c.waitingFrom == 0 {
+		return time.Time{}
+	}
+	return time.Unix(0, c.waitingFrom)
 }

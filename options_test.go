@@ -27,6 +27,7 @@ var optionKinds = []optionKind{
 	{"TTL", TTL(time.Minute)},
 	{"HealthInterval", HealthInterval(time.Second)},
 	{"WithTracer", WithTracer(&recorder{})},
+	{"WaitingSince", WaitingSince(time.Now())},
 }
 
 // optionCall runs one call that takes Options with opts on an uncontended
@@ -64,7 +65,7 @@ var optionCalls = []optionCall{
 		}
 		return err
 	}},
-	{"Acquire", []string{"Shared", "NoWait", "WaitTimeout", "TTL", "HealthInterval", "WithTracer"}, func(e *env, pool *pgxpool.Pool, key Key, span func(func() error) error, opts ...Option) error {
+	{"Acquire", []string{"Shared", "NoWait", "WaitTimeout", "TTL", "HealthInterval", "WithTracer", "WaitingSince"}, func(e *env, pool *pgxpool.Pool, key Key, span func(func() error) error, opts ...Option) error {
 		var l *Lock
 		err := span(func() (err error) { l, err = Acquire(e.ctx, pool, key, opts...); return err })
 		if err == nil {
@@ -72,7 +73,7 @@ var optionCalls = []optionCall{
 		}
 		return err
 	}},
-	{"Do", []string{"Shared", "NoWait", "WaitTimeout", "TTL", "HealthInterval", "WithTracer"}, func(e *env, pool *pgxpool.Pool, key Key, span func(func() error) error, opts ...Option) error {
+	{"Do", []string{"Shared", "NoWait", "WaitTimeout", "TTL", "HealthInterval", "WithTracer", "WaitingSince"}, func(e *env, pool *pgxpool.Pool, key Key, span func(func() error) error, opts ...Option) error {
 		return span(func() error {
 			return ranOrNot(Do(e.ctx, pool, key, func(context.Context) error { return nil }, opts...))
 		})
@@ -89,7 +90,7 @@ var optionCalls = []optionCall{
 		}
 		return err
 	}},
-	{"AcquireSemaphore", []string{"NoWait", "WaitTimeout", "TTL", "HealthInterval", "WithTracer"}, func(e *env, pool *pgxpool.Pool, key Key, span func(func() error) error, opts ...Option) error {
+	{"AcquireSemaphore", []string{"NoWait", "WaitTimeout", "TTL", "HealthInterval", "WithTracer", "WaitingSince"}, func(e *env, pool *pgxpool.Pool, key Key, span func(func() error) error, opts ...Option) error {
 		var l *Lock
 		err := span(func() (err error) { l, err = AcquireSemaphore(e.ctx, pool, key, 2, opts...); return err })
 		if err == nil {
@@ -97,12 +98,12 @@ var optionCalls = []optionCall{
 		}
 		return err
 	}},
-	{"DoSemaphore", []string{"NoWait", "WaitTimeout", "TTL", "HealthInterval", "WithTracer"}, func(e *env, pool *pgxpool.Pool, key Key, span func(func() error) error, opts ...Option) error {
+	{"DoSemaphore", []string{"NoWait", "WaitTimeout", "TTL", "HealthInterval", "WithTracer", "WaitingSince"}, func(e *env, pool *pgxpool.Pool, key Key, span func(func() error) error, opts ...Option) error {
 		return span(func() error {
 			return ranOrNot(DoSemaphore(e.ctx, pool, key, 2, func(context.Context) error { return nil }, opts...))
 		})
 	}},
-	{"Session.Lock", []string{"Shared", "NoWait", "WaitTimeout"}, func(e *env, pool *pgxpool.Pool, key Key, span func(func() error) error, opts ...Option) error {
+	{"Session.Lock", []string{"Shared", "NoWait", "WaitTimeout", "WaitingSince"}, func(e *env, pool *pgxpool.Pool, key Key, span func(func() error) error, opts ...Option) error {
 		return onSession(e, pool, func(s *Session) error {
 			return span(func() error { return ranOrNot(s.Lock(e.ctx, key, opts...)) })
 		})

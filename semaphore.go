@@ -33,17 +33,23 @@ const opSemaphore = "semaphore"
 // public contract and never changes: any program can compute a slot, take
 // it, or find its holder in pg_locks (`pglock key --slots 3 exports`).
 // Semaphores of different sizes on one key share their first slots, so use
-// one size per key.
+// one size per key. Slot i of a semaphore on a named key (StringKey,
+// NameKey) is named NAME#i in errors, traces and log lines.
 //
 // It returns nil when n < 1 or key is invalid.
 func SemaphoreKeys(key Key, n int) []Key {
 	if n < 1 || !key.Valid() {
 		return nil
 	}
-	prefix := key.String() + "#"
+	prefix, name := key.String()+"#", key.Name()
 	slots := make([]Key, n)
 	for i := range slots {
-		slots[i] = StringKey(prefix + strconv.Itoa(i))
+		if name == "" {
+			slots[i] = StringKey(prefix + strconv.Itoa(i))
+			continue
+		}
+		// A slot of a named semaphore is named after it: "exports#0".
+		slots[i] = NameKey(hashKey(prefix+strconv.Itoa(i)), name+"#"+strconv.Itoa(i))
 	}
 	return slots
 }
@@ -137,6 +143,7 @@ func (s *Session) lockSlot(ctx context.Context, sem Key, slots []Key, cfg config
 	defer s.giveTurn()
 
 	w, bound, byDeadline := cfg.waitPlan(ctx)
+	s.waitingSince = cfg.waitingSince()
 	slot, dtMs, err := s.trySlots(ctx, slots)
 	if err == nil && !slot.Valid() && w != waitTry {
 		slot, err = s.waitSlots(ctx, slots, dtMs, endOf(bound))

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -90,11 +91,18 @@ type Session struct {
 
 	mu      sync.Mutex
 	holds   map[hold]int
-	rawUsed bool  // WithConn ran: the connection may hold locks the Session did not take
-	kaOn    bool  // the session set the keep-alives; they are reset when it ends
-	ending  bool  // Close began or the session was lost
-	closed  bool  // Close has returned the end reason once
-	err     error // why it ended; nil after a clean Close
+	rawUsed bool // WithConn ran: the connection may hold locks the Session did not take
+	// heldSince is when the session began holding something without a
+	// break (its first hold, or WithConn); zero while it holds nothing. Its
+	// health checks report it (heldPingSQL).
+	heldSince time.Time
+	// waitingSince is when the wait in progress began, if a caller said
+	// (WaitingSince); zero otherwise. Guarded by the turn.
+	waitingSince time.Time
+	kaOn         bool  // the session set the keep-alives; they are reset when it ends
+	ending       bool  // Close began or the session was lost
+	closed       bool  // Close has returned the end reason once
+	err          error // why it ended; nil after a clean Close
 
 	ctx     context.Context // cancelled, with the reason, when the session starts ending
 	cancel  context.CancelCauseFunc
@@ -268,6 +276,7 @@ func (s *Session) lock(ctx context.Context, key Key, cfg config) (bool, error) {
 	s.mu.Unlock()
 
 	w, bound, byDeadline := cfg.waitPlan(ctx)
+	s.waitingSince = cfg.waitingSince()
 	var (
 		got bool
 		err error
@@ -483,6 +492,7 @@ func (s *Session) unlock(ctx context.Context, h hold) error {
 	}
 	s.mu.Lock()
 	delete(s.holds, h)
+	s.notHolding()
 	s.mu.Unlock()
 	err := s.unlockStatement(h, false)
 	s.trace.released(h.mode, err, key)
@@ -491,6 +501,14 @@ func (s *Session) unlock(ctx context.Context, h hold) error {
 		return keyError("unlock", key, ErrLockLost, err)
 	}
 	return nil
+}
+
+// notHolding forgets when the session began holding, if it holds nothing
+// now. The caller holds mu.
+func (s *Session) notHolding() {
+	if len(s.holds) == 0 && !s.rawUsed {
+		s.heldSince = time.Time{}
+	}
 }
 
 // unlockTurn takes the turn for an unlock. ctx bounds the wait, except
@@ -861,7 +879,7 @@ func (s *Session) cutOff() {
 // sent on it, and finishes the end in the background (the caller may hold
 // the turn).
 func (s *Session) lose(cause error) {
-	err := &Error{Op: "session", Kind: ErrLockLost, Err: cause}
+	err := s.lossError(cause)
 	if !s.beginEnd(err, err, true) {
 		return
 	}
@@ -870,6 +888,37 @@ func (s *Session) lose(cause error) {
 		defer s.watcher.Done()
 		s.finish(err)
 	}()
+}
+
+// lossError is the end reason of a session lost by cause: it names the key
+// the session held (a Lock's, a Lead's, a semaphore slot's) or, for a
+// Session holding several, how many and the first few.
+func (s *Session) lossError(cause error) *Error {
+	s.mu.Lock()
+	var keys []Key
+	for h := range s.holds {
+		if !slices.Contains(keys, h.key) {
+			keys = append(keys, h.key)
+		}
+	}
+	s.mu.Unlock()
+	err := &Error{Op: "session", Kind: ErrLockLost, Err: cause}
+	switch len(keys) {
+	case 0:
+	case 1:
+		err.Key = keys[0]
+	default:
+		slices.SortFunc(keys, compareKeys)
+		listed := make([]string, 0, 4)
+		for _, k := range keys[:min(3, len(keys))] {
+			listed = append(listed, k.describe())
+		}
+		if len(keys) > 3 {
+			listed = append(listed, "…")
+		}
+		err.Err = fmt.Errorf("it held %d keys (%s): %w", len(keys), strings.Join(listed, ", "), cause)
+	}
+	return err
 }
 
 // lost reports whether err means the session's connection is gone, and if
@@ -999,6 +1048,7 @@ func (s *Session) run(ctx context.Context, untilEnd bool, f func(context.Context
 func (s *Session) answered(err error) error {
 	if err == nil || sqlState(err) != "" { // only a failure pays for errors.As
 		s.lastAnswer.Store(time.Now().UnixNano())
+		s.trace.answered()
 	}
 	return err
 }

@@ -8,11 +8,12 @@
 #   ./test.sh -run 'TestDo|TestLead' .  arguments replace the default ./...
 #
 # The tests need, besides Go: PostgreSQL's server binaries (or
-# ADVISORY_TEST_DSN, or a Docker engine), pgbouncer, and a C compiler for
-# the race detector. Run as root on Debian or Ubuntu, this installs whichever
-# is missing with apt-get. Otherwise it says what is missing and how to
-# install it: the race detector cannot run without a C compiler, so it stops
-# there; the PgBouncer tests fail with the same advice (they never skip).
+# ADVISORY_TEST_DSN, or a Docker engine), pgbouncer, tmux (a terminal for
+# what pglock shows there), and a C compiler for the race detector. Run as
+# root on Debian or Ubuntu, this installs whichever is missing with apt-get.
+# Otherwise it says what is missing and how to install it: the race detector
+# cannot run without a C compiler, so it stops there; the PgBouncer and
+# terminal tests fail with the same advice (they never skip).
 # TestNetworkCut needs root (it cuts a connection inside a network namespace
 # of its own) and says so when it fails.
 set -euo pipefail
@@ -24,11 +25,13 @@ have_postgres() {
 }
 have_pgbouncer() { command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ]; }
 have_cc() { command -v "$(go env CC)" >/dev/null 2>&1; }
+have_tmux() { command -v tmux >/dev/null 2>&1; }
 
 missing=() # Debian packages
 have_postgres || missing+=(postgresql)
 have_pgbouncer || missing+=(pgbouncer)
 have_cc || missing+=(gcc libc6-dev)
+have_tmux || missing+=(tmux)
 
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
@@ -42,6 +45,8 @@ if [ ${#missing[@]} -gt 0 ]; then
       "(or set ADVISORY_TEST_DSN to a server's URL, or start a Docker engine)" >&2
     have_pgbouncer || echo "test.sh: missing: pgbouncer; the PgBouncer tests will fail." \
       "Install it with: sudo apt-get install -y pgbouncer" >&2
+    have_tmux || echo "test.sh: missing: tmux; the tests of what pglock shows in a terminal will fail." \
+      "Install it with: sudo apt-get install -y tmux" >&2
     if ! have_cc; then
       echo "test.sh: missing: a C compiler ($(go env CC)), which the race detector (go test -race) needs." \
         "Install it with: sudo apt-get install -y gcc libc6-dev" >&2

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -308,6 +309,8 @@ type sessionTrace struct {
 
 	mu   sync.Mutex
 	held map[hold]heldSince
+
+	reached atomic.Bool // the server answered a statement (answered)
 }
 
 // heldSince is a traced hold: what TraceHoldStart got and returned.
@@ -326,6 +329,21 @@ func newSessionTrace(cfg config) *sessionTrace {
 		st.holds, st.held = ht, make(map[hold]heldSince)
 	}
 	return st
+}
+
+// answerTracer is a Tracer told when a traced session is first answered by
+// the server (SlogTracer, which ends an outage with it).
+type answerTracer interface{ serverAnswered() }
+
+// answered tells the tracer, once per session, that the server answered
+// one of the session's statements.
+func (st *sessionTrace) answered() {
+	if st == nil || st.reached.Load() || st.reached.Swap(true) {
+		return
+	}
+	if at, ok := st.opt.t.(answerTracer); ok {
+		at.serverAnswered()
+	}
 }
 
 // option returns the session's WithTracer for a config, nil for none.

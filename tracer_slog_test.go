@@ -81,11 +81,12 @@ next:
 // level with its attributes, and no password, even for a connection error.
 func TestSlogTracer(t *testing.T) {
 	e := newEnv(t)
+	freshKeyNames(t)
 	pool := e.pool()
 	var logs capturedLog
 	tr := WithTracer(SlogTracer(logs.logger()))
 	key := StringKey("slog-trace")
-	ks := key.String()
+	ks := `"slog-trace" (` + key.String() + `)` // the key's name, then its numbers
 
 	holder, err := Acquire(e.ctx, pool, key, tr)
 	must(t, err)
@@ -135,7 +136,7 @@ func TestSlogTracer(t *testing.T) {
 	must(t, err)
 	must(t, shared.Release(e.ctx))
 	recs, _ = logs.take(t)
-	expectRecord(t, recs, "DEBUG", "advisory lock hold started", map[string]any{"entry": "AcquireSemaphore", "key": SemaphoreKeys(key, 2)[0].String(), "mode": "exclusive"})
+	expectRecord(t, recs, "DEBUG", "advisory lock hold started", map[string]any{"entry": "AcquireSemaphore", "key": `"slog-trace#0" (` + SemaphoreKeys(key, 2)[0].String() + `)`, "mode": "exclusive"})
 	expectRecord(t, recs, "DEBUG", "advisory lock hold started", map[string]any{"entry": "Acquire", "key": ks, "mode": "shared"})
 
 	// Lost: the backend is terminated.
@@ -148,8 +149,8 @@ func TestSlogTracer(t *testing.T) {
 	}
 	recs, _ = logs.take(t)
 	if rec := expectRecord(t, recs, "ERROR", "advisory lock hold ended", map[string]any{"key": ks, "end": "lost"}); rec != nil {
-		if !strings.Contains(fmt.Sprint(rec["error"]), "lock lost") {
-			t.Errorf("a lost hold logged error %q", rec["error"])
+		if msg := fmt.Sprint(rec["error"]); !strings.Contains(msg, "lock lost") || !strings.Contains(msg, ks) {
+			t.Errorf("a lost hold logged error %q; want ErrLockLost's, naming %s", msg, ks)
 		}
 	}
 
@@ -183,7 +184,20 @@ func TestSlogTracer(t *testing.T) {
 		t.Fatal("Acquire through a pool that cannot connect succeeded")
 	}
 	recs, text := logs.take(t)
-	expectRecord(t, recs, "WARN", "advisory lock wait ended", map[string]any{"key": ks, "outcome": "error"})
+	expectRecord(t, recs, "WARN", "advisory lock waits failing", map[string]any{"key": ks, "outcome": "error"})
+	// The second failure is part of the same outage: Debug only.
+	if _, err := Acquire(e.ctx, bad, key, tr); err == nil {
+		t.Fatal("Acquire through a pool that cannot connect succeeded")
+	}
+	more, _ := logs.take(t)
+	expectRecord(t, more, "DEBUG", "advisory lock wait ended", map[string]any{"key": ks, "outcome": "error"})
+	if l, err := Acquire(e.ctx, pool, key, tr, NoWait()); err != nil || !l.Acquired() {
+		t.Fatalf("Acquire after the outage = %v, %v", l.Acquired(), err)
+	} else {
+		must(t, l.Release(e.ctx))
+	}
+	more, _ = logs.take(t)
+	expectRecord(t, more, "INFO", "advisory lock waits reach the server again", map[string]any{"failed_waits": 2})
 	if strings.Contains(text, password) {
 		t.Errorf("the log carries the password:\n%s", text)
 	}

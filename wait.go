@@ -56,8 +56,12 @@ func (s *Session) waitSlices(ctx context.Context, dtMs int64, end time.Time, sli
 // message returned (sliceReport for waitSlices): whether it got its keys.
 func (s *Session) waitSlicesReport(ctx context.Context, dtMs int64, end time.Time, slice func(ms int64) string,
 	report func([]*pgconn.Result, error) (bool, error)) (bool, error) {
+	start := time.Now()
+	if s.waitingSince.Before(start) && !s.waitingSince.IsZero() {
+		start = s.waitingSince // WaitingSince
+	}
 	return inSlices(ctx, dtMs, end, func(ctx context.Context, ms int64) (got bool, err error) {
-		sql := slice(ms)
+		sql := waitMarkerSQL(time.Since(start), start) + slice(ms) // since when it waits, for pg_stat_activity
 		err = s.run(ctx, true, func(ctx context.Context, c *pgx.Conn) error {
 			var stalled atomic.Bool
 			stall := time.AfterFunc(s.sliceStall(), func() {

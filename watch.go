@@ -48,6 +48,9 @@ const watchQuiet = 2 * time.Millisecond
 func (s *Session) arm() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if s.heldSince.IsZero() {
+		s.heldSince = time.Now()
+	}
 	if s.watchStart == nil && !s.ending && s.conn != nil {
 		s.watcher.Add(1)
 		s.watchStart = time.AfterFunc(watchQuiet, s.watch)
@@ -162,7 +165,9 @@ const minPingTimeout = time.Second
 // ping is one round trip, bounded by the health interval (at least
 // minPingTimeout) with a socket deadline; a timeout closes the connection.
 // A timeout is reported as such, not as a context error: the caller's
-// context had nothing to do with it.
+// context had nothing to do with it. It is an empty query, as pgconn's
+// Ping, whose text says since when the session holds (heldPingSQL), for
+// pg_stat_activity and so for Holders and pglock status.
 func (s *Session) ping() error {
 	timeout := max(s.health, minPingTimeout)
 	pg := s.pc.PgConn()
@@ -170,7 +175,13 @@ func (s *Session) ping() error {
 	if err := nc.SetDeadline(time.Now().Add(timeout)); err != nil {
 		return err
 	}
-	err := pg.Ping(context.Background())
+	sql := pingSQL
+	s.mu.Lock()
+	if since := s.heldSince; !since.IsZero() {
+		sql = heldPingSQL(time.Since(since), since)
+	}
+	s.mu.Unlock()
+	err := pg.Exec(context.Background(), sql).Close()
 	if netErr := net.Error(nil); errors.As(err, &netErr) && netErr.Timeout() {
 		return fmt.Errorf("no answer to a health check within %v (network cut or server stalled): %w", timeout, err)
 	}

@@ -76,3 +76,20 @@ func TestKeySpaces(t *testing.T) {
 		t.Error("GolangMigrate ignores its argument order")
 	}
 }
+
+// The keys of other tools are named for errors, traces and log lines.
+func TestKeyNames(t *testing.T) {
+	for key, want := range map[advisory.Key]string{
+		Goose(): "goose",
+		GolangMigrate("app", "public", "schema_migrations"): "golang-migrate app public.schema_migrations",
+		Rails("app"):                "rails app",
+		SQLxMigrate("app"):          "sqlx-migrate app",
+		SQLx("jobs"):                "sqlx jobs",
+		WithAdvisoryLock("jobs", 0): "with_advisory_lock jobs",
+		DjangoPglocks("jobs"):       "django-pglocks jobs",
+	} {
+		if key.Name() != want {
+			t.Errorf("%v is named %q; want %q", key, key.Name(), want)
+		}
+	}
+}

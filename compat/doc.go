@@ -15,6 +15,11 @@
 // was also locked on a real PostgreSQL with the statement the tool sends, and
 // its pg_locks row compared with Key.LockRow.
 //
+// Each returned key is named for this process's errors, traces and log lines
+// (advisory.NameKey): "goose", "golang-migrate DATABASE SCHEMA.TABLE",
+// "rails DATABASE", "sqlx-migrate DATABASE", "sqlx NAME",
+// "with_advisory_lock NAME", "django-pglocks NAME".
+//
 // The functions compute; they never connect, never fail, and take names as
 // bytes: a Go string is hashed as it is, which is the UTF-8 encoding the
 // tools hash for text. A tool's key changes when the tool changes its

@@ -26,7 +26,7 @@ import (
 func GolangMigrate(database, schema, table string) advisory.Key {
 	const salt = 1486364155 // advisoryLockIDSalt
 	sum := crc32.ChecksumIEEE([]byte(strings.Join([]string{schema, table, database}, "\x00")))
-	return advisory.Int64Key(int64(sum * salt))
+	return advisory.NameKey(advisory.Int64Key(int64(sum*salt)), "golang-migrate "+database+" "+schema+"."+table)
 }
 
 // Goose is the key pressly/goose v3's Postgres session locker locks by
@@ -36,7 +36,7 @@ func GolangMigrate(database, schema, table string) advisory.Key {
 // in every database; a goose configured WithLockID locks advisory.Int64Key of
 // that id instead.
 func Goose() advisory.Key {
-	return advisory.Int64Key(4097083626)
+	return advisory.NameKey(advisory.Int64Key(4097083626), "goose")
 }
 
 // Rails is the key ActiveRecord's migrator locks while it migrates database,
@@ -52,7 +52,7 @@ func Goose() advisory.Key {
 // migrator fails at once with ConcurrentMigrationError.
 func Rails(database string) advisory.Key {
 	const salt = 2053462845 // MIGRATOR_SALT
-	return advisory.Int64Key(int64(salt * uint64(crc32.ChecksumIEEE([]byte(database)))))
+	return advisory.NameKey(advisory.Int64Key(int64(salt*uint64(crc32.ChecksumIEEE([]byte(database))))), "rails "+database)
 }
 
 // SQLxMigrate is the key Rust sqlx's PostgreSQL migrator locks while it
@@ -65,5 +65,5 @@ func Rails(database string) advisory.Key {
 // schema sqlx is configured with.
 func SQLxMigrate(database string) advisory.Key {
 	const factor = 0x3d32ad9e
-	return advisory.Int64Key(factor * int64(crc32.ChecksumIEEE([]byte(database))))
+	return advisory.NameKey(advisory.Int64Key(factor*int64(crc32.ChecksumIEEE([]byte(database)))), "sqlx-migrate "+database)
 }

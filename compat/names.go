@@ -24,7 +24,7 @@ import (
 // instead of a CRC: for it use advisory.PairKey directly.
 func WithAdvisoryLock(name string, prefix int32) advisory.Key {
 	const mask = 0x7fffffff
-	return advisory.PairKey(int32(crc32.ChecksumIEEE([]byte(name))&mask), prefix&mask)
+	return advisory.NameKey(advisory.PairKey(int32(crc32.ChecksumIEEE([]byte(name))&mask), prefix&mask), "with_advisory_lock "+name)
 }
 
 // SQLx is the key Rust sqlx's PgAdvisoryLock::new(name) locks. The formula
@@ -46,7 +46,7 @@ func SQLx(name string) advisory.Key {
 	expand.Write([]byte(info))
 	expand.Write([]byte{1})
 	okm := expand.Sum(nil)
-	return advisory.Int64Key(int64(binary.LittleEndian.Uint64(okm[:8])))
+	return advisory.NameKey(advisory.Int64Key(int64(binary.LittleEndian.Uint64(okm[:8]))), "sqlx "+name)
 }
 
 // DjangoPglocks is the key django-pglocks 2.0 advisory_lock(name) locks for
@@ -58,5 +58,5 @@ func SQLx(name string) advisory.Key {
 // are passed through, so use advisory.Int64Key or advisory.PairKey for them.
 func DjangoPglocks(name string) advisory.Key {
 	sum := sha256.Sum256([]byte(name))
-	return advisory.Int64Key(int64(binary.BigEndian.Uint64(sum[:8])))
+	return advisory.NameKey(advisory.Int64Key(int64(binary.BigEndian.Uint64(sum[:8]))), "django-pglocks "+name)
 }

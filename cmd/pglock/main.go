@@ -36,7 +36,7 @@ Usage:
              [--no-wait] [--timeout DUR] [--ttl DUR] [--grace DUR] [--foreground]
              [--conflict-exit-code N] [--app-name NAME] [--dsn DSN]
              -- CMD [ARG...]
-  pglock status [--key NAME [--empty-key] | --id N | --pair A,B] [--keys] [--json]
+  pglock status [--key NAME [--empty-key] | --id N | --pair A,B] [--slots N] [--keys] [--json]
                 [--watch [DUR]] [--dsn DSN]
   pglock key [--slots N] [--empty-key] NAME...
   pglock key --tool TOOL [ARG...]

@@ -74,6 +74,17 @@ or a Go duration (300ms, 2m).
 With --slots N, pglock holds one of the N slots of a counting semaphore on
 the key instead, so that at most N runs (or other holders of its slots) go
 at once; "pglock key --slots N NAME" prints the slot keys.
+
+Connecting is bounded: a server that accepts and never answers is an error
+(exit 1) after 10s, unless the connection string sets connect_timeout.
+
+A signal ignored when pglock starts stays ignored, for pglock and for CMD,
+as with nohup. A non-interactive shell starts a background job ("pglock run
+... &" in a script) with SIGINT and SIGQUIT ignored, so that a Ctrl-C meant
+for the foreground job spares it: such a pglock runs CMD and is not stopped
+by SIGINT (kill -INT, Ctrl-C). Stop it with SIGTERM (kill PID), which it
+passes on to CMD's process group. pglock does not restore the signals: it
+would undo what the shell asked.
 `)
 	kf := addKeyFlags(c.fs, "lock")
 	dsn := addDSNFlag(c.fs, "connection string `DSN` (default: DATABASE_URL, else the PG* environment)")
@@ -248,6 +259,9 @@ func (r *runner) acquire(ctx context.Context, pool *pgxpool.Pool) (*advisory.Loc
 	if r.ttl.set {
 		opts = append(opts, advisory.TTL(r.ttl.d))
 	}
+	// One wait, in calls of a slice each: pglock status shows it waiting
+	// since its first.
+	opts = append(opts, advisory.WaitingSince(time.Now()))
 	for {
 		slice := waitSlice
 		if r.noWait {

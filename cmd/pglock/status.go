@@ -31,11 +31,15 @@ A key another tool locks while it migrates this database is labelled with
 the tool, as "pglock key --tool" names it: goose (default lock id), migrate
 (golang-migrate, public.schema_migrations), rails, sqlx-migrate.
 
-WAITING is since the wait began. PostgreSQL records no grant time, so HELD
-is since the session last changed state (a session that keeps sending
-statements, as pglock run's health check and this package's sliced waits
-do, shows a short time) and CONNECTED bounds how long it can have held its
-keys. Durations are measured by the server's clock.
+HELD is since the grant and WAITING since the wait began, for the sessions
+of package advisory (pglock run, and programs using the package): their
+health checks and wait slices write those times into the statement text
+that pg_stat_activity shows. For other clients the times are PostgreSQL's,
+marked with "*": WAITING since pg_locks.waitstart, and HELD since the
+session last changed state (PostgreSQL records no grant time; the grant
+was no later if the session is idle), with CONNECTED the other bound. So is
+a session of package advisory just after an uncontended grant, until its
+first health check. Durations are measured by the server's clock.
 
 A waiter using package advisory waits in short slices (shorter than the
 server's deadlock_timeout) and between two slices leaves the server's queue
@@ -48,25 +52,35 @@ prints each reading after a header line with the time, followed by a blank
 line, and no escape codes; with --json, one JSON array a line. A reading
 that fails is shown and the next one reconnects.
 
+--slots N with a key shows the semaphore of N slots on that key (as
+"pglock run --slots N" and advisory.AcquireSemaphore take it) as one group:
+each slot, its key and who holds it (or "free"), then the sessions waiting
+for a slot (a waiter waits on one slot after another, so no slot is named
+for it). With --json, one object: the key, its slots, each with its
+holders (as the elements below), and the waiters.
+
 --json prints a JSON array for scripts: one element a lock row, holders
 and waiters, times in RFC 3339 (null unknown), blocked_by the pids that
-block a waiter ([] for a holder), held_seconds or waiting_seconds.
+block a waiter ([] for a holder), held_seconds or waiting_seconds, and
+since_source: "advisory" for a true time, "postgresql" for PostgreSQL's.
 `
 
 func cmdStatus(args []string, stdout, stderr io.Writer) int {
 	c := newCommand("status",
-		"pglock status [--key NAME | --id N | --pair A,B] [--keys] [--json] [--watch [DUR]] [--dsn DSN]",
+		"pglock status [--key NAME | --id N | --pair A,B] [--slots N] [--keys] [--json] [--watch [DUR]] [--dsn DSN]",
 		statusAbout)
 	kf := addKeyFlags(c.fs, "show only")
 	dsn := addDSNFlag(c.fs, "connection string `DSN` (default: DATABASE_URL, else the PG* environment)")
 	asJSON := c.fs.Bool("json", false, "print JSON instead of a table")
 	allKeys := c.fs.Bool("keys", false, "list every key a session holds, one a line")
+	var slots slotsFlag
+	c.fs.Var(&slots, "slots", "show the semaphore of `N` slots on the key: its slots, their holders and its waiters")
 	watch := &watchFlag{}
 	c.fs.Var(watch, "watch", "redraw the status every `[DUR]` (default 1s, at least 100ms) until interrupted")
 	if code := parseStatus(c, watch, args, stdout, stderr); code >= 0 {
 		return code
 	}
-	if msg := kf.check(false); msg != "" {
+	if msg := kf.check(slots > 0); msg != "" {
 		return c.usageError(stderr, msg)
 	}
 	cn := connFrom(*dsn)
@@ -83,6 +97,10 @@ func cmdStatus(args []string, stdout, stderr io.Writer) int {
 		if kf.given[0] == "--key" {
 			v.name = kf.name
 		}
+	}
+	if slots > 0 {
+		v.slots, v.sem = advisory.SemaphoreKeys(kf.key, int(slots)), kf.key
+		src.key, src.keys = nil, v.slots
 	}
 	if watch.set {
 		return watchStatus(src, v, watch.every, stdout, stderr)
@@ -142,10 +160,11 @@ type snapshot struct {
 // statusSource reads snapshots over one connection, made when first needed
 // and again after a reading failed.
 type statusSource struct {
-	cn  *conn
-	cfg *pgx.ConnConfig
-	key *advisory.Key // nil: every key
-	db  *pgx.Conn
+	cn   *conn
+	cfg  *pgx.ConnConfig
+	key  *advisory.Key  // nil: every key, or keys
+	keys []advisory.Key // a semaphore's slots (--slots); nil: key, or every key
+	db   *pgx.Conn
 }
 
 // read takes a snapshot. On failure it closes the connection, so that the
@@ -179,6 +198,9 @@ func (s *statusSource) query(ctx context.Context) (*snapshot, error) {
 	if err != nil {
 		return nil, err
 	}
+	if s.keys != nil {
+		snap.rows = slices.DeleteFunc(snap.rows, func(h advisory.Holder) bool { return !slices.Contains(s.keys, h.Key) })
+	}
 	waiting := []int32{}
 	for _, h := range snap.rows {
 		if !h.Granted && !slices.Contains(waiting, h.PID) {
@@ -205,10 +227,12 @@ func (s *statusSource) close() {
 
 // statusView is how a snapshot is shown.
 type statusView struct {
-	json bool
-	keys bool   // --keys: every held key on its own line
-	what string // the key of --key, --id or --pair as messages name it; "" for every key
-	name string // the NAME of --key
+	json  bool
+	keys  bool           // --keys: every held key on its own line
+	what  string         // the key of --key, --id or --pair as messages name it; "" for every key
+	name  string         // the NAME of --key
+	slots []advisory.Key // --slots: the semaphore's slot keys, in slot order; nil: no semaphore
+	sem   advisory.Key   // --slots: the semaphore's key
 }
 
 // write prints snap: a table, or the JSON array.
@@ -216,17 +240,28 @@ func (v *statusView) write(w io.Writer, snap *snapshot) error {
 	if v.json {
 		enc := json.NewEncoder(w)
 		enc.SetIndent("", "  ")
-		return enc.Encode(v.jsonRows(snap))
+		return enc.Encode(v.jsonValue(snap))
 	}
 	return v.writeTable(w, snap)
+}
+
+// jsonValue is what --json prints of snap.
+func (v *statusView) jsonValue(snap *snapshot) any {
+	if v.slots != nil {
+		return v.semaphoreJSON(snap)
+	}
+	return v.jsonRows(snap)
 }
 
 // writeTable prints the sessions as a tree, or a sentence when there is no
 // lock.
 func (v *statusView) writeTable(w io.Writer, snap *snapshot) error {
+	if v.slots != nil {
+		return v.writeSemaphore(w, snap)
+	}
 	if len(snap.rows) == 0 {
 		if v.what != "" {
-			_, err := fmt.Fprintf(w, "no session holds or waits for %s\n", v.what)
+			_, err := fmt.Fprintf(w, "no session holds or waits for %s (for a semaphore on it, add --slots N)\n", v.what)
 			return err
 		}
 		_, err := fmt.Fprintln(w, "no advisory locks held or awaited in this database")
@@ -256,6 +291,7 @@ type holderJSON struct {
 	ClientAddr      string     `json:"client_addr"`
 	State           string     `json:"state"`
 	Since           *time.Time `json:"since"`
+	SinceSource     string     `json:"since_source"`              // "advisory": the true time; "postgresql": PostgreSQL's record
 	HeldSeconds     *float64   `json:"held_seconds,omitempty"`    // a holder: seconds since Since
 	WaitingSeconds  *float64   `json:"waiting_seconds,omitempty"` // a waiter: seconds since Since
 	BackendStart    *time.Time `json:"backend_start"`
@@ -270,7 +306,7 @@ func (v *statusView) jsonRows(snap *snapshot) []holderJSON {
 			Key: h.Key.String(), Name: v.name, Tool: snap.tools[h.Key], ClassID: classid, ObjID: objid, ObjSubID: objsubid,
 			Mode: h.Mode.String(), Granted: h.Granted, PID: h.PID, BlockedBy: []int32{},
 			ApplicationName: h.ApplicationName, ClientAddr: h.ClientAddr, State: h.State,
-			Since: timeOrNil(h.Since), BackendStart: timeOrNil(h.BackendStart),
+			Since: timeOrNil(h.Since), SinceSource: sinceSource(h), BackendStart: timeOrNil(h.BackendStart),
 		}
 		if v, ok := h.Key.Int64(); ok {
 			j.Int64 = &v
@@ -290,6 +326,14 @@ func (v *statusView) jsonRows(snap *snapshot) []holderJSON {
 		out = append(out, j)
 	}
 	return out
+}
+
+// sinceSource says where h.Since comes from, for --json.
+func sinceSource(h advisory.Holder) string {
+	if h.SinceExact {
+		return "advisory"
+	}
+	return "postgresql"
 }
 
 func timeOrNil(t time.Time) *time.Time {

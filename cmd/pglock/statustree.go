@@ -141,18 +141,26 @@ func writeTree(w io.Writer, roots []*lockSession, snap *snapshot, allKeys bool) 
 	var buf bytes.Buffer
 	tw := tabwriter.NewWriter(&buf, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(tw, "PID\tWAITS FOR\tWAITING\tHOLDS\tHELD\tCONNECTED\tCLIENT\tAPPLICATION")
+	recorded := false // a time is PostgreSQL's: the footnote explains the "*"
+	since := func(h advisory.Holder) string {
+		if h.SinceExact {
+			return age(snap.now, h.Since)
+		}
+		recorded = true
+		return age(snap.now, h.Since) + "*"
+	}
 	var line func(s *lockSession, lead, indent string)
 	line = func(s *lockSession, lead, indent string) {
 		waits, waiting := "-", "-"
 		if s.wait != nil {
-			waits, waiting = lockText(*s.wait, snap.tools), age(snap.now, s.wait.Since)
+			waits, waiting = lockText(*s.wait, snap.tools), since(*s.wait)
 			if s.cycle {
 				waits += " (cycle)"
 			}
 		}
 		held := "-"
 		if len(s.holds) > 0 {
-			held = age(snap.now, s.holds[0].Since)
+			held = since(oldest(s.holds))
 		}
 		client := s.activity.ClientAddr
 		if client == "" {
@@ -180,6 +188,12 @@ func writeTree(w io.Writer, roots []*lockSession, snap *snapshot, allKeys bool) 
 	for _, r := range roots {
 		line(r, "", "")
 	}
+	return flushTable(w, tw, &buf, recorded)
+}
+
+// flushTable writes the table tw wrote to buf, its lines' trailing spaces
+// cut, and after it, if recorded, the note on the times marked "*".
+func flushTable(w io.Writer, tw *tabwriter.Writer, buf *bytes.Buffer, recorded bool) error {
 	if err := tw.Flush(); err != nil {
 		return err
 	}
@@ -188,7 +202,25 @@ func writeTree(w io.Writer, roots []*lockSession, snap *snapshot, allKeys bool) 
 			return err
 		}
 	}
+	if recorded {
+		_, err := io.WriteString(w, recordedNote)
+		return err
+	}
 	return nil
+}
+
+// recordedNote explains the times marked "*", after a blank line.
+const recordedNote = "\n* PostgreSQL's time: WAITING since pg_locks.waitstart, HELD since the session last changed state (no grant time is recorded)\n"
+
+// oldest is the hold held longest.
+func oldest(hs []advisory.Holder) advisory.Holder {
+	o := hs[0]
+	for _, h := range hs[1:] {
+		if !h.Since.IsZero() && (o.Since.IsZero() || h.Since.Before(o.Since)) {
+			o = h
+		}
+	}
+	return o
 }
 
 // maxListed is how many keys a session's line lists; past it, the line

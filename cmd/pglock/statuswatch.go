@@ -113,7 +113,7 @@ func (v *statusView) frame(ctx context.Context, src *statusSource) ([]byte, erro
 		return nil, err
 	}
 	if v.json {
-		b, err := json.Marshal(v.jsonRows(snap))
+		b, err := json.Marshal(v.jsonValue(snap))
 		return append(b, '\n'), err
 	}
 	var buf bytes.Buffer

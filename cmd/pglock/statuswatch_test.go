@@ -217,12 +217,13 @@ func TestStatusWatchInTerminal(t *testing.T) {
 	})
 
 	// A terminal of 4 lines: the header, a blank line, the titles and a
-	// note of what is cut.
+	// note of what is cut: two sessions, and the note on the times marked
+	// "*" with its blank line.
 	m.run("resize-window", "-t", "status", "-x", "60", "-y", "4")
 	m.awaitScreen("a screen cut to 4 lines", func(s string) bool {
 		lines := strings.Split(strings.TrimRight(s, "\n"), "\n")
 		return len(lines) == 4 && strings.HasPrefix(lines[0], "Every 200ms") &&
-			strings.HasPrefix(lines[2], "PID") && lines[3] == "… 2 more lines: a taller terminal, or --key, shows them"
+			strings.HasPrefix(lines[2], "PID") && lines[3] == "… 4 more lines: a taller terminal, or --key, shows them"
 	})
 
 	m.run("send-keys", "-t", "status", "C-c")
