@@ -21,6 +21,7 @@ type Lock struct {
 	s    *Session // nil when not acquired
 
 	ttl *time.Timer // ends the session when the TTL passes; nil without TTL
+	ch  *cohortHold // its part in its process's cohort (cohort.go); nil if none
 
 	mu       sync.Mutex
 	released bool
@@ -75,7 +76,7 @@ func acquire(ctx context.Context, pool *pgxpool.Pool, key Key, cfg config) (*Loc
 // the session unless it holds the lock. The whole is one traced wait.
 func acquireWith(ctx context.Context, pool *pgxpool.Pool, key Key, cfg config, lock func(context.Context, *Session) (Key, error)) (*Lock, error) {
 	ctx, w := traceWait(ctx, cfg, TraceWaitStartData{Key: key})
-	l, err := newLock(ctx, pool, key, cfg, lock)
+	l, err := lockInCohort(ctx, pool, key, cfg, lock)
 	w.end(ctx, l != nil && l.Acquired(), err)
 	return l, err
 }
@@ -111,6 +112,13 @@ var errTTL = &Error{Op: "ttl", Kind: ErrTTLExceeded}
 // expire ends the lock's session at its TTL: the statement in flight is
 // interrupted and the lock released.
 func (l *Lock) expire() {
+	if l.ch != nil { // its session may have passed to another holder
+		l.mu.Lock()
+		defer l.mu.Unlock()
+		if l.released {
+			return
+		}
+	}
 	if l.s.beginEnd(errTTL, errTTL, false) {
 		l.s.finish(errTTL)
 	}
@@ -134,6 +142,9 @@ func (l *Lock) Done() <-chan struct{} {
 	if l.s == nil {
 		return closedChan
 	}
+	if l.ch != nil {
+		return l.ch.done
+	}
 	return l.s.Done()
 }
 
@@ -143,6 +154,9 @@ func (l *Lock) Done() <-chan struct{} {
 func (l *Lock) Err() error {
 	if l.s == nil {
 		return nil
+	}
+	if l.ch != nil {
+		return l.ch.Err()
 	}
 	return l.s.Err()
 }
@@ -171,6 +185,9 @@ func (l *Lock) Release(ctx context.Context) error {
 	if l.ttl != nil {
 		l.ttl.Stop()
 	}
+	if l.ch != nil {
+		return l.ch.release(ctx, l)
+	}
 	return l.s.Close(ctx)
 }
 
@@ -182,6 +199,9 @@ func (l *Lock) Release(ctx context.Context) error {
 func (l *Lock) WithConn(ctx context.Context, fn func(*pgx.Conn) error) error {
 	if l.s == nil {
 		return &Error{Op: "with_conn", Key: l.key, Kind: ErrClosed}
+	}
+	if l.ch != nil {
+		return l.ch.withConn(l, func(s *Session) error { return s.WithConn(ctx, fn) })
 	}
 	return l.s.WithConn(ctx, fn)
 }

@@ -60,6 +60,8 @@ type config struct {
 	ttl         time.Duration // 0: no TTL
 	health      time.Duration
 	trace       *tracerOption // nil: not traced (WithTracer)
+	noCohort    bool          // NoCohort
+	slots       int           // a semaphore's size, for its cohort; 0 for a key
 	err         error         // the first invalid option
 }
 

@@ -102,6 +102,7 @@ func acquireSemaphore(ctx context.Context, pool *pgxpool.Pool, key Key, n int, e
 		return nil, keyError(opSemaphore, key, nil, errors.New("Shared() does not apply: a semaphore's slots are held exclusively, one per holder"))
 	}
 	slots := SemaphoreKeys(key, n)
+	cfg.slots = n
 	return acquireWith(ctx, pool, key, cfg, func(ctx context.Context, s *Session) (Key, error) {
 		return s.lockSlot(ctx, key, slots, cfg)
 	})
