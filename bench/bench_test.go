@@ -196,7 +196,7 @@ func BenchmarkContended(b *testing.B) {
 			continue
 		}
 		b.Run(s.name, func(b *testing.B) {
-			clients := openContenders(b, s, contendedKey+int64(i*contendedKeys))
+			clients, _ := openContenders(b, s, contendedKey+int64(i*contendedKeys))
 			b.ResetTimer()
 			elapsed, served := contend(b, clients, b.N)
 			b.StopTimer()
@@ -220,7 +220,7 @@ func BenchmarkContended(b *testing.B) {
 // openContenders opens the contenders clients of s, client g on key
 // firstKey + g % contendedKeys, each on its own connection or checkout,
 // and runs one cycle on each (to prepare statements and connect).
-func openContenders(b *testing.B, s subject, firstKey int64) []client {
+func openContenders(b *testing.B, s subject, firstKey int64) ([]client, *pgxpool.Pool) {
 	b.Helper()
 	pool := newPool(b, contenders+4)
 	warm(b, pool, contenders)
@@ -231,7 +231,7 @@ func openContenders(b *testing.B, s subject, firstKey int64) []client {
 			b.Fatal(err)
 		}
 	}
-	return clients
+	return clients, pool
 }
 
 // contend runs n lock+unlock cycles in all on clients, each around a tiny
