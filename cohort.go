@@ -454,6 +454,9 @@ func (h *cohortHold) withConn(l *Lock, fn func(*Session) error) error {
 	l.mu.Lock()
 	if l.released {
 		l.mu.Unlock()
+		if err := h.Err(); err != nil { // lost (or TTL) before the Release: as for any Lock
+			return &Error{Op: "with_conn", Err: err}
+		}
 		return &Error{Op: "with_conn", Key: l.key, Kind: ErrClosed}
 	}
 	h.inConn.Add(1)
