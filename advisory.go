@@ -49,6 +49,11 @@ var closedChan = func() chan struct{} {
 // a cancelled ctx ends the wait at once with ctx's error. On any error no
 // lock is held and the connection is back in the pool, or closed if its
 // state could not be known.
+//
+// Goroutines of one process waiting for key through pool share one wait
+// and one connection, and may be passed the lock, connection included, by
+// the one that releases it (cohorts: see the package documentation and
+// NoCohort).
 func Acquire(ctx context.Context, pool *pgxpool.Pool, key Key, opts ...Option) (*Lock, error) {
 	cfg, err := newConfig(opts)
 	if err != nil {
@@ -171,7 +176,10 @@ func (l *Lock) Err() error {
 // it (which releases the lock on the server) and returns. A second Release,
 // and Release of a lock that was not acquired, do nothing and return nil.
 // After the TTL passed, the first Release returns ErrTTLExceeded; after
-// ReleaseAll, Release returns nil.
+// ReleaseAll, Release returns nil. When another goroutine of the process
+// waits for the key through the same pool, Release may instead pass the
+// lock to it with its connection, sending nothing (cohorts: see the package
+// documentation); this Lock then ends as after a release.
 func (l *Lock) Release(ctx context.Context) error {
 	if l.s == nil {
 		return nil
