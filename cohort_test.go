@@ -101,6 +101,7 @@ func TestCohortPassesWithoutRoundTrip(t *testing.T) {
 	a := acquireAsync(e.ctx, pool, key)
 	e.awaitWaiters(1)
 	b := acquireAsync(e.ctx, pool, key)
+	e.awaitQueued(pool, key, 0, 1) // b first in the queue, then c
 	c := acquireAsync(e.ctx, pool, key)
 	e.awaitQueued(pool, key, 0, 2)
 	if n := pool.Stat().AcquiredConns(); n != 1 {
