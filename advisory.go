@@ -21,6 +21,7 @@ type Lock struct {
 	s    *Session // nil when not acquired
 
 	ttl *time.Timer // ends the session when the TTL passes; nil without TTL
+	ch  *cohortHold // its part in its process's cohort (cohort.go); nil if none
 
 	mu       sync.Mutex
 	released bool
@@ -48,6 +49,11 @@ var closedChan = func() chan struct{} {
 // a cancelled ctx ends the wait at once with ctx's error. On any error no
 // lock is held and the connection is back in the pool, or closed if its
 // state could not be known.
+//
+// Goroutines of one process waiting for key through pool share one wait
+// and one connection, and may be passed the lock, connection included, by
+// the one that releases it (cohorts: see the package documentation and
+// NoCohort).
 func Acquire(ctx context.Context, pool *pgxpool.Pool, key Key, opts ...Option) (*Lock, error) {
 	cfg, err := newConfig(callAcquire, opts)
 	if err != nil {
@@ -75,7 +81,7 @@ func acquire(ctx context.Context, pool *pgxpool.Pool, key Key, cfg config) (*Loc
 // the session unless it holds the lock. The whole is one traced wait.
 func acquireWith(ctx context.Context, pool *pgxpool.Pool, key Key, cfg config, lock func(context.Context, *Session) (Key, error)) (*Lock, error) {
 	ctx, w := traceWait(ctx, cfg, TraceWaitStartData{Key: key})
-	l, err := newLock(ctx, pool, key, cfg, lock)
+	l, err := lockInCohort(ctx, pool, key, cfg, lock)
 	w.end(ctx, l != nil && l.Acquired(), err)
 	return l, err
 }
@@ -109,6 +115,13 @@ func newLock(ctx context.Context, pool *pgxpool.Pool, key Key, cfg config, lock 
 // interrupted and the lock released. The end reason names the key.
 func (l *Lock) expire() {
 	errTTL := &Error{Op: "ttl", Key: l.key, Kind: ErrTTLExceeded}
+	if l.ch != nil { // its session may have passed to another holder
+		l.mu.Lock()
+		defer l.mu.Unlock()
+		if l.released {
+			return
+		}
+	}
 	if l.s.beginEnd(errTTL, errTTL, false) {
 		l.s.finish(errTTL)
 	}
@@ -132,6 +145,9 @@ func (l *Lock) Done() <-chan struct{} {
 	if l.s == nil {
 		return closedChan
 	}
+	if l.ch != nil {
+		return l.ch.done
+	}
 	return l.s.Done()
 }
 
@@ -141,6 +157,9 @@ func (l *Lock) Done() <-chan struct{} {
 func (l *Lock) Err() error {
 	if l.s == nil {
 		return nil
+	}
+	if l.ch != nil {
+		return l.ch.Err()
 	}
 	return l.s.Err()
 }
@@ -156,6 +175,11 @@ func (l *Lock) Err() error {
 // after ReleaseAll. A WithConn in progress is interrupted; if it keeps the
 // connection over 5 s, the connection is closed under it, which ends the
 // lock on the server.
+//
+// When another goroutine of the process waits for the key through the same
+// pool, Release may instead pass the lock to it with its connection,
+// sending nothing (cohorts: see the package documentation); this Lock then
+// ends as after a release.
 func (l *Lock) Release(ctx context.Context) error {
 	if l.s == nil {
 		return nil
@@ -169,6 +193,9 @@ func (l *Lock) Release(ctx context.Context) error {
 	if l.ttl != nil {
 		l.ttl.Stop()
 	}
+	if l.ch != nil {
+		return l.ch.release(ctx, l)
+	}
 	return l.s.Close(ctx)
 }
 
@@ -180,6 +207,9 @@ func (l *Lock) Release(ctx context.Context) error {
 func (l *Lock) WithConn(ctx context.Context, fn func(*pgx.Conn) error) error {
 	if l.s == nil {
 		return &Error{Op: "with_conn", Key: l.key, Kind: ErrClosed}
+	}
+	if l.ch != nil {
+		return l.ch.withConn(l, func(s *Session) error { return s.WithConn(ctx, fn) })
 	}
 	return l.s.WithConn(ctx, fn)
 }

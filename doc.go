@@ -187,10 +187,51 @@
 // within about a slice. DoSemaphore is Do for a semaphore. Use one size per key: the slots
 // of sizes 3 and 5 on one key overlap, and admit 5.
 //
+// # Goroutines of one process that want the same key
+//
+// Goroutines of one process that wait for the same key through the same
+// pool with Acquire, Do, AcquireSemaphore or DoSemaphore (exclusive, not
+// NoWait; same HealthInterval and tracer) form a cohort: one of them waits
+// on the server, on a pool connection, and the others wait in the process,
+// in order, pinning no connection. When a holder releases while another
+// goroutine of the cohort waits, the lock passes to that goroutine with its
+// connection, without a round trip: the key stays held on the server, and
+// the new holder gets a Lock of its own (its own Done, Err, TTL, WithConn
+// and trace). Passes stop after CohortPasses (8) in a row, or once
+// CohortHold (10 ms) has passed since the server granted the key to the
+// cohort, and then the holder releases on the server, where the other
+// processes' waiters, queued there, are served first: a process holds a
+// key for at most CohortPasses+1 holds in a row, or CohortHold plus one
+// hold, while other processes wait for it. A holder whose WithConn is
+// running, whose session is ending (lost, TTL, ReleaseAll) or that has
+// nobody queued releases on the server as usual. This is lock cohorting
+// (Dice, Marathe and Shavit, PPoPP 2012) across a network: contended
+// throughput inside one process is several times raw pgx's, since a pass
+// costs no round trip (BENCHMARKS.md). A goroutine queued in the process
+// obeys its context, WaitTimeout and ReleaseAll as a waiter on the server
+// does. Sessions own their connections, so nothing passes between them,
+// but a Session that holds nothing and waits for a key queues behind the
+// other such Sessions of the process waiting for that key: the server sees
+// one waiter per key per process. Shared locks, NoWait calls, Lead and
+// Session.LockMany never take part. NoCohort turns it off for a call: it
+// waits on the server on a connection of its own, as every waiter did
+// before.
+//
+// What an operator sees (pglock status, Holders): the process's one
+// session holding the key, while its goroutines take turns on it; HELD
+// counts from that session's last statement, and a pass sends none, so it
+// spans the turns of several goroutines (at most CohortPasses+1, or about
+// CohortHold). WAITING lists at most one waiter of the process per key
+// (its server waiter); the goroutines queued in the process are not on the
+// server and do not show. A connection a holder passed on keeps its
+// backend: its pid is the same across the turns.
+//
 // # Pool sizing
 //
-// Every Lock, every Session and every waiting Acquire pins one pool
-// connection, and pgxpool's default MaxConns is max(4, NumCPU). Size the
+// Every Lock and every Session pins one pool connection, and so does every
+// waiting Session, NoCohort call and Lead candidate; the waiting Acquire,
+// Do and semaphore calls of one process pin one connection per key (one per
+// semaphore). pgxpool's default MaxConns is max(4, NumCPU). Size the
 // pool for the locks and waiters you run at once plus your other queries,
 // or give locks a pool of their own. pgxpool.Pool.Close waits for every
 // acquired connection, so Release every Lock and Close every Session before

@@ -20,6 +20,9 @@ import (
 var server *pgtest.Server
 
 func TestMain(m *testing.M) {
+	if spec := os.Getenv(envFairChild); spec != "" {
+		os.Exit(fairChild(spec)) // a process of TestCohortFairAcrossProcesses
+	}
 	os.Exit(pgtest.RunMain(m, pgtest.Options{}, func(s *pgtest.Server) {
 		server = s
 		os.Setenv("DATABASE_URL", s.DSN) // where the examples (example_test.go) connect, as a program would

@@ -62,7 +62,7 @@ const DefaultHealthInterval = time.Second
 //	Session.UnlockMany     x
 //	LockTx, DoTx           x      x        x                           x
 //
-// WaitingSince applies to Acquire, Do, AcquireSemaphore, DoSemaphore and
+// WaitingSince and NoCohort apply to Acquire, Do, AcquireSemaphore, DoSemaphore and
 // Session.Lock. Lead always waits and leads exclusively; a semaphore's slots are held
 // exclusively; a Session's health interval and tracer are given to
 // NewSession, and its holds have no TTL.
@@ -81,10 +81,11 @@ const (
 	optHealthInterval
 	optWithTracer
 	optWaitingSince
+	optNoCohort
 )
 
 // optionNames names the kinds of Option, bit by bit.
-var optionNames = [...]string{"Shared", "NoWait", "WaitTimeout", "TTL", "HealthInterval", "WithTracer", "WaitingSince"}
+var optionNames = [...]string{"Shared", "NoWait", "WaitTimeout", "TTL", "HealthInterval", "WithTracer", "WaitingSince", "NoCohort"}
 
 // String lists the options in o: "TTL, HealthInterval".
 func (o optionSet) String() string {
@@ -125,12 +126,12 @@ var calls = [...]struct {
 }{
 	callNewSession:        {"NewSession", optHealthInterval | optWithTracer},
 	callNewConnSession:    {"NewConnSession", optHealthInterval | optWithTracer},
-	callAcquire:           {"Acquire", optShared | optNoWait | optWaitTimeout | optTTL | optHealthInterval | optWithTracer | optWaitingSince},
-	callDo:                {"Do", optShared | optNoWait | optWaitTimeout | optTTL | optHealthInterval | optWithTracer | optWaitingSince},
+	callAcquire:           {"Acquire", optShared | optNoWait | optWaitTimeout | optTTL | optHealthInterval | optWithTracer | optWaitingSince | optNoCohort},
+	callDo:                {"Do", optShared | optNoWait | optWaitTimeout | optTTL | optHealthInterval | optWithTracer | optWaitingSince | optNoCohort},
 	callLead:              {"Lead", optTTL | optHealthInterval | optWithTracer},
-	callAcquireSemaphore:  {"AcquireSemaphore", optNoWait | optWaitTimeout | optTTL | optHealthInterval | optWithTracer | optWaitingSince},
-	callDoSemaphore:       {"DoSemaphore", optNoWait | optWaitTimeout | optTTL | optHealthInterval | optWithTracer | optWaitingSince},
-	callSessionLock:       {"Session.Lock", optShared | optNoWait | optWaitTimeout | optWaitingSince},
+	callAcquireSemaphore:  {"AcquireSemaphore", optNoWait | optWaitTimeout | optTTL | optHealthInterval | optWithTracer | optWaitingSince | optNoCohort},
+	callDoSemaphore:       {"DoSemaphore", optNoWait | optWaitTimeout | optTTL | optHealthInterval | optWithTracer | optWaitingSince | optNoCohort},
+	callSessionLock:       {"Session.Lock", optShared | optNoWait | optWaitTimeout | optWaitingSince | optNoCohort},
 	callSessionLockMany:   {"Session.LockMany", optShared | optNoWait | optWaitTimeout},
 	callSessionUnlock:     {"Session.Unlock", optShared},
 	callSessionUnlockMany: {"Session.UnlockMany", optShared},
@@ -149,6 +150,8 @@ type config struct {
 	health      time.Duration
 	trace       *tracerOption // nil: not traced (WithTracer)
 	waitingFrom int64         // WaitingSince, Unix nanoseconds; 0: not set
+	noCohort    bool          // NoCohort
+	slots       int           // a semaphore's size, for its cohort; 0 for a key
 	err         error         // the first invalid option
 }
 

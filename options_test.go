@@ -28,6 +28,7 @@ var optionKinds = []optionKind{
 	{"HealthInterval", HealthInterval(time.Second)},
 	{"WithTracer", WithTracer(&recorder{})},
 	{"WaitingSince", WaitingSince(time.Now())},
+	{"NoCohort", NoCohort()},
 }
 
 // optionCall runs one call that takes Options with opts on an uncontended
@@ -65,7 +66,7 @@ var optionCalls = []optionCall{
 		}
 		return err
 	}},
-	{"Acquire", []string{"Shared", "NoWait", "WaitTimeout", "TTL", "HealthInterval", "WithTracer", "WaitingSince"}, func(e *env, pool *pgxpool.Pool, key Key, span func(func() error) error, opts ...Option) error {
+	{"Acquire", []string{"Shared", "NoWait", "WaitTimeout", "TTL", "HealthInterval", "WithTracer", "WaitingSince", "NoCohort"}, func(e *env, pool *pgxpool.Pool, key Key, span func(func() error) error, opts ...Option) error {
 		var l *Lock
 		err := span(func() (err error) { l, err = Acquire(e.ctx, pool, key, opts...); return err })
 		if err == nil {
@@ -73,7 +74,7 @@ var optionCalls = []optionCall{
 		}
 		return err
 	}},
-	{"Do", []string{"Shared", "NoWait", "WaitTimeout", "TTL", "HealthInterval", "WithTracer", "WaitingSince"}, func(e *env, pool *pgxpool.Pool, key Key, span func(func() error) error, opts ...Option) error {
+	{"Do", []string{"Shared", "NoWait", "WaitTimeout", "TTL", "HealthInterval", "WithTracer", "WaitingSince", "NoCohort"}, func(e *env, pool *pgxpool.Pool, key Key, span func(func() error) error, opts ...Option) error {
 		return span(func() error {
 			return ranOrNot(Do(e.ctx, pool, key, func(context.Context) error { return nil }, opts...))
 		})
@@ -90,7 +91,7 @@ var optionCalls = []optionCall{
 		}
 		return err
 	}},
-	{"AcquireSemaphore", []string{"NoWait", "WaitTimeout", "TTL", "HealthInterval", "WithTracer", "WaitingSince"}, func(e *env, pool *pgxpool.Pool, key Key, span func(func() error) error, opts ...Option) error {
+	{"AcquireSemaphore", []string{"NoWait", "WaitTimeout", "TTL", "HealthInterval", "WithTracer", "WaitingSince", "NoCohort"}, func(e *env, pool *pgxpool.Pool, key Key, span func(func() error) error, opts ...Option) error {
 		var l *Lock
 		err := span(func() (err error) { l, err = AcquireSemaphore(e.ctx, pool, key, 2, opts...); return err })
 		if err == nil {
@@ -98,12 +99,12 @@ var optionCalls = []optionCall{
 		}
 		return err
 	}},
-	{"DoSemaphore", []string{"NoWait", "WaitTimeout", "TTL", "HealthInterval", "WithTracer", "WaitingSince"}, func(e *env, pool *pgxpool.Pool, key Key, span func(func() error) error, opts ...Option) error {
+	{"DoSemaphore", []string{"NoWait", "WaitTimeout", "TTL", "HealthInterval", "WithTracer", "WaitingSince", "NoCohort"}, func(e *env, pool *pgxpool.Pool, key Key, span func(func() error) error, opts ...Option) error {
 		return span(func() error {
 			return ranOrNot(DoSemaphore(e.ctx, pool, key, 2, func(context.Context) error { return nil }, opts...))
 		})
 	}},
-	{"Session.Lock", []string{"Shared", "NoWait", "WaitTimeout", "WaitingSince"}, func(e *env, pool *pgxpool.Pool, key Key, span func(func() error) error, opts ...Option) error {
+	{"Session.Lock", []string{"Shared", "NoWait", "WaitTimeout", "WaitingSince", "NoCohort"}, func(e *env, pool *pgxpool.Pool, key Key, span func(func() error) error, opts ...Option) error {
 		return onSession(e, pool, func(s *Session) error {
 			return span(func() error { return ranOrNot(s.Lock(e.ctx, key, opts...)) })
 		})

@@ -47,6 +47,7 @@ var errReleasedAll = &Error{Op: "release_all", Kind: ErrClosed, Err: errors.New(
 // returns the errors of the sessions that had already been lost (matching
 // ErrLockLost).
 func ReleaseAll(ctx context.Context, pool *pgxpool.Pool) error {
+	releaseAllCohorts(pool) // goroutines queued in the process for a lock on pool
 	registry.Lock()
 	sessions := make([]*Session, 0, len(registry.open[pool]))
 	for s := range registry.open[pool] {

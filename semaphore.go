@@ -104,6 +104,7 @@ func acquireSemaphore(ctx context.Context, pool *pgxpool.Pool, key Key, n int, e
 		return nil, keyError(opSemaphore, key, nil, fmt.Errorf("size %d: a semaphore has at least one slot (n >= 1)", n))
 	}
 	slots := SemaphoreKeys(key, n)
+	cfg.slots = n
 	return acquireWith(ctx, pool, key, cfg, func(ctx context.Context, s *Session) (Key, error) {
 		return s.lockSlot(ctx, key, slots, cfg)
 	})

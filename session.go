@@ -275,6 +275,19 @@ func (s *Session) lock(ctx context.Context, key Key, cfg config) (bool, error) {
 	first := len(s.holds) == 0 && !s.rawUsed
 	s.mu.Unlock()
 
+	if first && cfg.entry == EntrySessionLock && !cfg.noWait && !cfg.noCohort {
+		cfg, pass, err := s.gateSession(ctx, key, cfg) // one waiter per key per process (cohort.go)
+		if err != nil {
+			return false, err
+		}
+		defer pass()
+		return s.lockOnce(ctx, key, cfg, h, first)
+	}
+	return s.lockOnce(ctx, key, cfg, h, first)
+}
+
+// lockOnce is lock once the session's turn is taken and h is not held yet.
+func (s *Session) lockOnce(ctx context.Context, key Key, cfg config, h hold, first bool) (bool, error) {
 	w, bound, byDeadline := cfg.waitPlan(ctx)
 	s.waitingSince = cfg.waitingSince()
 	var (

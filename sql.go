@@ -57,7 +57,7 @@ var unlockSQL, unlockLastSQL [2][2]string
 // that holds nothing: it tries the key once and, only if it got it, sets the
 // keep-alives in the same statement. Columns: got, the text of the last
 // keep-alive set (NULL when not got), deadlock_timeout in milliseconds (to
-// size wait slices). Arguments: the key, then the four
+// size wait slices; 0 when got: dtIfNotGot). Arguments: the key, then the four
 // keep-alive values (keepaliveArgs). An uncontended lock is this one round
 // trip; a contended one goes on with wait slices (sliceSQL).
 var firstTrySQL [2][2]string
@@ -71,6 +71,14 @@ var tryDtSQL [2][2]string
 // that the wait's slices need not, and a grant after a wait costs no more
 // than the lock itself. The same columns and arguments.
 var waitFirstTrySQL [2][2]string
+
+// dtIfNotGot is the third column of firstTrySQL and its variants: the
+// server's deadlock_timeout in milliseconds when the try failed (the wait's
+// slices are sized from it), and 0 when it got the key: reading and
+// converting the setting is a measurable share of an uncontended cycle's
+// server time (BENCHMARKS.md, "Contended in one process"), spent for
+// nothing when nothing waits.
+const dtIfNotGot = "CASE WHEN t.got THEN 0 ELSE " + deadlockTimeoutSQL + " END"
 
 // txFirstTrySQL[mode][space-1] is the first statement of LockTx: a try,
 // deadlock_timeout in milliseconds, and, only when the try failed, whether
@@ -93,12 +101,13 @@ func init() {
 						"FROM (SELECT pg_try_advisory_xact_lock%s(%s) AS got OFFSET 0) AS t", deadlockTimeoutSQL, holdsAnySQL, shared, params[0])
 				}
 				if sc == int(scopeSession) {
-					tryDtSQL[m][sp] = fmt.Sprintf("SELECT pg_try_advisory_lock%s(%s), NULL::text, %s", shared, params[0], deadlockTimeoutSQL)
+					try := fmt.Sprintf("FROM (SELECT pg_try_advisory_lock%s(%s) AS got OFFSET 0) AS t", shared, params[0])
+					tryDtSQL[m][sp] = fmt.Sprintf("SELECT t.got, NULL::text, %s %s", dtIfNotGot, try)
 					n := strings.Count(params[0], "$")
-					firstTrySQL[m][sp] = fmt.Sprintf("SELECT t.got, CASE WHEN t.got THEN %s END, %s FROM (SELECT pg_try_advisory_lock%s(%s) AS got OFFSET 0) AS t",
-						keepaliveSetExpr(numberedParams(n+1)), deadlockTimeoutSQL, shared, params[0])
-					waitFirstTrySQL[m][sp] = fmt.Sprintf("SELECT pg_try_advisory_lock%s(%s), %s, %s",
-						shared, params[0], keepaliveSetExpr(numberedParams(n+1)), deadlockTimeoutSQL)
+					firstTrySQL[m][sp] = fmt.Sprintf("SELECT t.got, CASE WHEN t.got THEN %s END, %s %s",
+						keepaliveSetExpr(numberedParams(n+1)), dtIfNotGot, try)
+					waitFirstTrySQL[m][sp] = fmt.Sprintf("SELECT t.got, %s, %s %s",
+						keepaliveSetExpr(numberedParams(n+1)), dtIfNotGot, try)
 				}
 			}
 		}

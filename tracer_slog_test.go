@@ -116,7 +116,7 @@ func TestSlogTracer(t *testing.T) {
 	// wait ends with the lock.
 	waiter := make(chan error, 1)
 	go func() {
-		_, err := Do(e.ctx, pool, key, func(context.Context) error { return nil }, tr)
+		_, err := Do(e.ctx, pool, key, func(context.Context) error { return nil }, tr, NoCohort()) // on the server (SPEC §13)
 		waiter <- err
 	}()
 	e.awaitWaiters(1)

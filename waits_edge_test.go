@@ -236,7 +236,7 @@ func TestSliceUserLockTimeout(t *testing.T) {
 
 			got := make(chan error, 1)
 			go func() {
-				l, err := Acquire(e.ctx, pool, key, WaitTimeout(20*time.Second))
+				l, err := Acquire(e.ctx, pool, key, WaitTimeout(20*time.Second), NoCohort()) // on the server (SPEC §13)
 				if err == nil {
 					err = l.Release(e.ctx)
 				}

@@ -46,7 +46,7 @@ func waitersOf(e *env, ctx context.Context, pool *pgxpool.Pool, key Key) (count 
 		}()
 	}
 	run("Acquire", func() error {
-		l, err := Acquire(ctx, pool, key)
+		l, err := Acquire(ctx, pool, key, NoCohort()) // on the server, not behind the holder in the process (SPEC §13)
 		if err == nil {
 			_ = l.Release(ctx)
 			return errors.New("acquired a held key")
@@ -222,7 +222,7 @@ func TestMigrationGuardCreateIndexConcurrently(t *testing.T) {
 						ran.Add(1)
 						_, err := pool.Exec(ctx, "SELECT count(*) FROM waits_cic")
 						return err
-					})
+					}, NoCohort()) // instances are processes: each waits on the server (SPEC §13)
 					if err != nil || !acquired {
 						t.Errorf("waiting instance: acquired %v, err %v", acquired, err)
 					}

@@ -125,10 +125,14 @@ func handoff(b *testing.B, s subject, key int64, wait time.Duration) {
 // ends) and returns one hand-off, which returns its t1−t0.
 func newHandoff(b *testing.B, s subject, key int64, wait time.Duration) func() time.Duration {
 	ctx := context.Background()
-	pool := newPool(b, 4)
-	warm(b, pool, 2)
+	// Each client on a pool of its own, as in two processes: two
+	// goroutines of one process on one pool would hand the lock over
+	// inside the process (SPEC §13), never through the server.
+	pools := [2]*pgxpool.Pool{newPool(b, 4), newPool(b, 4)}
+	warm(b, pools[0], 1)
+	warm(b, pools[1], 1)
 	monitor := newConn(b)
-	holder, waiter := s.open(b, pool, key), s.open(b, pool, key)
+	holder, waiter := s.open(b, pools[0], key), s.open(b, pools[1], key)
 	if err := holder.lock(ctx); err != nil {
 		b.Fatal(err)
 	}
@@ -196,7 +200,7 @@ func BenchmarkContended(b *testing.B) {
 			continue
 		}
 		b.Run(s.name, func(b *testing.B) {
-			clients := openContenders(b, s, contendedKey+int64(i*contendedKeys))
+			clients, _ := openContenders(b, s, contendedKey+int64(i*contendedKeys))
 			b.ResetTimer()
 			elapsed, served := contend(b, clients, b.N)
 			b.StopTimer()
@@ -220,7 +224,7 @@ func BenchmarkContended(b *testing.B) {
 // openContenders opens the contenders clients of s, client g on key
 // firstKey + g % contendedKeys, each on its own connection or checkout,
 // and runs one cycle on each (to prepare statements and connect).
-func openContenders(b *testing.B, s subject, firstKey int64) []client {
+func openContenders(b *testing.B, s subject, firstKey int64) ([]client, *pgxpool.Pool) {
 	b.Helper()
 	pool := newPool(b, contenders+4)
 	warm(b, pool, contenders)
@@ -231,7 +235,7 @@ func openContenders(b *testing.B, s subject, firstKey int64) []client {
 			b.Fatal(err)
 		}
 	}
-	return clients
+	return clients, pool
 }
 
 // contend runs n lock+unlock cycles in all on clients, each around a tiny

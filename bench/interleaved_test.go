@@ -8,6 +8,9 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/seed0ad592b7/advisory"
 )
 
 // BenchmarkInterleaved measures the subjects in turn, one sample of each per
@@ -110,21 +113,65 @@ func splitHandoff(b *testing.B, monitor *pgx.Conn, holder, waiter client) time.D
 func BenchmarkContendedInterleaved(b *testing.B) {
 	var names []string
 	var sets [][]client
-	for i, s := range subjects {
+	var pools []*pgxpool.Pool
+	for i, s := range append(subjects, noCohortSubject) {
 		// Each subject keeps 16 connections open for the whole run, and the
 		// server allows 100: raw-pgx-sliced is measured in
 		// BenchmarkContended instead.
 		if s.polls || s.name == "pgxpool-naive" || s.name == "migrate-pgx5" || s.name == "raw-pgx-sliced" {
 			continue
 		}
-		names = append(names, s.name)
-		sets = append(sets, openContenders(b, s, contendedKey+1000+int64(i*contendedKeys)))
+		clients, pool := openContenders(b, s, contendedKey+1000+int64(i*contendedKeys))
+		names, sets, pools = append(names, s.name), append(sets, clients), append(pools, pool)
 	}
+	conns := make([]pinned, len(names))
 	interleave(b, names, func(i int) time.Duration {
+		stop := conns[i].watch(pools[i])
 		elapsed, _ := contend(b, sets[i], contendedBlock)
+		stop()
 		return elapsed // per block: the ratio of times is the inverse ratio of throughputs
 	})
+	for i, name := range names {
+		if name != "raw-pgx" { // its clients have connections of their own
+			b.ReportMetric(float64(conns[i].max), name+"-conns-max")
+			b.ReportMetric(conns[i].mean(), name+"-conns-mean")
+		}
+	}
 }
+
+// noCohortSubject is advisory-acquire with NoCohort: every waiter waits
+// on the server on a pool connection of its own, as before SPEC §13.
+var noCohortSubject = subject{name: "advisory-acquire-nocohort", open: func(_ *testing.B, pool *pgxpool.Pool, key int64) client {
+	return &acquireClient{pool: pool, key: advisory.Int64Key(key), opts: []advisory.Option{advisory.NoCohort()}}
+}}
+
+// pinned samples how many connections a pool has acquired, every
+// millisecond while watched.
+type pinned struct {
+	max        int32
+	sum, count int64
+}
+
+func (p *pinned) watch(pool *pgxpool.Pool) (stop func()) {
+	done, finished := make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(finished)
+		t := time.NewTicker(time.Millisecond)
+		defer t.Stop()
+		for {
+			select {
+			case <-done:
+				return
+			case <-t.C:
+				n := pool.Stat().AcquiredConns()
+				p.max, p.sum, p.count = max(p.max, n), p.sum+int64(n), p.count+1
+			}
+		}
+	}()
+	return func() { close(done); <-finished }
+}
+
+func (p *pinned) mean() float64 { return float64(p.sum) / float64(max(p.count, 1)) }
 
 // contendedBlock is how many cycles BenchmarkInterleaved/contended runs
 // per subject in one op: enough for every client to wait many times.

@@ -21,6 +21,9 @@ var (
 )
 
 func TestMain(m *testing.M) {
+	if spec := os.Getenv(envProcChild); spec != "" {
+		os.Exit(procChild(spec)) // a client process of BenchmarkContendedProcesses
+	}
 	opts := pgtest.Options{Settings: map[string]string{
 		"max_locks_per_transaction": "256",
 	}}

@@ -142,6 +142,7 @@ type acquireClient struct {
 	pool *pgxpool.Pool
 	key  advisory.Key
 	l    *advisory.Lock
+	opts []advisory.Option
 }
 
 func openAcquire(_ *testing.B, pool *pgxpool.Pool, key int64) client {
@@ -149,7 +150,7 @@ func openAcquire(_ *testing.B, pool *pgxpool.Pool, key int64) client {
 }
 
 func (c *acquireClient) lock(ctx context.Context) error {
-	l, err := advisory.Acquire(ctx, c.pool, c.key)
+	l, err := advisory.Acquire(ctx, c.pool, c.key, c.opts...)
 	c.l = l
 	return err
 }

@@ -1,0 +1,132 @@
+package bench
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/seed0ad592b7/advisory"
+)
+
+// BenchmarkCycleAblation takes the uncontended cycle apart (issue 28):
+// try (pg_try_advisory_lock instead of pg_advisory_lock), +dt (reading
+// deadlock_timeout, as the first try did for every lock before issue 28),
+// +ka/reset (setting the keep-alives with the grant and resetting them
+// with the unlock, SPEC §4), +lazydt (deadlock_timeout read only when the
+// try fails, as now), first-try (the statement before issue 28).
+// each subject is a lock + unlock cycle on a connection of its own, the
+// first ones raw pgx sending parts of what the library's first statement
+// and its unlock send, the last ones the library itself (on a pool of one
+// connection, so that its backend is known). Measured interleaved, as
+// BenchmarkInterleaved; besides NAME-p50-ns and NAME-vs-floor it reports
+// NAME-server-cpu-ns, the CPU time the subject's backend spent per cycle
+// (from /proc/PID/schedstat: the server shares the host), which a loaded
+// machine disturbs far less than wall time.
+//
+//	go test -run '^$' -bench '^BenchmarkCycleAblation$' -benchtime 2000x -count 5 .
+func BenchmarkCycleAblation(b *testing.B) {
+	ctx := context.Background()
+	const (
+		ka    = `set_config('tcp_keepalives_idle', $2, false) || set_config('tcp_keepalives_interval', $3, false) || set_config('tcp_keepalives_count', $4, false) || set_config('tcp_user_timeout', $5, false)`
+		reset = `set_config('tcp_keepalives_idle', NULL, false) || set_config('tcp_keepalives_interval', NULL, false) || set_config('tcp_keepalives_count', NULL, false) || set_config('tcp_user_timeout', NULL, false)`
+		dt    = `(extract(epoch FROM current_setting('deadlock_timeout')::interval) * 1000)::int8`
+	)
+	kaArgs := []any{"2", "1", "2", "4000"}
+	type sqlPair struct {
+		name, lock, unlock string
+		ka                 bool
+	}
+	pairs := []sqlPair{
+		{"raw-pgx", `SELECT pg_advisory_lock($1)`, `SELECT pg_advisory_unlock($1)`, false},
+		{"try", `SELECT pg_try_advisory_lock($1)`, `SELECT pg_advisory_unlock($1)`, false},
+		{"try+dt", `SELECT pg_try_advisory_lock($1), NULL::text, ` + dt, `SELECT pg_advisory_unlock($1)`, false},
+		{"try+ka/unlock+reset", `SELECT t.got, CASE WHEN t.got THEN ` + ka + ` END FROM (SELECT pg_try_advisory_lock($1) AS got OFFSET 0) AS t`,
+			`SELECT pg_advisory_unlock($1), ` + reset, true},
+		{"try+ka+lazydt/unlock+reset", `SELECT t.got, CASE WHEN t.got THEN ` + ka + ` END, CASE WHEN t.got THEN 0 ELSE ` + dt + ` END FROM (SELECT pg_try_advisory_lock($1) AS got OFFSET 0) AS t`,
+			`SELECT pg_advisory_unlock($1), ` + reset, true},
+		{"first-try/unlock+reset", `SELECT t.got, CASE WHEN t.got THEN ` + ka + ` END, ` + dt + ` FROM (SELECT pg_try_advisory_lock($1) AS got OFFSET 0) AS t`,
+			`SELECT pg_advisory_unlock($1), ` + reset, true},
+	}
+	var names []string
+	var runs []func() error
+	var pids []int
+	for i, p := range pairs {
+		c := newConn(b)
+		key := int64(cycleKey + 500 + i)
+		args := []any{key}
+		if p.ka {
+			args = append(args, kaArgs...)
+		}
+		names, pids = append(names, p.name), append(pids, int(c.PgConn().PID()))
+		runs = append(runs, func() error {
+			if _, err := c.Exec(ctx, p.lock, args...); err != nil {
+				return err
+			}
+			_, err := c.Exec(ctx, p.unlock, key)
+			return err
+		})
+	}
+	one := func(name string, open func(*pgxpool.Pool, advisory.Key) func() error) {
+		pool := newPool(b, 1)
+		var pid int
+		if err := pool.QueryRow(ctx, `SELECT pg_backend_pid()`).Scan(&pid); err != nil {
+			b.Fatal(err)
+		}
+		names, pids = append(names, name), append(pids, pid)
+		runs = append(runs, open(pool, advisory.Int64Key(int64(cycleKey+500+len(names)))))
+	}
+	one("advisory-acquire", func(pool *pgxpool.Pool, key advisory.Key) func() error {
+		return func() error {
+			l, err := advisory.Acquire(ctx, pool, key)
+			if err != nil {
+				return err
+			}
+			return l.Release(ctx)
+		}
+	})
+	one("advisory-session", func(pool *pgxpool.Pool, key advisory.Key) func() error {
+		s, err := advisory.NewSession(ctx, pool)
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.Cleanup(func() { _ = s.Close(ctx) })
+		return func() error {
+			if _, err := s.Lock(ctx, key); err != nil {
+				return err
+			}
+			return s.Unlock(ctx, key)
+		}
+	})
+	cpu := make([]time.Duration, len(names))
+	interleave(b, names, func(i int) time.Duration {
+		before := schedCPU(b, pids[i])
+		start := time.Now()
+		if err := runs[i](); err != nil {
+			b.Fatal(err)
+		}
+		d := time.Since(start)
+		cpu[i] += schedCPU(b, pids[i]) - before
+		return d
+	})
+	for i, name := range names {
+		b.ReportMetric(float64(cpu[i].Nanoseconds())/float64(b.N+1), name+"-server-cpu-ns") // +1: interleave's untimed first round
+	}
+}
+
+// schedCPU is the CPU time process pid has used (Linux schedstat).
+func schedCPU(b *testing.B, pid int) time.Duration {
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/schedstat", pid))
+	if err != nil {
+		b.Fatal(err)
+	}
+	var ns int64
+	if _, err := fmt.Sscan(strings.Fields(string(data))[0], &ns); err != nil {
+		b.Fatal(err)
+	}
+	return time.Duration(ns)
+}

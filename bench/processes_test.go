@@ -1,0 +1,169 @@
+package bench
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/seed0ad592b7/advisory"
+)
+
+// envProcChild turns the test binary into one client process of
+// BenchmarkContendedProcesses: "SUBJECT|DSN|KEY".
+const envProcChild = "BENCH_PROC_CHILD"
+
+// procBlock is how long the clients of one subject run in one op of
+// BenchmarkContendedProcesses.
+const procBlock = time.Second
+
+// BenchmarkContendedProcesses is BenchmarkContendedInterleaved with each
+// client a process of its own (the test binary, started again): 16
+// processes on 4 keys, one goroutine each, so no cohort can form (SPEC
+// §13) and every hand-off goes through the server. Per op, each subject's
+// 16 processes connect, then run lock+unlock cycles for procBlock, in a new
+// random order of subjects each op. NAME-p50-ns is the time per cycle (all
+// processes together), so NAME-vs-floor is the subject's throughput
+// against raw pgx's; compare with bench/pgbench, the server-side floor.
+//
+//	go test -run '^$' -bench '^BenchmarkContendedProcesses$' -benchtime 5x -count 2 .
+func BenchmarkContendedProcesses(b *testing.B) {
+	names := []string{"raw-pgx", "advisory-acquire", "advisory-session"}
+	interleave(b, names, func(i int) time.Duration {
+		cycles := runProcs(b, names[i], contendedKey+2000+int64(i*contendedKeys))
+		return procBlock / time.Duration(max(cycles, 1))
+	})
+}
+
+// runProcs runs contenders client processes of subject for procBlock and
+// returns how many cycles they ran in all.
+func runProcs(b *testing.B, subject string, firstKey int64) int64 {
+	b.Helper()
+	type proc struct {
+		cmd   *exec.Cmd
+		in    io.WriteCloser
+		out   *bufio.Scanner
+		stdio strings.Builder
+	}
+	procs := make([]*proc, contenders)
+	for g := range procs {
+		p := &proc{cmd: exec.Command(os.Args[0], "-test.run=^$")}
+		p.cmd.Env = append(os.Environ(), fmt.Sprintf("%s=%s|%s|%d", envProcChild, subject, dsn, firstKey+int64(g%contendedKeys)))
+		p.cmd.Stderr = &p.stdio
+		p.cmd.WaitDelay = 5 * time.Second
+		in, err := p.cmd.StdinPipe()
+		if err != nil {
+			b.Fatal(err)
+		}
+		out, err := p.cmd.StdoutPipe()
+		if err != nil {
+			b.Fatal(err)
+		}
+		if err := p.cmd.Start(); err != nil {
+			b.Fatal(err)
+		}
+		p.in, p.out = in, bufio.NewScanner(out)
+		procs[g] = p
+	}
+	line := func(p *proc) string {
+		if !p.out.Scan() {
+			_ = p.cmd.Wait()
+			b.Fatalf("a %s client process ended: %s", subject, p.stdio.String())
+		}
+		return p.out.Text()
+	}
+	for _, p := range procs {
+		if s := line(p); s != "ready" {
+			b.Fatalf("a %s client process said %q", subject, s)
+		}
+	}
+	for _, p := range procs {
+		_, _ = io.WriteString(p.in, "go\n")
+	}
+	var cycles int64
+	for _, p := range procs {
+		var n int64
+		if _, err := fmt.Sscan(line(p), &n); err != nil {
+			b.Fatal(err)
+		}
+		cycles += n
+		if err := p.cmd.Wait(); err != nil {
+			b.Fatalf("a %s client process: %v: %s", subject, err, p.stdio.String())
+		}
+	}
+	return cycles
+}
+
+// procChild is one client process: it connects, says "ready", waits for a
+// line on stdin, runs lock+unlock cycles for procBlock and prints how many.
+func procChild(spec string) int {
+	f := strings.Split(spec, "|")
+	subject, dsn := f[0], f[1]
+	var key int64
+	fmt.Sscan(f[2], &key)
+	ctx := context.Background()
+	fail := func(err error) int { fmt.Fprintln(os.Stderr, err); return 1 }
+	var lock, unlock func() error
+	switch subject {
+	case "raw-pgx":
+		c, err := pgx.Connect(ctx, dsn)
+		if err != nil {
+			return fail(err)
+		}
+		defer c.Close(ctx)
+		lock = func() error { _, err := c.Exec(ctx, "SELECT pg_advisory_lock($1)", key); return err }
+		unlock = func() error { _, err := c.Exec(ctx, "SELECT pg_advisory_unlock($1)", key); return err }
+	case "advisory-acquire", "advisory-session":
+		pool, err := pgxpool.New(ctx, dsn)
+		if err != nil {
+			return fail(err)
+		}
+		defer pool.Close()
+		k := advisory.Int64Key(key)
+		if subject == "advisory-session" {
+			s, err := advisory.NewSession(ctx, pool)
+			if err != nil {
+				return fail(err)
+			}
+			defer s.Close(ctx)
+			lock = func() error { _, err := s.Lock(ctx, k); return err }
+			unlock = func() error { return s.Unlock(ctx, k) }
+			break
+		}
+		var l *advisory.Lock
+		lock = func() error { var err error; l, err = advisory.Acquire(ctx, pool, k); return err }
+		unlock = func() error { return l.Release(ctx) }
+	default:
+		return fail(fmt.Errorf("unknown subject %q", subject))
+	}
+	// One cycle before the start, to connect and prepare the statements.
+	if err := lock(); err != nil {
+		return fail(err)
+	}
+	if err := unlock(); err != nil {
+		return fail(err)
+	}
+	fmt.Println("ready")
+	if _, err := bufio.NewReader(os.Stdin).ReadString('\n'); err != nil {
+		return fail(err)
+	}
+	var n int64
+	for end := time.Now().Add(procBlock); time.Now().Before(end); n++ {
+		if err := lock(); err != nil {
+			return fail(err)
+		}
+		if err := unlock(); err != nil {
+			return fail(err)
+		}
+	}
+	fmt.Println(n)
+	return 0
+}
