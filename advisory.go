@@ -223,13 +223,22 @@ func runHeld(ctx context.Context, lock *Lock, acquireErr error, fn func(context.
 // run calls fn with a context derived from ctx that is cancelled, with the
 // reason as its cause, when the lock's session ends while fn runs: lost,
 // TTL passed, or ended by ReleaseAll. In the last case, which Release does
-// not report, run returns an error matching ErrClosed joined with fn's.
+// not report, run returns an error matching ErrClosed joined with fn's. If
+// fn panics (or ends its goroutine), run releases the lock and its
+// connection before the panic goes on up.
 func (l *Lock) run(ctx context.Context, fn func(context.Context) error) error {
 	fnCtx, cancel := context.WithCancelCause(context.WithValue(ctx, heldLockKey{}, l))
 	defer cancel(nil)
 	stop := context.AfterFunc(l.s.ctx, func() { cancel(context.Cause(l.s.ctx)) })
 	defer stop()
+	returned := false
+	defer func() {
+		if !returned {
+			_ = l.Release(ctx) // the panic is what the caller sees
+		}
+	}()
 	err := fn(fnCtx)
+	returned = true
 	if why := context.Cause(l.s.ctx); errors.Is(why, errReleasedAll) {
 		err = errors.Join(why, err)
 	}
