@@ -217,6 +217,9 @@ func runHeld(ctx context.Context, lock *Lock, acquireErr error, fn func(context.
 			err = errors.Join(releaseErr, err)
 		}
 	}()
+	if why := context.Cause(lock.s.ctx); errors.Is(why, errReleasedAll) {
+		return false, why // ReleaseAll came as the lock was granted: fn does not run
+	}
 	return true, lock.run(ctx, fn)
 }
 

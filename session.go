@@ -144,10 +144,15 @@ func newSession(ctx context.Context, pool *pgxpool.Pool, cfg config) (*Session, 
 	if pool == nil {
 		return nil, errorf("nil *pgxpool.Pool")
 	}
-	conn, err := pool.Acquire(ctx)
+	acquireCtx, way := onTheWay(ctx, pool)
+	conn, err := pool.Acquire(acquireCtx)
 	if err != nil {
+		way.leave()
 		e := &Error{Op: "session", Kind: kindOf(err), Err: err}
-		if errors.Is(ctx.Err(), context.DeadlineExceeded) {
+		switch why := context.Cause(acquireCtx); {
+		case errors.Is(why, errReleasedAll):
+			e.Kind, e.Err = ErrClosed, why
+		case errors.Is(ctx.Err(), context.DeadlineExceeded):
 			// Every holder and waiter pins a connection: a deadline that
 			// passes while the pool is exhausted is a wait that timed out.
 			e.Kind, e.deadline = ErrTimeout, true
@@ -156,7 +161,10 @@ func newSession(ctx context.Context, pool *pgxpool.Pool, cfg config) (*Session, 
 	}
 	s := sessionOn(conn.Conn(), cfg)
 	s.pool, s.conn = pool, conn
-	register(pool, s)
+	if !way.arrive(s) {
+		conn.Release() // untouched: clean
+		return nil, &Error{Op: "session", Kind: ErrClosed, Err: errReleasedAll}
+	}
 	return s, nil
 }
 
