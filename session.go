@@ -242,7 +242,10 @@ func sessionOn(pc *pgx.Conn, cfg config) *Session {
 // when the server's lock table is full, the context's error when ctx was
 // cancelled (the wait is interrupted with a cancel request; the connection
 // survives). If the connection is lost the session ends and every hold goes
-// with it: the error then matches ErrLockLost and Done is closed.
+// with it: Done is closed, and the error matches ErrLockLost when the
+// session held locks; on a session that held nothing the call was only
+// waiting and never held the lock, so its error says the connection was
+// lost while waiting and does not match ErrLockLost.
 func (s *Session) Lock(ctx context.Context, key Key, opts ...Option) (bool, error) {
 	cfg, err := newConfig(callSessionLock, opts)
 	if err != nil {
@@ -383,17 +386,12 @@ func (s *Session) keepClientAlive(userTimeout bool) {
 // before this lock.
 func (s *Session) lockFailed(ctx context.Context, h hold, first, byDeadline bool, err error) error {
 	if s.lost(err) {
-		if first {
-			err = fmt.Errorf("the connection was lost before the lock statement's answer came, and the session held no other lock: "+
-				"take the lock again on a new connection (after a network cut, the server may keep the old session's hold "+
-				"until its keep-alives end it): %w", err)
-		}
-		return keyError("lock", h.key, ErrLockLost, err)
+		return lostError("lock", h.key, !first, err)
 	}
 	kind := kindOf(err)
 	if code := sqlState(err); code != codeDeadlock && code != codeOutOfMemory {
 		if err := s.dropIfGranted(h); err != nil {
-			return keyError("lock", h.key, ErrLockLost, err)
+			return lostError("lock", h.key, !first, err)
 		}
 	}
 	if s.ctx.Err() != nil {

@@ -9,6 +9,7 @@ import (
 	"io"
 	"math/rand/v2"
 	"os"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -278,10 +279,12 @@ func (w *worker) waitCtx(rng *rand.Rand) (context.Context, context.CancelFunc) {
 // waitFailed classifies an error from a lock wait.
 func (w *worker) waitFailed(what string, err error) {
 	switch {
-	case errors.Is(err, advisory.ErrLockLost):
+	case errors.Is(err, advisory.ErrLockLost), strings.Contains(err.Error(), "lost while waiting"):
 		// First: the error of a call on a session that ended also wraps
 		// the session's end reason, which may be a context error (a
-		// health check that timed out).
+		// health check that timed out). A waiter whose connection was
+		// lost never held the lock: its error is not ErrLockLost, and
+		// says so (no sentinel: the pgx or network error is its cause).
 		atomic.AddInt64(&w.stats.LostWaiting, 1)
 		if !w.cfg.Faults {
 			w.sample("%s: %v", what, err)
