@@ -982,7 +982,7 @@ func turnError(op string, key Key, err error) *Error {
 	return keyError(op, key, nil, err)
 }
 
-// giveTurn ends a takeTurn (or the watcher's tryTurn), arming the health
+// giveTurn ends a takeTurn (or the watcher's takeWatchTurn), arming the health
 // watcher's readiness if the session holds something.
 func (s *Session) giveTurn() {
 	if s.holding() {

@@ -167,6 +167,37 @@ func TestWatcherNoticesLossThatCameWhileDisarmed(t *testing.T) {
 	e.awaitKeyFree(key)
 }
 
+// The same for a WithConn that starts right after the grant, before the
+// health watcher's first look (watchQuiet after it): the watcher, which
+// found the turn taken, waits for it instead of sleeping a whole health
+// interval (an hour here), and notices the loss that came during the
+// callback as soon as the callback returns. Red before: Done stayed open.
+func TestWatcherNoticesLossDuringWithConnRightAfterGrant(t *testing.T) {
+	e := newEnv(t)
+	key := StringKey("watch-withconn-at-once")
+	lock, err := Acquire(e.ctx, e.pool(), key, HealthInterval(time.Hour))
+	must(t, err)
+	must(t, lock.WithConn(e.ctx, func(c *pgx.Conn) error {
+		pid := c.PgConn().PID()
+		e.terminate(pid)
+		e.eventually("the terminated backend is gone", func(c *pgx.Conn) (bool, error) {
+			var n int
+			err := c.QueryRow(e.ctx, "SELECT count(*) FROM pg_stat_activity WHERE pid = $1", int64(pid)).Scan(&n)
+			return n == 0, err
+		})
+		return nil
+	}))
+	select {
+	case <-lock.Done():
+	case <-time.After(notHung):
+		t.Fatalf("a loss during a WithConn that began right after the grant not noticed after %v with an hour's interval", notHung)
+	}
+	if err := lock.Release(e.ctx); !errors.Is(err, ErrLockLost) {
+		t.Errorf("Release after the loss = %v; want ErrLockLost", err)
+	}
+	e.awaitKeyFree(key)
+}
+
 // A session that holds, holds nothing, and holds again is watched again: a
 // terminated backend is noticed at once with an hour's interval. Checked,
 // green on 6a7731f.
