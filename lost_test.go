@@ -250,8 +250,8 @@ func TestKeepaliveSettings(t *testing.T) {
 		must(t, err)
 		var held string
 		must(t, lock.WithConn(e.ctx, func(c *pgx.Conn) error { held = show(c); return nil }))
-		if held != "2 1 2 4000" {
-			t.Errorf("round %d: settings while held = %q; want \"2 1 2 4000\" for the default 1s health interval", round, held)
+		if held != "1 1 4 5000" {
+			t.Errorf("round %d: settings while held = %q; want \"1 1 4 5000\" for the default 1s health interval", round, held)
 		}
 		before := counter.n.Load()
 		must(t, lock.Release(e.ctx))
@@ -271,8 +271,8 @@ func TestKeepaliveSettings(t *testing.T) {
 	must(t, err)
 	var held string
 	must(t, s.WithConn(e.ctx, func(c *pgx.Conn) error { held = show(c); return nil }))
-	if held != "6 3 2 12000" {
-		t.Errorf("a session with a 3s health interval has %q; want its own keep-alives \"6 3 2 12000\"", held)
+	if held != "3 3 4 15000" {
+		t.Errorf("a session with a 3s health interval has %q; want its own keep-alives \"3 3 4 15000\"", held)
 	}
 	must(t, s.Close(e.ctx))
 }
