@@ -30,13 +30,14 @@ func (e *env) terminate(pid uint32) {
 	}
 }
 
-// awaitDone waits for a lock or session to report its end.
+// awaitDone waits for a lock or session to report its end, failing the
+// test after notHung.
 func (e *env) awaitDone(done <-chan struct{}, what string) {
 	e.t.Helper()
 	select {
 	case <-done:
-	case <-e.ctx.Done():
-		e.t.Fatalf("%s: Done() never closed", what)
+	case <-time.After(notHung):
+		e.t.Fatalf("%s: Done() not closed after %v", what, notHung)
 	}
 }
 
@@ -88,9 +89,13 @@ func TestDoLost(t *testing.T) {
 		cause    error
 	}
 	done := make(chan result, 1)
+	// The loss must end fn's wait; the deadline only bounds it, so that a
+	// loss never told fails the test after notHung (cause: the deadline).
+	ctx, cancel := context.WithTimeout(e.ctx, notHung)
+	defer cancel()
 	go func() {
 		var cause error
-		acquired, err := Do(e.ctx, pool, key, func(ctx context.Context) error {
+		acquired, err := Do(ctx, pool, key, func(ctx context.Context) error {
 			var pid uint32
 			if err := pool.QueryRow(ctx, `SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND objid = 31 AND granted`).Scan(&pid); err != nil {
 				return err
