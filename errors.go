@@ -139,8 +139,8 @@ func keyError(op string, key Key, kind, cause error) *Error {
 
 // errLostWaiting says what a call whose connection was lost while it
 // waited for a lock should know: it never held the lock.
-var errLostWaiting = errors.New("the connection was lost while waiting for the lock; this call never held it " +
-	"(mutual exclusion was not broken): call again, which takes a new connection " +
+var errLostWaiting = errors.New("the connection was lost while waiting for the lock; this call never held it: " +
+	"call again, which takes a new connection " +
 	"(after a network cut the server may keep the old session, and a lock granted to it just before the cut, until its keep-alives end it)")
 
 // lostError is the error of op on key when the session ended during the

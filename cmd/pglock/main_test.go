@@ -345,8 +345,15 @@ func (e *env) startProc(p *proc) *proc {
 	return p
 }
 
-// wait waits for p to exit and returns its exit status.
+// wait waits for p to exit and returns its exit status, failing the test
+// (and killing p) after notHung.
 func (e *env) wait(p *proc) int {
+	e.t.Helper()
+	return e.waitWithin(p, notHung)
+}
+
+// waitWithin is wait with a bound of d.
+func (e *env) waitWithin(p *proc, notHung time.Duration) int {
 	e.t.Helper()
 	select {
 	case <-p.done:
