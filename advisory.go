@@ -46,7 +46,10 @@ var closedChan = func() chan struct{} {
 // longer than a slice (see the package documentation: "What waiting costs
 // the server"). A wait bounded by WaitTimeout or ctx's deadline fails with
 // ErrTimeout (also matching context.DeadlineExceeded for the deadline);
-// a cancelled ctx ends the wait at once with ctx's error. On any error no
+// a cancelled ctx ends the wait at once with ctx's error. A wait whose
+// connection is lost (server restart, terminated backend, network cut)
+// fails with an error that says so and wraps the pgx or network error; it
+// does not match ErrLockLost, as the lock was never held. On any error no
 // lock is held and the connection is back in the pool, or closed if its
 // state could not be known.
 //
@@ -245,19 +248,31 @@ func runHeld(ctx context.Context, lock *Lock, acquireErr error, fn func(context.
 			err = errors.Join(releaseErr, err)
 		}
 	}()
+	if why := context.Cause(lock.s.ctx); errors.Is(why, errReleasedAll) {
+		return false, why // ReleaseAll came as the lock was granted: fn does not run
+	}
 	return true, lock.run(ctx, fn)
 }
 
 // run calls fn with a context derived from ctx that is cancelled, with the
 // reason as its cause, when the lock's session ends while fn runs: lost,
 // TTL passed, or ended by ReleaseAll. In the last case, which Release does
-// not report, run returns an error matching ErrClosed joined with fn's.
+// not report, run returns an error matching ErrClosed joined with fn's. If
+// fn panics (or ends its goroutine), run releases the lock and its
+// connection before the panic goes on up.
 func (l *Lock) run(ctx context.Context, fn func(context.Context) error) error {
 	fnCtx, cancel := context.WithCancelCause(context.WithValue(ctx, heldLockKey{}, l))
 	defer cancel(nil)
 	stop := context.AfterFunc(l.s.ctx, func() { cancel(context.Cause(l.s.ctx)) })
 	defer stop()
+	returned := false
+	defer func() {
+		if !returned {
+			_ = l.Release(ctx) // the panic is what the caller sees
+		}
+	}()
 	err := fn(fnCtx)
+	returned = true
 	if why := context.Cause(l.s.ctx); errors.Is(why, errReleasedAll) {
 		err = errors.Join(why, err)
 	}

@@ -382,11 +382,31 @@ func (c *cohort) hold(l *Lock, passes int, since time.Time, ttl time.Duration) {
 	h := &cohortHold{c: c, passes: passes, since: since, done: make(chan struct{})}
 	l.ch = h
 	s := l.s
-	h.stop = context.AfterFunc(s.ctx, func() {
+	// The session's end waits for this hold to end (its watcher group), so
+	// that Done is closed when ReleaseAll or Close returns.
+	s.mu.Lock()
+	counted := !s.ending
+	if counted {
+		s.watcher.Add(1)
+	}
+	s.mu.Unlock()
+	stop := context.AfterFunc(s.ctx, func() {
+		if counted {
+			defer s.watcher.Done()
+		}
 		<-s.done
 		h.end(s.Err())
 		h.unhold()
 	})
+	h.stop = func() bool {
+		if !stop() {
+			return false
+		}
+		if counted {
+			s.watcher.Done()
+		}
+		return true
+	}
 	if ttl > 0 {
 		l.ttl = time.AfterFunc(ttl, l.expire)
 	}

@@ -536,8 +536,8 @@ func TestWaitSliceStallSaysStalled(t *testing.T) {
 	e.awaitWaiters(1)
 	proxy.Cut()
 	err = <-done
-	if !errors.Is(err, ErrLockLost) || !strings.Contains(err.Error(), "stalled") {
-		t.Errorf("a wait cut off mid-slice: %v; want ErrLockLost saying the connection stalled", err)
+	if err == nil || errors.Is(err, ErrLockLost) || !strings.Contains(err.Error(), "stalled") || !strings.Contains(err.Error(), "lost while waiting") {
+		t.Errorf("a wait cut off mid-slice: %v; want an error saying the connection stalled and was lost while waiting (not ErrLockLost: the waiter never held the lock)", err)
 	}
 	_, err = holder.Exec(e.ctx, unlockSQL[ModeExclusive][key.space-1], key.args()...)
 	must(t, err)

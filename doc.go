@@ -128,15 +128,16 @@
 // may last on a session that holds locks (a wait for one more key, a
 // WithConn callback) keeps the watcher out; for those, on Linux, the session
 // tightens its socket's own TCP keep-alive (and, for a wait,
-// TCP_USER_TIMEOUT), so that a cut ends it within two intervals rounded up
-// to whole seconds, and puts them back before the connection returns to the
-// pool. The server side
+// TCP_USER_TIMEOUT), so that a cut ends it within three intervals rounded
+// up to whole seconds (two probes: one lost probe is forgiven), and puts
+// them back before the connection returns to the pool. The server side
 // is bounded as well: the statement that takes a session's first lock sets
 // tcp_keepalives_idle, _interval, _count and tcp_user_timeout (PostgreSQL 12
 // or later, which the library needs) on its backend, in the same
 // transaction as the grant, so the server drops a silent client, and frees
-// its locks, about four intervals after the cut (4 s by default: 2 s idle,
-// two probes 1 s apart), always after the holder has stepped down.
+// its locks, four to five intervals after the cut (5 s at most by default:
+// 1 s idle, four probes 1 s apart), at least an interval (rounded up to a
+// second) after the holder has stepped down.
 //
 // The settings are in force from a session's first lock until the session
 // ends: the statement that ends it (Release's unlock, Close's) resets them
@@ -149,7 +150,7 @@
 // Session that has run a WithConn callback, which may take locks of its
 // own, keeps the settings until it ends. The lock's own connection is held
 // to them: a WithConn callback that leaves a large result unread for longer
-// than tcp_user_timeout (four health intervals, 4 s by default) loses the
+// than tcp_user_timeout (five health intervals, 5 s by default) loses the
 // session, as the server cannot tell a client that stopped reading from a
 // cut one. Read results in fenced work as they come, or give the lock a
 // longer HealthInterval.

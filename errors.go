@@ -39,7 +39,12 @@ var (
 	// ErrLockLost: a lock believed held is not held any more, because the
 	// session that held it ended (connection closed, backend terminated,
 	// server restarted, network cut) or the server no longer had it. Mutual
-	// exclusion was not guaranteed from that moment on.
+	// exclusion was not guaranteed from that moment on. A call that loses
+	// its connection while it waits on a session that held nothing never
+	// held the lock: its error does not match ErrLockLost, says the
+	// connection was lost while waiting, and wraps the pgx or network
+	// error (reachable with errors.As); calling again takes a new
+	// connection.
 	ErrLockLost = errors.New("lock lost (its session ended or the server no longer held it; mutual exclusion is no longer guaranteed)")
 
 	// ErrNotHeld: Unlock of a key the session does not hold in that mode.
@@ -132,6 +137,25 @@ func kindOf(err error) error {
 // failed statement into the value users see.
 func keyError(op string, key Key, kind, cause error) *Error {
 	return &Error{Op: op, Key: key, Kind: kind, Err: cause}
+}
+
+// errLostWaiting says what a call whose connection was lost while it
+// waited for a lock should know: it never held the lock.
+var errLostWaiting = errors.New("the connection was lost while waiting for the lock; this call never held it: " +
+	"call again, which takes a new connection " +
+	"(after a network cut the server may keep the old session, and a lock granted to it just before the cut, until its keep-alives end it)")
+
+// lostError is the error of op on key when the session ended during the
+// call because its connection was lost or its lock state could not be
+// known (cause says how). If the session held locks before the call
+// (heldBefore), they are gone: ErrLockLost. Otherwise the call was only
+// waiting, and never held the lock (SPEC §4): its error is a failed wait,
+// not ErrLockLost, with cause (the pgx or network error) reachable.
+func lostError(op string, key Key, heldBefore bool, cause error) *Error {
+	if heldBefore {
+		return keyError(op, key, ErrLockLost, cause)
+	}
+	return keyError(op, key, nil, fmt.Errorf("%w: %w", errLostWaiting, cause))
 }
 
 // invalidKey is the error for an invalid key given to op.

@@ -60,14 +60,14 @@ func startFailoverPair(t *testing.T) (primary, standby *pgtest.Server, dsn strin
 	return primary, standby, pgtest.FailoverDSN(primary, standby)
 }
 
-// receive awaits a value on ch; e's context is only a hang-guard.
+// receive awaits a value on ch, failing the test after notHung.
 func receive[T any](e *env, ch <-chan T, what string) T {
 	e.t.Helper()
 	select {
 	case v := <-ch:
 		return v
-	case <-e.ctx.Done():
-		e.t.Fatalf("timed out waiting for: %s", what)
+	case <-time.After(notHung):
+		e.t.Fatalf("not done after %v: %s", notHung, what)
 		panic("unreachable")
 	}
 }

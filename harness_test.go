@@ -235,11 +235,11 @@ func (e *env) open() pgtest.Open {
 }
 
 // eventually awaits a server state: it runs cond on a fresh connection until
-// it returns true, failing the test if that does not happen within
-// testTimeout.
+// it returns true, failing the test, saying what it awaited, if that does
+// not happen within notHung.
 func (e *env) eventually(what string, cond func(*pgx.Conn) (bool, error)) {
 	e.t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), testTimeout)
+	ctx, cancel := context.WithTimeout(context.Background(), notHung)
 	defer cancel()
 	c, err := pgx.Connect(ctx, e.dsn)
 	if err != nil {
@@ -256,7 +256,7 @@ func (e *env) eventually(what string, cond func(*pgx.Conn) (bool, error)) {
 		}
 		select {
 		case <-ctx.Done():
-			e.t.Fatalf("timed out waiting for: %s", what)
+			e.t.Fatalf("not seen on the server after %v: %s", notHung, what)
 		case <-time.After(2 * time.Millisecond):
 		}
 	}

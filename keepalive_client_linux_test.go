@@ -2,8 +2,11 @@ package advisory
 
 import (
 	"context"
+	"errors"
+	"strconv"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
@@ -66,6 +69,94 @@ func TestClientKeepaliveTightenedAndPutBack(t *testing.T) {
 		must(t, s.Close(e.ctx))
 		if got := socketKeepalive(t, e.ctx, pool); got != lent {
 			t.Errorf("%s: the pool's connection has keep-alive options %v afterwards; the pool lent it with %v", tc.name, got, lent)
+		}
+	}
+}
+
+// connKeepalive reads a connection's keep-alive socket options (those
+// clientKeepalive sets), in keepaliveOpts order.
+func connKeepalive(t *testing.T, c *pgx.Conn) [len(keepaliveOpts)]int {
+	t.Helper()
+	var vals [len(keepaliveOpts)]int
+	sc, err := netConn(c.PgConn().Conn()).(syscall.Conn).SyscallConn()
+	must(t, err)
+	var gerr error
+	must(t, sc.Control(func(fd uintptr) {
+		for i, o := range keepaliveOpts {
+			if vals[i], err = syscall.GetsockoptInt(int(fd), o[0], o[1]); err != nil {
+				gerr = err
+			}
+		}
+	}))
+	must(t, gerr)
+	return vals
+}
+
+// clientGivesUp is when Linux drops a connection whose peer went silent, by
+// its keep-alive options: the time after the last packet received, and how
+// many probes it sent by then. Its keep-alive timer runs after idle and
+// then every interval; with TCP_USER_TIMEOUT set, it drops the connection
+// at the first run that finds the user timeout passed and a probe sent,
+// otherwise once count probes went unanswered (tcp(7), tcp_keepalive_timer).
+func clientGivesUp(idle, interval, count, userTimeoutMS int) (after time.Duration, probes int) {
+	at := idle
+	for {
+		switch {
+		case userTimeoutMS > 0 && at*1000 >= userTimeoutMS && probes > 0:
+			return time.Duration(at) * time.Second, probes
+		case userTimeoutMS == 0 && probes >= count:
+			return time.Duration(at) * time.Second, probes
+		}
+		probes++
+		at += interval
+	}
+}
+
+// A session's client socket, tightened during a wait and during a WithConn
+// callback on a session that holds locks, tolerates one lost keep-alive
+// probe (it sends at least two before it gives up), and still gives up on
+// a silent peer at least a second before the server, by the keep-alives
+// the session set there, can free the locks: the server hears a healthy
+// client at most one of its idle times before the cut, so it drops the
+// client at least interval × count after the cut (SPEC §4). Red before:
+// one probe, and with TCP_USER_TIMEOUT a tie with the server's bound.
+func TestClientKeepaliveToleratesALostProbe(t *testing.T) {
+	e := newEnv(t)
+	for _, h := range []time.Duration{50 * time.Millisecond, time.Second, 1500 * time.Millisecond, 3 * time.Second} {
+		s, err := NewSession(e.ctx, e.pool(), HealthInterval(h))
+		must(t, err)
+		for _, k := range []Key{StringKey("client-probes-1"), StringKey("client-probes-2")} {
+			_, err := s.Lock(e.ctx, k) // the second waits in one statement: TCP_USER_TIMEOUT set
+			must(t, err)
+		}
+		must(t, s.takeTurn(e.ctx))
+		duringWait := connKeepalive(t, s.pc)
+		s.giveTurn()
+		var server keepalives
+		var duringCallback [len(keepaliveOpts)]int
+		must(t, s.WithConn(e.ctx, func(c *pgx.Conn) error {
+			duringCallback = connKeepalive(t, c)
+			server = showKeepalives(t, e.ctx, c)
+			return nil
+		}))
+		must(t, s.Close(e.ctx))
+		sInterval, err1 := strconv.Atoi(server[1])
+		sCount, err2 := strconv.Atoi(server[2])
+		must(t, errors.Join(err1, err2))
+		serverFrees := time.Duration(sInterval*sCount) * time.Second // at the earliest, after the cut
+		for what, o := range map[string][len(keepaliveOpts)]int{"a wait": duringWait, "a WithConn callback": duringCallback} {
+			if o[0] == 0 {
+				t.Errorf("h %v, %s: keep-alive off on the client socket", h, what)
+				continue
+			}
+			after, probes := clientGivesUp(o[1], o[2], o[3], o[4])
+			if probes < 2 {
+				t.Errorf("h %v, %s: the client gives up after %d keep-alive probe (options %v): one lost probe ends the session", h, what, probes, o)
+			}
+			if after+time.Second > serverFrees {
+				t.Errorf("h %v, %s: the client gives up %v after the cut at the latest, the server may free the locks %v after it (keep-alives %v): want the client a second earlier",
+					h, what, after, serverFrees, server)
+			}
 		}
 	}
 }

@@ -24,8 +24,9 @@ import (
 //
 // It returns ctx.Err() (or its cause) when ctx ends; fn is never called
 // once ctx has ended, even when a campaign is won at that moment. It
-// returns an error matching ErrClosed when ReleaseAll ends its lock,
-// campaigning or leading (fn's context is cancelled first). When a campaign
+// returns an error matching ErrClosed when ReleaseAll is called on pool,
+// campaigning, leading (fn's context is cancelled first) or between
+// campaigns. When a campaign
 // fails for another reason (the server is restarting, the pool cannot
 // connect, the server's statement_timeout ended the wait) it campaigns again
 // after a pause: one health interval (at most 100 ms) after the failed
@@ -55,6 +56,11 @@ func Lead(ctx context.Context, pool *pgxpool.Pool, key Key, fn func(leaderCtx co
 		return errorf("lead %s: nil *pgxpool.Pool", key)
 	}
 	cfg.entry = EntryLead
+	// On its way to a lock for as long as it runs: ReleaseAll ends it
+	// wherever it is (campaigning, leading, or pausing between campaigns),
+	// by cancelling ctx with a cause matching ErrClosed.
+	ctx, way := onTheWay(ctx, pool)
+	defer way.leave()
 	retry := time.NewTimer(0)
 	defer retry.Stop()
 	failed := 0 // campaigns failed in a row

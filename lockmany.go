@@ -36,8 +36,10 @@ import (
 // errors are Lock's: ErrTimeout, ErrDeadlock, ErrTooManyLocks (the
 // server's lock table is too small for the set), ctx's error when ctx was
 // cancelled. If the connection is lost, or the clean-up fails, the session
-// ends with every hold, and the error matches ErrLockLost. Errors are an
-// *Error with Op "lock_many" and the zero Key.
+// ends with every hold, and the error matches ErrLockLost when the session
+// held locks before the call (otherwise it never held any: the error says
+// the connection was lost while waiting). Errors are an *Error with Op
+// "lock_many" and the zero Key.
 func (s *Session) LockMany(ctx context.Context, keys []Key, opts ...Option) (bool, error) {
 	cfg, err := newConfig(callSessionLockMany, opts)
 	if err != nil {
@@ -160,7 +162,7 @@ func (s *Session) lockFresh(ctx context.Context, keys []Key, cfg config, first b
 	if *failedAt > 1 {
 		if err := s.unlockManyStatement(keys[:*failedAt-1], cfg.mode, false); err != nil {
 			s.lose(err)
-			return false, &Error{Op: "lock_many", Kind: ErrLockLost, Err: err}
+			return false, lostError("lock_many", Key{}, !first, err)
 		}
 	}
 	return false, nil
@@ -173,11 +175,14 @@ func (s *Session) lockFresh(ctx context.Context, keys []Key, cfg config, first b
 // they cannot, the session ends. runCtx is ctx, or ctx bounded by
 // WaitTimeout.
 func (s *Session) lockManyFailed(op string, key Key, ctx, runCtx context.Context, keys []Key, m Mode, byDeadline bool, err error) error {
+	s.mu.Lock()
+	heldBefore := len(s.holds) > 0 || s.rawUsed // before s.lost: the session's end clears them
+	s.mu.Unlock()
 	if s.lost(err) {
-		return &Error{Op: op, Key: key, Kind: ErrLockLost, Err: err}
+		return lostError(op, key, heldBefore, err)
 	}
 	if err := s.dropGrantedMany(keys, m); err != nil {
-		return &Error{Op: op, Key: key, Kind: ErrLockLost, Err: err}
+		return lostError(op, key, heldBefore, err)
 	}
 	if s.ctx.Err() != nil {
 		return &Error{Op: op, Key: key, Kind: ErrClosed, Err: err}

@@ -30,13 +30,14 @@ func (e *env) terminate(pid uint32) {
 	}
 }
 
-// awaitDone waits for a lock or session to report its end.
+// awaitDone waits for a lock or session to report its end, failing the
+// test after notHung.
 func (e *env) awaitDone(done <-chan struct{}, what string) {
 	e.t.Helper()
 	select {
 	case <-done:
-	case <-e.ctx.Done():
-		e.t.Fatalf("%s: Done() never closed", what)
+	case <-time.After(notHung):
+		e.t.Fatalf("%s: Done() not closed after %v", what, notHung)
 	}
 }
 
@@ -93,9 +94,13 @@ func TestDoLost(t *testing.T) {
 		cause    error
 	}
 	done := make(chan result, 1)
+	// The loss must end fn's wait; the deadline only bounds it, so that a
+	// loss never told fails the test after notHung (cause: the deadline).
+	ctx, cancel := context.WithTimeout(e.ctx, notHung)
+	defer cancel()
 	go func() {
 		var cause error
-		acquired, err := Do(e.ctx, pool, key, func(ctx context.Context) error {
+		acquired, err := Do(ctx, pool, key, func(ctx context.Context) error {
 			var pid uint32
 			if err := pool.QueryRow(ctx, `SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND objid = 31 AND granted`).Scan(&pid); err != nil {
 				return err
@@ -259,8 +264,8 @@ func TestKeepaliveSettings(t *testing.T) {
 		must(t, err)
 		var held string
 		must(t, lock.WithConn(e.ctx, func(c *pgx.Conn) error { held = show(c); return nil }))
-		if held != "2 1 2 4000" {
-			t.Errorf("round %d: settings while held = %q; want \"2 1 2 4000\" for the default 1s health interval", round, held)
+		if held != "1 1 4 5000" {
+			t.Errorf("round %d: settings while held = %q; want \"1 1 4 5000\" for the default 1s health interval", round, held)
 		}
 		before := counter.n.Load()
 		must(t, lock.Release(e.ctx))
@@ -280,8 +285,8 @@ func TestKeepaliveSettings(t *testing.T) {
 	must(t, err)
 	var held string
 	must(t, s.WithConn(e.ctx, func(c *pgx.Conn) error { held = show(c); return nil }))
-	if held != "6 3 2 12000" {
-		t.Errorf("a session with a 3s health interval has %q; want its own keep-alives \"6 3 2 12000\"", held)
+	if held != "3 3 4 15000" {
+		t.Errorf("a session with a 3s health interval has %q; want its own keep-alives \"3 3 4 15000\"", held)
 	}
 	must(t, s.Close(e.ctx))
 }

@@ -8,28 +8,92 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 )
 
-// registry knows every Session (and so every Lock) open on each pool, so
-// that ReleaseAll can end them before the pool is closed.
+// registry knows every Session (and so every Lock) open on each pool, and
+// every call on its way to one (waiting for a pool connection, or a Lead
+// between campaigns), so that ReleaseAll can end them all before the pool
+// is closed.
 var registry = struct {
 	sync.Mutex
-	open map[*pgxpool.Pool]map[*Session]struct{}
-}{open: make(map[*pgxpool.Pool]map[*Session]struct{})}
+	open map[*pgxpool.Pool]*onPool
+}{open: make(map[*pgxpool.Pool]*onPool)}
 
-func register(pool *pgxpool.Pool, s *Session) {
+// onPool is what the registry knows of one pool.
+type onPool struct {
+	sessions map[*Session]struct{}
+	coming   map[*coming]struct{}
+}
+
+// coming is a call on its way to a lock on a pool: ReleaseAll cancels its
+// context with errReleasedAll.
+type coming struct {
+	pool     *pgxpool.Pool
+	cancel   context.CancelCauseFunc
+	released bool // ReleaseAll came; guarded by registry
+}
+
+// poolEntry returns pool's entry, creating it. The caller holds registry.
+func poolEntry(pool *pgxpool.Pool) *onPool {
+	p := registry.open[pool]
+	if p == nil {
+		p = &onPool{sessions: make(map[*Session]struct{}), coming: make(map[*coming]struct{})}
+		registry.open[pool] = p
+	}
+	return p
+}
+
+// dropIfEmpty forgets pool when nothing is open or coming on it. The
+// caller holds registry.
+func dropIfEmpty(pool *pgxpool.Pool) {
+	if p := registry.open[pool]; p != nil && len(p.sessions) == 0 && len(p.coming) == 0 {
+		delete(registry.open, pool)
+	}
+}
+
+// onTheWay registers a call on its way to a lock on pool and returns the
+// context it must use until it has arrived (arrive or leave): a child of
+// ctx that ReleaseAll cancels with errReleasedAll.
+func onTheWay(ctx context.Context, pool *pgxpool.Pool) (context.Context, *coming) {
+	ctx, cancel := context.WithCancelCause(ctx)
+	c := &coming{pool: pool, cancel: cancel}
 	registry.Lock()
 	defer registry.Unlock()
-	if registry.open[pool] == nil {
-		registry.open[pool] = make(map[*Session]struct{})
+	poolEntry(pool).coming[c] = struct{}{}
+	return ctx, c
+}
+
+// leave ends the call's registration; its context is cancelled.
+func (c *coming) leave() {
+	registry.Lock()
+	delete(registry.open[c.pool].coming, c)
+	dropIfEmpty(c.pool)
+	registry.Unlock()
+	c.cancel(nil)
+}
+
+// arrive ends the call's registration and registers s, the Session it
+// opened, in one step, so that ReleaseAll sees one or the other. It returns
+// false, registering nothing, when ReleaseAll came first: s must then not
+// be used.
+func (c *coming) arrive(s *Session) bool {
+	registry.Lock()
+	defer registry.Unlock()
+	p := registry.open[c.pool]
+	delete(p.coming, c)
+	if c.released {
+		dropIfEmpty(c.pool)
+		return false
 	}
-	registry.open[pool][s] = struct{}{}
+	p.sessions[s] = struct{}{}
+	c.cancel(nil) // the child context is no longer used
+	return true
 }
 
 func unregister(pool *pgxpool.Pool, s *Session) {
 	registry.Lock()
 	defer registry.Unlock()
-	delete(registry.open[pool], s)
-	if len(registry.open[pool]) == 0 {
-		delete(registry.open, pool)
+	if p := registry.open[pool]; p != nil {
+		delete(p.sessions, s)
+		dropIfEmpty(pool)
 	}
 }
 
@@ -46,12 +110,25 @@ var errReleasedAll = &Error{Op: "release_all", Kind: ErrClosed, Err: errors.New(
 // this way report a nil Err; a later Release of them does nothing. It
 // returns the errors of the sessions that had already been lost (matching
 // ErrLockLost).
+//
+// It also ends what is on its way to a lock on pool when it is called: an
+// Acquire, Do, AcquireSemaphore, DoSemaphore or NewSession waiting for a
+// pool connection returns an error matching ErrClosed, and so does a Lead
+// in its pause between campaigns; none of them takes a lock or runs its
+// body after ReleaseAll returned. Calls that start after it returned work
+// as usual.
 func ReleaseAll(ctx context.Context, pool *pgxpool.Pool) error {
 	releaseAllCohorts(pool) // goroutines queued in the process for a lock on pool
 	registry.Lock()
-	sessions := make([]*Session, 0, len(registry.open[pool]))
-	for s := range registry.open[pool] {
-		sessions = append(sessions, s)
+	var sessions []*Session
+	if p := registry.open[pool]; p != nil {
+		for c := range p.coming {
+			c.released = true
+			c.cancel(errReleasedAll)
+		}
+		for s := range p.sessions {
+			sessions = append(sessions, s)
+		}
 	}
 	registry.Unlock()
 	var errs []error

@@ -27,17 +27,26 @@ func (e *env) killBackend(pid uint32) {
 // A clean-up statement that finds the connection lost (the pg_locks check
 // after an ambiguous lock failure, for one key or many, and the unlock of a
 // NoWait LockMany's keys taken before the busy one) ends the session, and
-// the error says the lock was lost once, on one line, as a lost lock
-// statement's does: the session's end reason, which says it again, is not
-// joined to it (red before: the sentinel's text twice, across two lines).
+// the error says so once, on one line, as a lost lock statement's does:
+// the session's end reason, which says it again, is not joined to it (red
+// before: the sentinel's text twice, across two lines). On a session that
+// held locks before, the error matches ErrLockLost (they are gone); on one
+// that held nothing, the call was only waiting and never held the lock: its
+// error says the connection was lost while waiting, and does not match
+// ErrLockLost (SPEC §4).
 func TestReview5bLostCleanupSaysLostOnce(t *testing.T) {
 	e := newEnv(t)
 	cancelled := &pgconn.PgError{Code: codeQueryCanceled, Message: "canceling statement due to user request"}
-	check := func(what string, s *Session, err error) {
+	check := func(what string, heldBefore bool, s *Session, err error) {
 		t.Helper()
 		msg := fmt.Sprint(err)
-		if !errors.Is(err, ErrLockLost) || strings.Count(msg, ErrLockLost.Error()) != 1 || strings.Contains(msg, "\n") {
-			t.Errorf("%s: %q; want ErrLockLost, said once on one line", what, msg)
+		want := errLostWaiting.Error()
+		if heldBefore {
+			want = ErrLockLost.Error()
+		}
+		if errors.Is(err, ErrLockLost) != heldBefore || strings.Count(msg, want) != 1 || strings.Contains(msg, "\n") {
+			t.Errorf("%s (held before: %v): %q; want %q once, on one line, matching ErrLockLost only if the session held locks before",
+				what, heldBefore, msg, want)
 		}
 		e.awaitDone(s.Done(), what)
 		if err := s.Close(e.ctx); !errors.Is(err, ErrLockLost) {
@@ -45,20 +54,26 @@ func TestReview5bLostCleanupSaysLostOnce(t *testing.T) {
 		}
 	}
 	pool := e.pool()
-	for _, many := range []bool{false, true} {
-		s, err := NewSession(e.ctx, pool)
-		must(t, err)
-		must(t, s.takeTurn(e.ctx))
-		e.killBackend(s.pc.PgConn().PID())
-		what := "lockFailed"
-		if many {
-			what = "lockManyFailed"
-			err = s.lockManyFailed("lock_many", Key{}, e.ctx, e.ctx, []Key{Int64Key(5), Int64Key(6)}, ModeExclusive, false, cancelled)
-		} else {
-			err = s.lockFailed(e.ctx, hold{Int64Key(5), ModeExclusive}, true, false, cancelled)
+	for _, heldBefore := range []bool{false, true} {
+		for _, many := range []bool{false, true} {
+			s, err := NewSession(e.ctx, pool)
+			must(t, err)
+			if heldBefore {
+				_, err := s.Lock(e.ctx, Int64Key(7))
+				must(t, err)
+			}
+			must(t, s.takeTurn(e.ctx))
+			e.killBackend(s.pc.PgConn().PID())
+			what := "lockFailed"
+			if many {
+				what = "lockManyFailed"
+				err = s.lockManyFailed("lock_many", Key{}, e.ctx, e.ctx, []Key{Int64Key(5), Int64Key(6)}, ModeExclusive, false, cancelled)
+			} else {
+				err = s.lockFailed(e.ctx, hold{Int64Key(5), ModeExclusive}, !heldBefore, false, cancelled)
+			}
+			s.giveTurn()
+			check(what, heldBefore, s, err)
 		}
-		s.giveTurn()
-		check(what, s, err)
 	}
 
 	// NoWait LockMany: key 1 is taken, key 2 is busy, and the backend is
@@ -77,5 +92,5 @@ func TestReview5bLostCleanupSaysLostOnce(t *testing.T) {
 	if got || hook.armed.Load() {
 		t.Errorf("LockMany = %v, unlock hook armed %v; want false, the unlock of key 1 sent", got, hook.armed.Load())
 	}
-	check("NoWait LockMany's unlock", s, err)
+	check("NoWait LockMany's unlock", false, s, err)
 }

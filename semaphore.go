@@ -145,9 +145,10 @@ func (s *Session) lockSlot(ctx context.Context, sem Key, slots []Key, cfg config
 
 	w, bound, byDeadline := cfg.waitPlan(ctx)
 	s.waitingSince = cfg.waitingSince()
+	end := endOf(bound) // fixed now: the first try's time counts against the bound
 	slot, dtMs, err := s.trySlots(ctx, slots)
 	if err == nil && !slot.Valid() && w != waitTry {
-		slot, err = s.waitSlots(ctx, slots, dtMs, endOf(bound))
+		slot, err = s.waitSlots(ctx, slots, dtMs, end)
 	}
 	switch {
 	case err != nil:

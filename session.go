@@ -152,10 +152,15 @@ func newSession(ctx context.Context, pool *pgxpool.Pool, cfg config) (*Session, 
 	if pool == nil {
 		return nil, errorf("nil *pgxpool.Pool")
 	}
-	conn, err := pool.Acquire(ctx)
+	acquireCtx, way := onTheWay(ctx, pool)
+	conn, err := pool.Acquire(acquireCtx)
 	if err != nil {
+		way.leave()
 		e := &Error{Op: "session", Kind: kindOf(err), Err: err}
-		if errors.Is(ctx.Err(), context.DeadlineExceeded) {
+		switch why := context.Cause(acquireCtx); {
+		case errors.Is(why, errReleasedAll):
+			e.Kind, e.Err = ErrClosed, why
+		case errors.Is(ctx.Err(), context.DeadlineExceeded):
 			// Every holder and waiter pins a connection: a deadline that
 			// passes while the pool is exhausted is a wait that timed out.
 			e.Kind, e.deadline = ErrTimeout, true
@@ -164,7 +169,10 @@ func newSession(ctx context.Context, pool *pgxpool.Pool, cfg config) (*Session, 
 	}
 	s := sessionOn(conn.Conn(), cfg)
 	s.pool, s.conn = pool, conn
-	register(pool, s)
+	if !way.arrive(s) {
+		conn.Release() // untouched: clean
+		return nil, &Error{Op: "session", Kind: ErrClosed, Err: errReleasedAll}
+	}
 	return s, nil
 }
 
@@ -242,7 +250,10 @@ func sessionOn(pc *pgx.Conn, cfg config) *Session {
 // when the server's lock table is full, the context's error when ctx was
 // cancelled (the wait is interrupted with a cancel request; the connection
 // survives). If the connection is lost the session ends and every hold goes
-// with it: the error then matches ErrLockLost and Done is closed.
+// with it: Done is closed, and the error matches ErrLockLost when the
+// session held locks; on a session that held nothing the call was only
+// waiting and never held the lock, so its error says the connection was
+// lost while waiting and does not match ErrLockLost.
 func (s *Session) Lock(ctx context.Context, key Key, opts ...Option) (bool, error) {
 	cfg, err := newConfig(callSessionLock, opts)
 	if err != nil {
@@ -397,17 +408,12 @@ func (s *Session) keepClientAlive(userTimeout bool) {
 // before this lock.
 func (s *Session) lockFailed(ctx context.Context, h hold, first, byDeadline bool, err error) error {
 	if s.lost(err) {
-		if first {
-			err = fmt.Errorf("the connection was lost before the lock statement's answer came, and the session held no other lock: "+
-				"take the lock again on a new connection (after a network cut, the server may keep the old session's hold "+
-				"until its keep-alives end it): %w", err)
-		}
-		return keyError("lock", h.key, ErrLockLost, err)
+		return lostError("lock", h.key, !first, err)
 	}
 	kind := kindOf(err)
 	if code := sqlState(err); code != codeDeadlock && code != codeOutOfMemory {
 		if err := s.dropIfGranted(h); err != nil {
-			return keyError("lock", h.key, ErrLockLost, err)
+			return lostError("lock", h.key, !first, err)
 		}
 	}
 	if s.ctx.Err() != nil {
@@ -609,7 +615,8 @@ func (s *Session) Err() error {
 // are the caller's to release; Close releases them too.
 //
 // A silent network cut while fn's statement runs ends the session within
-// about two health intervals on Linux; elsewhere only when ctx ends or the
+// about three health intervals on Linux (one lost keep-alive probe
+// is forgiven); elsewhere only when ctx ends or the
 // operating system gives up on the connection (minutes): bound long fenced
 // work with a deadline.
 func (s *Session) WithConn(ctx context.Context, fn func(*pgx.Conn) error) error {
@@ -986,20 +993,39 @@ func keepaliveFor(h time.Duration) []any {
 }
 
 // keepaliveArgs returns the keep-alive values (firstTrySQL's last arguments) for a session checked every
-// health interval h. A silent network cut is noticed by the holder within
-// h + max(h, 1 s) (a check every h, each allowed max(h, 1 s) to answer). The
-// server drops the silent client, freeing its locks, idle + interval×count
-// after the last packet it got: 2h + 2×h, each rounded up to whole seconds
-// (4 s for h = 1 s; 3 s for any h ≤ 500 ms); tcp_user_timeout bounds data
-// the server sent and never got acknowledged the same way. The last packet
-// came at most h before the cut, so the server frees the lock at least 3h
-// after it (and at least 3 s − h for short intervals), later than the holder
-// steps down.
+// health interval h. With s = secs(h) (h in whole seconds, rounded up, at
+// least 1):
+//
+//   - The holder steps down within h + max(h, 1 s) of a silent cut through
+//     its health checks (a check every h, each allowed max(h, 1 s) to
+//     answer), at most 2s; and within 3s during a statement that keeps the
+//     checks out, through its socket's own keep-alive (clientKeepalive:
+//     probes after s of silence, s apart, two of them, so one lost probe
+//     is tolerated): 3s after the last packet it got, which came before
+//     the cut.
+//   - The server probes after s of silence, s apart, and drops the client
+//     when four probes went unanswered (tcp_user_timeout, 5s, bounds
+//     unacknowledged data the same way): 5s after the last packet it got.
+//     A healthy client answers every probe, so that packet came at most s
+//     before the cut, and the server frees the locks at least 4s after the
+//     cut (at most 5s after it: 5 s for h = 1 s).
+//
+// So the server frees the locks at least s (one second or more) after the
+// holder stepped down, and up to three of its own probes may be lost.
 func keepaliveArgs(h time.Duration) []any {
-	idle, interval, count := secs(2*h), secs(h), 2
+	idle, interval, count := secs(h), secs(h), serverProbes
 	userTimeoutMS := (idle + interval*count) * 1000
 	return []any{strconv.Itoa(idle), strconv.Itoa(interval), strconv.Itoa(count), strconv.Itoa(userTimeoutMS)}
 }
+
+// serverProbes and clientProbes are how many keep-alive probes in a row
+// must go unanswered before the server, and the client during a statement
+// that keeps the health checks out, drop the connection (see keepaliveArgs
+// for why the server's must exceed the client's by at least two).
+const (
+	serverProbes = 4
+	clientProbes = 2
+)
 
 // secs is d in whole seconds, rounded up, at least 1: the unit of TCP
 // keep-alive settings.
@@ -1038,7 +1064,7 @@ func turnError(op string, key Key, err error) *Error {
 	return keyError(op, key, nil, err)
 }
 
-// giveTurn ends a takeTurn (or the watcher's tryTurn), arming the health
+// giveTurn ends a takeTurn (or the watcher's takeWatchTurn), arming the health
 // watcher's readiness if the session holds something.
 func (s *Session) giveTurn() {
 	if s.holding() {

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
@@ -120,7 +121,12 @@ func TestDeadlock(t *testing.T) {
 		_, err := b.Lock(e.ctx, k1)
 		results <- result{b, k2, err}
 	}()
-	victim := <-results
+	var victim result
+	select {
+	case victim = <-results:
+	case <-time.After(notHung):
+		t.Fatalf("neither wait ended %v after the cycle closed: the server did not detect the deadlock (a wait it cannot see?)", notHung)
+	}
 	if !errors.Is(victim.err, ErrDeadlock) {
 		t.Fatalf("first wait to end: err = %v; want ErrDeadlock", victim.err)
 	}

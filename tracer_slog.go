@@ -3,7 +3,6 @@ package advisory
 import (
 	"context"
 	"log/slog"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -88,18 +87,9 @@ func (t *slogTracer) TraceWaitEnd(ctx context.Context, d TraceWaitEndData) {
 	t.log(ctx, level, msg, func(a []slog.Attr) []slog.Attr {
 		a = waitAttrs(a, d.TraceWaitStartData)
 		a = append(a, slog.String("outcome", outcome.String()), slog.Duration("duration", d.Duration))
-		if d.Err != nil && outcome == OutcomeLost {
-			// A waiter never held the lock: ErrLockLost's text would say
-			// that mutual exclusion was broken.
-			return append(a, slog.String("error", strings.ReplaceAll(d.Err.Error(), ErrLockLost.Error(), errLostWaiting)))
-		}
 		return errAttr(a, d.Err)
 	})
 }
-
-// errLostWaiting is what the log says, in a failed wait's error, instead
-// of ErrLockLost's text.
-const errLostWaiting = "connection lost while waiting (the lock was never held)"
 
 // failed counts a wait begun at start that failed without an answer about
 // the lock, and reports whether it begins an outage. A wait begun before

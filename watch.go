@@ -28,8 +28,15 @@ import (
 // or a DialFunc whose connection is not a socket) the pings are the only
 // check, and a closed connection is noticed within the health interval.
 //
-// The watcher takes the turn only when it is free. A caller that holds the
-// turn detects a closed connection by the statement it runs.
+// The watcher takes the turn when it is free. When a caller holds it and
+// the watcher has something to look at (the socket reported input, or the
+// watcher has not set up its readiness yet), it waits for the turn instead
+// of sleeping until its next look: a caller that arms the readiness as it
+// gives the turn back (giveTurn) may wake the watcher before the turn is
+// free, and the report, once taken, does not come again; and a watcher that
+// starts while a WithConn callback runs (one begun right after the grant)
+// has no readiness for that caller to arm. A caller that holds the turn
+// detects a closed connection by the statement it runs.
 //
 // The watcher owns its socket deadlines: its pings run under
 // context.Background, bounded by deadlines it sets on the net.Conn itself,
@@ -73,7 +80,7 @@ func (s *Session) watch() {
 	checked := time.Now() // when the last ping answered
 	readable := false     // the socket has something to read
 	for {
-		if s.tryTurn() {
+		if s.takeWatchTurn(readable || !started) {
 			if !started {
 				started = true
 				s.ready.Store(newReadiness(s.pc.PgConn().Conn()))
@@ -124,13 +131,20 @@ func (s *Session) lastActive(checked time.Time) time.Time {
 	return checked
 }
 
-// tryTurn takes the turn for the watcher if nobody holds it and the session
-// is not ending.
-func (s *Session) tryTurn() bool {
+// takeWatchTurn takes the turn for the watcher if nobody holds it, or, if
+// wait, once its holder gives it back; never once the session is ending.
+func (s *Session) takeWatchTurn(wait bool) bool {
 	select {
 	case s.turn <- struct{}{}:
 	default:
-		return false
+		if !wait {
+			return false
+		}
+		select {
+		case s.turn <- struct{}{}:
+		case <-s.ctx.Done():
+			return false
+		}
 	}
 	if s.ctx.Err() != nil {
 		// finish may already have given the connection back: it must not be

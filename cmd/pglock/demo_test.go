@@ -11,7 +11,8 @@ import (
 func TestDemoOwnServer(t *testing.T) {
 	e := newEnv(t)
 	tmp := demoTempDir(t)
-	p := e.pglock([]string{"TMPDIR=" + tmp}, "demo")
+	p := e.start([]string{"TMPDIR=" + tmp}, "", "demo")
+	e.waitWithin(p, testTimeout) // it starts a server of its own: longer than notHung on a loaded machine
 	e.want(p, 0)
 	t.Logf("pglock demo took %v:\n%s", p.elapsed, p.stdout.String())
 	out := p.stdout.String()

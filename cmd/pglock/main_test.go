@@ -62,6 +62,11 @@ func fileExists(p string) bool {
 // testTimeout bounds each test: its subprocesses and every wait in it.
 const testTimeout = 90 * time.Second
 
+// notHung bounds each awaited event (pglock's exit, a state polled for), so
+// that a test fails at its own bound, saying what it awaited, not at
+// testTimeout: far above what any of them takes on a loaded machine.
+const notHung = 30 * time.Second
+
 // env is one test's view of the server. When the test ends
 // (pgtest.CheckAtEnd), while the test's connections and pglock processes
 // are still open and running, it awaits that no advisory lock is left in
@@ -138,10 +143,10 @@ func (e *env) conn() *pgx.Conn {
 	return c
 }
 
-// await polls cond until it is true, failing the test after testTimeout.
+// await polls cond until it is true, failing the test after notHung.
 func (e *env) await(what string, cond func() (bool, error)) {
 	e.t.Helper()
-	deadline := time.Now().Add(testTimeout)
+	deadline := time.Now().Add(notHung)
 	for {
 		ok, err := cond()
 		if err != nil {
@@ -151,7 +156,7 @@ func (e *env) await(what string, cond func() (bool, error)) {
 			return
 		}
 		if time.Now().After(deadline) {
-			e.t.Fatalf("timed out waiting for: %s", what)
+			e.t.Fatalf("not seen after %v: %s", notHung, what)
 		}
 		time.Sleep(5 * time.Millisecond) // poll interval of an awaited state
 	}
@@ -340,16 +345,23 @@ func (e *env) startProc(p *proc) *proc {
 	return p
 }
 
-// wait waits for p to exit and returns its exit status.
+// wait waits for p to exit and returns its exit status, failing the test
+// (and killing p) after notHung.
 func (e *env) wait(p *proc) int {
+	e.t.Helper()
+	return e.waitWithin(p, notHung)
+}
+
+// waitWithin is wait with a bound of d.
+func (e *env) waitWithin(p *proc, notHung time.Duration) int {
 	e.t.Helper()
 	select {
 	case <-p.done:
-	case <-e.ctx.Done():
+	case <-time.After(notHung):
 		_ = p.cmd.Process.Kill()
 		<-p.done
-		e.t.Fatalf("pglock %q did not exit in time (killed after %v); stdout: %s\nstderr: %s",
-			p.cmd.Args[1:], p.elapsed, p.stdout.String(), p.stderr.String())
+		e.t.Fatalf("pglock %q did not exit within %v (killed after %v); stdout: %s\nstderr: %s",
+			p.cmd.Args[1:], notHung, p.elapsed, p.stdout.String(), p.stderr.String())
 	}
 	return p.code
 }

@@ -9,6 +9,7 @@ import (
 	"io"
 	"math/rand/v2"
 	"os"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -108,16 +109,21 @@ func runWorker(spec string) int {
 		}()
 	}
 	wg.Wait()
+	cancelSetup()
+	// The end checks get a bound of their own: the setup's ran out long ago
+	// in a long run (ADVISORY_LONG), which made every check below fail.
+	ctx, cancelEnd := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancelEnd()
 	w.stats.LeakedConns = awaitReleased(w.lockPool, w.dataPool)
 	if cfg.NoLock {
 		w.leakOnPurpose(ctx)
 	}
 	// Look for leaked locks while the pools are open: closing them would
 	// end the sessions, and free whatever they leaked, unseen.
-	w.stats.LeakedLocks = idleLocks(ctx, w.lockPool, &w.stats)
+	w.stats.LeakedLocks = w.idleLocks(ctx)
 	w.lockPool.Close()
 	w.dataPool.Close()
-	cancelSetup()
+	cancelEnd()
 	cancel()
 	// The stdin reader (in io.Copy) is still blocked on purpose: it ends
 	// with the process.
@@ -141,17 +147,18 @@ func awaitReleased(pools ...*pgxpool.Pool) int64 {
 	return n
 }
 
-// idleLocks counts the advisory locks held by pool's idle connections,
-// asking each connection about its own session. A failure to ask is
-// counted as an unexpected error.
-func idleLocks(ctx context.Context, pool *pgxpool.Pool, st *workerStats) int64 {
+// idleLocks counts the advisory locks held by the lock pool's idle
+// connections, asking each connection about its own session. A failure to
+// ask is counted as an unexpected error, with a sample.
+func (w *worker) idleLocks(ctx context.Context) int64 {
 	var n int64
-	for _, c := range pool.AcquireAllIdle(ctx) {
+	for _, c := range w.lockPool.AcquireAllIdle(ctx) {
 		var held int64
 		err := c.QueryRow(ctx, `SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()`).Scan(&held)
 		c.Release()
 		if err != nil {
-			st.Failed++
+			atomic.AddInt64(&w.stats.Failed, 1)
+			w.sample("looking for locks left on an idle connection: %v", err)
 			continue
 		}
 		n += held
@@ -272,10 +279,12 @@ func (w *worker) waitCtx(rng *rand.Rand) (context.Context, context.CancelFunc) {
 // waitFailed classifies an error from a lock wait.
 func (w *worker) waitFailed(what string, err error) {
 	switch {
-	case errors.Is(err, advisory.ErrLockLost):
+	case errors.Is(err, advisory.ErrLockLost), strings.Contains(err.Error(), "lost while waiting"):
 		// First: the error of a call on a session that ended also wraps
 		// the session's end reason, which may be a context error (a
-		// health check that timed out).
+		// health check that timed out). A waiter whose connection was
+		// lost never held the lock: its error is not ErrLockLost, and
+		// says so (no sentinel: the pgx or network error is its cause).
 		atomic.AddInt64(&w.stats.LostWaiting, 1)
 		if !w.cfg.Faults {
 			w.sample("%s: %v", what, err)

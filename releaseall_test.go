@@ -1,0 +1,176 @@
+package advisory
+
+import (
+	"context"
+	"errors"
+	"runtime"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+)
+
+// releaseAllBound is how long the calls ReleaseAll ended get to return, and
+// pool.Close to finish, before the test says which one did not.
+const releaseAllBound = 10 * time.Second
+
+// ReleaseAll ends what waits for a connection from an exhausted pool (SPEC
+// §4): a Lead, a Do, an Acquire and an AcquireSemaphore, each waiting for
+// the one connection a Lock holds. The connection ReleaseAll frees goes to
+// none of them: each returns an error matching ErrClosed, no body runs, and
+// pool.Close, which waits for every acquired connection, returns.
+func TestReleaseAllEndsCallsWaitingForAConnection(t *testing.T) {
+	e := newEnv(t)
+	pool := e.pool(func(c *pgxpool.Config) { c.MaxConns = 1 })
+	holder, err := Acquire(e.ctx, pool, StringKey("release-all-holder"))
+	must(t, err)
+
+	ctx, cancel := context.WithCancel(e.ctx)
+	defer cancel() // on a failure, ends a call that took the freed connection
+	var ran atomic.Int32
+	body := func(ctx context.Context) error {
+		ran.Add(1)
+		<-ctx.Done()
+		return nil
+	}
+	calls := map[string]func() error{
+		"Lead": func() error {
+			return Lead(ctx, pool, StringKey("release-all-lead"), body)
+		},
+		"Do": func() error {
+			_, err := Do(ctx, pool, StringKey("release-all-do"), body)
+			return err
+		},
+		"Acquire": func() error {
+			l, err := Acquire(ctx, pool, StringKey("release-all-acquire"))
+			if l != nil && l.Acquired() {
+				ran.Add(1)
+				_ = l.Release(ctx)
+			}
+			return err
+		},
+		"AcquireSemaphore": func() error {
+			l, err := AcquireSemaphore(ctx, pool, StringKey("release-all-sem"), 2)
+			if l != nil && l.Acquired() {
+				ran.Add(1)
+				_ = l.Release(ctx)
+			}
+			return err
+		},
+	}
+	results := make(chan error, len(calls))
+	names := make(chan string, len(calls))
+	for name, call := range calls {
+		go func() {
+			err := call()
+			names <- name
+			results <- err
+		}()
+	}
+	awaitPoolWaiters(t, len(calls))
+
+	must(t, ReleaseAll(e.ctx, pool))
+	select {
+	case <-holder.Done():
+	default:
+		t.Error("ReleaseAll returned while the holder's Done is still open")
+	}
+	deadline := time.After(releaseAllBound)
+	for range calls {
+		select {
+		case name := <-names:
+			if err := <-results; !errors.Is(err, ErrClosed) {
+				t.Errorf("%s waiting for a connection returned %v after ReleaseAll; want an error matching ErrClosed", name, err)
+			}
+		case <-deadline:
+			t.Fatalf("%v after ReleaseAll, a call waiting for a connection has not returned (%d bodies ran): ReleaseAll missed it", releaseAllBound, ran.Load())
+		}
+	}
+	if n := ran.Load(); n != 0 {
+		t.Errorf("%d calls got a lock after ReleaseAll returned", n)
+	}
+	closed := make(chan struct{})
+	go func() { pool.Close(); close(closed) }()
+	select {
+	case <-closed:
+	case <-time.After(releaseAllBound):
+		cancel()
+		t.Fatalf("pool.Close still waits for a connection %v after ReleaseAll", releaseAllBound)
+	}
+}
+
+// A Lead in its pause between campaigns (its campaign failed: the pool
+// could not connect) returns an error matching ErrClosed when ReleaseAll
+// is called, and never leads afterwards, even once the pool connects again.
+func TestReleaseAllEndsLeadBetweenCampaigns(t *testing.T) {
+	e := newEnv(t)
+	var refuse atomic.Bool
+	var tries atomic.Int32
+	refuse.Store(true)
+	pool := e.pool(func(c *pgxpool.Config) {
+		c.MinConns = 0
+		c.BeforeConnect = func(context.Context, *pgx.ConnConfig) error {
+			if refuse.Load() {
+				tries.Add(1)
+				return errors.New("connection refused by the test")
+			}
+			return nil
+		}
+	})
+	ctx, cancel := context.WithCancel(e.ctx)
+	defer cancel()
+	var led atomic.Bool
+	done := make(chan error, 1)
+	go func() {
+		done <- Lead(ctx, pool, StringKey("release-all-pause"), func(ctx context.Context) error {
+			led.Store(true)
+			<-ctx.Done()
+			return nil
+		})
+	}()
+	bound := time.Now().Add(releaseAllBound)
+	for tries.Load() < 2 { // one campaign failed, the next is due: Lead is in its retry loop
+		if time.Now().After(bound) {
+			t.Fatalf("Lead tried to connect %d times in %v; want it to retry", tries.Load(), releaseAllBound)
+		}
+		time.Sleep(time.Millisecond) // the pool offers nothing to wait on
+	}
+	must(t, ReleaseAll(e.ctx, pool))
+	refuse.Store(false)
+	select {
+	case err := <-done:
+		if !errors.Is(err, ErrClosed) {
+			t.Errorf("Lead between campaigns returned %v after ReleaseAll; want an error matching ErrClosed", err)
+		}
+	case <-time.After(releaseAllBound):
+		cancel()
+		<-done
+		t.Fatalf("Lead between campaigns still runs %v after ReleaseAll (led: %v)", releaseAllBound, led.Load())
+	}
+	if led.Load() {
+		t.Error("Lead led after ReleaseAll returned")
+	}
+}
+
+// awaitPoolWaiters waits until n goroutines wait for a connection from a
+// pgxpool (their stacks are in pgxpool's Acquire), failing the test after
+// releaseAllBound: pgxpool has no count of its waiters to wait on.
+func awaitPoolWaiters(t *testing.T, n int) {
+	t.Helper()
+	deadline := time.Now().Add(releaseAllBound)
+	buf := make([]byte, 1<<20)
+	for {
+		stacks := string(buf[:runtime.Stack(buf, true)])
+		got := strings.Count(stacks, "pgxpool.(*Pool).Acquire(")
+		if got >= n {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d goroutines wait for a pool connection after %v; want %d", got, releaseAllBound, n)
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
