@@ -78,8 +78,19 @@ func (s *Session) lockMany(ctx context.Context, set []Key, cfg config) (bool, er
 			fresh = append(fresh, k)
 		}
 	}
-	first := len(s.holds) == 0 && !s.rawUsed
+	first := len(s.holds) == 0
+	rawUsed := s.rawUsed
 	s.mu.Unlock()
+	if first && rawUsed && len(fresh) > 0 {
+		// A WithConn callback may have left locks of its own: ask the server
+		// whether the session holds any (then the wait can be part of a
+		// cycle and is one server-side wait).
+		held, err := s.holdsAny(ctx)
+		if err != nil {
+			return false, s.lockManyFailed("lock_many", Key{}, ctx, ctx, nil, cfg.mode, false, err)
+		}
+		first = !held
+	}
 	if len(fresh) > 0 {
 		if ok, err := s.lockFresh(ctx, fresh, cfg, first); err != nil || !ok {
 			return false, err
@@ -94,6 +105,15 @@ func (s *Session) lockMany(ctx context.Context, set []Key, cfg config) (bool, er
 	s.arm()
 	s.trace.started(ctx, cfg.entry, cfg.mode, fresh...)
 	return true, nil
+}
+
+// holdsAny asks the server whether the session holds any lock
+// (holdsAnySQL). The caller holds the turn.
+func (s *Session) holdsAny(ctx context.Context) (held bool, err error) {
+	err = s.run(ctx, true, func(ctx context.Context, c *pgx.Conn) error {
+		return c.QueryRow(ctx, holdsAnyOnlySQL).Scan(&held)
+	})
+	return held, err
 }
 
 // lockFresh takes keys, none of which the session holds in cfg.mode. On a

@@ -107,7 +107,10 @@ func TTL(d time.Duration) Option {
 // become readable), within one interval elsewhere; a silent network cut
 // within about two, as a check that gets no answer within one interval
 // closes the connection. A d that is not positive makes the call fail
-// before any SQL is sent.
+// before any SQL is sent. Any longer d is accepted, but the server-side
+// keep-alives it sets are clamped to what TCP allows (32767 s each): over
+// about 4.5 hours, the server may drop a silently cut client, and free its
+// locks, before a holder that checks so rarely notices the cut.
 func HealthInterval(d time.Duration) Option {
 	return positive("HealthInterval", d, func(c *config) { c.health = d })
 }

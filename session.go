@@ -268,7 +268,7 @@ func (s *Session) lock(ctx context.Context, key Key, cfg config) (bool, error) {
 		return true, nil
 	}
 
-	first := len(s.holds) == 0 && !s.rawUsed
+	first := len(s.holds) == 0 // a WithConn's own locks: the first try asks the server
 	s.mu.Unlock()
 
 	w, bound, byDeadline := cfg.waitPlan(ctx)
@@ -300,21 +300,30 @@ func (s *Session) lock(ctx context.Context, key Key, cfg config) (bool, error) {
 	return false, nil
 }
 
-// lockFirst takes key on a session that holds nothing: one try that also
-// sets the keep-alives (for a NoWait lock, only if it got the key), then,
-// if it must wait, wait slices. got == false with a nil error means not acquired: busy (waitTry)
-// or the bound passed. The caller holds the turn.
+// lockFirst takes key on a session that holds nothing of its own: one try
+// that also sets the keep-alives (for a NoWait lock, only if it got the
+// key), then, if it must wait, wait slices, unless the try found that the
+// session holds a lock after all (a WithConn callback's: holdsAnySQL), when
+// the wait is one server-side wait as for lockMore. got == false with a nil
+// error means not acquired: busy (waitTry) or the bound passed. The caller
+// holds the turn.
 func (s *Session) lockFirst(ctx context.Context, key Key, m Mode, w wait, end time.Time) (got bool, err error) {
 	sql, args := tryDtSQL[m][key.space-1], key.args() // keep-alives set by an earlier hold of this session: not again
+	if w != waitTry {
+		sql = waitTrySQL[m][key.space-1]
+	}
 	if !s.keepaliveOn() {
 		sql, args = firstTrySQL[m][key.space-1], append(args, s.keepalive...)
 		if w != waitTry { // set whatever the try's outcome: not in the wait's slices
 			sql = waitFirstTrySQL[m][key.space-1]
 		}
 	}
-	var dtMs int64
+	var (
+		dtMs     int64
+		holdsAny *bool
+	)
 	err = s.run(ctx, true, func(ctx context.Context, c *pgx.Conn) error {
-		return c.QueryRow(ctx, sql, args...).Scan(&got, nil, &dtMs)
+		return c.QueryRow(ctx, sql, args...).Scan(&got, nil, &dtMs, &holdsAny)
 	})
 	if err != nil || got || w == waitTry {
 		return got, err
@@ -322,6 +331,16 @@ func (s *Session) lockFirst(ctx context.Context, key Key, m Mode, w wait, end ti
 	s.mu.Lock()
 	s.kaOn = true // by waitFirstTrySQL, or before; Close resets them
 	s.mu.Unlock()
+	if holdsAny != nil && *holdsAny {
+		w, bound := waitForever, time.Duration(0)
+		if !end.IsZero() {
+			if bound = time.Until(end); bound <= 0 {
+				return false, nil
+			}
+			w = waitBounded
+		}
+		return s.lockMore(ctx, key, m, w, bound)
+	}
 	return s.waitSlices(ctx, dtMs, end, func(ms int64) string { return oneSliceSQL(key, m, ms) })
 }
 
@@ -942,9 +961,21 @@ func keepaliveArgs(h time.Duration) []any {
 	return []any{strconv.Itoa(idle), strconv.Itoa(interval), strconv.Itoa(count), strconv.Itoa(userTimeoutMS)}
 }
 
-// secs is d in whole seconds, rounded up, at least 1: the unit of TCP
-// keep-alive settings.
-func secs(d time.Duration) int { return max(1, int((d+time.Second-1)/time.Second)) }
+// secs is d in whole seconds, rounded up, at least 1 and at most
+// maxKeepaliveSecs: the unit and range of TCP keep-alive settings.
+func secs(d time.Duration) int {
+	return int(min(max(1, (d+time.Second-1)/time.Second), maxKeepaliveSecs))
+}
+
+// maxKeepaliveSecs is the longest keep-alive time Linux accepts
+// (TCP_KEEPIDLE, TCP_KEEPINTVL: 32767 s, about 9 days); the server
+// ignores a longer one with a log line, and a longer health interval's
+// tcp_user_timeout would overflow its int milliseconds. Keep-alive times
+// are clamped to it: for a HealthInterval over about 4.5 hours the server
+// drops a silent client after at most about 27 hours, which may be before
+// a holder that checks so rarely notices a network cut (HealthInterval
+// says so).
+const maxKeepaliveSecs = 32767
 
 // takeTurn waits for exclusive use of the connection, or for ctx to end. It
 // fails with the session's end reason once the session is ending.

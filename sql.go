@@ -57,19 +57,27 @@ var unlockSQL, unlockLastSQL [2][2]string
 // that holds nothing: it tries the key once and, only if it got it, sets the
 // keep-alives in the same statement. Columns: got, the text of the last
 // keep-alive set (NULL when not got), deadlock_timeout in milliseconds (to
-// size wait slices). Arguments: the key, then the four
-// keep-alive values (keepaliveArgs). An uncontended lock is this one round
-// trip; a contended one goes on with wait slices (sliceSQL).
+// size wait slices), and, for a waiting lock that did not get the key,
+// whether the session holds any lock (holdsAnySQL: then its wait must be
+// one server-side wait that the deadlock detector sees, not slices; NULL
+// otherwise). Arguments: the key, then the four keep-alive values
+// (keepaliveArgs). An uncontended lock is this one round trip; a contended
+// one goes on with wait slices (sliceSQL).
 var firstTrySQL [2][2]string
 
 // tryDtSQL[mode][space-1] is firstTrySQL for a session whose keep-alives are
 // set already (it held a lock before): the same columns, nothing set.
 var tryDtSQL [2][2]string
 
+// waitTrySQL[mode][space-1] is tryDtSQL for a lock that waits if the try
+// fails: it also asks holdsAnySQL then.
+var waitTrySQL [2][2]string
+
 // waitFirstTrySQL[mode][space-1] is firstTrySQL for a lock that waits if
 // the try fails: it sets the keep-alives whatever the try's outcome, so
 // that the wait's slices need not, and a grant after a wait costs no more
-// than the lock itself. The same columns and arguments.
+// than the lock itself; and it asks holdsAnySQL when the try failed. The
+// same columns and arguments.
 var waitFirstTrySQL [2][2]string
 
 // txFirstTrySQL[mode][space-1] is the first statement of LockTx: a try,
@@ -93,12 +101,17 @@ func init() {
 						"FROM (SELECT pg_try_advisory_xact_lock%s(%s) AS got OFFSET 0) AS t", deadlockTimeoutSQL, holdsAnySQL, shared, params[0])
 				}
 				if sc == int(scopeSession) {
-					tryDtSQL[m][sp] = fmt.Sprintf("SELECT pg_try_advisory_lock%s(%s), NULL::text, %s", shared, params[0], deadlockTimeoutSQL)
 					n := strings.Count(params[0], "$")
-					firstTrySQL[m][sp] = fmt.Sprintf("SELECT t.got, CASE WHEN t.got THEN %s END, %s FROM (SELECT pg_try_advisory_lock%s(%s) AS got OFFSET 0) AS t",
-						keepaliveSetExpr(numberedParams(n+1)), deadlockTimeoutSQL, shared, params[0])
-					waitFirstTrySQL[m][sp] = fmt.Sprintf("SELECT pg_try_advisory_lock%s(%s), %s, %s",
-						shared, params[0], keepaliveSetExpr(numberedParams(n+1)), deadlockTimeoutSQL)
+					ka := keepaliveSetExpr(numberedParams(n + 1))
+					try := func(kaExpr, ask string) string {
+						return fmt.Sprintf("SELECT t.got, %s, %s, %s FROM (SELECT pg_try_advisory_lock%s(%s) AS got OFFSET 0) AS t",
+							kaExpr, deadlockTimeoutSQL, ask, shared, params[0])
+					}
+					askIfMissed := "CASE WHEN NOT t.got THEN EXISTS (" + holdsAnySQL + ") END"
+					firstTrySQL[m][sp] = try("CASE WHEN t.got THEN "+ka+" END", "NULL::bool")
+					tryDtSQL[m][sp] = try("NULL::text", "NULL::bool")
+					waitTrySQL[m][sp] = try("NULL::text", askIfMissed)
+					waitFirstTrySQL[m][sp] = try(ka, askIfMissed)
 				}
 			}
 		}
@@ -177,8 +190,19 @@ var keepaliveResetOnlySQL = `SELECT ` + keepaliveResetSQL
 // resets the keep-alives.
 var unlockAllSQL = `SELECT pg_advisory_unlock_all(), ` + keepaliveResetSQL
 
-// holdsAnySQL finds whether the session holds any advisory lock, granted.
-const holdsAnySQL = `SELECT FROM pg_catalog.pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND granted`
+// holdsAnySQL finds whether this backend holds any lock through which it
+// could be part of a deadlock cycle: any granted lock but its own virtual
+// transaction id and the catalog reads that a statement (this one
+// included: parsing it may read pg_proc) takes for itself. So an advisory
+// lock (session or transaction), a row it updated (its transaction id), a
+// table it read or altered all count. It reads the function behind
+// pg_locks, not the view, whose own relation lock would count.
+const holdsAnySQL = `SELECT FROM pg_catalog.pg_lock_status() AS l WHERE l.pid = pg_backend_pid() AND l.granted ` +
+	`AND l.locktype <> 'virtualxid' AND NOT (l.locktype = 'relation' AND l.mode = 'AccessShareLock' AND l.relation < 16384)`
+
+// holdsAnyOnlySQL asks holdsAnySQL alone, for a LockMany on a Session that
+// holds nothing of its own but whose WithConn ran.
+const holdsAnyOnlySQL = `SELECT EXISTS (` + holdsAnySQL + `)`
 
 // heldSQL reports whether this session holds a key in a mode, granted. It is
 // how an ambiguous error from a lock statement (a cancel or lock_timeout that
@@ -198,14 +222,18 @@ func numberedParams(first int) (p [4]string) {
 
 // lockTimeoutText formats a wait bound for lock_timeout. The server rounds to
 // milliseconds and treats 0 as "no timeout", so the bound is rounded up to at
-// least one millisecond.
+// least one millisecond; lock_timeout is an int of milliseconds, so a bound
+// beyond maxSettingMs (about 24.8 days) is clamped to it: the wait then ends
+// a little early, with ErrTimeout, instead of failing at once with "invalid
+// value for parameter".
 func lockTimeoutText(d time.Duration) string {
 	ms := (d + time.Millisecond - 1) / time.Millisecond
-	if ms < 1 {
-		ms = 1
-	}
-	return fmt.Sprintf("%dms", ms)
+	return fmt.Sprintf("%dms", min(max(ms, 1), maxSettingMs))
 }
+
+// maxSettingMs is the largest value of a setting counted in int
+// milliseconds (lock_timeout, tcp_user_timeout).
+const maxSettingMs = 1<<31 - 1
 
 // lockStatement returns the SQL and arguments that lock key.
 func lockStatement(sc scope, m Mode, w wait, key Key, bound time.Duration) (string, []any) {
