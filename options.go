@@ -3,6 +3,8 @@ package advisory
 import (
 	"context"
 	"time"
+
+	"github.com/jackc/pgx/v5"
 )
 
 // Mode is how a key is held: exclusively, or shared with other shared
@@ -60,6 +62,7 @@ type config struct {
 	ttl         time.Duration // 0: no TTL
 	health      time.Duration
 	trace       *tracerOption // nil: not traced (WithTracer)
+	tx          pgx.TxOptions // DoTx's fn's transaction (TxOptions)
 	err         error         // the first invalid option
 }
 
@@ -89,6 +92,15 @@ func WaitTimeout(d time.Duration) Option {
 		}
 	}
 }
+
+// TxOptions sets the isolation level, access mode and deferrable mode of
+// the transaction DoTx runs its function in (pgx's BeginQuery and
+// CommitQuery too, if set). Whatever they are, that transaction's
+// snapshot is taken after the key is granted, so a REPEATABLE READ or
+// SERIALIZABLE function sees what the previous holder committed. Other
+// calls ignore it. An invalid option makes DoTx fail when its
+// transaction begins, holding nothing.
+func TxOptions(o pgx.TxOptions) Option { return func(c *config) { c.tx = o } }
 
 // TTL is the longest the lock may be held. When it passes, the lock is
 // released on the server even if the holder is still running, Done is

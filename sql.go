@@ -118,34 +118,49 @@ func init() {
 	}
 }
 
-// DoTx begins its transaction and tries its key in one round trip. pgx
-// sends TxOptions.BeginQuery with the simple protocol, so it may be two
-// statements, but BeginTx keeps none of their results; the try's outcome
-// comes back as a parameter status instead. PostgreSQL 14 and later report
-// a change of default_transaction_read_only to the client, once, with its
-// final value, just before the message's ReadyForQuery (pgconn's
-// ParameterStatus). The BEGIN's second statement sets that setting for the
-// rest of the transaction (set_config(..., true)) to the opposite of the
-// value the client last saw when the try got the key, and to that same
-// value when it did not: so, whatever else changed it on the server (a
-// configuration reload applied as the message arrived, a SET left on a
-// PgBouncer server connection), the client sees it change only when the
-// key is held. The flip changes nothing for the transaction under way,
-// whose access mode was fixed by its BEGIN, and it ends with the
-// transaction; fn can see it (SHOW, ParameterStatus). A flip that is not
-// reported (a server that does not report the setting, a server session
-// whose last report differs from the client's) costs one more round trip:
-// DoTx then asks the server (beginLocked).
+// DoTx (txlock.go) waits outside fn's transaction. Its try and each of its
+// wait slices run in a transaction of their own, begun by the same
+// message, so that the message that finds the key free or granted leaves
+// that transaction open, holding the key: the try is txTryFmt, a slice
+// ends the previous message's transaction and begins its own
+// (txWaitSliceFmt, around sliceTxSQL), and the waiting transaction is
+// ended by a plain ROLLBACK when the wait ends without the key. Each
+// reports in a row: whether its transaction holds the key (and, for the
+// try, deadlock_timeout in milliseconds). Between two messages the
+// waiting transaction holds no snapshot (READ COMMITTED takes one per
+// statement), so a CREATE INDEX CONCURRENTLY waits for it for one slice
+// at most: the next message ends it.
+//
+// txBridgeFmt then hands the key to fn's transaction in one message, so
+// that fn's snapshot is taken after the grant at any isolation level: a
+// session-level hold of the key (granted at once: the waiting transaction
+// holds it) outlives the waiting transaction's COMMIT, fn's transaction
+// begins (%[3]s: its BEGIN, with the caller's TxOptions), takes the key
+// (at once: the session holds it) and lets the session-level hold go. It
+// is sent as pgx's BeginQuery, so fn gets a pgx.Tx; one message, so
+// PgBouncer in transaction mode keeps it on one server connection.
+// Arguments: function suffix, key literals.
+const (
+	txTryFmt       = "BEGIN; SELECT pg_try_advisory_xact_lock%[1]s(%[2]s), " + deadlockTimeoutSQL
+	txWaitSliceFmt = "ROLLBACK; BEGIN; %s"
+	txBridgeFmt    = "SELECT pg_advisory_lock%[1]s(%[2]s); COMMIT; %[3]s; " +
+		"SELECT pg_advisory_unlock%[1]s(%[2]s) FROM (SELECT pg_advisory_xact_lock%[1]s(%[2]s) OFFSET 0) AS t"
+)
 
-// beginTrySignal is the setting whose reported change says that the
-// BEGIN's try got the key.
-const beginTrySignal = "default_transaction_read_only"
+// txTrySQL is DoTx's try of key in mode m.
+func txTrySQL(key Key, m Mode) string {
+	return fmt.Sprintf(txTryFmt, m.sqlSuffix(), keyLiterals(key))
+}
 
-// beginTrySQL begins a transaction and tries a key in mode suffix %[1]s,
-// key literals %[2]s, setting beginTrySignal to %[3]s when it gets the key
-// and to %[4]s when it does not ('on' and 'off', or 'off' and 'on').
-const beginTrySQL = `BEGIN; SELECT set_config('` + beginTrySignal +
-	`', CASE WHEN pg_try_advisory_xact_lock%[1]s(%[2]s) THEN '%[3]s' ELSE '%[4]s' END, true)`
+// txWaitSliceSQL is one slice of ms milliseconds of DoTx's wait for key in mode m.
+func txWaitSliceSQL(key Key, m Mode, ms int64) string {
+	return fmt.Sprintf(txWaitSliceFmt, txSliceSQL(key, m, ms))
+}
+
+// txBridgeSQL hands key, in mode m, to the transaction begin begins.
+func txBridgeSQL(key Key, m Mode, begin string) string {
+	return fmt.Sprintf(txBridgeFmt, m.sqlSuffix(), keyLiterals(key), begin)
+}
 
 // Keep-alive settings bound how long the server keeps a silent client's
 // session, and so its locks (see keepaliveArgs): TCP keep-alives for an idle
@@ -541,17 +556,6 @@ func manySliceSQL(keys []Key, m Mode, ms int64, keepalive []any) string {
 	}
 	return fmt.Sprintf(sliceMessageSQL, ms, fmt.Sprintf(sliceManySQL, strings.Join(ints, ","), strings.Join(as, ","), strings.Join(bs, ","),
 		ms, m.sqlSuffix(), len(keys), keepaliveLiterals(keepalive)))
-}
-
-// txBeginTrySQL is beginTrySQL for key in mode m, flipping seen, the
-// client's last view of beginTrySignal ("on" or "off"), only if it gets the
-// key.
-func txBeginTrySQL(key Key, m Mode, seen string) string {
-	flipped := "on"
-	if seen == "on" {
-		flipped = "off"
-	}
-	return fmt.Sprintf(beginTrySQL, m.sqlSuffix(), keyLiterals(key), flipped, seen)
 }
 
 // txSliceSQL is one slice of a transaction-scope wait for key in mode m.

@@ -124,6 +124,52 @@ func sliceReport(results []*pgconn.Result, err error) (bool, error) {
 	return false, fmt.Errorf("a wait slice reported %q", v)
 }
 
+// sliceDetached runs slice, a wait slice that the server ends on its own
+// within one slice, and returns its outcome. When ctx ends first, it
+// returns at once with a leftToEnd error, and left runs in the background
+// with the slice's outcome once it has ended: to drop a grant that came
+// too late and give the connection back. A slice is never cancelled: a
+// cancel request would write the internal statement to the server log as
+// an ERROR.
+func sliceDetached(ctx context.Context, slice func() (bool, error), left func(got bool, err error)) (bool, error) {
+	if ctx.Done() == nil {
+		return slice()
+	}
+	type outcome struct {
+		got bool
+		err error
+	}
+	out := make(chan outcome, 1)
+	go func() {
+		got, err := slice()
+		out <- outcome{got, err}
+	}()
+	select {
+	case o := <-out:
+		return o.got, o.err
+	case <-ctx.Done():
+		go func() {
+			o := <-out
+			left(o.got, o.err)
+		}()
+		return false, &leftToEnd{context.Cause(ctx)}
+	}
+}
+
+// leftToEnd is the error of a wait whose ctx ended during a slice, which
+// was left to end on its own (sliceDetached): nothing is held, and the
+// connection is busy until that slice has ended. It is ctx's error.
+type leftToEnd struct{ err error }
+
+func (e *leftToEnd) Error() string { return e.err.Error() }
+func (e *leftToEnd) Unwrap() error { return e.err }
+
+// isLeftToEnd reports whether err is a leftToEnd.
+func isLeftToEnd(err error) bool {
+	var l *leftToEnd
+	return errors.As(err, &l)
+}
+
 // deadlineGrace is how long past ctx's deadline a wait lets its statement
 // run, so that the server, which ends the last slice at the deadline, ends
 // the wait without an error and pgx does not close the connection.
