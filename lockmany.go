@@ -206,8 +206,11 @@ func (s *Session) lockManyFailed(op string, key Key, ctx, runCtx context.Context
 	if s.lost(err) {
 		return &Error{Op: op, Key: key, Kind: ErrLockLost, Err: err}
 	}
-	if err := s.dropGrantedMany(keys, m); err != nil {
-		return &Error{Op: op, Key: key, Kind: ErrLockLost, Err: err}
+	// A slice left to end on its own drops a late grant itself (leftSlice).
+	if !isLeftToEnd(err) {
+		if err := s.dropGrantedMany(keys, m); err != nil {
+			return &Error{Op: op, Key: key, Kind: ErrLockLost, Err: err}
+		}
 	}
 	if s.ctx.Err() != nil {
 		return &Error{Op: op, Key: key, Kind: ErrClosed, Err: err}

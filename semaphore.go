@@ -180,32 +180,31 @@ func (s *Session) trySlots(ctx context.Context, slots []Key) (slot Key, dtMs int
 // the turn and cleans up after an error.
 func (s *Session) waitSlots(ctx context.Context, slots []Key, dtMs int64, end time.Time) (slot Key, err error) {
 	next := rand.IntN(len(slots))
-	_, err = s.waitSlicesReport(ctx, dtMs, end, func(ms int64) string {
+	at, err := s.waitSlicesAt(ctx, dtMs, end, func(ms int64) string {
 		next = (next + 1) % len(slots)
 		return semaphoreSliceSQL(slots, next, ms, s.keepalive)
-	}, func(results []*pgconn.Result, err error) (bool, error) {
-		slot, err = heldSlot(results, err, slots)
-		return slot.Valid(), err
+	}, func(results []*pgconn.Result, err error) (int, error) {
+		return slotAt(results, err, len(slots))
 	})
+	if at > 0 {
+		slot = slots[at-1]
+	}
 	return slot, err
 }
 
-// heldSlot reads a semaphore slice's report (the last statement of its
-// message): the 1-based position of the slot taken, or 0 for none.
-func heldSlot(results []*pgconn.Result, err error, slots []Key) (Key, error) {
+// slotAt reads a semaphore slice's report (the last statement of its
+// message): the 1-based position of the slot taken among n, or 0 for none.
+func slotAt(results []*pgconn.Result, err error, n int) (int, error) {
 	if err != nil {
-		return Key{}, err
+		return 0, err
 	}
 	if len(results) == 0 || len(results[len(results)-1].Rows) != 1 {
-		return Key{}, errors.New("a wait slice returned no report")
+		return 0, errors.New("a wait slice returned no report")
 	}
 	v := string(results[len(results)-1].Rows[0][0])
 	at, err := strconv.Atoi(v)
-	switch {
-	case err != nil || at < 0 || at > len(slots):
-		return Key{}, fmt.Errorf("a semaphore wait slice reported %q; want a slot position from 0 to %d", v, len(slots))
-	case at == 0:
-		return Key{}, nil
+	if err != nil || at < 0 || at > n {
+		return 0, fmt.Errorf("a semaphore wait slice reported %q; want a slot position from 0 to %d", v, n)
 	}
-	return slots[at-1], nil
+	return at, nil
 }

@@ -72,6 +72,10 @@ type Session struct {
 	// closed by whoever ends the session.
 	lastAnswer atomic.Int64
 	ready      atomic.Pointer[readiness]
+	// handOver, set under the turn, passes the turn to a wait slice left
+	// to end on its own (waitSlices): giveTurn closes it instead of giving
+	// the turn back.
+	handOver chan struct{}
 	// clientKA is the client socket's keep-alive as the session found it,
 	// once keepClientAlive has tightened it (nil: not yet, or not a TCP
 	// socket); kaTried says it tried. Guarded by the turn.
@@ -404,7 +408,8 @@ func (s *Session) lockFailed(ctx context.Context, h hold, first, byDeadline bool
 		return keyError("lock", h.key, ErrLockLost, err)
 	}
 	kind := kindOf(err)
-	if code := sqlState(err); code != codeDeadlock && code != codeOutOfMemory {
+	// A slice left to end on its own drops a late grant itself (leftSlice).
+	if code := sqlState(err); code != codeDeadlock && code != codeOutOfMemory && !isLeftToEnd(err) {
 		if err := s.dropIfGranted(h); err != nil {
 			return keyError("lock", h.key, ErrLockLost, err)
 		}
@@ -1013,6 +1018,11 @@ func turnError(op string, key Key, err error) *Error {
 // giveTurn ends a takeTurn (or the watcher's tryTurn), arming the health
 // watcher's readiness if the session holds something.
 func (s *Session) giveTurn() {
+	if h := s.handOver; h != nil {
+		s.handOver = nil
+		close(h)
+		return
+	}
 	if s.holding() {
 		s.ready.Load().arm()
 	}

@@ -205,6 +205,10 @@ var keepaliveResetOnlySQL = `SELECT ` + keepaliveResetSQL
 // resets the keep-alives.
 var unlockAllSQL = `SELECT pg_advisory_unlock_all(), ` + keepaliveResetSQL
 
+// dropLateGrantSQL drops what a wait slice left to end on its own got just
+// as its caller gave up: the session held nothing before the wait.
+const dropLateGrantSQL = `SELECT pg_advisory_unlock_all()`
+
 // holdsAnySQL finds whether this backend holds any lock through which it
 // could be part of a deadlock cycle: any granted lock but its own virtual
 // transaction id and the catalog reads that a statement (this one

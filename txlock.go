@@ -96,7 +96,8 @@ func lockTx(ctx context.Context, tx pgx.Tx, key Key, m Mode, w wait, end time.Ti
 		return lockTxOnce(ctx, tx, key, m, end)
 	}
 	return inSlices(ctx, dtMs, end, func(ctx context.Context, ms int64) (bool, error) {
-		return sliceReport(tx.Conn().PgConn().Exec(ctx, txSliceSQL(key, m, ms)).ReadAll())
+		got, err := sliceReport(tx.Conn().PgConn().Exec(ctx, txSliceSQL(key, m, ms)).ReadAll())
+		return got > 0, err
 	})
 }
 
