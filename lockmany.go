@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"time"
 
 	"github.com/jackc/pgx/v5"
 )
@@ -126,18 +127,39 @@ func (s *Session) holdsAny(ctx context.Context) (held bool, err error) {
 func (s *Session) lockFresh(ctx context.Context, keys []Key, cfg config, first bool) (bool, error) {
 	w, bound, byDeadline := cfg.waitPlan(ctx)
 	if first && w != waitTry {
-		ka := s.keepalive
-		if s.keepaliveOn() {
-			ka = nil
+		end := endOf(bound)
+		if !s.saidNoSlices() {
+			ka := s.keepalive
+			if s.keepaliveOn() {
+				ka = nil
+			}
+			got, err := s.waitSlices(ctx, 0, end, func(ms int64) string { return manySliceSQL(keys, cfg.mode, ms, ka) })
+			switch {
+			case noPLpgSQL(err):
+				// LockMany has no first try to ask plpgsqlSQL with: the
+				// server logs the failed slice, once per Session (it
+				// remembers: noteNoSlices).
+				noteNoSlices(ctx, s)
+			case err != nil:
+				return false, s.lockManyFailed("lock_many", Key{}, ctx, ctx, keys, cfg.mode, byDeadline, err)
+			case !got:
+				return false, &Error{Op: "lock_many", Kind: ErrTimeout, deadline: byDeadline}
+			default:
+				return true, nil
+			}
 		}
-		got, err := s.waitSlices(ctx, 0, endOf(bound), func(ms int64) string { return manySliceSQL(keys, cfg.mode, ms, ka) })
-		switch {
-		case err != nil:
-			return false, s.lockManyFailed("lock_many", Key{}, ctx, ctx, keys, cfg.mode, byDeadline, err)
-		case !got:
-			return false, &Error{Op: "lock_many", Kind: ErrTimeout, deadline: byDeadline}
+		// No PL/pgSQL: one server-side wait, below, on a session whose
+		// keep-alives are set.
+		if !s.keepaliveOn() {
+			if err := s.setKeepalives(ctx); err != nil {
+				return false, s.lockManyFailed("lock_many", Key{}, ctx, ctx, nil, cfg.mode, byDeadline, err)
+			}
 		}
-		return true, nil
+		if !end.IsZero() {
+			if bound = time.Until(end); bound <= 0 {
+				return false, &Error{Op: "lock_many", Kind: ErrTimeout, deadline: byDeadline}
+			}
+		}
 	}
 	if w != waitTry {
 		s.keepClientAlive(true)

@@ -133,8 +133,12 @@ func (s *Session) lockSlot(ctx context.Context, sem Key, slots []Key, cfg config
 	defer s.giveTurn()
 
 	w, bound, byDeadline := cfg.waitPlan(ctx)
-	slot, dtMs, err := s.trySlots(ctx, slots)
-	if err == nil && !slot.Valid() && w != waitTry {
+	slot, dtMs, canDoPL, err := s.trySlots(ctx, slots)
+	switch {
+	case err != nil || slot.Valid() || w == waitTry:
+	case !canDoPL:
+		slot, err = s.waitOneSlot(ctx, slots, endOf(bound))
+	default:
 		slot, err = s.waitSlots(ctx, slots, dtMs, endOf(bound))
 	}
 	switch {
@@ -158,19 +162,23 @@ func (s *Session) lockSlot(ctx context.Context, sem Key, slots []Key, cfg config
 // keep-alives if it took one, and returns the slot taken or the zero Key,
 // and the server's deadlock_timeout in milliseconds. The caller holds the
 // turn.
-func (s *Session) trySlots(ctx context.Context, slots []Key) (slot Key, dtMs int64, err error) {
-	var at *int64
+func (s *Session) trySlots(ctx context.Context, slots []Key) (slot Key, dtMs int64, canDoPL bool, err error) {
+	var (
+		at *int64
+		pl *bool
+	)
 	args := append([]any{manyArgs(slots)[0]}, s.keepalive...)
 	err = s.run(ctx, true, func(ctx context.Context, c *pgx.Conn) error {
-		return c.QueryRow(ctx, semaphoreTrySQL, args...).Scan(&at, nil, &dtMs)
+		return c.QueryRow(ctx, semaphoreTrySQL, args...).Scan(&at, nil, &dtMs, &pl)
 	})
+	canDoPL = pl == nil || *pl
 	switch {
 	case err != nil || at == nil:
-		return Key{}, dtMs, err
+		return Key{}, dtMs, canDoPL, err
 	case *at < 1 || *at > int64(len(slots)):
-		return Key{}, dtMs, fmt.Errorf("the semaphore try reported slot position %d of %d", *at, len(slots))
+		return Key{}, dtMs, canDoPL, fmt.Errorf("the semaphore try reported slot position %d of %d", *at, len(slots))
 	}
-	return slots[*at-1], dtMs, nil
+	return slots[*at-1], dtMs, canDoPL, nil
 }
 
 // waitSlots waits for one of slots in wait slices (dtMs is the server's
@@ -190,6 +198,22 @@ func (s *Session) waitSlots(ctx context.Context, slots []Key, dtMs int64, end ti
 		slot = slots[at-1]
 	}
 	return slot, err
+}
+
+// waitOneSlot is the wait of a session that cannot run wait slices (no
+// PL/pgSQL): one server-side wait on one slot, chosen at random, so a slot
+// that frees meanwhile is not taken by this waiter. The caller holds the
+// turn and cleans up after an error.
+func (s *Session) waitOneSlot(ctx context.Context, slots []Key, end time.Time) (Key, error) {
+	noteNoSlices(ctx, s)
+	if err := s.setKeepalives(ctx); err != nil {
+		return Key{}, err
+	}
+	slot := slots[rand.IntN(len(slots))]
+	if got, err := s.waitOnce(ctx, slot, ModeExclusive, end); !got {
+		return Key{}, err
+	}
+	return slot, nil
 }
 
 // slotAt reads a semaphore slice's report (the last statement of its

@@ -97,11 +97,14 @@ type Session struct {
 
 	mu      sync.Mutex
 	holds   map[hold]int
-	rawUsed bool  // WithConn ran: the connection may hold locks the Session did not take
-	kaOn    bool  // the session set the keep-alives; they are reset when it ends
-	ending  bool  // Close began or the session was lost
-	closed  bool  // Close has returned the end reason once
-	err     error // why it ended; nil after a clean Close
+	rawUsed bool // WithConn ran: the connection may hold locks the Session did not take
+	kaOn    bool // the session set the keep-alives; they are reset when it ends
+	// noSlicesSaid: the tracer was told that this session's waits are one
+	// statement, PL/pgSQL being unusable (noteNoSlices).
+	noSlicesSaid bool
+	ending       bool  // Close began or the session was lost
+	closed       bool  // Close has returned the end reason once
+	err          error // why it ended; nil after a clean Close
 
 	ctx     context.Context // cancelled, with the reason, when the session starts ending
 	cancel  context.CancelCauseFunc
@@ -323,11 +326,11 @@ func (s *Session) lockFirst(ctx context.Context, key Key, m Mode, w wait, end ti
 		}
 	}
 	var (
-		dtMs     int64
-		holdsAny *bool
+		dtMs              int64
+		holdsAny, canDoPL *bool
 	)
 	err = s.run(ctx, true, func(ctx context.Context, c *pgx.Conn) error {
-		return c.QueryRow(ctx, sql, args...).Scan(&got, nil, &dtMs, &holdsAny)
+		return c.QueryRow(ctx, sql, args...).Scan(&got, nil, &dtMs, &holdsAny, &canDoPL)
 	})
 	if err != nil || got || w == waitTry {
 		return got, err
@@ -335,17 +338,43 @@ func (s *Session) lockFirst(ctx context.Context, key Key, m Mode, w wait, end ti
 	s.mu.Lock()
 	s.kaOn = true // by waitFirstTrySQL, or before; Close resets them
 	s.mu.Unlock()
-	if holdsAny != nil && *holdsAny {
-		w, bound := waitForever, time.Duration(0)
-		if !end.IsZero() {
-			if bound = time.Until(end); bound <= 0 {
-				return false, nil
-			}
-			w = waitBounded
-		}
-		return s.lockMore(ctx, key, m, w, bound)
+	switch {
+	case holdsAny != nil && *holdsAny:
+		return s.waitOnce(ctx, key, m, end)
+	case canDoPL != nil && !*canDoPL:
+		noteNoSlices(ctx, s)
+		return s.waitOnce(ctx, key, m, end)
 	}
 	return s.waitSlices(ctx, dtMs, end, func(ms int64) string { return oneSliceSQL(key, m, ms) })
+}
+
+// waitOnce waits for key in one server-side wait (lockMore) until end (the
+// zero time: none). The session's keep-alives are set; the caller holds
+// the turn.
+func (s *Session) waitOnce(ctx context.Context, key Key, m Mode, end time.Time) (bool, error) {
+	w, bound := waitForever, time.Duration(0)
+	if !end.IsZero() {
+		if bound = time.Until(end); bound <= 0 {
+			return false, nil
+		}
+		w = waitBounded
+	}
+	return s.lockMore(ctx, key, m, w, bound)
+}
+
+// setKeepalives sets the session's keep-alives, which stay in force until
+// it ends. The caller holds the turn.
+func (s *Session) setKeepalives(ctx context.Context) error {
+	err := s.run(ctx, true, func(ctx context.Context, c *pgx.Conn) error {
+		_, err := c.Exec(ctx, keepaliveSetSQL, s.keepalive...)
+		return err
+	})
+	if err == nil {
+		s.mu.Lock()
+		s.kaOn = true
+		s.mu.Unlock()
+	}
+	return err
 }
 
 // keepaliveOn reports whether the session has set the keep-alives (they
@@ -629,11 +658,7 @@ func (s *Session) WithConn(ctx context.Context, fn func(*pgx.Conn) error) error 
 	// force until the session ends (its unlock_all resets them); a session
 	// that holds nothing yet does not have them yet.
 	if !s.holding() {
-		err := s.run(ctx, true, func(ctx context.Context, c *pgx.Conn) error {
-			_, err := c.Exec(ctx, keepaliveSetSQL, s.keepalive...)
-			return err
-		})
-		if err != nil {
+		if err := s.setKeepalives(ctx); err != nil {
 			if s.lost(err) {
 				return &Error{Op: "with_conn", Kind: ErrLockLost, Err: err}
 			}
@@ -903,7 +928,9 @@ func (s *Session) lose(cause error) {
 // so ends the session. The caller's error then matches ErrLockLost, with
 // err as its cause.
 func (s *Session) lost(err error) bool {
-	if err == nil || !s.pc.IsClosed() {
+	// After a slice left to end on its own, the connection is its own
+	// (leftSlice finds out).
+	if err == nil || isLeftToEnd(err) || !s.pc.IsClosed() {
 		return false
 	}
 	s.lose(err)

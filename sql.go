@@ -59,8 +59,9 @@ var unlockSQL, unlockLastSQL [2][2]string
 // keep-alive set (NULL when not got), deadlock_timeout in milliseconds (to
 // size wait slices), and, for a waiting lock that did not get the key,
 // whether the session holds any lock (holdsAnySQL: then its wait must be
-// one server-side wait that the deadlock detector sees, not slices; NULL
-// otherwise). Arguments: the key, then the four keep-alive values
+// one server-side wait that the deadlock detector sees, not slices) and
+// whether PL/pgSQL can be used (plpgsqlSQL: slices need it); NULL
+// otherwise. Arguments: the key, then the four keep-alive values
 // (keepaliveArgs). An uncontended lock is this one round trip; a contended
 // one goes on with wait slices (sliceSQL).
 var firstTrySQL [2][2]string
@@ -82,8 +83,10 @@ var waitFirstTrySQL [2][2]string
 
 // txFirstTrySQL[mode][space-1] is the first statement of LockTx: a try,
 // deadlock_timeout in milliseconds, and, only when the try failed, whether
-// the session already holds an advisory lock (then its wait must be one
-// server-side wait that the deadlock detector sees, not slices).
+// the transaction holds any lock (holdsAnySQL: then its wait must be one
+// server-side wait that the deadlock detector sees, not slices) and
+// whether PL/pgSQL can be used (plpgsqlSQL: a slice that cannot would
+// abort the caller's transaction).
 var txFirstTrySQL [2][2]string
 
 func init() {
@@ -97,8 +100,9 @@ func init() {
 				unlockSQL[m][sp] = fmt.Sprintf("SELECT pg_advisory_unlock%s(%s)", shared, params[0])
 				unlockLastSQL[m][sp] = unlockSQL[m][sp] + ", " + keepaliveResetSQL
 				if sc == int(scopeTx) {
-					txFirstTrySQL[m][sp] = fmt.Sprintf("SELECT t.got, %s, CASE WHEN NOT t.got THEN EXISTS (%s) END "+
-						"FROM (SELECT pg_try_advisory_xact_lock%s(%s) AS got OFFSET 0) AS t", deadlockTimeoutSQL, holdsAnySQL, shared, params[0])
+					txFirstTrySQL[m][sp] = fmt.Sprintf("SELECT t.got, %s, CASE WHEN NOT t.got THEN EXISTS (%s) END, "+
+						"CASE WHEN NOT t.got THEN %s END "+
+						"FROM (SELECT pg_try_advisory_xact_lock%s(%s) AS got OFFSET 0) AS t", deadlockTimeoutSQL, holdsAnySQL, plpgsqlSQL, shared, params[0])
 				}
 				if sc == int(scopeSession) {
 					n := strings.Count(params[0], "$")
@@ -107,9 +111,9 @@ func init() {
 						return fmt.Sprintf("SELECT t.got, %s, %s, %s FROM (SELECT pg_try_advisory_lock%s(%s) AS got OFFSET 0) AS t",
 							kaExpr, deadlockTimeoutSQL, ask, shared, params[0])
 					}
-					askIfMissed := "CASE WHEN NOT t.got THEN EXISTS (" + holdsAnySQL + ") END"
-					firstTrySQL[m][sp] = try("CASE WHEN t.got THEN "+ka+" END", "NULL::bool")
-					tryDtSQL[m][sp] = try("NULL::text", "NULL::bool")
+					askIfMissed := "CASE WHEN NOT t.got THEN EXISTS (" + holdsAnySQL + ") END, CASE WHEN NOT t.got THEN " + plpgsqlSQL + " END"
+					firstTrySQL[m][sp] = try("CASE WHEN t.got THEN "+ka+" END", "NULL::bool, NULL::bool")
+					tryDtSQL[m][sp] = try("NULL::text", "NULL::bool, NULL::bool")
 					waitTrySQL[m][sp] = try("NULL::text", askIfMissed)
 					waitFirstTrySQL[m][sp] = try(ka, askIfMissed)
 				}
@@ -126,7 +130,7 @@ func init() {
 // (txWaitSliceFmt, around sliceTxSQL), and the waiting transaction is
 // ended by a plain ROLLBACK when the wait ends without the key. Each
 // reports in a row: whether its transaction holds the key (and, for the
-// try, deadlock_timeout in milliseconds). Between two messages the
+// try, deadlock_timeout in milliseconds and plpgsqlSQL). Between two messages the
 // waiting transaction holds no snapshot (READ COMMITTED takes one per
 // statement), so a CREATE INDEX CONCURRENTLY waits for it for one slice
 // at most: the next message ends it.
@@ -141,7 +145,8 @@ func init() {
 // PgBouncer in transaction mode keeps it on one server connection.
 // Arguments: function suffix, key literals.
 const (
-	txTryFmt       = "BEGIN; SELECT pg_try_advisory_xact_lock%[1]s(%[2]s), " + deadlockTimeoutSQL
+	txTryFmt = "BEGIN; SELECT t.got, " + deadlockTimeoutSQL + ", CASE WHEN NOT t.got THEN " + plpgsqlSQL + " END " +
+		"FROM (SELECT pg_try_advisory_xact_lock%[1]s(%[2]s) AS got OFFSET 0) AS t"
 	txWaitSliceFmt = "ROLLBACK; BEGIN; %s"
 	txBridgeFmt    = "SELECT pg_advisory_lock%[1]s(%[2]s); COMMIT; %[3]s; " +
 		"SELECT pg_advisory_unlock%[1]s(%[2]s) FROM (SELECT pg_advisory_xact_lock%[1]s(%[2]s) OFFSET 0) AS t"
@@ -204,6 +209,20 @@ var keepaliveResetOnlySQL = `SELECT ` + keepaliveResetSQL
 // unlockAllSQL releases every session-level advisory lock of the session and
 // resets the keep-alives.
 var unlockAllSQL = `SELECT pg_advisory_unlock_all(), ` + keepaliveResetSQL
+
+// plpgsqlSQL says whether this session can run the DO blocks of wait
+// slices: PL/pgSQL is installed and the role has USAGE on it. Where it
+// cannot, waits are one server-side wait (the package documentation, "What
+// waiting costs the server").
+const plpgsqlSQL = `EXISTS (SELECT FROM pg_catalog.pg_language WHERE lanname = 'plpgsql' AND has_language_privilege(oid, 'USAGE'))`
+
+// noPLpgSQL reports whether err is a wait slice's failure to run its DO
+// block: PL/pgSQL is not installed (42704) or the role lacks USAGE on it
+// (42501). Nothing ran, and nothing is held.
+func noPLpgSQL(err error) bool {
+	code := sqlState(err)
+	return code == "42501" || code == "42704"
+}
 
 // dropLateGrantSQL drops what a wait slice left to end on its own got just
 // as its caller gave up: the session held nothing before the wait.
@@ -579,10 +598,11 @@ func txSliceSQL(key Key, m Mode, ms int64) string {
 // the same statement. Columns: the 1-based position of the slot taken, or
 // NULL when every slot was busy; the text of the last keep-alive set (NULL
 // when none was taken); deadlock_timeout in milliseconds (to size wait
-// slices). Arguments: $1 the slot keys, $2..$5 the keep-alives
+// slices); when none was taken, whether PL/pgSQL can be used (plpgsqlSQL). Arguments: $1 the slot keys, $2..$5 the keep-alives
 // (keepaliveArgs). It is all of a NoWait acquire, and the first round trip
 // of a waiting one.
-var semaphoreTrySQL = `SELECT t.i, CASE WHEN t.i IS NOT NULL THEN ` + keepaliveSetExpr(numberedParams(2)) + ` END, ` + deadlockTimeoutSQL + ` FROM (` +
+var semaphoreTrySQL = `SELECT t.i, CASE WHEN t.i IS NOT NULL THEN ` + keepaliveSetExpr(numberedParams(2)) + ` END, ` + deadlockTimeoutSQL +
+	`, CASE WHEN t.i IS NULL THEN ` + plpgsqlSQL + ` END FROM (` +
 	`SELECT (SELECT i FROM unnest($1::int8[]) WITH ORDINALITY AS u(k, i) WHERE pg_try_advisory_lock(k) LIMIT 1) AS i OFFSET 0) AS t`
 
 // sliceSemaphoreSQL is one wait slice for a semaphore slot, in the manner

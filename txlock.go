@@ -86,13 +86,17 @@ func lockTxCall(ctx context.Context, tx pgx.Tx, key Key, cfg config) (bool, erro
 // would wait for ever, each unseen by the other's detector).
 func lockTx(ctx context.Context, tx pgx.Tx, key Key, m Mode, w wait, end time.Time) (got bool, err error) {
 	var (
-		dtMs     int64
-		holdsAny *bool
+		dtMs              int64
+		holdsAny, canDoPL *bool
 	)
-	if err := tx.QueryRow(ctx, txFirstTrySQL[m][key.space-1], key.args()...).Scan(&got, &dtMs, &holdsAny); err != nil || got || w == waitTry {
+	if err := tx.QueryRow(ctx, txFirstTrySQL[m][key.space-1], key.args()...).Scan(&got, &dtMs, &holdsAny, &canDoPL); err != nil || got || w == waitTry {
 		return got, err
 	}
-	if holdsAny != nil && *holdsAny {
+	switch {
+	case holdsAny != nil && *holdsAny:
+		return lockTxOnce(ctx, tx, key, m, end)
+	case canDoPL != nil && !*canDoPL:
+		noteNoSlices(ctx, nil)
 		return lockTxOnce(ctx, tx, key, m, end)
 	}
 	return inSlices(ctx, dtMs, end, func(ctx context.Context, ms int64) (bool, error) {
@@ -104,7 +108,7 @@ func lockTx(ctx context.Context, tx pgx.Tx, key Key, m Mode, w wait, end time.Ti
 // lockTxOnce waits for key in one server-side wait, under lock_timeout
 // until end if there is one. A wait that reaches end fails with 55P03 and,
 // as any failed statement, aborts the transaction.
-func lockTxOnce(ctx context.Context, tx pgx.Tx, key Key, m Mode, end time.Time) (bool, error) {
+func lockTxOnce(ctx context.Context, tx execer, key Key, m Mode, end time.Time) (bool, error) {
 	w, bound := waitForever, time.Duration(0)
 	if !end.IsZero() {
 		if bound = time.Until(end); bound <= 0 {
@@ -222,10 +226,18 @@ func txWait(ctx context.Context, conn *pgxpool.Conn, key Key, cfg config) (got b
 	pc := conn.Conn().PgConn()
 	w, bound, byDeadline := cfg.waitPlan(ctx)
 	end := endOf(bound)
-	var dtMs int64
+	var (
+		dtMs    int64
+		canDoPL bool
+	)
 	results, err := pc.Exec(ctx, txTrySQL(key, cfg.mode)).ReadAll()
-	got, err = txReport(results, err, &dtMs)
-	if err == nil && !got && w != waitTry {
+	got, err = txReport(results, err, &dtMs, &canDoPL)
+	switch {
+	case err != nil || got || w == waitTry:
+	case !canDoPL:
+		noteNoSlices(ctx, nil)
+		got, err = txWaitOnce(ctx, conn.Conn(), key, cfg.mode, end)
+	default:
 		var left bool
 		got, err = inSlices(ctx, dtMs, end, func(ctx context.Context, ms int64) (bool, error) {
 			sql := txWaitSliceSQL(key, cfg.mode, ms)
@@ -233,7 +245,7 @@ func txWait(ctx context.Context, conn *pgxpool.Conn, key Key, cfg config) (got b
 				sctx, cancel := context.WithTimeout(context.Background(), time.Duration(ms)*time.Millisecond+sliceCap+minPingTimeout)
 				defer cancel()
 				results, err := pc.Exec(sctx, sql).ReadAll()
-				return txReport(results, err, nil)
+				return txReport(results, err, nil, nil)
 			}, func(bool, error) { endTxWait(conn) })
 			left = left || isLeftToEnd(err)
 			return got, err
@@ -255,10 +267,20 @@ func txWait(ctx context.Context, conn *pgxpool.Conn, key Key, cfg config) (got b
 	return false, nil
 }
 
+// txWaitOnce is DoTx's wait where slices cannot run (no PL/pgSQL): a new
+// waiting transaction that waits in one statement, as lockTxOnce.
+func txWaitOnce(ctx context.Context, c *pgx.Conn, key Key, m Mode, end time.Time) (bool, error) {
+	if _, err := c.PgConn().Exec(ctx, "ROLLBACK; BEGIN").ReadAll(); err != nil {
+		return false, err
+	}
+	return lockTxOnce(ctx, c, key, m, end)
+}
+
 // txReport reads the last row of a DoTx try or slice message: whether the
-// waiting transaction holds the key, and (for the try, into dtMs) the
-// server's deadlock_timeout.
-func txReport(results []*pgconn.Result, err error, dtMs *int64) (bool, error) {
+// waiting transaction holds the key, and for the try (dtMs and canDoPL not
+// nil) the server's deadlock_timeout and, when the try failed, whether
+// PL/pgSQL can be used.
+func txReport(results []*pgconn.Result, err error, dtMs *int64, canDoPL *bool) (bool, error) {
 	if err != nil {
 		return false, err
 	}
@@ -267,14 +289,14 @@ func txReport(results []*pgconn.Result, err error, dtMs *int64) (bool, error) {
 	}
 	row := results[len(results)-1].Rows[0]
 	if dtMs != nil {
-		if len(row) != 2 {
+		if len(row) != 3 {
 			return false, errors.New("a DoTx try returned no deadlock_timeout")
 		}
 		v, err := strconv.ParseInt(string(row[1]), 10, 64)
 		if err != nil {
 			return false, fmt.Errorf("a DoTx try reported deadlock_timeout %q", row[1])
 		}
-		*dtMs = v
+		*dtMs, *canDoPL = v, string(row[2]) == "t"
 	}
 	switch v := string(row[0]); v {
 	case "t":
@@ -332,6 +354,12 @@ func beginSQLOf(o pgx.TxOptions) string {
 		b.WriteString(" " + string(o.DeferrableMode))
 	}
 	return b.String()
+}
+
+// execer runs a statement: a pgx.Tx, or the *pgx.Conn of DoTx's waiting
+// transaction.
+type execer interface {
+	Exec(ctx context.Context, sql string, args ...any) (pgconn.CommandTag, error)
 }
 
 // beginError is the error of DoTx when no transaction began: a pool

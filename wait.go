@@ -219,6 +219,32 @@ func isLeftToEnd(err error) bool {
 	return errors.As(err, &l)
 }
 
+// noteNoSlices tells the traced wait of ctx (if any) that it waits in one
+// statement because PL/pgSQL cannot be used; for a Session s, only at its
+// first such wait.
+func noteNoSlices(ctx context.Context, s *Session) {
+	if s != nil {
+		s.mu.Lock()
+		said := s.noSlicesSaid
+		s.noSlicesSaid = true
+		s.mu.Unlock()
+		if said {
+			return
+		}
+	}
+	if p, ok := ctx.Value(noSlicesKey{}).(*string); ok {
+		*p = NoSlicesPLpgSQL
+	}
+}
+
+// saidNoSlices reports whether the session found that it cannot run wait
+// slices (noteNoSlices).
+func (s *Session) saidNoSlices() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.noSlicesSaid
+}
+
 // closeAfterFailedLock closes a Lock's session after its lock failed with
 // err (nil: not acquired). After a wait slice left to end on its own, the
 // caller does not wait for it: the session ends in the background, giving
