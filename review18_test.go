@@ -267,8 +267,8 @@ func TestReview18SliceReportFormats(t *testing.T) {
 				sql  string
 				want bool
 			}{
-				{oneSliceSQL(free, ModeExclusive, ms), true},
-				{oneSliceSQL(busy, ModeExclusive, ms), false},
+				{oneSliceSQL(free, ModeExclusive, ms, nil, 1), true},
+				{oneSliceSQL(busy, ModeExclusive, ms, nil, 1), false},
 				{manySliceSQL([]Key{free, busy}, ModeExclusive, ms, ka), false},
 				{manySliceSQL([]Key{free}, ModeShared, ms, ka), true},
 			} {
@@ -303,7 +303,7 @@ func TestReview18SliceHandlerGrantedBranch(t *testing.T) {
 		_, err := conn.Exec(e.ctx, "SELECT pg_advisory_lock_shared(18201)")
 		must(t, err)
 	}
-	got, err := sliceReport(c.PgConn().Exec(e.ctx, oneSliceSQL(key, ModeExclusive, 20)).ReadAll())
+	got, err := sliceReport(c.PgConn().Exec(e.ctx, oneSliceSQL(key, ModeExclusive, 20, nil, 1)).ReadAll())
 	if err != nil || got != 1 {
 		t.Errorf("the handler's granted branch reported %v, %v; want 1", got, err)
 	}

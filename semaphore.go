@@ -188,7 +188,7 @@ func (s *Session) trySlots(ctx context.Context, slots []Key) (slot Key, dtMs int
 // the turn and cleans up after an error.
 func (s *Session) waitSlots(ctx context.Context, slots []Key, dtMs int64, end time.Time) (slot Key, err error) {
 	next := rand.IntN(len(slots))
-	at, err := s.waitSlicesAt(ctx, dtMs, end, func(ms int64) string {
+	at, err := s.waitSlicesAt(ctx, dtMs, end, false, func(ms int64) string {
 		next = (next + 1) % len(slots)
 		return semaphoreSliceSQL(slots, next, ms, s.keepalive)
 	}, func(results []*pgconn.Result, err error) (int, error) {

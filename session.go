@@ -328,9 +328,10 @@ func (s *Session) lockFirst(ctx context.Context, key Key, m Mode, w wait, end ti
 	var (
 		dtMs              int64
 		holdsAny, canDoPL *bool
+		holders           []int32
 	)
 	err = s.run(ctx, true, func(ctx context.Context, c *pgx.Conn) error {
-		return c.QueryRow(ctx, sql, args...).Scan(&got, nil, &dtMs, &holdsAny, &canDoPL)
+		return c.QueryRow(ctx, sql, args...).Scan(&got, nil, &dtMs, &holdsAny, &canDoPL, &holders)
 	})
 	if err != nil || got || w == waitTry {
 		return got, err
@@ -345,7 +346,14 @@ func (s *Session) lockFirst(ctx context.Context, key Key, m Mode, w wait, end ti
 		noteNoSlices(ctx, s)
 		return s.waitOnce(ctx, key, m, end)
 	}
-	return s.waitSlices(ctx, dtMs, end, func(ms int64) string { return oneSliceSQL(key, m, ms) })
+	at, err := s.waitSlicesAt(ctx, dtMs, end, true, func(ms int64) string {
+		rest := inPlaceSlices * ms
+		if !end.IsZero() {
+			rest = min(rest, max(1, time.Until(end).Milliseconds()))
+		}
+		return oneSliceSQL(key, m, ms, holders, rest)
+	}, sliceReport)
+	return at > 0, err
 }
 
 // waitOnce waits for key in one server-side wait (lockMore) until end (the

@@ -60,8 +60,9 @@ var unlockSQL, unlockLastSQL [2][2]string
 // size wait slices), and, for a waiting lock that did not get the key,
 // whether the session holds any lock (holdsAnySQL: then its wait must be
 // one server-side wait that the deadlock detector sees, not slices) and
-// whether PL/pgSQL can be used (plpgsqlSQL: slices need it); NULL
-// otherwise. Arguments: the key, then the four keep-alive values
+// whether PL/pgSQL can be used (plpgsqlSQL: slices need it), and the
+// backends that hold the key (keyHoldersSQL: sliceOneSQL's handler waits on
+// in place once they change); NULL otherwise. Arguments: the key, then the four keep-alive values
 // (keepaliveArgs). An uncontended lock is this one round trip; a contended
 // one goes on with wait slices (sliceSQL).
 var firstTrySQL [2][2]string
@@ -111,9 +112,10 @@ func init() {
 						return fmt.Sprintf("SELECT t.got, %s, %s, %s FROM (SELECT pg_try_advisory_lock%s(%s) AS got OFFSET 0) AS t",
 							kaExpr, deadlockTimeoutSQL, ask, shared, params[0])
 					}
-					askIfMissed := "CASE WHEN NOT t.got THEN EXISTS (" + holdsAnySQL + ") END, CASE WHEN NOT t.got THEN " + plpgsqlSQL + " END"
-					firstTrySQL[m][sp] = try("CASE WHEN t.got THEN "+ka+" END", "NULL::bool, NULL::bool")
-					tryDtSQL[m][sp] = try("NULL::text", "NULL::bool, NULL::bool")
+					askIfMissed := "CASE WHEN NOT t.got THEN EXISTS (" + holdsAnySQL + ") END, CASE WHEN NOT t.got THEN " + plpgsqlSQL + " END, " +
+						"CASE WHEN NOT t.got THEN " + keyHoldersSQL[sp] + " END"
+					firstTrySQL[m][sp] = try("CASE WHEN t.got THEN "+ka+" END", "NULL::bool, NULL::bool, NULL::int4[]")
+					tryDtSQL[m][sp] = try("NULL::text", "NULL::bool, NULL::bool, NULL::int4[]")
 					waitTrySQL[m][sp] = try("NULL::text", askIfMissed)
 					waitFirstTrySQL[m][sp] = try(ka, askIfMissed)
 				}
@@ -209,6 +211,21 @@ var keepaliveResetOnlySQL = `SELECT ` + keepaliveResetSQL
 // unlockAllSQL releases every session-level advisory lock of the session and
 // resets the keep-alives.
 var unlockAllSQL = `SELECT pg_advisory_unlock_all(), ` + keepaliveResetSQL
+
+// keyHoldersSQL[space-1] lists the backends that hold the key given as the
+// lock functions' arguments ($1, or $1, $2), granted, in pid order: the
+// pg_locks row of the key computed from them (keys.go's table).
+var keyHoldersSQL = [2]string{
+	holdersOfSQL("1", "($1 >> 32) & 4294967295", "$1 & 4294967295"),
+	holdersOfSQL("2", "$1::int8 & 4294967295", "$2::int8 & 4294967295"),
+}
+
+// holdersOfSQL lists the granted holders of the advisory lock row
+// (classid, objid, objsubid), SQL expressions, in pid order.
+func holdersOfSQL(objsubid, classid, objid string) string {
+	return `ARRAY(SELECT pid FROM pg_catalog.pg_lock_status() WHERE locktype = 'advisory' AND granted AND objsubid = ` + objsubid +
+		` AND classid::int8 = ` + classid + ` AND objid::int8 = ` + objid + ` ORDER BY pid)`
+}
 
 // plpgsqlSQL says whether this session can run the DO blocks of wait
 // slices: PL/pgSQL is installed and the role has USAGE on it. Where it
@@ -470,14 +487,44 @@ const sliceMessageSQL = "SET LOCAL lock_timeout = '%dms';\n%s;\nSHOW lock_timeou
 const sliceMissedSQL = `set_config('lock_timeout', '0', true)`
 
 // sliceOneSQL: one key. Arguments: function suffix, key arguments,
-// classid, objid, objsubid. The session's keep-alives are set already, by
-// the try before the wait (waitFirstTrySQL).
+// classid, objid, objsubid, the holders the wait began behind (pids,
+// comma-separated: from the first try's keyHoldersSQL), and how long to
+// wait on in place, in milliseconds (inPlaceSlices slices, at most the
+// rest of the bound). The session's keep-alives are set already, by the
+// try before the wait (waitFirstTrySQL).
+//
+// The handler keeps a grant that landed just as the slice ended and, when
+// the key has changed hands since the wait began (its holders are not
+// those it began behind), waits on in place, in one server-side wait of up
+// to inPlaceSlices slices: each slice leaves the server's queue and joins
+// it again at its tail, so waiters that wait in one statement (other
+// programs' pg_advisory_lock, a Session holding locks) would be served
+// before it every time; a key that changes hands is held briefly, so the
+// snapshot this wait holds costs little, while a standby behind a
+// long-lived leader (whose holder never changes) keeps slicing. The
+// handler is one EXECUTE'd DO block, parsed only when a slice ends without
+// the key (it reads pg_lock_status once, about 0.1 ms). A grant in that
+// wait sets lock_timeout to 1 ms, so that the report says got.
 const sliceOneSQL = `DO $advisory$BEGIN
 	PERFORM pg_advisory_lock%[1]s(%[2]s);
 EXCEPTION WHEN lock_not_available THEN
-	EXECUTE $h$SELECT CASE WHEN EXISTS (SELECT FROM pg_catalog.pg_locks WHERE locktype = 'advisory' ` +
-	`AND pid = pg_backend_pid() AND granted AND classid::int8 = %[3]d AND objid::int8 = %[4]d AND objsubid = %[5]d) ` +
-	`THEN '' ELSE ` + sliceMissedSQL + ` END$h$;
+	EXECUTE $h$DO $w$DECLARE
+	held int4[] := ARRAY(SELECT pid FROM pg_catalog.pg_lock_status() WHERE locktype = 'advisory' AND granted ` +
+	`AND classid::int8 = %[3]d AND objid::int8 = %[4]d AND objsubid = %[5]d ORDER BY pid);
+BEGIN
+	IF pg_backend_pid() = ANY (held) THEN
+		RETURN;
+	ELSIF held = '{%[6]s}' THEN
+		PERFORM ` + sliceMissedSQL + `;
+		RETURN;
+	END IF;
+	PERFORM set_config('lock_timeout', '%[7]dms', true);
+	PERFORM pg_advisory_lock%[1]s(%[2]s);
+	PERFORM set_config('lock_timeout', '1ms', true);
+EXCEPTION WHEN lock_not_available THEN
+	PERFORM CASE WHEN EXISTS (SELECT FROM pg_catalog.pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND granted ` +
+	`AND classid::int8 = %[3]d AND objid::int8 = %[4]d AND objsubid = %[5]d) THEN '' ELSE ` + sliceMissedSQL + ` END;
+END$w$$h$;
 END$advisory$`
 
 // sliceManySQL: many keys, each waited for with lock_timeout set to what is
@@ -559,10 +606,17 @@ func keepaliveLiterals(keepalive []any) string {
 	return keepaliveSetExpr(values)
 }
 
-// oneSliceSQL is one slice of a session-scope wait for key in mode m.
-func oneSliceSQL(key Key, m Mode, ms int64) string {
+// oneSliceSQL is one slice of ms milliseconds of a session-scope wait for
+// key in mode m, begun behind holders, waiting on in place for up to
+// restMs: see sliceOneSQL.
+func oneSliceSQL(key Key, m Mode, ms int64, holders []int32, restMs int64) string {
 	classid, objid, objsubid := key.LockRow()
-	return fmt.Sprintf(sliceMessageSQL, ms, fmt.Sprintf(sliceOneSQL, m.sqlSuffix(), keyLiterals(key), classid, objid, objsubid))
+	pids := make([]string, len(holders))
+	for i, p := range holders {
+		pids[i] = strconv.Itoa(int(p))
+	}
+	return fmt.Sprintf(sliceMessageSQL, ms, fmt.Sprintf(sliceOneSQL, m.sqlSuffix(), keyLiterals(key), classid, objid, objsubid,
+		strings.Join(pids, ","), min(max(restMs, 1), maxSettingMs)))
 }
 
 // manySliceSQL is one slice of a session-scope wait for keys (in canonical

@@ -85,6 +85,13 @@ func lockTxCall(ctx context.Context, tx pgx.Tx, key Key, cfg config) (bool, erro
 // locks it holds is detected (two transactions slicing on each other's keys
 // would wait for ever, each unseen by the other's detector).
 func lockTx(ctx context.Context, tx pgx.Tx, key Key, m Mode, w wait, end time.Time) (got bool, err error) {
+	if _, ok := ctx.Deadline(); ok {
+		// A deadline that passes during the try (it never waits) must not
+		// close the connection under it: the try's answer comes soon.
+		var cancel context.CancelFunc
+		ctx, cancel = pastDeadline(ctx, deadlineGrace)
+		defer cancel()
+	}
 	var (
 		dtMs              int64
 		holdsAny, canDoPL *bool

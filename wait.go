@@ -53,25 +53,41 @@ func (s *Session) sliceStall() time.Duration {
 // caller must then send nothing (see isLeftToEnd) and give the turn as
 // usual: it passes to the background.
 func (s *Session) waitSlices(ctx context.Context, dtMs int64, end time.Time, slice func(ms int64) string) (got bool, err error) {
-	at, err := s.waitSlicesAt(ctx, dtMs, end, slice, sliceReport)
+	at, err := s.waitSlicesAt(ctx, dtMs, end, false, slice, sliceReport)
 	return at > 0, err
 }
 
 // waitSlicesAt is waitSlices with report reading what each slice's
 // message returned: 0 when the slice did not get its keys, a positive
 // number (1 for sliceReport, the slot's position for a semaphore's) when it
-// did, which waitSlicesAt returns.
-func (s *Session) waitSlicesAt(ctx context.Context, dtMs int64, end time.Time, slice func(ms int64) string,
+// did, which waitSlicesAt returns. onStays says that a slice may wait on in
+// place for up to inPlaceSlices more slices (sliceOneSQL): it is then
+// given that much longer before the connection is taken for dead, and one
+// left to end on its own is interrupted (a cancel request, which the
+// server logs) if it has not ended one slice after it was left.
+func (s *Session) waitSlicesAt(ctx context.Context, dtMs int64, end time.Time, onStays bool, slice func(ms int64) string,
 	report func([]*pgconn.Result, error) (int, error)) (at int, err error) {
 	_, err = inSlices(ctx, dtMs, end, func(ctx context.Context, ms int64) (bool, error) {
 		if s.ctx.Err() != nil {
 			return false, s.endKind()
 		}
 		sql := slice(ms)
+		stall := s.sliceStall()
+		if onStays {
+			stall += inPlaceSlices * time.Duration(ms) * time.Millisecond
+		}
+		stop, interrupt := context.Background(), context.CancelFunc(nil)
+		if onStays {
+			stop, interrupt = context.WithCancel(stop)
+			defer interrupt()
+		}
 		handOver := make(chan struct{})
-		got, err := sliceDetached(ctx, func() (int, error) { return s.runSlice(sql, report) }, s.leftSlice(handOver))
+		got, err := sliceDetached(ctx, func() (int, error) { return s.runSlice(stop, sql, stall, report) }, s.leftSlice(handOver))
 		if isLeftToEnd(err) {
 			s.handOver = handOver
+			if onStays {
+				time.AfterFunc(time.Duration(ms)*time.Millisecond+s.sliceStall(), interrupt)
+			}
 		}
 		at = got
 		return got > 0, err
@@ -79,21 +95,30 @@ func (s *Session) waitSlicesAt(ctx context.Context, dtMs int64, end time.Time, s
 	return at, err
 }
 
+// inPlaceSlices is how many slices long a slice that saw the key change
+// hands waits on in place, at most (sliceOneSQL): enough for the waiters
+// that wait in one statement and came first to be served, if each holds
+// for less than a slice or so; then it slices again.
+const inPlaceSlices = 8
+
 // runSlice sends one slice's message and reads its report. It is not
-// interrupted by ctx or by the session's end; a slice that gets no answer
-// within sliceStall closes the connection. The caller holds the turn.
-func (s *Session) runSlice(sql string, report func([]*pgconn.Result, error) (int, error)) (at int, err error) {
-	err = s.answered(s.runFor(context.Background(), false, false, func(ctx context.Context, c *pgx.Conn) error {
+// interrupted by the caller's ctx or by the session's end, but by stop (a
+// cancel request); a slice that gets no answer within stall (0: no limit)
+// closes the connection. The caller holds the turn.
+func (s *Session) runSlice(stop context.Context, sql string, stall time.Duration, report func([]*pgconn.Result, error) (int, error)) (at int, err error) {
+	err = s.answered(s.runFor(stop, false, false, func(ctx context.Context, c *pgx.Conn) error {
 		var stalled atomic.Bool
-		stall := time.AfterFunc(s.sliceStall(), func() {
-			stalled.Store(true)
-			_ = c.PgConn().Conn().Close()
-		})
-		defer stall.Stop()
+		if stall > 0 {
+			t := time.AfterFunc(stall, func() {
+				stalled.Store(true)
+				_ = c.PgConn().Conn().Close()
+			})
+			defer t.Stop()
+		}
 		var err error
 		at, err = report(c.PgConn().Exec(ctx, sql).ReadAll())
 		if err != nil && stalled.Load() {
-			err = fmt.Errorf("no answer to a wait slice within %v (network cut or server stalled): %w", s.sliceStall(), err)
+			err = fmt.Errorf("no answer to a wait slice within %v (network cut or server stalled): %w", stall, err)
 		}
 		return err
 	}))

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -178,4 +179,52 @@ func TestBoundsBeyondServerLimits(t *testing.T) {
 	}
 	must(t, s.Close(e.ctx))
 	checkLog()
+}
+
+// A sliced waiter is not starved by waiters that wait in one statement
+// (another program's pg_advisory_lock, a Session that holds locks): three
+// such holders take turns, 300 ms each, going back to the server's queue
+// at once; each slice of a sliced waiter left the queue and joined it
+// again at its tail, behind them, and Acquire timed out every time. A
+// waiter that sees the key change hands during a slice now waits on in
+// place. The bound is 5 s, the wait needs about 0.6 s.
+func TestSlicedWaiterNotStarvedByOneStatementWaiters(t *testing.T) {
+	e := newEnv(t)
+	pool := e.pool(deadlockTimeout("1s", 2))
+	key := StringKey("starve")
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	for range 3 {
+		c := e.conn()
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				if _, err := c.Exec(e.ctx, lockSQL[scopeSession][ModeExclusive][waitForever][key.space-1], key.args()...); err != nil {
+					t.Error(err)
+					return
+				}
+				time.Sleep(300 * time.Millisecond) // the holder's work
+				if _, err := c.Exec(e.ctx, unlockSQL[ModeExclusive][key.space-1], key.args()...); err != nil {
+					t.Error(err)
+					return
+				}
+			}
+		}()
+	}
+	e.awaitWaiters(2) // one holds, two wait in one statement
+	const bound = 5 * time.Second
+	lock, err := Acquire(e.ctx, pool, key, WaitTimeout(bound))
+	close(stop)
+	if err != nil {
+		t.Errorf("Acquire behind three one-statement waiters taking turns, bound %v: %v", bound, err)
+	} else {
+		must(t, lock.Release(e.ctx))
+	}
+	wg.Wait()
 }
