@@ -25,12 +25,18 @@ import (
 // It tries once and, if it must wait, waits in slices (see the package
 // documentation, "What waiting costs the server"), each ended by the server
 // without an error: a wait that reaches its bound returns ErrTimeout and
-// leaves tx usable, and tx's own lock_timeout is unchanged. When tx's
-// session already holds an advisory lock (an earlier LockTx in tx, say), the
-// wait is instead one server-side wait, which PostgreSQL's deadlock detector
-// sees (ErrDeadlock) and which holds a snapshot while it lasts; a bound it
-// reaches then fails with ErrTimeout and aborts tx, as any failed statement
-// does. Other failures
+// leaves tx usable, and tx's own lock_timeout is unchanged. When tx holds
+// any lock besides its own transaction id (an earlier LockTx, a row it
+// updated, a table it read: the first try asks pg_locks), or PL/pgSQL
+// cannot be used, the wait is instead one server-side wait, which
+// PostgreSQL's deadlock detector sees (ErrDeadlock) and which holds a
+// snapshot while it lasts; a bound it reaches then fails with ErrTimeout
+// and aborts tx, as any failed statement does.
+//
+// In a REPEATABLE READ or SERIALIZABLE tx, LockTx cannot make tx see what
+// the previous holder committed: tx's snapshot was taken at its first
+// statement, before the grant. Use DoTx with TxOptions instead, which
+// takes fn's snapshot after the grant. Other failures
 // (ErrTooManyLocks, a server error) abort tx, as any failed statement does:
 // roll it back. A cancelled ctx is handled as pgx handles it for any
 // statement (by default the connection is closed, ending tx); a ctx
