@@ -62,9 +62,7 @@ func (s *Session) waitSlices(ctx context.Context, dtMs int64, end time.Time, sli
 // number (1 for sliceReport, the slot's position for a semaphore's) when it
 // did, which waitSlicesAt returns. onStays says that a slice may wait on in
 // place for up to inPlaceSlices more slices (sliceOneSQL): it is then
-// given that much longer before the connection is taken for dead, and one
-// left to end on its own is interrupted (a cancel request, which the
-// server logs) if it has not ended one slice after it was left.
+// given that much longer before the connection is taken for dead.
 func (s *Session) waitSlicesAt(ctx context.Context, dtMs int64, end time.Time, onStays bool, slice func(ms int64) string,
 	report func([]*pgconn.Result, error) (int, error)) (at int, err error) {
 	_, err = inSlices(ctx, dtMs, end, func(ctx context.Context, ms int64) (bool, error) {
@@ -76,18 +74,30 @@ func (s *Session) waitSlicesAt(ctx context.Context, dtMs int64, end time.Time, o
 		if onStays {
 			stall += inPlaceSlices * time.Duration(ms) * time.Millisecond
 		}
-		stop, interrupt := context.Background(), context.CancelFunc(nil)
-		if onStays {
-			stop, interrupt = context.WithCancel(stop)
-			defer interrupt()
-		}
+		stop := context.Background()
 		handOver := make(chan struct{})
-		got, err := sliceDetached(ctx, func() (int, error) { return s.runSlice(stop, sql, stall, report) }, s.leftSlice(handOver))
+		ended := make(chan struct{})
+		got, err := sliceDetached(ctx, func() (int, error) {
+			defer close(ended)
+			return s.runSlice(stop, sql, stall, report)
+		}, s.leftSlice(handOver))
 		if isLeftToEnd(err) {
 			s.handOver = handOver
+			// Nobody waits for the slice any more: if it has not ended some
+			// time after its length (a cut network, a stalled server), close
+			// the connection, which ends the session holding nothing,
+			// rather than keep it busy for the stall allowance.
+			longest := time.Duration(ms) * time.Millisecond
 			if onStays {
-				time.AfterFunc(time.Duration(ms)*time.Millisecond+s.sliceStall(), interrupt)
+				longest *= 1 + inPlaceSlices
 			}
+			time.AfterFunc(longest+cancelGrace, func() {
+				select {
+				case <-ended:
+				default:
+					_ = s.pc.PgConn().Conn().Close()
+				}
+			})
 		}
 		at = got
 		return got > 0, err
