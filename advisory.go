@@ -101,7 +101,7 @@ func newLock(ctx context.Context, pool *pgxpool.Pool, key Key, cfg config, lock 
 	}
 	held, err := lock(ctx, s)
 	if err != nil || !held.Valid() {
-		_ = s.Close(ctx) // after a failed lock, its error is the lock error's consequence
+		s.closeAfterFailedLock(err)
 		if err != nil {
 			return nil, err
 		}

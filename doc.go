@@ -1,6 +1,6 @@
 // Package advisory takes PostgreSQL advisory locks through pgx v5, and keeps
 // the promises other libraries quietly break: a held lock never leaks back
-// into a connection pool, waits are done by the server (no polling), a
+// into a connection pool, waits are done by the server (no poll period), a
 // cancelled wait leaves nothing behind, and a lost lock is reported.
 //
 // # Keys
@@ -22,11 +22,16 @@
 // otherwise it is closed. Holds are re-entrant as in PostgreSQL: lock twice,
 // unlock twice; shared and exclusive holds of one key are counted apart.
 //
-// Waits happen on the server, never by polling: a waiter wakes as soon as
-// the lock is released, by any client. A wait bound (WaitTimeout or the
+// Waits happen on the server, with no poll period: a waiter wakes as soon
+// as the lock is released, by any client. A wait bound (WaitTimeout or the
 // context's deadline) is enforced by the server: a timed-out wait returns
-// ErrTimeout and the connection stays healthy. A cancelled context
-// interrupts the wait with a cancel request, not by closing the connection.
+// ErrTimeout and the connection stays healthy. A bound beyond what
+// lock_timeout can express (about 24.8 days) is clamped to it. A cancelled
+// context ends a sliced wait at once: its last slice is left to end on its
+// own (within one slice), and a grant that comes then is dropped before
+// the connection goes back; meanwhile the Session is busy. A wait in one
+// statement is interrupted with a cancel request, not by closing the
+// connection.
 // Because a cancel can land just after the server granted the lock, and a
 // session lock survives the failed statement, the library then reads the
 // session's own pg_locks rows and releases what was granted, or closes the
@@ -47,24 +52,61 @@
 // is one round trip that waits on the server for at most half of the
 // server's deadlock_timeout (at most 1 s, at most what is left of the
 // bound), inside a PL/pgSQL DO block that ends the slice without an error:
-// nothing in the server log, the caller's transaction still usable. A waiter
-// holds a snapshot for at most one slice, shows as waiting in pg_locks, and
-// wakes at once on a release, but is out of the queue for the moment
-// between two slices: waiters are served in about, not exactly, FIFO order.
-// This holds for Acquire, Do, Lead, LockTx, DoTx, LockMany and Session.Lock
-// on a Session that holds nothing; a LockMany slice takes all its keys or
-// none. Because the DO block's text carries the key, a server that tracks
-// utility statements in pg_stat_statements sees one entry per waited key.
+// the caller's transaction stays usable, and a wait that ends by its bound
+// or its context writes no error to the server log. A waiter holds a
+// snapshot for at most one slice, shows as waiting in pg_locks, and wakes
+// at once on a release. This holds for Acquire, Do, Lead, LockTx, DoTx,
+// LockMany and Session.Lock when the waiting session (or LockTx's
+// transaction) holds no lock; a LockMany slice takes all its keys or none.
+// DoTx runs its try and each slice in a short transaction of its own, and
+// begins fn's transaction (TxOptions) only once it holds the key, so fn's
+// snapshot is taken after the grant at any isolation level. LockTx cannot
+// do that for a REPEATABLE READ or SERIALIZABLE transaction of the
+// caller's, whose snapshot is older than the grant: it does not see what
+// the previous holder committed; use DoTx with TxOptions.
 //
-// A Session that already holds locks waits in one server-side wait instead,
-// because it can be part of a deadlock cycle and PostgreSQL's deadlock
-// detector, which looks once per wait after deadlock_timeout, must see it
-// (ErrDeadlock). Such a wait holds a snapshot for as long as it lasts, and
-// a bounded one that times out is logged by the server as a lock_timeout
-// error. Take long waits on a Session that holds nothing, or on its own
-// Lock. The same holds for LockTx in a transaction whose session already
-// holds an advisory lock: two transactions slicing on each other's keys
-// would wait for ever, each unseen by the other's detector.
+// What waiting costs, exactly: one round trip per slice per waiter (a
+// standby waiting a day sends about 170,000, each a few tens of
+// microseconds of server time). Each slice is a statement: with
+// log_min_duration_statement below the slice length, every slice is logged
+// as a slow statement; log_lock_waits and the deadlock detector never see
+// a sliced waiter. Because the DO block's text carries the key, a server
+// that tracks utility statements in pg_stat_statements sees one entry per
+// waited key.
+//
+// In which order waiters are served: the server serves its queue in order
+// and wakes the next waiter at once, but a sliced waiter leaves the queue
+// for a moment at the end of each slice and joins it again at its tail.
+// Among sliced waiters the order is therefore about, not exactly, arrival
+// order, and none is passed over for ever (each is at the head of the
+// queue sooner or later). Against waiters that wait in one statement
+// (another program's pg_advisory_lock, a Session that holds locks), which
+// keep their place, a sliced waiter that finds at the end of a slice that
+// the key has changed hands since its wait began waits on in place, in
+// one server-side wait of up to 8 slices, which holds a snapshot for that
+// long: it is then served once the waiters ahead of it have been. A
+// standby behind a leader that keeps the key keeps slicing. (Acquire, Do,
+// Lead and Session.Lock do this; LockMany, semaphores, LockTx and DoTx do
+// not, and can be overtaken by one-statement waiters for as long as those
+// keep coming.)
+//
+// A wait that can be part of a deadlock cycle is one server-side wait
+// instead, because PostgreSQL's deadlock detector, which looks once per
+// wait after deadlock_timeout, must see it (ErrDeadlock): that of a
+// Session that holds a lock (its own, or one a WithConn callback took),
+// and that of a LockTx whose transaction holds any lock besides its own
+// transaction id (an advisory lock, a row it updated, a table it read or
+// altered). The library asks the server (pg_locks) with the wait's first
+// try. Such a wait holds a snapshot for as long as it lasts, and a bounded
+// one that times out is logged by the server as a lock_timeout error.
+// Take long waits on a Session that holds nothing, or on its own Lock.
+//
+// Slices need PL/pgSQL: where it is not installed, or the role lacks USAGE
+// on it, every wait is one server-side wait (it works, and holds a
+// snapshot), the tracer says so once per Session (TraceWaitEndData's
+// NoSlices), and a Session's first contended LockMany leaves one
+// "permission denied" error in the server log (it has no first try to ask
+// with).
 //
 // A deadlock victim (ErrDeadlock) loses only the wait that failed: its
 // session keeps the locks it already held, as PostgreSQL does.
@@ -201,9 +243,13 @@
 // and trace). Passes stop after CohortPasses (8) in a row, or once
 // CohortHold (10 ms) has passed since the server granted the key to the
 // cohort, and then the holder releases on the server, where the other
-// processes' waiters, queued there, are served first: a process holds a
-// key for at most CohortPasses+1 holds in a row, or CohortHold plus one
-// hold, while other processes wait for it. A holder whose WithConn is
+// processes' waiters, queued there, are served first. A batch is at most
+// CohortPasses+1 holds, or CohortHold plus one hold. Waiters of other
+// processes that wait in slices may re-enter the server's queue behind the
+// cohort's next server waiter, so a process may see several batches pass
+// while it waits: measured two to five on 2 busy cores, and tested to stay
+// within eight (TestCohortFairAcrossProcesses); a waiter of another
+// process is never starved. A holder whose WithConn is
 // running, whose session is ending (lost, TTL, ReleaseAll) or that has
 // nobody queued releases on the server as usual. This is lock cohorting
 // (Dice, Marathe and Shavit, PPoPP 2012) across a network: contended

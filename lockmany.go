@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"time"
 
 	"github.com/jackc/pgx/v5"
 )
@@ -70,8 +71,19 @@ func (s *Session) lockMany(ctx context.Context, set []Key, cfg config) (bool, er
 			fresh = append(fresh, k)
 		}
 	}
-	first := len(s.holds) == 0 && !s.rawUsed
+	first := len(s.holds) == 0
+	rawUsed := s.rawUsed
 	s.mu.Unlock()
+	if first && rawUsed && len(fresh) > 0 {
+		// A WithConn callback may have left locks of its own: ask the server
+		// whether the session holds any (then the wait can be part of a
+		// cycle and is one server-side wait).
+		held, err := s.holdsAny(ctx)
+		if err != nil {
+			return false, s.lockManyFailed("lock_many", Key{}, ctx, ctx, nil, cfg.mode, false, err)
+		}
+		first = !held
+	}
 	if len(fresh) > 0 {
 		if ok, err := s.lockFresh(ctx, fresh, cfg, first); err != nil || !ok {
 			return false, err
@@ -88,6 +100,15 @@ func (s *Session) lockMany(ctx context.Context, set []Key, cfg config) (bool, er
 	return true, nil
 }
 
+// holdsAny asks the server whether the session holds any lock
+// (holdsAnySQL). The caller holds the turn.
+func (s *Session) holdsAny(ctx context.Context) (held bool, err error) {
+	err = s.run(ctx, true, func(ctx context.Context, c *pgx.Conn) error {
+		return c.QueryRow(ctx, holdsAnyOnlySQL).Scan(&held)
+	})
+	return held, err
+}
+
 // lockFresh takes keys, none of which the session holds in cfg.mode. On a
 // session that holds nothing (first), a wait is a sequence of wait slices,
 // all or nothing each, and the statement that takes the keys also sets the
@@ -98,18 +119,39 @@ func (s *Session) lockMany(ctx context.Context, set []Key, cfg config) (bool, er
 func (s *Session) lockFresh(ctx context.Context, keys []Key, cfg config, first bool) (bool, error) {
 	w, bound, byDeadline := cfg.waitPlan(ctx)
 	if first && w != waitTry {
-		ka := s.keepalive
-		if s.keepaliveOn() {
-			ka = nil
+		end := endOf(bound)
+		if !s.saidNoSlices() {
+			ka := s.keepalive
+			if s.keepaliveOn() {
+				ka = nil
+			}
+			got, err := s.waitSlices(ctx, 0, end, func(ms int64) string { return manySliceSQL(keys, cfg.mode, ms, ka) })
+			switch {
+			case noPLpgSQL(err):
+				// LockMany has no first try to ask plpgsqlSQL with: the
+				// server logs the failed slice, once per Session (it
+				// remembers: noteNoSlices).
+				noteNoSlices(ctx, s)
+			case err != nil:
+				return false, s.lockManyFailed("lock_many", Key{}, ctx, ctx, keys, cfg.mode, byDeadline, err)
+			case !got:
+				return false, &Error{Op: "lock_many", Kind: ErrTimeout, deadline: byDeadline}
+			default:
+				return true, nil
+			}
 		}
-		got, err := s.waitSlices(ctx, 0, endOf(bound), func(ms int64) string { return manySliceSQL(keys, cfg.mode, ms, ka) })
-		switch {
-		case err != nil:
-			return false, s.lockManyFailed("lock_many", Key{}, ctx, ctx, keys, cfg.mode, byDeadline, err)
-		case !got:
-			return false, &Error{Op: "lock_many", Kind: ErrTimeout, deadline: byDeadline}
+		// No PL/pgSQL: one server-side wait, below, on a session whose
+		// keep-alives are set.
+		if !s.keepaliveOn() {
+			if err := s.setKeepalives(ctx); err != nil {
+				return false, s.lockManyFailed("lock_many", Key{}, ctx, ctx, nil, cfg.mode, byDeadline, err)
+			}
 		}
-		return true, nil
+		if !end.IsZero() {
+			if bound = time.Until(end); bound <= 0 {
+				return false, &Error{Op: "lock_many", Kind: ErrTimeout, deadline: byDeadline}
+			}
+		}
 	}
 	if w != waitTry {
 		s.keepClientAlive(true)
@@ -181,8 +223,11 @@ func (s *Session) lockManyFailed(op string, key Key, ctx, runCtx context.Context
 	if s.lost(err) {
 		return lostError(op, key, heldBefore, err)
 	}
-	if err := s.dropGrantedMany(keys, m); err != nil {
-		return lostError(op, key, heldBefore, err)
+	// A slice left to end on its own drops a late grant itself (leftSlice).
+	if !isLeftToEnd(err) {
+		if err := s.dropGrantedMany(keys, m); err != nil {
+			return lostError(op, key, heldBefore, err)
+		}
 	}
 	if s.ctx.Err() != nil {
 		return &Error{Op: op, Key: key, Kind: ErrClosed, Err: err}

@@ -4,6 +4,8 @@ import (
 	"context"
 	"strings"
 	"time"
+
+	"github.com/jackc/pgx/v5"
 )
 
 // Mode is how a key is held: exclusively, or shared with other shared
@@ -62,7 +64,7 @@ const DefaultHealthInterval = time.Second
 //	Session.UnlockMany     x
 //	LockTx, DoTx           x      x        x                           x
 //
-// WaitingSince and NoCohort apply to Acquire, Do, AcquireSemaphore, DoSemaphore and
+// TxOptions applies to DoTx only. WaitingSince and NoCohort apply to Acquire, Do, AcquireSemaphore, DoSemaphore and
 // Session.Lock. Lead always waits and leads exclusively; a semaphore's slots are held
 // exclusively; a Session's health interval and tracer are given to
 // NewSession, and its holds have no TTL.
@@ -82,10 +84,11 @@ const (
 	optWithTracer
 	optWaitingSince
 	optNoCohort
+	optTxOptions
 )
 
 // optionNames names the kinds of Option, bit by bit.
-var optionNames = [...]string{"Shared", "NoWait", "WaitTimeout", "TTL", "HealthInterval", "WithTracer", "WaitingSince", "NoCohort"}
+var optionNames = [...]string{"Shared", "NoWait", "WaitTimeout", "TTL", "HealthInterval", "WithTracer", "WaitingSince", "NoCohort", "TxOptions"}
 
 // String lists the options in o: "TTL, HealthInterval".
 func (o optionSet) String() string {
@@ -136,7 +139,7 @@ var calls = [...]struct {
 	callSessionUnlock:     {"Session.Unlock", optShared},
 	callSessionUnlockMany: {"Session.UnlockMany", optShared},
 	callLockTx:            {"LockTx", optShared | optNoWait | optWaitTimeout | optWithTracer},
-	callDoTx:              {"DoTx", optShared | optNoWait | optWaitTimeout | optWithTracer},
+	callDoTx:              {"DoTx", optShared | optNoWait | optWaitTimeout | optWithTracer | optTxOptions},
 }
 
 // config is the result of applying Options.
@@ -152,6 +155,7 @@ type config struct {
 	waitingFrom int64         // WaitingSince, Unix nanoseconds; 0: not set
 	noCohort    bool          // NoCohort
 	slots       int           // a semaphore's size, for its cohort; 0 for a key
+	tx          pgx.TxOptions // DoTx's fn's transaction (TxOptions)
 	err         error         // the first invalid option
 }
 
@@ -197,6 +201,17 @@ func WaitTimeout(d time.Duration) Option {
 	}
 }
 
+// TxOptions sets the isolation level, access mode and deferrable mode of
+// the transaction DoTx runs its function in (pgx's BeginQuery and
+// CommitQuery too, if set). Whatever they are, that transaction's
+// snapshot is taken after the key is granted, so a REPEATABLE READ or
+// SERIALIZABLE function sees what the previous holder committed. Other
+// calls ignore it. An invalid option makes DoTx fail when its
+// transaction begins, holding nothing.
+func TxOptions(o pgx.TxOptions) Option {
+	return func(c *config) { c.given |= optTxOptions; c.tx = o }
+}
+
 // TTL is the longest the lock may be held. When it passes, the lock is
 // released on the server even if the holder is still running, Done is
 // closed, Err returns ErrTTLExceeded, and Do cancels its function's context
@@ -214,7 +229,10 @@ func TTL(d time.Duration) Option {
 // become readable), within one interval elsewhere; a silent network cut
 // within about two, as a check that gets no answer within one interval
 // closes the connection. A d that is not positive makes the call fail
-// before any SQL is sent.
+// before any SQL is sent. Any longer d is accepted, but the server-side
+// keep-alives it sets are clamped to what TCP allows (32767 s each): over
+// about 4.5 hours, the server may drop a silently cut client, and free its
+// locks, before a holder that checks so rarely notices the cut.
 func HealthInterval(d time.Duration) Option {
 	return positive(optHealthInterval, d, func(c *config) { c.health = d })
 }

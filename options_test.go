@@ -29,6 +29,7 @@ var optionKinds = []optionKind{
 	{"WithTracer", WithTracer(&recorder{})},
 	{"WaitingSince", WaitingSince(time.Now())},
 	{"NoCohort", NoCohort()},
+	{"TxOptions", TxOptions(pgx.TxOptions{IsoLevel: pgx.ReadCommitted})},
 }
 
 // optionCall runs one call that takes Options with opts on an uncontended
@@ -138,7 +139,7 @@ var optionCalls = []optionCall{
 		defer tx.Rollback(e.ctx)
 		return span(func() error { return ranOrNot(LockTx(e.ctx, tx, key, opts...)) })
 	}},
-	{"DoTx", []string{"Shared", "NoWait", "WaitTimeout", "WithTracer"}, func(e *env, pool *pgxpool.Pool, key Key, span func(func() error) error, opts ...Option) error {
+	{"DoTx", []string{"Shared", "NoWait", "WaitTimeout", "WithTracer", "TxOptions"}, func(e *env, pool *pgxpool.Pool, key Key, span func(func() error) error, opts ...Option) error {
 		return span(func() error {
 			return ranOrNot(DoTx(e.ctx, pool, key, func(context.Context, pgx.Tx) error { return nil }, opts...))
 		})

@@ -267,13 +267,13 @@ func TestReview18SliceReportFormats(t *testing.T) {
 				sql  string
 				want bool
 			}{
-				{oneSliceSQL(free, ModeExclusive, ms), true},
-				{oneSliceSQL(busy, ModeExclusive, ms), false},
+				{oneSliceSQL(free, ModeExclusive, ms, nil, 1), true},
+				{oneSliceSQL(busy, ModeExclusive, ms, nil, 1), false},
 				{manySliceSQL([]Key{free, busy}, ModeExclusive, ms, ka), false},
 				{manySliceSQL([]Key{free}, ModeShared, ms, ka), true},
 			} {
 				got, err := sliceReport(c.PgConn().Exec(e.ctx, tc.sql).ReadAll())
-				if err != nil || got != tc.want {
+				if err != nil || (got == 1) != tc.want {
 					t.Errorf("%d ms slice (keep-alives %v): report %v, %v; want %v", ms, ka != nil, got, err, tc.want)
 				}
 				if n := held(); (n == 1) != tc.want || n > 1 {
@@ -303,9 +303,9 @@ func TestReview18SliceHandlerGrantedBranch(t *testing.T) {
 		_, err := conn.Exec(e.ctx, "SELECT pg_advisory_lock_shared(18201)")
 		must(t, err)
 	}
-	got, err := sliceReport(c.PgConn().Exec(e.ctx, oneSliceSQL(key, ModeExclusive, 20)).ReadAll())
-	if err != nil || !got {
-		t.Errorf("the handler's granted branch reported %v, %v; want true", got, err)
+	got, err := sliceReport(c.PgConn().Exec(e.ctx, oneSliceSQL(key, ModeExclusive, 20, nil, 1)).ReadAll())
+	if err != nil || got != 1 {
+		t.Errorf("the handler's granted branch reported %v, %v; want 1", got, err)
 	}
 	for _, conn := range []*pgx.Conn{c, holder} {
 		_, err := conn.Exec(e.ctx, "SELECT pg_advisory_unlock_all()")

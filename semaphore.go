@@ -146,8 +146,12 @@ func (s *Session) lockSlot(ctx context.Context, sem Key, slots []Key, cfg config
 	w, bound, byDeadline := cfg.waitPlan(ctx)
 	s.waitingSince = cfg.waitingSince()
 	end := endOf(bound) // fixed now: the first try's time counts against the bound
-	slot, dtMs, err := s.trySlots(ctx, slots)
-	if err == nil && !slot.Valid() && w != waitTry {
+	slot, dtMs, canDoPL, err := s.trySlots(ctx, slots)
+	switch {
+	case err != nil || slot.Valid() || w == waitTry:
+	case !canDoPL:
+		slot, err = s.waitOneSlot(ctx, slots, end)
+	default:
 		slot, err = s.waitSlots(ctx, slots, dtMs, end)
 	}
 	switch {
@@ -171,19 +175,23 @@ func (s *Session) lockSlot(ctx context.Context, sem Key, slots []Key, cfg config
 // keep-alives if it took one, and returns the slot taken or the zero Key,
 // and the server's deadlock_timeout in milliseconds. The caller holds the
 // turn.
-func (s *Session) trySlots(ctx context.Context, slots []Key) (slot Key, dtMs int64, err error) {
-	var at *int64
+func (s *Session) trySlots(ctx context.Context, slots []Key) (slot Key, dtMs int64, canDoPL bool, err error) {
+	var (
+		at *int64
+		pl *bool
+	)
 	args := append([]any{manyArgs(slots)[0]}, s.keepalive...)
 	err = s.run(ctx, true, func(ctx context.Context, c *pgx.Conn) error {
-		return c.QueryRow(ctx, semaphoreTrySQL, args...).Scan(&at, nil, &dtMs)
+		return c.QueryRow(ctx, semaphoreTrySQL, args...).Scan(&at, nil, &dtMs, &pl)
 	})
+	canDoPL = pl == nil || *pl
 	switch {
 	case err != nil || at == nil:
-		return Key{}, dtMs, err
+		return Key{}, dtMs, canDoPL, err
 	case *at < 1 || *at > int64(len(slots)):
-		return Key{}, dtMs, fmt.Errorf("the semaphore try reported slot position %d of %d", *at, len(slots))
+		return Key{}, dtMs, canDoPL, fmt.Errorf("the semaphore try reported slot position %d of %d", *at, len(slots))
 	}
-	return slots[*at-1], dtMs, nil
+	return slots[*at-1], dtMs, canDoPL, nil
 }
 
 // waitSlots waits for one of slots in wait slices (dtMs is the server's
@@ -193,32 +201,47 @@ func (s *Session) trySlots(ctx context.Context, slots []Key) (slot Key, dtMs int
 // the turn and cleans up after an error.
 func (s *Session) waitSlots(ctx context.Context, slots []Key, dtMs int64, end time.Time) (slot Key, err error) {
 	next := rand.IntN(len(slots))
-	_, err = s.waitSlicesReport(ctx, dtMs, end, func(ms int64) string {
+	at, err := s.waitSlicesAt(ctx, dtMs, end, false, func(ms int64) string {
 		next = (next + 1) % len(slots)
 		return semaphoreSliceSQL(slots, next, ms, s.keepalive)
-	}, func(results []*pgconn.Result, err error) (bool, error) {
-		slot, err = heldSlot(results, err, slots)
-		return slot.Valid(), err
+	}, func(results []*pgconn.Result, err error) (int, error) {
+		return slotAt(results, err, len(slots))
 	})
+	if at > 0 {
+		slot = slots[at-1]
+	}
 	return slot, err
 }
 
-// heldSlot reads a semaphore slice's report (the last statement of its
-// message): the 1-based position of the slot taken, or 0 for none.
-func heldSlot(results []*pgconn.Result, err error, slots []Key) (Key, error) {
-	if err != nil {
+// waitOneSlot is the wait of a session that cannot run wait slices (no
+// PL/pgSQL): one server-side wait on one slot, chosen at random, so a slot
+// that frees meanwhile is not taken by this waiter. The caller holds the
+// turn and cleans up after an error.
+func (s *Session) waitOneSlot(ctx context.Context, slots []Key, end time.Time) (Key, error) {
+	noteNoSlices(ctx, s)
+	if err := s.setKeepalives(ctx); err != nil {
 		return Key{}, err
 	}
+	slot := slots[rand.IntN(len(slots))]
+	if got, err := s.waitOnce(ctx, slot, ModeExclusive, end); !got {
+		return Key{}, err
+	}
+	return slot, nil
+}
+
+// slotAt reads a semaphore slice's report (the last statement of its
+// message): the 1-based position of the slot taken among n, or 0 for none.
+func slotAt(results []*pgconn.Result, err error, n int) (int, error) {
+	if err != nil {
+		return 0, err
+	}
 	if len(results) == 0 || len(results[len(results)-1].Rows) != 1 {
-		return Key{}, errors.New("a wait slice returned no report")
+		return 0, errors.New("a wait slice returned no report")
 	}
 	v := string(results[len(results)-1].Rows[0][0])
 	at, err := strconv.Atoi(v)
-	switch {
-	case err != nil || at < 0 || at > len(slots):
-		return Key{}, fmt.Errorf("a semaphore wait slice reported %q; want a slot position from 0 to %d", v, len(slots))
-	case at == 0:
-		return Key{}, nil
+	if err != nil || at < 0 || at > n {
+		return 0, fmt.Errorf("a semaphore wait slice reported %q; want a slot position from 0 to %d", v, n)
 	}
-	return slots[at-1], nil
+	return at, nil
 }

@@ -70,6 +70,10 @@ type Session struct {
 	// closed by whoever ends the session.
 	lastAnswer atomic.Int64
 	ready      atomic.Pointer[readiness]
+	// handOver, set under the turn, passes the turn to a wait slice left
+	// to end on its own (waitSlices): giveTurn closes it instead of giving
+	// the turn back.
+	handOver chan struct{}
 	// clientKA is the client socket's keep-alive as the session found it,
 	// once keepClientAlive has tightened it (nil: not yet, or not a TCP
 	// socket); kaTried says it tried. Guarded by the turn.
@@ -99,7 +103,10 @@ type Session struct {
 	// waitingSince is when the wait in progress began, if a caller said
 	// (WaitingSince); zero otherwise. Guarded by the turn.
 	waitingSince time.Time
-	kaOn         bool  // the session set the keep-alives; they are reset when it ends
+	kaOn         bool // the session set the keep-alives; they are reset when it ends
+	// noSlicesSaid: the tracer was told that this session's waits are one
+	// statement, PL/pgSQL being unusable (noteNoSlices).
+	noSlicesSaid bool
 	ending       bool  // Close began or the session was lost
 	closed       bool  // Close has returned the end reason once
 	err          error // why it ended; nil after a clean Close
@@ -283,7 +290,7 @@ func (s *Session) lock(ctx context.Context, key Key, cfg config) (bool, error) {
 		return true, nil
 	}
 
-	first := len(s.holds) == 0 && !s.rawUsed
+	first := len(s.holds) == 0 // a WithConn's own locks: the first try asks the server
 	s.mu.Unlock()
 
 	if first && cfg.entry == EntrySessionLock && !cfg.noWait && !cfg.noCohort {
@@ -329,21 +336,31 @@ func (s *Session) lockOnce(ctx context.Context, key Key, cfg config, h hold, fir
 	return false, nil
 }
 
-// lockFirst takes key on a session that holds nothing: one try that also
-// sets the keep-alives (for a NoWait lock, only if it got the key), then,
-// if it must wait, wait slices. got == false with a nil error means not acquired: busy (waitTry)
-// or the bound passed. The caller holds the turn.
+// lockFirst takes key on a session that holds nothing of its own: one try
+// that also sets the keep-alives (for a NoWait lock, only if it got the
+// key), then, if it must wait, wait slices, unless the try found that the
+// session holds a lock after all (a WithConn callback's: holdsAnySQL), when
+// the wait is one server-side wait as for lockMore. got == false with a nil
+// error means not acquired: busy (waitTry) or the bound passed. The caller
+// holds the turn.
 func (s *Session) lockFirst(ctx context.Context, key Key, m Mode, w wait, end time.Time) (got bool, err error) {
 	sql, args := tryDtSQL[m][key.space-1], key.args() // keep-alives set by an earlier hold of this session: not again
+	if w != waitTry {
+		sql = waitTrySQL[m][key.space-1]
+	}
 	if !s.keepaliveOn() {
 		sql, args = firstTrySQL[m][key.space-1], append(args, s.keepalive...)
 		if w != waitTry { // set whatever the try's outcome: not in the wait's slices
 			sql = waitFirstTrySQL[m][key.space-1]
 		}
 	}
-	var dtMs int64
+	var (
+		dtMs              int64
+		holdsAny, canDoPL *bool
+		holders           []int32
+	)
 	err = s.run(ctx, true, func(ctx context.Context, c *pgx.Conn) error {
-		return c.QueryRow(ctx, sql, args...).Scan(&got, nil, &dtMs)
+		return c.QueryRow(ctx, sql, args...).Scan(&got, nil, &dtMs, &holdsAny, &canDoPL, &holders)
 	})
 	if err != nil || got || w == waitTry {
 		return got, err
@@ -351,7 +368,50 @@ func (s *Session) lockFirst(ctx context.Context, key Key, m Mode, w wait, end ti
 	s.mu.Lock()
 	s.kaOn = true // by waitFirstTrySQL, or before; Close resets them
 	s.mu.Unlock()
-	return s.waitSlices(ctx, dtMs, end, func(ms int64) string { return oneSliceSQL(key, m, ms) })
+	switch {
+	case holdsAny != nil && *holdsAny:
+		return s.waitOnce(ctx, key, m, end)
+	case canDoPL != nil && !*canDoPL:
+		noteNoSlices(ctx, s)
+		return s.waitOnce(ctx, key, m, end)
+	}
+	at, err := s.waitSlicesAt(ctx, dtMs, end, true, func(ms int64) string {
+		rest := inPlaceSlices * ms
+		if !end.IsZero() {
+			rest = min(rest, max(1, time.Until(end).Milliseconds()))
+		}
+		return oneSliceSQL(key, m, ms, holders, rest)
+	}, sliceReport)
+	return at > 0, err
+}
+
+// waitOnce waits for key in one server-side wait (lockMore) until end (the
+// zero time: none). The session's keep-alives are set; the caller holds
+// the turn.
+func (s *Session) waitOnce(ctx context.Context, key Key, m Mode, end time.Time) (bool, error) {
+	w, bound := waitForever, time.Duration(0)
+	if !end.IsZero() {
+		if bound = time.Until(end); bound <= 0 {
+			return false, nil
+		}
+		w = waitBounded
+	}
+	return s.lockMore(ctx, key, m, w, bound)
+}
+
+// setKeepalives sets the session's keep-alives, which stay in force until
+// it ends. The caller holds the turn.
+func (s *Session) setKeepalives(ctx context.Context) error {
+	err := s.run(ctx, true, func(ctx context.Context, c *pgx.Conn) error {
+		_, err := c.Exec(ctx, keepaliveSetSQL, s.keepalive...)
+		return err
+	})
+	if err == nil {
+		s.mu.Lock()
+		s.kaOn = true
+		s.mu.Unlock()
+	}
+	return err
 }
 
 // keepaliveOn reports whether the session has set the keep-alives (they
@@ -411,7 +471,8 @@ func (s *Session) lockFailed(ctx context.Context, h hold, first, byDeadline bool
 		return lostError("lock", h.key, !first, err)
 	}
 	kind := kindOf(err)
-	if code := sqlState(err); code != codeDeadlock && code != codeOutOfMemory {
+	// A slice left to end on its own drops a late grant itself (leftSlice).
+	if code := sqlState(err); code != codeDeadlock && code != codeOutOfMemory && !isLeftToEnd(err) {
 		if err := s.dropIfGranted(h); err != nil {
 			return lostError("lock", h.key, !first, err)
 		}
@@ -628,11 +689,7 @@ func (s *Session) WithConn(ctx context.Context, fn func(*pgx.Conn) error) error 
 	// force until the session ends (its unlock_all resets them); a session
 	// that holds nothing yet does not have them yet.
 	if !s.holding() {
-		err := s.run(ctx, true, func(ctx context.Context, c *pgx.Conn) error {
-			_, err := c.Exec(ctx, keepaliveSetSQL, s.keepalive...)
-			return err
-		})
-		if err != nil {
+		if err := s.setKeepalives(ctx); err != nil {
 			if s.lost(err) {
 				return &Error{Op: "with_conn", Kind: ErrLockLost, Err: err}
 			}
@@ -945,7 +1002,9 @@ func (s *Session) lossError(cause error) *Error {
 // so ends the session. The caller's error then matches ErrLockLost, with
 // err as its cause.
 func (s *Session) lost(err error) bool {
-	if err == nil || !s.pc.IsClosed() {
+	// After a slice left to end on its own, the connection is its own
+	// (leftSlice finds out).
+	if err == nil || isLeftToEnd(err) || !s.pc.IsClosed() {
 		return false
 	}
 	s.lose(err)
@@ -1027,9 +1086,21 @@ const (
 	clientProbes = 2
 )
 
-// secs is d in whole seconds, rounded up, at least 1: the unit of TCP
-// keep-alive settings.
-func secs(d time.Duration) int { return max(1, int((d+time.Second-1)/time.Second)) }
+// secs is d in whole seconds, rounded up, at least 1 and at most
+// maxKeepaliveSecs: the unit and range of TCP keep-alive settings.
+func secs(d time.Duration) int {
+	return int(min(max(1, (d+time.Second-1)/time.Second), maxKeepaliveSecs))
+}
+
+// maxKeepaliveSecs is the longest keep-alive time Linux accepts
+// (TCP_KEEPIDLE, TCP_KEEPINTVL: 32767 s, about 9 days); the server
+// ignores a longer one with a log line, and a longer health interval's
+// tcp_user_timeout would overflow its int milliseconds. Keep-alive times
+// are clamped to it: for a HealthInterval over about 4.5 hours the server
+// drops a silent client after at most about 45 hours (five intervals: keepaliveArgs), which may be before
+// a holder that checks so rarely notices a network cut (HealthInterval
+// says so).
+const maxKeepaliveSecs = 32767
 
 // takeTurn waits for exclusive use of the connection, or for ctx to end. It
 // fails with the session's end reason once the session is ending.
@@ -1067,6 +1138,11 @@ func turnError(op string, key Key, err error) *Error {
 // giveTurn ends a takeTurn (or the watcher's takeWatchTurn), arming the health
 // watcher's readiness if the session holds something.
 func (s *Session) giveTurn() {
+	if h := s.handOver; h != nil {
+		s.handOver = nil
+		close(h)
+		return
+	}
 	if s.holding() {
 		s.ready.Load().arm()
 	}

@@ -57,19 +57,29 @@ var unlockSQL, unlockLastSQL [2][2]string
 // that holds nothing: it tries the key once and, only if it got it, sets the
 // keep-alives in the same statement. Columns: got, the text of the last
 // keep-alive set (NULL when not got), deadlock_timeout in milliseconds (to
-// size wait slices; 0 when got: dtIfNotGot). Arguments: the key, then the four
-// keep-alive values (keepaliveArgs). An uncontended lock is this one round
-// trip; a contended one goes on with wait slices (sliceSQL).
+// size wait slices; 0 when got: dtIfNotGot), and, for a waiting lock that did not get the key,
+// whether the session holds any lock (holdsAnySQL: then its wait must be
+// one server-side wait that the deadlock detector sees, not slices) and
+// whether PL/pgSQL can be used (plpgsqlSQL: slices need it), and the
+// backends that hold the key (keyHoldersSQL: sliceOneSQL's handler waits on
+// in place once they change); NULL otherwise. Arguments: the key, then the four keep-alive values
+// (keepaliveArgs). An uncontended lock is this one round trip; a contended
+// one goes on with wait slices (sliceSQL).
 var firstTrySQL [2][2]string
 
 // tryDtSQL[mode][space-1] is firstTrySQL for a session whose keep-alives are
 // set already (it held a lock before): the same columns, nothing set.
 var tryDtSQL [2][2]string
 
+// waitTrySQL[mode][space-1] is tryDtSQL for a lock that waits if the try
+// fails: it also asks holdsAnySQL then.
+var waitTrySQL [2][2]string
+
 // waitFirstTrySQL[mode][space-1] is firstTrySQL for a lock that waits if
 // the try fails: it sets the keep-alives whatever the try's outcome, so
 // that the wait's slices need not, and a grant after a wait costs no more
-// than the lock itself. The same columns and arguments.
+// than the lock itself; and it asks holdsAnySQL when the try failed. The
+// same columns and arguments.
 var waitFirstTrySQL [2][2]string
 
 // dtIfNotGot is the third column of firstTrySQL and its variants: the
@@ -82,8 +92,10 @@ const dtIfNotGot = "CASE WHEN t.got THEN 0 ELSE " + deadlockTimeoutSQL + " END"
 
 // txFirstTrySQL[mode][space-1] is the first statement of LockTx: a try,
 // deadlock_timeout in milliseconds, and, only when the try failed, whether
-// the session already holds an advisory lock (then its wait must be one
-// server-side wait that the deadlock detector sees, not slices).
+// the transaction holds any lock (holdsAnySQL: then its wait must be one
+// server-side wait that the deadlock detector sees, not slices) and
+// whether PL/pgSQL can be used (plpgsqlSQL: a slice that cannot would
+// abort the caller's transaction).
 var txFirstTrySQL [2][2]string
 
 func init() {
@@ -97,51 +109,73 @@ func init() {
 				unlockSQL[m][sp] = fmt.Sprintf("SELECT pg_advisory_unlock%s(%s)", shared, params[0])
 				unlockLastSQL[m][sp] = unlockSQL[m][sp] + ", " + keepaliveResetSQL
 				if sc == int(scopeTx) {
-					txFirstTrySQL[m][sp] = fmt.Sprintf("SELECT t.got, %s, CASE WHEN NOT t.got THEN EXISTS (%s) END "+
-						"FROM (SELECT pg_try_advisory_xact_lock%s(%s) AS got OFFSET 0) AS t", deadlockTimeoutSQL, holdsAnySQL, shared, params[0])
+					txFirstTrySQL[m][sp] = fmt.Sprintf("SELECT t.got, %s, CASE WHEN NOT t.got THEN EXISTS (%s) END, "+
+						"CASE WHEN NOT t.got THEN %s END "+
+						"FROM (SELECT pg_try_advisory_xact_lock%s(%s) AS got OFFSET 0) AS t", deadlockTimeoutSQL, holdsAnySQL, plpgsqlSQL, shared, params[0])
 				}
 				if sc == int(scopeSession) {
-					try := fmt.Sprintf("FROM (SELECT pg_try_advisory_lock%s(%s) AS got OFFSET 0) AS t", shared, params[0])
-					tryDtSQL[m][sp] = fmt.Sprintf("SELECT t.got, NULL::text, %s %s", dtIfNotGot, try)
 					n := strings.Count(params[0], "$")
-					firstTrySQL[m][sp] = fmt.Sprintf("SELECT t.got, CASE WHEN t.got THEN %s END, %s %s",
-						keepaliveSetExpr(numberedParams(n+1)), dtIfNotGot, try)
-					waitFirstTrySQL[m][sp] = fmt.Sprintf("SELECT t.got, %s, %s %s",
-						keepaliveSetExpr(numberedParams(n+1)), dtIfNotGot, try)
+					ka := keepaliveSetExpr(numberedParams(n + 1))
+					try := func(kaExpr, ask string) string {
+						return fmt.Sprintf("SELECT t.got, %s, %s, %s FROM (SELECT pg_try_advisory_lock%s(%s) AS got OFFSET 0) AS t",
+							kaExpr, dtIfNotGot, ask, shared, params[0])
+					}
+					askIfMissed := "CASE WHEN NOT t.got THEN EXISTS (" + holdsAnySQL + ") END, CASE WHEN NOT t.got THEN " + plpgsqlSQL + " END, " +
+						"CASE WHEN NOT t.got THEN " + keyHoldersSQL[sp] + " END"
+					firstTrySQL[m][sp] = try("CASE WHEN t.got THEN "+ka+" END", "NULL::bool, NULL::bool, NULL::int4[]")
+					tryDtSQL[m][sp] = try("NULL::text", "NULL::bool, NULL::bool, NULL::int4[]")
+					waitTrySQL[m][sp] = try("NULL::text", askIfMissed)
+					waitFirstTrySQL[m][sp] = try(ka, askIfMissed)
 				}
 			}
 		}
 	}
 }
 
-// DoTx begins its transaction and tries its key in one round trip. pgx
-// sends TxOptions.BeginQuery with the simple protocol, so it may be two
-// statements, but BeginTx keeps none of their results; the try's outcome
-// comes back as a parameter status instead. PostgreSQL 14 and later report
-// a change of default_transaction_read_only to the client, once, with its
-// final value, just before the message's ReadyForQuery (pgconn's
-// ParameterStatus). The BEGIN's second statement sets that setting for the
-// rest of the transaction (set_config(..., true)) to the opposite of the
-// value the client last saw when the try got the key, and to that same
-// value when it did not: so, whatever else changed it on the server (a
-// configuration reload applied as the message arrived, a SET left on a
-// PgBouncer server connection), the client sees it change only when the
-// key is held. The flip changes nothing for the transaction under way,
-// whose access mode was fixed by its BEGIN, and it ends with the
-// transaction; fn can see it (SHOW, ParameterStatus). A flip that is not
-// reported (a server that does not report the setting, a server session
-// whose last report differs from the client's) costs one more round trip:
-// DoTx then asks the server (beginLocked).
+// DoTx (txlock.go) waits outside fn's transaction. Its try and each of its
+// wait slices run in a transaction of their own, begun by the same
+// message, so that the message that finds the key free or granted leaves
+// that transaction open, holding the key: the try is txTryFmt, a slice
+// ends the previous message's transaction and begins its own
+// (txWaitSliceFmt, around sliceTxSQL), and the waiting transaction is
+// ended by a plain ROLLBACK when the wait ends without the key. Each
+// reports in a row: whether its transaction holds the key (and, for the
+// try, deadlock_timeout in milliseconds and plpgsqlSQL). Between two messages the
+// waiting transaction holds no snapshot (READ COMMITTED takes one per
+// statement), so a CREATE INDEX CONCURRENTLY waits for it for one slice
+// at most: the next message ends it.
+//
+// txBridgeFmt then hands the key to fn's transaction in one message, so
+// that fn's snapshot is taken after the grant at any isolation level: a
+// session-level hold of the key (granted at once: the waiting transaction
+// holds it) outlives the waiting transaction's COMMIT, fn's transaction
+// begins (%[3]s: its BEGIN, with the caller's TxOptions), takes the key
+// (at once: the session holds it) and lets the session-level hold go. It
+// is sent as pgx's BeginQuery, so fn gets a pgx.Tx; one message, so
+// PgBouncer in transaction mode keeps it on one server connection.
+// Arguments: function suffix, key literals.
+const (
+	txTryFmt = "BEGIN; SELECT t.got, " + deadlockTimeoutSQL + ", CASE WHEN NOT t.got THEN " + plpgsqlSQL + " END " +
+		"FROM (SELECT pg_try_advisory_xact_lock%[1]s(%[2]s) AS got OFFSET 0) AS t"
+	txWaitSliceFmt = "ROLLBACK; BEGIN; %s"
+	txBridgeFmt    = "SELECT pg_advisory_lock%[1]s(%[2]s); COMMIT; %[3]s; " +
+		"SELECT pg_advisory_unlock%[1]s(%[2]s) FROM (SELECT pg_advisory_xact_lock%[1]s(%[2]s) OFFSET 0) AS t"
+)
 
-// beginTrySignal is the setting whose reported change says that the
-// BEGIN's try got the key.
-const beginTrySignal = "default_transaction_read_only"
+// txTrySQL is DoTx's try of key in mode m.
+func txTrySQL(key Key, m Mode) string {
+	return fmt.Sprintf(txTryFmt, m.sqlSuffix(), keyLiterals(key))
+}
 
-// beginTrySQL begins a transaction and tries a key in mode suffix %[1]s,
-// key literals %[2]s, setting beginTrySignal to %[3]s when it gets the key
-// and to %[4]s when it does not ('on' and 'off', or 'off' and 'on').
-const beginTrySQL = `BEGIN; SELECT set_config('` + beginTrySignal +
-	`', CASE WHEN pg_try_advisory_xact_lock%[1]s(%[2]s) THEN '%[3]s' ELSE '%[4]s' END, true)`
+// txWaitSliceSQL is one slice of ms milliseconds of DoTx's wait for key in mode m.
+func txWaitSliceSQL(key Key, m Mode, ms int64) string {
+	return fmt.Sprintf(txWaitSliceFmt, txSliceSQL(key, m, ms))
+}
+
+// txBridgeSQL hands key, in mode m, to the transaction begin begins.
+func txBridgeSQL(key Key, m Mode, begin string) string {
+	return fmt.Sprintf(txBridgeFmt, m.sqlSuffix(), keyLiterals(key), begin)
+}
 
 // Keep-alive settings bound how long the server keeps a silent client's
 // session, and so its locks (see keepaliveArgs): TCP keep-alives for an idle
@@ -186,8 +220,52 @@ var keepaliveResetOnlySQL = `SELECT ` + keepaliveResetSQL
 // resets the keep-alives.
 var unlockAllSQL = `SELECT pg_advisory_unlock_all(), ` + keepaliveResetSQL
 
-// holdsAnySQL finds whether the session holds any advisory lock, granted.
-const holdsAnySQL = `SELECT FROM pg_catalog.pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND granted`
+// keyHoldersSQL[space-1] lists the backends that hold the key given as the
+// lock functions' arguments ($1, or $1, $2), granted, in pid order: the
+// pg_locks row of the key computed from them (keys.go's table).
+var keyHoldersSQL = [2]string{
+	holdersOfSQL("1", "($1 >> 32) & 4294967295", "$1 & 4294967295"),
+	holdersOfSQL("2", "$1::int8 & 4294967295", "$2::int8 & 4294967295"),
+}
+
+// holdersOfSQL lists the granted holders of the advisory lock row
+// (classid, objid, objsubid), SQL expressions, in pid order.
+func holdersOfSQL(objsubid, classid, objid string) string {
+	return `ARRAY(SELECT pid FROM pg_catalog.pg_lock_status() WHERE locktype = 'advisory' AND granted AND objsubid = ` + objsubid +
+		` AND classid::int8 = ` + classid + ` AND objid::int8 = ` + objid + ` ORDER BY pid)`
+}
+
+// plpgsqlSQL says whether this session can run the DO blocks of wait
+// slices: PL/pgSQL is installed and the role has USAGE on it. Where it
+// cannot, waits are one server-side wait (the package documentation, "What
+// waiting costs the server").
+const plpgsqlSQL = `EXISTS (SELECT FROM pg_catalog.pg_language WHERE lanname = 'plpgsql' AND has_language_privilege(oid, 'USAGE'))`
+
+// noPLpgSQL reports whether err is a wait slice's failure to run its DO
+// block: PL/pgSQL is not installed (42704) or the role lacks USAGE on it
+// (42501). Nothing ran, and nothing is held.
+func noPLpgSQL(err error) bool {
+	code := sqlState(err)
+	return code == "42501" || code == "42704"
+}
+
+// dropLateGrantSQL drops what a wait slice left to end on its own got just
+// as its caller gave up: the session held nothing before the wait.
+const dropLateGrantSQL = `SELECT pg_advisory_unlock_all()`
+
+// holdsAnySQL finds whether this backend holds any lock through which it
+// could be part of a deadlock cycle: any granted lock but its own virtual
+// transaction id and the catalog reads that a statement (this one
+// included: parsing it may read pg_proc) takes for itself. So an advisory
+// lock (session or transaction), a row it updated (its transaction id), a
+// table it read or altered all count. It reads the function behind
+// pg_locks, not the view, whose own relation lock would count.
+const holdsAnySQL = `SELECT FROM pg_catalog.pg_lock_status() AS l WHERE l.pid = pg_backend_pid() AND l.granted ` +
+	`AND l.locktype <> 'virtualxid' AND NOT (l.locktype = 'relation' AND l.mode = 'AccessShareLock' AND l.relation < 16384)`
+
+// holdsAnyOnlySQL asks holdsAnySQL alone, for a LockMany on a Session that
+// holds nothing of its own but whose WithConn ran.
+const holdsAnyOnlySQL = `SELECT EXISTS (` + holdsAnySQL + `)`
 
 // heldSQL reports whether this session holds a key in a mode, granted. It is
 // how an ambiguous error from a lock statement (a cancel or lock_timeout that
@@ -207,14 +285,18 @@ func numberedParams(first int) (p [4]string) {
 
 // lockTimeoutText formats a wait bound for lock_timeout. The server rounds to
 // milliseconds and treats 0 as "no timeout", so the bound is rounded up to at
-// least one millisecond.
+// least one millisecond; lock_timeout is an int of milliseconds, so a bound
+// beyond maxSettingMs (about 24.8 days) is clamped to it: the wait then ends
+// a little early, with ErrTimeout, instead of failing at once with "invalid
+// value for parameter".
 func lockTimeoutText(d time.Duration) string {
 	ms := (d + time.Millisecond - 1) / time.Millisecond
-	if ms < 1 {
-		ms = 1
-	}
-	return fmt.Sprintf("%dms", ms)
+	return fmt.Sprintf("%dms", min(max(ms, 1), maxSettingMs))
 }
+
+// maxSettingMs is the largest value of a setting counted in int
+// milliseconds (lock_timeout, tcp_user_timeout).
+const maxSettingMs = 1<<31 - 1
 
 // lockStatement returns the SQL and arguments that lock key.
 func lockStatement(sc scope, m Mode, w wait, key Key, bound time.Duration) (string, []any) {
@@ -419,14 +501,44 @@ const sliceMessageSQL = "SET LOCAL lock_timeout = '%dms';\n%s;\nSHOW lock_timeou
 const sliceMissedSQL = `set_config('lock_timeout', '0', true)`
 
 // sliceOneSQL: one key. Arguments: function suffix, key arguments,
-// classid, objid, objsubid. The session's keep-alives are set already, by
-// the try before the wait (waitFirstTrySQL).
+// classid, objid, objsubid, the holders the wait began behind (pids,
+// comma-separated: from the first try's keyHoldersSQL), and how long to
+// wait on in place, in milliseconds (inPlaceSlices slices, at most the
+// rest of the bound). The session's keep-alives are set already, by the
+// try before the wait (waitFirstTrySQL).
+//
+// The handler keeps a grant that landed just as the slice ended and, when
+// the key has changed hands since the wait began (its holders are not
+// those it began behind), waits on in place, in one server-side wait of up
+// to inPlaceSlices slices: each slice leaves the server's queue and joins
+// it again at its tail, so waiters that wait in one statement (other
+// programs' pg_advisory_lock, a Session holding locks) would be served
+// before it every time; a key that changes hands is held briefly, so the
+// snapshot this wait holds costs little, while a standby behind a
+// long-lived leader (whose holder never changes) keeps slicing. The
+// handler is one EXECUTE'd DO block, parsed only when a slice ends without
+// the key (it reads pg_lock_status once, about 0.1 ms). A grant in that
+// wait sets lock_timeout to 1 ms, so that the report says got.
 const sliceOneSQL = `DO $advisory$BEGIN
 	PERFORM pg_advisory_lock%[1]s(%[2]s);
 EXCEPTION WHEN lock_not_available THEN
-	EXECUTE $h$SELECT CASE WHEN EXISTS (SELECT FROM pg_catalog.pg_locks WHERE locktype = 'advisory' ` +
-	`AND pid = pg_backend_pid() AND granted AND classid::int8 = %[3]d AND objid::int8 = %[4]d AND objsubid = %[5]d) ` +
-	`THEN '' ELSE ` + sliceMissedSQL + ` END$h$;
+	EXECUTE $h$DO $w$DECLARE
+	held int4[] := ARRAY(SELECT pid FROM pg_catalog.pg_lock_status() WHERE locktype = 'advisory' AND granted ` +
+	`AND classid::int8 = %[3]d AND objid::int8 = %[4]d AND objsubid = %[5]d ORDER BY pid);
+BEGIN
+	IF pg_backend_pid() = ANY (held) THEN
+		RETURN;
+	ELSIF held = '{%[6]s}' THEN
+		PERFORM ` + sliceMissedSQL + `;
+		RETURN;
+	END IF;
+	PERFORM set_config('lock_timeout', '%[7]dms', true);
+	PERFORM pg_advisory_lock%[1]s(%[2]s);
+	PERFORM set_config('lock_timeout', '1ms', true);
+EXCEPTION WHEN lock_not_available THEN
+	PERFORM CASE WHEN EXISTS (SELECT FROM pg_catalog.pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND granted ` +
+	`AND classid::int8 = %[3]d AND objid::int8 = %[4]d AND objsubid = %[5]d) THEN '' ELSE ` + sliceMissedSQL + ` END;
+END$w$$h$;
 END$advisory$`
 
 // sliceManySQL: many keys, each waited for with lock_timeout set to what is
@@ -508,10 +620,17 @@ func keepaliveLiterals(keepalive []any) string {
 	return keepaliveSetExpr(values)
 }
 
-// oneSliceSQL is one slice of a session-scope wait for key in mode m.
-func oneSliceSQL(key Key, m Mode, ms int64) string {
+// oneSliceSQL is one slice of ms milliseconds of a session-scope wait for
+// key in mode m, begun behind holders, waiting on in place for up to
+// restMs: see sliceOneSQL.
+func oneSliceSQL(key Key, m Mode, ms int64, holders []int32, restMs int64) string {
 	classid, objid, objsubid := key.LockRow()
-	return fmt.Sprintf(sliceMessageSQL, ms, fmt.Sprintf(sliceOneSQL, m.sqlSuffix(), keyLiterals(key), classid, objid, objsubid))
+	pids := make([]string, len(holders))
+	for i, p := range holders {
+		pids[i] = strconv.Itoa(int(p))
+	}
+	return fmt.Sprintf(sliceMessageSQL, ms, fmt.Sprintf(sliceOneSQL, m.sqlSuffix(), keyLiterals(key), classid, objid, objsubid,
+		strings.Join(pids, ","), min(max(restMs, 1), maxSettingMs)))
 }
 
 // manySliceSQL is one slice of a session-scope wait for keys (in canonical
@@ -528,17 +647,6 @@ func manySliceSQL(keys []Key, m Mode, ms int64, keepalive []any) string {
 	}
 	return fmt.Sprintf(sliceMessageSQL, ms, fmt.Sprintf(sliceManySQL, strings.Join(ints, ","), strings.Join(as, ","), strings.Join(bs, ","),
 		ms, m.sqlSuffix(), len(keys), keepaliveLiterals(keepalive)))
-}
-
-// txBeginTrySQL is beginTrySQL for key in mode m, flipping seen, the
-// client's last view of beginTrySignal ("on" or "off"), only if it gets the
-// key.
-func txBeginTrySQL(key Key, m Mode, seen string) string {
-	flipped := "on"
-	if seen == "on" {
-		flipped = "off"
-	}
-	return fmt.Sprintf(beginTrySQL, m.sqlSuffix(), keyLiterals(key), flipped, seen)
 }
 
 // txSliceSQL is one slice of a transaction-scope wait for key in mode m.
@@ -558,10 +666,11 @@ func txSliceSQL(key Key, m Mode, ms int64) string {
 // the same statement. Columns: the 1-based position of the slot taken, or
 // NULL when every slot was busy; the text of the last keep-alive set (NULL
 // when none was taken); deadlock_timeout in milliseconds (to size wait
-// slices). Arguments: $1 the slot keys, $2..$5 the keep-alives
+// slices); when none was taken, whether PL/pgSQL can be used (plpgsqlSQL). Arguments: $1 the slot keys, $2..$5 the keep-alives
 // (keepaliveArgs). It is all of a NoWait acquire, and the first round trip
 // of a waiting one.
-var semaphoreTrySQL = `SELECT t.i, CASE WHEN t.i IS NOT NULL THEN ` + keepaliveSetExpr(numberedParams(2)) + ` END, ` + deadlockTimeoutSQL + ` FROM (` +
+var semaphoreTrySQL = `SELECT t.i, CASE WHEN t.i IS NOT NULL THEN ` + keepaliveSetExpr(numberedParams(2)) + ` END, ` + deadlockTimeoutSQL +
+	`, CASE WHEN t.i IS NULL THEN ` + plpgsqlSQL + ` END FROM (` +
 	`SELECT (SELECT i FROM unnest($1::int8[]) WITH ORDINALITY AS u(k, i) WHERE pg_try_advisory_lock(k) LIMIT 1) AS i OFFSET 0) AS t`
 
 // sliceSemaphoreSQL is one wait slice for a semaphore slot, in the manner

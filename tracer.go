@@ -130,7 +130,17 @@ type TraceWaitEndData struct {
 	// Err is the call's error (an *Error matching the sentinels), nil when
 	// the lock was acquired or a try found it busy.
 	Err error
+	// NoSlices, when not empty, says why this wait was one server-side
+	// wait, which holds a snapshot while it lasts, where it would have been
+	// cut into slices (the package documentation, "What waiting costs the
+	// server"): NoSlicesPLpgSQL. A Session says it once, at its first such
+	// wait; LockTx and DoTx at each.
+	NoSlices string
 }
+
+// NoSlicesPLpgSQL is TraceWaitEndData.NoSlices when PL/pgSQL cannot be
+// used by the waiting session (not installed, or its role lacks USAGE).
+const NoSlicesPLpgSQL = "PL/pgSQL cannot be used (not installed, or no USAGE on it): waits hold a snapshot"
 
 // WaitOutcome classifies how a wait ended; its String is a low-cardinality
 // label.
@@ -274,10 +284,14 @@ func (c config) tracer() Tracer {
 
 // waitTrace is one wait being traced; the zero waitTrace traces nothing.
 type waitTrace struct {
-	t     Tracer
-	data  TraceWaitStartData
-	start time.Time
+	t        Tracer
+	data     TraceWaitStartData
+	start    time.Time
+	noSlices *string // set by noteNoSlices through the call's context
 }
+
+// noSlicesKey is the context key of a traced wait's waitTrace.noSlices.
+type noSlicesKey struct{}
 
 // traceWait reports a wait described by data (its Entry, Mode and Try
 // taken from cfg) to cfg's tracer, if any, and returns the context for the
@@ -288,8 +302,8 @@ func traceWait(ctx context.Context, cfg config, data TraceWaitStartData) (contex
 		return ctx, waitTrace{}
 	}
 	data.Entry, data.Mode, data.Try = cfg.entry, cfg.mode, cfg.noWait
-	w := waitTrace{t: t, data: data, start: time.Now()}
-	return t.TraceWaitStart(ctx, data), w
+	w := waitTrace{t: t, data: data, start: time.Now(), noSlices: new(string)}
+	return context.WithValue(t.TraceWaitStart(ctx, data), noSlicesKey{}, w.noSlices), w
 }
 
 // end reports the wait's answer.
@@ -297,7 +311,8 @@ func (w waitTrace) end(ctx context.Context, acquired bool, err error) {
 	if w.t == nil {
 		return
 	}
-	w.t.TraceWaitEnd(ctx, TraceWaitEndData{TraceWaitStartData: w.data, Acquired: acquired, Duration: time.Since(w.start), Err: err})
+	w.t.TraceWaitEnd(ctx, TraceWaitEndData{TraceWaitStartData: w.data, Acquired: acquired, Duration: time.Since(w.start), Err: err,
+		NoSlices: *w.noSlices})
 }
 
 // sessionTrace is a traced Session's tracer and, if it traces holds, when

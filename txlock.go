@@ -3,9 +3,13 @@ package advisory
 import (
 	"context"
 	"errors"
+	"fmt"
+	"strconv"
+	"strings"
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 )
 
@@ -21,12 +25,18 @@ import (
 // It tries once and, if it must wait, waits in slices (see the package
 // documentation, "What waiting costs the server"), each ended by the server
 // without an error: a wait that reaches its bound returns ErrTimeout and
-// leaves tx usable, and tx's own lock_timeout is unchanged. When tx's
-// session already holds an advisory lock (an earlier LockTx in tx, say), the
-// wait is instead one server-side wait, which PostgreSQL's deadlock detector
-// sees (ErrDeadlock) and which holds a snapshot while it lasts; a bound it
-// reaches then fails with ErrTimeout and aborts tx, as any failed statement
-// does. Other failures
+// leaves tx usable, and tx's own lock_timeout is unchanged. When tx holds
+// any lock besides its own transaction id (an earlier LockTx, a row it
+// updated, a table it read: the first try asks pg_locks), or PL/pgSQL
+// cannot be used, the wait is instead one server-side wait, which
+// PostgreSQL's deadlock detector sees (ErrDeadlock) and which holds a
+// snapshot while it lasts; a bound it reaches then fails with ErrTimeout
+// and aborts tx, as any failed statement does.
+//
+// In a REPEATABLE READ or SERIALIZABLE tx, LockTx cannot make tx see what
+// the previous holder committed: tx's snapshot was taken at its first
+// statement, before the grant. Use DoTx with TxOptions instead, which
+// takes fn's snapshot after the grant. Other failures
 // (ErrTooManyLocks, a server error) abort tx, as any failed statement does:
 // roll it back. A cancelled ctx is handled as pgx handles it for any
 // statement (by default the connection is closed, ending tx); a ctx
@@ -81,25 +91,37 @@ func lockTxCall(ctx context.Context, tx pgx.Tx, key Key, cfg config) (bool, erro
 // locks it holds is detected (two transactions slicing on each other's keys
 // would wait for ever, each unseen by the other's detector).
 func lockTx(ctx context.Context, tx pgx.Tx, key Key, m Mode, w wait, end time.Time) (got bool, err error) {
+	if _, ok := ctx.Deadline(); ok {
+		// A deadline that passes during the try (it never waits) must not
+		// close the connection under it: the try's answer comes soon.
+		var cancel context.CancelFunc
+		ctx, cancel = pastDeadline(ctx, deadlineGrace)
+		defer cancel()
+	}
 	var (
-		dtMs     int64
-		holdsAny *bool
+		dtMs              int64
+		holdsAny, canDoPL *bool
 	)
-	if err := tx.QueryRow(ctx, txFirstTrySQL[m][key.space-1], key.args()...).Scan(&got, &dtMs, &holdsAny); err != nil || got || w == waitTry {
+	if err := tx.QueryRow(ctx, txFirstTrySQL[m][key.space-1], key.args()...).Scan(&got, &dtMs, &holdsAny, &canDoPL); err != nil || got || w == waitTry {
 		return got, err
 	}
-	if holdsAny != nil && *holdsAny {
+	switch {
+	case holdsAny != nil && *holdsAny:
+		return lockTxOnce(ctx, tx, key, m, end)
+	case canDoPL != nil && !*canDoPL:
+		noteNoSlices(ctx, nil)
 		return lockTxOnce(ctx, tx, key, m, end)
 	}
 	return inSlices(ctx, dtMs, end, func(ctx context.Context, ms int64) (bool, error) {
-		return sliceReport(tx.Conn().PgConn().Exec(ctx, txSliceSQL(key, m, ms)).ReadAll())
+		got, err := sliceReport(tx.Conn().PgConn().Exec(ctx, txSliceSQL(key, m, ms)).ReadAll())
+		return got > 0, err
 	})
 }
 
 // lockTxOnce waits for key in one server-side wait, under lock_timeout
 // until end if there is one. A wait that reaches end fails with 55P03 and,
 // as any failed statement, aborts the transaction.
-func lockTxOnce(ctx context.Context, tx pgx.Tx, key Key, m Mode, end time.Time) (bool, error) {
+func lockTxOnce(ctx context.Context, tx execer, key Key, m Mode, end time.Time) (bool, error) {
 	w, bound := waitForever, time.Duration(0)
 	if !end.IsZero() {
 		if bound = time.Until(end); bound <= 0 {
@@ -117,16 +139,31 @@ func lockTxOnce(ctx context.Context, tx pgx.Tx, key Key, m Mode, end time.Time) 
 	return err == nil, err
 }
 
-// DoTx runs fn in a transaction that holds key: it begins a transaction on
-// a connection of pool, takes key in it as LockTx does (options as LockTx),
-// runs fn, and commits. fn runs only if the lock was acquired; acquired
-// reports whether it ran. The transaction is rolled back when the lock is
-// not acquired, when fn returns an error (returned as is), and when fn
+// DoTx runs fn in a transaction that holds key: it takes key on a
+// connection of pool as LockTx does (options as LockTx, and TxOptions),
+// begins fn's transaction holding it, runs fn, and commits. fn runs only if
+// the lock was acquired; acquired reports whether it ran. The transaction
+// is rolled back when fn returns an error (returned as is) and when fn
 // panics (the panic goes on). The lock ends with the transaction.
 //
-// An uncontended DoTx is two round trips, as a session lock's cycle: the
-// BEGIN carries the first try, and the COMMIT ends the
-// lock. A contended one goes on as LockTx.
+// DoTx never waits inside fn's transaction: it tries the key in a
+// transaction of its own and, if it must wait, waits in slices that are
+// each a short transaction of their own (so a holder's CREATE INDEX
+// CONCURRENTLY, which waits for every transaction that had a snapshot when
+// it began, waits for a slice at most). Once a try or a slice holds the
+// key, the same message that begins fn's transaction (with TxOptions'
+// isolation level, access mode and deferrable mode) takes the key in it
+// and lets the waiting transaction's hold go, so that fn's snapshot is
+// taken after the grant, whatever its isolation level: a REPEATABLE READ
+// or SERIALIZABLE fn sees what the previous holder committed. Nothing
+// observable is changed on the connection to learn an outcome.
+//
+// An uncontended DoTx is three round trips: the try, the BEGIN of fn's
+// transaction, the COMMIT. All of it works through PgBouncer in
+// transaction pooling mode: each step is one transaction or one message.
+// A cancelled ctx returns at once with ctx's error; a slice then in flight
+// is left to end on its own (within one slice) and the connection goes
+// back to the pool after it, without a grant that came late.
 func DoTx(ctx context.Context, pool *pgxpool.Pool, key Key, fn func(context.Context, pgx.Tx) error, opts ...Option) (acquired bool, err error) {
 	cfg, err := newConfig(callDoTx, opts)
 	if err != nil {
@@ -146,24 +183,18 @@ func DoTx(ctx context.Context, pool *pgxpool.Pool, key Key, fn func(context.Cont
 		w.end(waitCtx, false, err)
 		return false, err
 	}
-	// Released after the rollback below; a connection left in a failed
-	// transaction (a BEGIN whose try failed with an error) is destroyed by
-	// the pool rather than reused.
-	defer conn.Release()
-	tx, acquired, err := beginLocked(waitCtx, conn.Conn(), key, cfg)
-	w.end(waitCtx, acquired, err)
+	tx, err := beginLocked(waitCtx, conn, key, cfg)
+	w.end(waitCtx, tx != nil, err)
 	if tx == nil {
 		return false, err
 	}
+	defer conn.Release() // after the rollback below; a connection left in a transaction is destroyed
 	committed := false
 	defer func() {
 		if !committed {
 			rollback(ctx, tx)
 		}
 	}()
-	if err != nil || !acquired {
-		return acquired, err
-	}
 	if err := fn(ctx, tx); err != nil {
 		return true, err
 	}
@@ -174,38 +205,174 @@ func DoTx(ctx context.Context, pool *pgxpool.Pool, key Key, fn func(context.Cont
 	return true, nil
 }
 
-// beginLocked begins a transaction on c and takes key in it, as LockTx
-// does. When the server reports beginTrySignal, the BEGIN carries the first
-// try (beginTrySQL), and a reported change of the setting means the try got
-// the key: one round trip. Otherwise (the try did not get the key, or its
-// flip was not reported) it goes on as LockTx: a NoWait asks pg_locks
-// whether the BEGIN's try got the key (heldSQL: a NoWait sends one try), a
-// wait starts with LockTx's first try. On a server that does not report the
-// setting (before PostgreSQL 14) the BEGIN is plain and LockTx follows.
-// tx is nil when no transaction began; err is then the failure of BEGIN.
-func beginLocked(ctx context.Context, c *pgx.Conn, key Key, cfg config) (tx pgx.Tx, got bool, err error) {
-	pc := c.PgConn()
-	seen := pc.ParameterStatus(beginTrySignal)
-	var opts pgx.TxOptions
-	if seen == "on" || seen == "off" {
-		opts.BeginQuery = txBeginTrySQL(key, cfg.mode, seen)
+// beginLocked takes key on conn in a transaction of its own (txWait) and,
+// once it holds it, begins fn's transaction holding key (txBridgeSQL). It
+// returns fn's transaction, or nil and the reason (nil when NoWait found
+// the key busy, ErrTimeout when the bound passed): then conn has been
+// released, or will be once a slice left to end on its own has ended.
+func beginLocked(ctx context.Context, conn *pgxpool.Conn, key Key, cfg config) (pgx.Tx, error) {
+	got, err := txWait(ctx, conn, key, cfg)
+	if !got {
+		return nil, err // txWait released conn
 	}
-	if tx, err = c.BeginTx(ctx, opts); err != nil {
-		return nil, false, beginError(ctx, key, err)
+	tx, err := conn.Conn().BeginTx(ctx, pgx.TxOptions{
+		BeginQuery:  txBridgeSQL(key, cfg.mode, beginSQLOf(cfg.tx)),
+		CommitQuery: cfg.tx.CommitQuery,
+	})
+	if err != nil {
+		// The message may have failed after the waiting transaction's
+		// COMMIT, with the session-level hold it takes still held: only
+		// closing the connection is sure to end it.
+		_ = conn.Hijack().Close(context.Background())
+		return nil, beginError(ctx, key, err)
 	}
+	return tx, nil
+}
+
+// txWait takes key in a transaction of its own on conn: one try and, if it
+// must wait, wait slices, each its own transaction. It returns true when
+// that transaction holds key (still open, for txBridgeSQL). Otherwise it
+// has ended the transaction and released conn (or left both to a slice
+// that ends on its own, when ctx ended), and returns nil when NoWait found
+// the key busy, ErrTimeout when the bound passed, or the failure.
+func txWait(ctx context.Context, conn *pgxpool.Conn, key Key, cfg config) (got bool, err error) {
+	pc := conn.Conn().PgConn()
+	w, bound, byDeadline := cfg.waitPlan(ctx)
+	end := endOf(bound)
+	var (
+		dtMs    int64
+		canDoPL bool
+	)
+	results, err := pc.Exec(ctx, txTrySQL(key, cfg.mode)).ReadAll()
+	got, err = txReport(results, err, &dtMs, &canDoPL)
 	switch {
-	case opts.BeginQuery == "":
-	case pc.ParameterStatus(beginTrySignal) != seen:
-		return tx, true, nil
-	case cfg.noWait:
-		classid, objid, objsubid := key.LockRow()
-		if err := tx.QueryRow(ctx, heldSQL, int64(classid), int64(objid), objsubid, cfg.mode.lockMode()).Scan(&got); err != nil {
-			return tx, false, keyError("lock_tx", key, kindOf(err), err)
+	case err != nil || got || w == waitTry:
+	case !canDoPL:
+		noteNoSlices(ctx, nil)
+		got, err = txWaitOnce(ctx, conn.Conn(), key, cfg.mode, end)
+	default:
+		var left bool
+		got, err = inSlices(ctx, dtMs, end, func(ctx context.Context, ms int64) (bool, error) {
+			sql := txWaitSliceSQL(key, cfg.mode, ms)
+			got, err := sliceDetached(ctx, func() (bool, error) {
+				sctx, cancel := context.WithTimeout(context.Background(), time.Duration(ms)*time.Millisecond+sliceCap+minPingTimeout)
+				defer cancel()
+				results, err := pc.Exec(sctx, sql).ReadAll()
+				return txReport(results, err, nil, nil)
+			}, func(bool, error) { endTxWait(conn) })
+			left = left || isLeftToEnd(err)
+			return got, err
+		})
+		if left {
+			return false, txWaitError(ctx, key, byDeadline, err)
 		}
-		return tx, got, nil
 	}
-	got, err = lockTxCall(ctx, tx, key, cfg)
-	return tx, got, err
+	if got && err == nil {
+		return true, nil
+	}
+	endTxWait(conn)
+	switch {
+	case err != nil:
+		return false, txWaitError(ctx, key, byDeadline, err)
+	case w != waitTry:
+		return false, &Error{Op: "lock_tx", Key: key, Kind: ErrTimeout, deadline: byDeadline}
+	}
+	return false, nil
+}
+
+// txWaitOnce is DoTx's wait where slices cannot run (no PL/pgSQL): a new
+// waiting transaction that waits in one statement, as lockTxOnce.
+func txWaitOnce(ctx context.Context, c *pgx.Conn, key Key, m Mode, end time.Time) (bool, error) {
+	if _, err := c.PgConn().Exec(ctx, "ROLLBACK; BEGIN").ReadAll(); err != nil {
+		return false, err
+	}
+	return lockTxOnce(ctx, c, key, m, end)
+}
+
+// txReport reads the last row of a DoTx try or slice message: whether the
+// waiting transaction holds the key, and for the try (dtMs and canDoPL not
+// nil) the server's deadlock_timeout and, when the try failed, whether
+// PL/pgSQL can be used.
+func txReport(results []*pgconn.Result, err error, dtMs *int64, canDoPL *bool) (bool, error) {
+	if err != nil {
+		return false, err
+	}
+	if len(results) == 0 || len(results[len(results)-1].Rows) != 1 {
+		return false, errors.New("a DoTx try or wait slice returned no report")
+	}
+	row := results[len(results)-1].Rows[0]
+	if dtMs != nil {
+		if len(row) != 3 {
+			return false, errors.New("a DoTx try returned no deadlock_timeout")
+		}
+		v, err := strconv.ParseInt(string(row[1]), 10, 64)
+		if err != nil {
+			return false, fmt.Errorf("a DoTx try reported deadlock_timeout %q", row[1])
+		}
+		*dtMs, *canDoPL = v, string(row[2]) == "t"
+	}
+	switch v := string(row[0]); v {
+	case "t":
+		return true, nil
+	case "f":
+		return false, nil
+	default:
+		return false, fmt.Errorf("a DoTx try or wait slice reported %q", v)
+	}
+}
+
+// endTxWait ends DoTx's waiting transaction, and with it a grant that came
+// too late, and releases conn; a connection whose transaction cannot be
+// ended is closed.
+func endTxWait(conn *pgxpool.Conn) {
+	ctx, cancel := context.WithTimeout(context.Background(), cleanupTimeout)
+	defer cancel()
+	pc := conn.Conn().PgConn()
+	if pc.TxStatus() != 'I' {
+		if _, err := pc.Exec(ctx, "ROLLBACK").ReadAll(); err != nil {
+			_ = conn.Hijack().Close(ctx)
+			return
+		}
+	}
+	conn.Release()
+}
+
+// txWaitError is DoTx's error for a wait that failed.
+func txWaitError(ctx context.Context, key Key, byDeadline bool, err error) *Error {
+	kind := kindOf(err)
+	if ctxErr := ctx.Err(); ctxErr != nil {
+		if errors.Is(ctxErr, context.DeadlineExceeded) && byDeadline {
+			kind = ErrTimeout
+		}
+	}
+	e := keyError("lock_tx", key, kind, err)
+	e.deadline = kind == ErrTimeout && byDeadline
+	return e
+}
+
+// beginSQLOf is the BEGIN statement for o, as pgx would send it.
+func beginSQLOf(o pgx.TxOptions) string {
+	if o.BeginQuery != "" {
+		return o.BeginQuery
+	}
+	var b strings.Builder
+	b.WriteString("BEGIN")
+	if o.IsoLevel != "" {
+		b.WriteString(" ISOLATION LEVEL " + string(o.IsoLevel))
+	}
+	if o.AccessMode != "" {
+		b.WriteString(" " + string(o.AccessMode))
+	}
+	if o.DeferrableMode != "" {
+		b.WriteString(" " + string(o.DeferrableMode))
+	}
+	return b.String()
+}
+
+// execer runs a statement: a pgx.Tx, or the *pgx.Conn of DoTx's waiting
+// transaction.
+type execer interface {
+	Exec(ctx context.Context, sql string, args ...any) (pgconn.CommandTag, error)
 }
 
 // beginError is the error of DoTx when no transaction began: a pool

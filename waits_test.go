@@ -15,6 +15,8 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/seed0ad592b7/advisory/internal/pgtest"
 )
 
 // Tests of SPEC §2a: waits that do not hold the server back.
@@ -138,17 +140,37 @@ func deadRowsKept(t *testing.T, e *env, table string) int {
 // LOCAL outside a transaction block, for one, is a WARNING).
 func noErrorLogged(t *testing.T) func() {
 	t.Helper()
-	before, err := server.Log()
-	must(t, err)
+	return noErrorLoggedOn(t, server)
+}
+
+// noErrorLoggedOn is noErrorLogged for the server srv.
+func noErrorLoggedOn(t *testing.T, srv *pgtest.Server) func() {
+	t.Helper()
+	logged := errorsLogged(t, srv)
 	return func() {
 		t.Helper()
-		after, err := server.Log()
+		for _, line := range logged() {
+			t.Errorf("server log: %s", line)
+		}
+	}
+}
+
+// errorsLogged returns a function that returns the ERROR and WARNING lines
+// srv logged since errorsLogged was called.
+func errorsLogged(t *testing.T, srv *pgtest.Server) func() []string {
+	t.Helper()
+	before, err := srv.Log()
+	must(t, err)
+	return func() (lines []string) {
+		t.Helper()
+		after, err := srv.Log()
 		must(t, err)
 		for _, line := range strings.Split(after[len(before):], "\n") {
 			if strings.Contains(line, "ERROR") || strings.Contains(line, "WARNING") {
-				t.Errorf("server log: %s", line)
+				lines = append(lines, line)
 			}
 		}
+		return lines
 	}
 }
 
