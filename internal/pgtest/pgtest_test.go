@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/http"
+	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -100,17 +102,51 @@ func show(t *testing.T, conn *pgx.Conn, name string) string {
 }
 
 // wantSource is the source Start should pick for a private server here:
-// docker if an engine answers, else local.
+// docker if an engine answers a ping (GET /_ping on DOCKER_HOST, else the
+// default socket), else local.
 func wantSource(t *testing.T) string {
 	t.Helper()
 	begin := time.Now()
-	pool, err := dockerPool(context.Background())
+	err := dockerPing()
 	t.Logf("docker check: %v after %v", err, time.Since(begin))
 	if err != nil {
 		return SourceLocal
 	}
-	closeIdle(pool)
 	return SourceDocker
+}
+
+// dockerPing asks the Docker engine for /_ping within two seconds.
+func dockerPing() error {
+	if err := dockerEndpoint(); err != nil {
+		return err
+	}
+	network, addr := "unix", "/var/run/docker.sock"
+	if h := os.Getenv("DOCKER_HOST"); h != "" {
+		u, err := url.Parse(h)
+		if err != nil {
+			return err
+		}
+		network, addr = u.Scheme, u.Host
+		if network == "unix" {
+			addr = u.Path
+		}
+	}
+	client := &http.Client{
+		Timeout: 2 * time.Second,
+		Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			return (&net.Dialer{}).DialContext(ctx, network, addr)
+		}},
+	}
+	defer client.CloseIdleConnections()
+	resp, err := client.Get("http://docker/_ping")
+	if err != nil {
+		return err
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("GET /_ping: %s", resp.Status)
+	}
+	return nil
 }
 
 func portRefuses(port int) bool {
@@ -424,5 +460,27 @@ func TestWatchdog(t *testing.T) {
 				t.Errorf("processes remain: %q", ps)
 			}
 		})
+	}
+}
+
+// TestDockerHelperWithoutEngine runs the Docker helper (go run, resolved by
+// go.work) against an endpoint where no engine listens: the Docker step must
+// fail with the helper's own message within its bound, and leave no helper
+// process behind. The first run builds the helper.
+func TestDockerHelperWithoutEngine(t *testing.T) {
+	defer goleak.VerifyNone(t)
+	sock := filepath.Join(t.TempDir(), "docker.sock")
+	t.Setenv("DOCKER_HOST", "unix://"+sock)
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	s, err := startDocker(ctx, map[string]string{"max_connections": "20"})
+	if err == nil {
+		t.Fatalf("startDocker with no engine at %s returned a server (%s)", sock, s.Source())
+	}
+	if want := "no Docker engine answered at unix://" + sock; !strings.Contains(err.Error(), want) {
+		t.Fatalf("startDocker error = %v, want it to contain %q", err, want)
+	}
+	if left := processesMentioning(t, dockerHelper); len(left) > 0 {
+		t.Errorf("helper processes left: %q", left)
 	}
 }
