@@ -8,6 +8,9 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
+	"net/http"
+	"net/url"
 	"os"
 	"os/exec"
 	"runtime/debug"
@@ -47,16 +50,48 @@ type helperReply struct {
 	Error string `json:"error"`
 }
 
-// dockerEndpoint returns an error, quickly, on a machine where no Docker
-// engine can answer: DOCKER_HOST unset and no socket at the default path.
-// Otherwise the helper pings the engine (two seconds at most).
-func dockerEndpoint() error {
-	if os.Getenv("DOCKER_HOST") != "" {
-		return nil
+// dockerPingTimeout bounds the check for a Docker engine, so that a
+// machine without one falls back to local binaries quickly.
+const dockerPingTimeout = 2 * time.Second
+
+// dockerPing asks the Docker engine for GET /_ping, within dockerPingTimeout:
+// at DOCKER_HOST (unix:// or tcp://), else at /var/run/docker.sock. It runs
+// before the helper so that a machine whose engine does not answer never
+// builds or starts it. An engine it cannot reach this way (TLS, ssh://) is
+// left to the helper (nil).
+func dockerPing(ctx context.Context) error {
+	network, addr := "unix", "/var/run/docker.sock"
+	if h := os.Getenv("DOCKER_HOST"); h != "" {
+		u, err := url.Parse(h)
+		if err != nil {
+			return fmt.Errorf("DOCKER_HOST=%q: %w", h, err)
+		}
+		switch {
+		case os.Getenv("DOCKER_TLS_VERIFY") != "" || (u.Scheme != "unix" && u.Scheme != "tcp"):
+			return nil
+		case u.Scheme == "unix":
+			addr = u.Path
+		default:
+			network, addr = "tcp", u.Host
+		}
 	}
-	const sock = "/var/run/docker.sock"
-	if _, err := os.Stat(sock); err != nil {
-		return fmt.Errorf("no Docker engine: DOCKER_HOST is not set and %s does not exist", sock)
+	ctx, cancel := context.WithTimeout(ctx, dockerPingTimeout)
+	defer cancel()
+	tr := &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		return (&net.Dialer{}).DialContext(ctx, network, addr)
+	}}
+	defer tr.CloseIdleConnections()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://docker/_ping", nil)
+	if err != nil {
+		return err
+	}
+	resp, err := tr.RoundTrip(req)
+	if err != nil {
+		return fmt.Errorf("no Docker engine answered at %s:%s within %v: %w", network, addr, dockerPingTimeout, err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("the Docker engine at %s:%s answered GET /_ping with %s", network, addr, resp.Status)
 	}
 	return nil
 }
@@ -65,7 +100,7 @@ func dockerEndpoint() error {
 // 127.0.0.1 through the helper and waits until it accepts connections.
 // The first start builds the helper (go run), which may take a minute.
 func startDocker(ctx context.Context, settings map[string]string) (*Server, error) {
-	if err := dockerEndpoint(); err != nil {
+	if err := dockerPing(ctx); err != nil {
 		return nil, err
 	}
 	goCmd, err := goCommand()

@@ -9,8 +9,8 @@
 //     postgres:15, bound to 127.0.0.1), through dockertest in a helper
 //     program of its own module (internal/pgdocker, run with "go run", which
 //     keeps the Docker client's modules out of the advisory module's
-//     go.mod); skipped at once if DOCKER_HOST is unset and
-//     /var/run/docker.sock does not exist;
+//     go.mod), built and run only once the engine has answered pgtest's
+//     own GET /_ping;
 //  3. local PostgreSQL binaries (initdb, pg_ctl, postgres) on PATH or under
 //     /usr/lib/postgresql/*/bin, run in a fresh temporary directory.
 //
