@@ -64,19 +64,19 @@ func (e *env) helpFlags(cmd string) []string {
 	return out
 }
 
-// The synopsis of each command in README's pglock section and in
-// "pglock --help" names exactly the flags the command's own --help lists.
+// The synopsis of each command in docs/pglock.md (the README's pglock
+// section moved there) and in "pglock --help" names exactly the flags the
+// command's own --help lists.
 func TestSynopsesListEveryFlag(t *testing.T) {
 	e := newEnv(t)
-	readme, err := os.ReadFile("../../README.md")
+	doc, err := os.ReadFile("../../docs/pglock.md")
 	if err != nil {
 		t.Fatal(err)
 	}
-	_, section, _ := strings.Cut(string(readme), "\n## pglock\n")
-	section, _, _ = strings.Cut(section, "\n## Semaphores")
+	section, _, _ := strings.Cut(string(doc), "\n## pglock run: process groups")
 	top := e.pglock(nil, "--help")
 	e.want(top, 0)
-	for _, doc := range []struct{ name, text string }{{"README's pglock section", section}, {`"pglock --help"`, top.stdout.String()}} {
+	for _, doc := range []struct{ name, text string }{{"docs/pglock.md", section}, {`"pglock --help"`, top.stdout.String()}} {
 		syn := synopsisFlags(doc.text)
 		for _, cmd := range []string{"run", "status", "key", "demo"} {
 			help := e.helpFlags(cmd)

@@ -6,7 +6,11 @@
 //     cannot be restarted or configured), unless Options.Private is set or
 //     Options.Settings is non-empty;
 //  2. a Docker engine that answers a ping within two seconds (image
-//     postgres:15, bound to 127.0.0.1);
+//     postgres:15, bound to 127.0.0.1), through dockertest in a helper
+//     program of its own module (internal/pgdocker, run with "go run", which
+//     keeps the Docker client's modules out of the advisory module's
+//     go.mod), built and run only once the engine has answered pgtest's
+//     own GET /_ping;
 //  3. local PostgreSQL binaries (initdb, pg_ctl, postgres) on PATH or under
 //     /usr/lib/postgresql/*/bin, run in a fresh temporary directory.
 //
@@ -19,7 +23,8 @@
 // A local server is also removed by a small watchdog process (a shell in its
 // own session) if the calling process dies without calling Stop: a panic,
 // os.Exit, a test timeout, SIGINT, SIGTERM or SIGKILL. A docker container
-// gets the same watchdog when the docker CLI is on PATH.
+// is removed by its helper, in its own session, when the calling process
+// closes the helper's stdin or dies.
 //
 // PostgreSQL refuses to run as root, so when the process runs as root the
 // local server runs as user postgres through runuser; the temporary

@@ -7,11 +7,13 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -100,16 +102,15 @@ func show(t *testing.T, conn *pgx.Conn, name string) string {
 }
 
 // wantSource is the source Start should pick for a private server here:
-// docker if an engine answers, else local.
+// docker if an engine answers a ping, else local.
 func wantSource(t *testing.T) string {
 	t.Helper()
 	begin := time.Now()
-	pool, err := dockerPool(context.Background())
+	err := dockerPing(context.Background())
 	t.Logf("docker check: %v after %v", err, time.Since(begin))
 	if err != nil {
 		return SourceLocal
 	}
-	closeIdle(pool)
 	return SourceDocker
 }
 
@@ -424,5 +425,66 @@ func TestWatchdog(t *testing.T) {
 				t.Errorf("processes remain: %q", ps)
 			}
 		})
+	}
+}
+
+// TestDockerHelperEngineFails runs the Docker helper (go run, resolved by
+// go.work) against an engine that answers its ping and fails everything
+// else (a stand-in: no engine is needed to test the helper's protocol):
+// the Docker step must fail with the helper's own message, within its
+// bound, and leave no helper process behind. The first run builds the
+// helper.
+func TestDockerHelperEngineFails(t *testing.T) {
+	defer goleak.VerifyNone(t)
+	sock := filepath.Join(t.TempDir(), "docker.sock")
+	ln, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	var asked []string
+	engine := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		asked = append(asked, r.Method+" "+r.URL.Path)
+		mu.Unlock()
+		if strings.HasSuffix(r.URL.Path, "/_ping") {
+			w.Write([]byte("OK"))
+			return
+		}
+		http.Error(w, "not an engine", http.StatusInternalServerError)
+	})}
+	go engine.Serve(ln)
+	defer engine.Close()
+	t.Setenv("DOCKER_HOST", "unix://"+sock)
+
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	s, err := startDocker(ctx, map[string]string{"max_connections": "20"})
+	if err == nil {
+		t.Fatalf("startDocker with an engine that fails returned a server (%s)", s.Source())
+	}
+	if want := "run postgres:15 container"; !strings.Contains(err.Error(), want) {
+		t.Fatalf("startDocker error = %v, want the helper's %q", err, want)
+	}
+	mu.Lock()
+	t.Logf("the helper asked the engine: %q", asked)
+	if len(asked) < 2 {
+		t.Errorf("the engine was asked %q: want the ping and the helper's requests", asked)
+	}
+	mu.Unlock()
+	if left := processesMentioning(t, dockerHelper); len(left) > 0 {
+		t.Errorf("helper processes left: %q", left)
+	}
+}
+
+// TestDockerNoEngineSkipsHelper: with no engine answering, the Docker step
+// fails with pgtest's own ping error (the helper's names the address as
+// unix:///…), so the helper was neither built nor run.
+func TestDockerNoEngineSkipsHelper(t *testing.T) {
+	sock := filepath.Join(t.TempDir(), "docker.sock")
+	t.Setenv("DOCKER_HOST", "unix://"+sock)
+	_, err := startDocker(context.Background(), nil)
+	if err == nil || !strings.Contains(err.Error(), "no Docker engine answered at unix:"+sock+" ") {
+		t.Fatalf("startDocker with no engine at %s: %v, want pgtest's ping error", sock, err)
 	}
 }
