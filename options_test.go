@@ -233,7 +233,7 @@ func TestSessionOptions(t *testing.T) {
 		want string
 	}{
 		{callNewConnSession, session, "HealthInterval, WithTracer"},
-		{callSessionLock, others, "Shared, NoWait, WaitTimeout, TTL"},
+		{callSessionLock, others, "Shared, NoWait, WaitTimeout, TTL, WaitingSince, NoCohort, TxOptions"},
 	} {
 		cfg, _ := newConfig(c.fn, c.opts)
 		if got := cfg.given.String(); got != c.want {
