@@ -22,7 +22,7 @@ import (
 // The session waited for a lock in one statement before the callback. The
 // blocking transaction lasts blockFor, a stimulus (well past the
 // client's 2 s user timeout for HealthInterval(200ms)), not an assertion.
-func TestReview4bSlowReaderIsNotALoss(t *testing.T) {
+func TestSlowReaderIsNotALoss(t *testing.T) {
 	const blockFor = 5 * time.Second
 	e := newEnv(t)
 	admin := e.adminConn()

@@ -34,7 +34,7 @@ func (e *env) killBackend(pid uint32) {
 // that held nothing, the call was only waiting and never held the lock: its
 // error says the connection was lost while waiting, and does not match
 // ErrLockLost (SPEC §4).
-func TestReview5bLostCleanupSaysLostOnce(t *testing.T) {
+func TestLostCleanupSaysLostOnce(t *testing.T) {
 	e := newEnv(t)
 	cancelled := &pgconn.PgError{Code: codeQueryCanceled, Message: "canceling statement due to user request"}
 	check := func(what string, heldBefore bool, s *Session, err error) {

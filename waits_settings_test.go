@@ -1,8 +1,10 @@
 package advisory
 
-// Adversarial review of aa316b0 (DoTx in two round trips) and 242253a
-// (cheaper session wait slices). Each test here shows a defect: it fails
-// on 3323909.
+// DoTx and wait slices under server settings and edge cases: a
+// configuration reload during a DoTx, a full lock table at its try, a
+// deadline swept across a wait, one-millisecond slices, and every form of
+// a slice's report. Each test was written for a defect (it failed on
+// 3323909).
 
 import (
 	"context"
@@ -51,7 +53,7 @@ func (e *env) reloadDefaultReadOnly(v string) {
 	})
 }
 
-// A false "acquired", found by review18 and fixed in a88a326. A
+// A false "acquired", fixed in a88a326. A
 // configuration reload that changes default_transaction_read_only (ALTER
 // SYSTEM SET ... + pg_reload_conf(), the usual way to put a cluster in or
 // out of read-only maintenance) is applied by an idle pooled backend when
@@ -62,7 +64,7 @@ func (e *env) reloadDefaultReadOnly(v string) {
 // key, in both directions. The fix: the BEGIN sets the setting to a value
 // only the try decides, relative to the value pgx last saw (beginTrySQL),
 // so no reload, proxy or leaked setting can produce a false flip.
-func TestReview18DoTxReloadFalseAcquired(t *testing.T) {
+func TestDoTxAcquiredDespiteReload(t *testing.T) {
 	e, _ := privateEnv(t, nil)
 	holder := e.conn()
 	key := StringKey("review18-reload")
@@ -96,7 +98,7 @@ func TestReview18DoTxReloadFalseAcquired(t *testing.T) {
 // with 53200 (the lock table is full) is ErrTooManyLocks with the hint, the
 // *pgconn.PgError reachable, fn does not run, and the connection left in
 // the failed transaction is not reused.
-func TestReview18DoTxTooManyLocksInBegin(t *testing.T) {
+func TestDoTxTooManyLocksInTry(t *testing.T) {
 	e, _ := privateEnv(t, map[string]string{"max_locks_per_transaction": "10", "max_connections": "10"})
 	pool := e.pool(func(c *pgxpool.Config) { c.MaxConns = 1 })
 	_, err := pool.Exec(e.ctx, "SELECT 1") // the pool's connection exists before the table is full
@@ -130,7 +132,7 @@ func TestReview18DoTxTooManyLocksInBegin(t *testing.T) {
 // DoTx (a sweep of deadlines across the BEGIN with its try, fn and the
 // COMMIT) never runs fn without the key, and no connection goes back to
 // the pool with the flip on, on the server or in pgx's view.
-func TestReview18DoTxDeadlineSweep(t *testing.T) {
+func TestDoTxDeadlineSweep(t *testing.T) {
 	e := newEnv(t)
 	pool := e.pool(func(c *pgxpool.Config) { c.MaxConns = 2 })
 	checker := e.conn()
@@ -168,7 +170,7 @@ func TestReview18DoTxDeadlineSweep(t *testing.T) {
 // overlapping key sets (ints and pairs, shared and exclusive): at most one
 // exclusive holder of a key at a time, every wait served, the server log
 // free of ERROR and WARNING, nothing left behind.
-func TestReview18LockManyOneMsSlices(t *testing.T) {
+func TestLockManyOneMsSlices(t *testing.T) {
 	e := newEnv(t)
 	checkLog := noErrorLogged(t)
 	pool := e.pool(deadlockTimeout("2ms", 10))
@@ -217,7 +219,7 @@ func TestReview18LockManyOneMsSlices(t *testing.T) {
 // the server connection applies the reload when DoTx's BEGIN reaches it,
 // and PgBouncer passes the report on to the client that sent the BEGIN.
 // Same fix.
-func TestReview18DoTxReloadFalseAcquiredPgBouncer(t *testing.T) {
+func TestDoTxAcquiredDespiteReloadPgBouncer(t *testing.T) {
 	e, srv := privateEnv(t, nil)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
@@ -249,7 +251,7 @@ func TestReview18DoTxReloadFalseAcquiredPgBouncer(t *testing.T) {
 // 999ms, 1000 ms shown as "1s"), one key and many, got and missed, with
 // and without the keep-alives; the session holds exactly what the report
 // says.
-func TestReview18SliceReportFormats(t *testing.T) {
+func TestSliceReportFormats(t *testing.T) {
 	e := newEnv(t)
 	c := e.conn()
 	holder := e.conn()
@@ -294,7 +296,7 @@ func TestReview18SliceReportFormats(t *testing.T) {
 // session that already holds the key shared (never the case for a slice,
 // whose session holds nothing) asking for it exclusively: the handler
 // finds the session's granted row and reports the slice as got.
-func TestReview18SliceHandlerGrantedBranch(t *testing.T) {
+func TestSliceHandlerGrantedBranch(t *testing.T) {
 	e := newEnv(t)
 	c := e.conn()
 	holder := e.conn()
