@@ -450,7 +450,13 @@ func (h *cohortHold) unhold() {
 // goroutine if it can, and otherwise releases the key as any Lock does.
 // The caller holds l.mu.
 func (h *cohortHold) release(ctx context.Context, l *Lock) error {
-	if h.inConn.Load() == 0 && h.stop() {
+	// A session whose WithConn ran is never passed: the callback may have
+	// left locks of its own, or, if it panicked, a transaction open; it is
+	// released on the server, where Close finds out and cleans up.
+	l.s.mu.Lock()
+	rawUsed := l.s.rawUsed
+	l.s.mu.Unlock()
+	if h.inConn.Load() == 0 && !rawUsed && h.stop() {
 		if w := h.c.nextHolder(h.passes, h.since); w != nil {
 			l.s.trace.released(l.mode, nil, l.key)
 			h.c.mu.Lock()

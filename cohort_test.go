@@ -357,3 +357,38 @@ func TestCohortOff(t *testing.T) {
 	must(t, lb.Release(e.ctx))
 	awaitAcquired(t, pool, 0)
 }
+
+// A holder whose WithConn ran is never passed on: the callback may have left
+// locks of its own or, when it panicked, a transaction open. The next
+// goroutine gets a connection of its own, in no transaction.
+func TestCohortNoPassAfterWithConn(t *testing.T) {
+	e := newEnv(t)
+	passAlways(t)
+	pool := e.pool()
+	key := StringKey("cohort-withconn")
+	la, err := Acquire(e.ctx, pool, key)
+	must(t, err)
+	b := acquireAsync(e.ctx, pool, key)
+	e.awaitQueued(pool, key, 0, 1)
+	func() {
+		defer func() { _ = recover() }()
+		_ = la.WithConn(e.ctx, func(c *pgx.Conn) error {
+			if _, err := c.Exec(e.ctx, "BEGIN"); err != nil {
+				return err
+			}
+			panic("the callback panics inside its transaction")
+		})
+	}()
+	_ = la.Release(e.ctx) // may report the open transaction; it must not pass it
+	lb := e.got(b, "the queued goroutine")
+	if lb.s == la.s {
+		t.Error("a session whose WithConn ran was passed to the next holder")
+	}
+	must(t, lb.WithConn(e.ctx, func(c *pgx.Conn) error {
+		if st := c.PgConn().TxStatus(); st != 'I' {
+			t.Errorf("the next holder's connection is in transaction state %q; want idle", st)
+		}
+		return nil
+	}))
+	must(t, lb.Release(e.ctx))
+}

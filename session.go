@@ -291,9 +291,13 @@ func (s *Session) lock(ctx context.Context, key Key, cfg config) (bool, error) {
 	}
 
 	first := len(s.holds) == 0 // a WithConn's own locks: the first try asks the server
+	rawUsed := s.rawUsed
 	s.mu.Unlock()
 
-	if first && cfg.entry == EntrySessionLock && !cfg.noWait && !cfg.noCohort {
+	// A Session whose WithConn ran may hold locks of its own: its wait may
+	// close a deadlock cycle, so it must reach the server, not queue in the
+	// process behind another Session's sliced wait.
+	if first && !rawUsed && cfg.entry == EntrySessionLock && !cfg.noWait && !cfg.noCohort {
 		cfg, pass, err := s.gateSession(ctx, key, cfg) // one waiter per key per process (cohort.go)
 		if err != nil {
 			return false, err
@@ -467,14 +471,17 @@ func (s *Session) keepClientAlive(userTimeout bool) {
 // ends and its connection is closed. first: the session held nothing
 // before this lock.
 func (s *Session) lockFailed(ctx context.Context, h hold, first, byDeadline bool, err error) error {
+	s.mu.Lock()
+	heldBefore := !first || s.rawUsed // a WithConn's own locks were held too
+	s.mu.Unlock()
 	if s.lost(err) {
-		return lostError("lock", h.key, !first, err)
+		return lostError("lock", h.key, heldBefore, err)
 	}
 	kind := kindOf(err)
 	// A slice left to end on its own drops a late grant itself (leftSlice).
 	if code := sqlState(err); code != codeDeadlock && code != codeOutOfMemory && !isLeftToEnd(err) {
 		if err := s.dropIfGranted(h); err != nil {
-			return lostError("lock", h.key, !first, err)
+			return lostError("lock", h.key, heldBefore, err)
 		}
 	}
 	if s.ctx.Err() != nil {
@@ -958,6 +965,10 @@ func (s *Session) cutOff() {
 func (s *Session) lose(cause error) {
 	err := s.lossError(cause)
 	if !s.beginEnd(err, err, true) {
+		// Already ending (a Close, or a lock's clean-up after a failed
+		// wait): the connection's state is unknown now, so it must not go
+		// back to the pool; closing it ends whatever it holds on the server.
+		s.pc.PgConn().Conn().Close()
 		return
 	}
 	s.pc.PgConn().Conn().Close()
