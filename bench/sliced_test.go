@@ -89,7 +89,7 @@ type sliceRecorder struct {
 func (r sliceRecorder) Write(p []byte) (int, error) {
 	if len(p) > 5 && p[0] == 'Q' { // a Query message: 'Q', int32 length, text, NUL
 		if n := int(binary.BigEndian.Uint32(p[1:5])); n >= 5 && 1+n <= len(p) {
-			if text := string(p[5:n]); strings.HasPrefix(text, "SET LOCAL lock_timeout") {
+			if text := string(p[5:n]); strings.Contains(text, "SET LOCAL lock_timeout") { // after the wait marker (-- advisory: waiting …)
 				select {
 				case r.seen <- text:
 				default:
