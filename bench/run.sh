@@ -26,6 +26,7 @@ bench -bench '^BenchmarkHandoff$/^goose' -benchtime 3x -count 2
 bench -bench '^BenchmarkHandoffLong$' -benchtime 10x -count 3
 bench -bench '^BenchmarkContended$' -benchtime 5000x -count "$COUNT"
 bench -bench '^BenchmarkContendedInterleaved$' -benchtime 20x -count "$COUNT"
+bench -bench '^BenchmarkContendedProcesses$' -benchtime 5x -count 2
 bench -bench '^BenchmarkFailover$' -benchtime 5x -count "$COUNT"
 bench -bench '^BenchmarkManyKeys$/^LockMany' -benchtime 5x -count "$COUNT"
 bench -bench '^BenchmarkManyKeys$/^Lock-per-key' -benchtime 1x -count 1

@@ -88,12 +88,12 @@ func floorOf(group string) string {
 }
 
 func writeGroup(out io.Writer, group string, subs []string, res map[string]result) {
-	if group == "Interleaved" {
-		writeInterleaved(out, subs, res)
+	switch group {
+	case "Interleaved":
+		writeInterleaved(out, group, subs, res)
 		return
-	}
-	if group == "ContendedInterleaved" { // no sub-benchmarks: one kind
-		writeInterleaved(out, []string{"contended"}, map[string]result{"contended": res["advisory"]})
+	case "ContendedInterleaved", "ContendedProcesses": // no sub-benchmarks: one kind
+		writeInterleaved(out, group, []string{"contended"}, map[string]result{"contended": res["advisory"]})
 		return
 	}
 	cols := columns[group]
@@ -187,11 +187,12 @@ func format(unit string, vs []float64) string {
 	return fmt.Sprintf("%.1f", v)
 }
 
-// writeInterleaved writes BenchmarkInterleaved's table: per kind (cycle,
-// handoff) and subject, the median p50 and the median of the ratios to the
+// writeInterleaved writes the table of a benchmark that interleaves its
+// subjects (Interleaved, ContendedInterleaved, ContendedProcesses): per kind
+// (cycle, handoff, contended) and subject, the median p50 and the median of the ratios to the
 // floor measured in each run.
-func writeInterleaved(out io.Writer, kinds []string, res map[string]result) {
-	fmt.Fprint(out, "\n### Interleaved (subjects measured in turn, one sample each per op)\n\n")
+func writeInterleaved(out io.Writer, group string, kinds []string, res map[string]result) {
+	fmt.Fprintf(out, "\n### %s (subjects measured in turn, one sample each per op)\n\n", group)
 	fmt.Fprintln(out, "| kind | subject | runs | p50 | vs raw-pgx (same run) |")
 	fmt.Fprintln(out, "|---|---|---|---|---|")
 	for _, kind := range kinds {
