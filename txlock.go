@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"strconv"
-	"strings"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -283,7 +282,7 @@ func txWait(ctx context.Context, conn *pgxpool.Conn, key Key, cfg config) (got b
 // txWaitOnce is DoTx's wait where slices cannot run (no PL/pgSQL): a new
 // waiting transaction that waits in one statement, as lockTxOnce.
 func txWaitOnce(ctx context.Context, c *pgx.Conn, key Key, m Mode, end time.Time) (bool, error) {
-	if _, err := c.PgConn().Exec(ctx, "ROLLBACK; BEGIN").ReadAll(); err != nil {
+	if _, err := c.PgConn().Exec(ctx, txRestartSQL).ReadAll(); err != nil {
 		return false, err
 	}
 	return lockTxOnce(ctx, c, key, m, end)
@@ -329,7 +328,7 @@ func endTxWait(conn *pgxpool.Conn) {
 	defer cancel()
 	pc := conn.Conn().PgConn()
 	if pc.TxStatus() != 'I' {
-		if _, err := pc.Exec(ctx, "ROLLBACK").ReadAll(); err != nil {
+		if _, err := pc.Exec(ctx, rollbackSQL).ReadAll(); err != nil {
 			_ = conn.Hijack().Close(ctx)
 			return
 		}
@@ -348,25 +347,6 @@ func txWaitError(ctx context.Context, key Key, byDeadline bool, err error) *Erro
 	e := keyError("lock_tx", key, kind, err)
 	e.deadline = kind == ErrTimeout && byDeadline
 	return e
-}
-
-// beginSQLOf is the BEGIN statement for o, as pgx would send it.
-func beginSQLOf(o pgx.TxOptions) string {
-	if o.BeginQuery != "" {
-		return o.BeginQuery
-	}
-	var b strings.Builder
-	b.WriteString("BEGIN")
-	if o.IsoLevel != "" {
-		b.WriteString(" ISOLATION LEVEL " + string(o.IsoLevel))
-	}
-	if o.AccessMode != "" {
-		b.WriteString(" " + string(o.AccessMode))
-	}
-	if o.DeferrableMode != "" {
-		b.WriteString(" " + string(o.DeferrableMode))
-	}
-	return b.String()
 }
 
 // execer runs a statement: a pgx.Tx, or the *pgx.Conn of DoTx's waiting

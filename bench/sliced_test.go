@@ -44,7 +44,7 @@ func (r *rawSlicedClient) lock(ctx context.Context) error {
 			return err
 		}
 		// The report, the message's last statement, is "0" when the slice
-		// missed (sql.go, sliceReport).
+		// missed (sql_waits.go, sliceReport).
 		if last := results[len(results)-1]; len(last.Rows) != 1 || string(last.Rows[0][0]) != "0" {
 			return nil
 		}
