@@ -341,22 +341,30 @@ func (s *Session) lockOnce(ctx context.Context, key Key, cfg config, h hold, fir
 }
 
 // lockFirst takes key on a session that holds nothing of its own: one try
-// that also sets the keep-alives (for a NoWait lock, only if it got the
-// key), then, if it must wait, wait slices, unless the try found that the
-// session holds a lock after all (a WithConn callback's: holdsAnySQL), when
-// the wait is one server-side wait as for lockMore. got == false with a nil
-// error means not acquired: busy (waitTry) or the bound passed. The caller
-// holds the turn.
+// that also sets the keep-alives if it got the key; if it did not and the
+// lock waits, a second try that also sets the keep-alives and asks what a
+// wait needs to know (waitTrySQL), then wait slices, unless that try found
+// that the session holds a lock after all (a WithConn callback's:
+// holdsAnySQL), when the wait is one server-side wait as for lockMore.
+// The questions are not asked with the first try: a statement that carries
+// them costs the server their start-up even when the try gets the key
+// (BenchmarkCycleAblation: waittry-sql against trydt-sql), and most locks
+// get their key at once. got == false with a nil error means not acquired:
+// busy (waitTry) or the bound passed. The caller holds the turn.
 func (s *Session) lockFirst(ctx context.Context, key Key, m Mode, w wait, end time.Time) (got bool, err error) {
-	sql, args := tryDtSQL[m][key.space-1], key.args() // keep-alives set by an earlier hold of this session: not again
-	if w != waitTry {
-		sql = waitTrySQL[m][key.space-1]
-	}
-	if !s.keepaliveOn() {
-		sql, args = firstTrySQL[m][key.space-1], append(args, s.keepalive...)
-		if w != waitTry { // set whatever the try's outcome: not in the wait's slices
-			sql = waitFirstTrySQL[m][key.space-1]
+	kaOn, args := s.keepaliveOn(), key.args()
+	err = s.run(ctx, true, func(ctx context.Context, c *pgx.Conn) error {
+		if kaOn { // set by an earlier hold of this session: not again
+			return c.QueryRow(ctx, lockSQL[scopeSession][m][waitTry][key.space-1], args...).Scan(&got)
 		}
+		return c.QueryRow(ctx, firstTrySQL[m][key.space-1], append(args, s.keepalive...)...).Scan(&got, nil)
+	})
+	if err != nil || got || w == waitTry {
+		return got, err
+	}
+	sql := waitTrySQL[m][key.space-1]
+	if !kaOn { // set whatever the try's outcome: not in the wait's slices
+		sql, args = waitFirstTrySQL[m][key.space-1], append(args, s.keepalive...)
 	}
 	var (
 		dtMs              int64
@@ -366,7 +374,7 @@ func (s *Session) lockFirst(ctx context.Context, key Key, m Mode, w wait, end ti
 	err = s.run(ctx, true, func(ctx context.Context, c *pgx.Conn) error {
 		return c.QueryRow(ctx, sql, args...).Scan(&got, nil, &dtMs, &holdsAny, &canDoPL, &holders)
 	})
-	if err != nil || got || w == waitTry {
+	if err != nil || got {
 		return got, err
 	}
 	s.mu.Lock()

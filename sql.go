@@ -68,35 +68,40 @@ var lockSQL [2][2][3][2]string
 var unlockSQL, unlockLastSQL [2][2]string
 
 // firstTrySQL[mode][space-1] is the first statement of a lock on a session
-// that holds nothing: it tries the key once and, only if it got it, sets the
-// keep-alives in the same statement. Columns: got, the text of the last
-// keep-alive set (NULL when not got), deadlock_timeout in milliseconds (to
-// size wait slices; 0 when got: dtIfNotGot), and, for a waiting lock that did not get the key,
-// whether the session holds any lock (holdsAnySQL: then its wait must be
-// one server-side wait that the deadlock detector sees, not slices) and
-// whether PL/pgSQL can be used (plpgsqlSQL: slices need it), and the
-// backends that hold the key (keyHoldersSQL: sliceOneSQL's handler waits on
-// in place once they change); NULL otherwise. Arguments: the key, then the four keep-alive values
-// (keepaliveArgs). An uncontended lock is this one round trip; a contended
-// one goes on with wait slices (sliceSQL).
+// that holds nothing and has not set its keep-alives: it tries the key once
+// and, only if it got it, sets the keep-alives in the same statement.
+// Columns: got, the text of the last keep-alive set (NULL when not got).
+// Arguments: the key, then the four keep-alive values (keepaliveArgs). On a
+// session whose keep-alives are set (it held a lock before) the first
+// statement is the plain try (lockSQL). An uncontended lock is this one
+// round trip; a contended one goes on with waitTrySQL or waitFirstTrySQL,
+// then wait slices (sliceSQL).
 var firstTrySQL [2][2]string
 
-// tryDtSQL[mode][space-1] is firstTrySQL for a session whose keep-alives are
-// set already (it held a lock before): the same columns, nothing set.
-var tryDtSQL [2][2]string
-
-// waitTrySQL[mode][space-1] is tryDtSQL for a lock that waits if the try
-// fails: it also asks holdsAnySQL then.
+// waitTrySQL[mode][space-1] is the second statement of a lock that waits,
+// on a session whose keep-alives are set, sent when its first try failed:
+// it tries again and, if that fails too, asks what the wait needs. Columns:
+// got, NULL, and, when not got, deadlock_timeout in milliseconds (to size
+// wait slices: dtIfNotGot), whether the session holds any lock
+// (holdsAnySQL: then its wait must be one server-side wait that the
+// deadlock detector sees, not slices), whether PL/pgSQL can be used
+// (plpgsqlSQL: slices need it), and the backends that hold the key
+// (keyHoldersSQL: sliceOneSQL's handler waits on in place once they
+// change); 0 or NULL when got. The questions are not part of the first
+// try: carried by a statement, they cost the server their start-up even
+// when the try gets the key (about a third of an uncontended cycle's
+// server time on PostgreSQL 15: bench/ablation_test.go, waittry-sql
+// against trydt-sql and try), and most locks get their key at once.
 var waitTrySQL [2][2]string
 
-// waitFirstTrySQL[mode][space-1] is firstTrySQL for a lock that waits if
-// the try fails: it sets the keep-alives whatever the try's outcome, so
+// waitFirstTrySQL[mode][space-1] is waitTrySQL for a session whose first
+// try (firstTrySQL) failed and so set no keep-alives: it sets the keep-alives whatever the try's outcome, so
 // that the wait's slices need not, and a grant after a wait costs no more
 // than the lock itself; and it asks holdsAnySQL when the try failed. The
 // same columns and arguments.
 var waitFirstTrySQL [2][2]string
 
-// dtIfNotGot is the third column of firstTrySQL and its variants: the
+// dtIfNotGot is the third column of waitTrySQL and waitFirstTrySQL: the
 // server's deadlock_timeout in milliseconds when the try failed (the wait's
 // slices are sized from it), and 0 when it got the key: reading and
 // converting the setting is a measurable share of an uncontended cycle's
@@ -127,8 +132,8 @@ func init() {
 					}
 					askIfMissed := "CASE WHEN NOT t.got THEN EXISTS (" + holdsAnySQL + ") END, CASE WHEN NOT t.got THEN " + plpgsqlSQL + " END, " +
 						"CASE WHEN NOT t.got THEN " + keyHoldersSQL[sp] + " END"
-					firstTrySQL[m][sp] = try("CASE WHEN t.got THEN "+ka+" END", "NULL::bool, NULL::bool, NULL::int4[]")
-					tryDtSQL[m][sp] = try("NULL::text", "NULL::bool, NULL::bool, NULL::int4[]")
+					firstTrySQL[m][sp] = fmt.Sprintf("SELECT t.got, CASE WHEN t.got THEN %s END FROM (SELECT pg_try_advisory_lock%s(%s) AS got OFFSET 0) AS t",
+						ka, shared, params[0])
 					waitTrySQL[m][sp] = try("NULL::text", askIfMissed)
 					waitFirstTrySQL[m][sp] = try(ka, askIfMissed)
 				}

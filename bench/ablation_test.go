@@ -35,22 +35,45 @@ func BenchmarkCycleAblation(b *testing.B) {
 		ka    = `set_config('tcp_keepalives_idle', $2, false) || set_config('tcp_keepalives_interval', $3, false) || set_config('tcp_keepalives_count', $4, false) || set_config('tcp_user_timeout', $5, false)`
 		reset = `set_config('tcp_keepalives_idle', NULL, false) || set_config('tcp_keepalives_interval', NULL, false) || set_config('tcp_keepalives_count', NULL, false) || set_config('tcp_user_timeout', NULL, false)`
 		dt    = `(extract(epoch FROM current_setting('deadlock_timeout')::interval) * 1000)::int8`
+		// askIfMissed: what the library's waiting try asks when it misses.
+		askIfMissed = `CASE WHEN NOT t.got THEN EXISTS (SELECT FROM pg_catalog.pg_lock_status() AS l WHERE l.pid = pg_backend_pid() AND l.granted AND l.locktype <> 'virtualxid' AND NOT (l.locktype = 'relation' AND l.mode = 'AccessShareLock' AND l.relation < 16384)) END, ` +
+			`CASE WHEN NOT t.got THEN EXISTS (SELECT FROM pg_catalog.pg_language WHERE lanname = 'plpgsql' AND has_language_privilege(oid, 'USAGE')) END, ` +
+			`CASE WHEN NOT t.got THEN ARRAY(SELECT pid FROM pg_catalog.pg_lock_status() WHERE locktype = 'advisory' AND granted AND objsubid = 1 AND classid::int8 = ($1 >> 32) & 4294967295 AND objid::int8 = $1 & 4294967295 ORDER BY pid) END`
 	)
 	kaArgs := []any{"2", "1", "2", "4000"}
 	type sqlPair struct {
 		name, lock, unlock string
-		ka                 bool
+		ka                 []any // the keep-alive arguments after the key
 	}
 	pairs := []sqlPair{
-		{"raw-pgx", `SELECT pg_advisory_lock($1)`, `SELECT pg_advisory_unlock($1)`, false},
-		{"try", `SELECT pg_try_advisory_lock($1)`, `SELECT pg_advisory_unlock($1)`, false},
-		{"try+dt", `SELECT pg_try_advisory_lock($1), NULL::text, ` + dt, `SELECT pg_advisory_unlock($1)`, false},
+		{"raw-pgx", `SELECT pg_advisory_lock($1)`, `SELECT pg_advisory_unlock($1)`, nil},
+		{"try", `SELECT pg_try_advisory_lock($1)`, `SELECT pg_advisory_unlock($1)`, nil},
+		{"try+dt", `SELECT pg_try_advisory_lock($1), NULL::text, ` + dt, `SELECT pg_advisory_unlock($1)`, nil},
 		{"try+ka/unlock+reset", `SELECT t.got, CASE WHEN t.got THEN ` + ka + ` END FROM (SELECT pg_try_advisory_lock($1) AS got OFFSET 0) AS t`,
-			`SELECT pg_advisory_unlock($1), ` + reset, true},
+			`SELECT pg_advisory_unlock($1), ` + reset, kaArgs},
 		{"try+ka+lazydt/unlock+reset", `SELECT t.got, CASE WHEN t.got THEN ` + ka + ` END, CASE WHEN t.got THEN 0 ELSE ` + dt + ` END FROM (SELECT pg_try_advisory_lock($1) AS got OFFSET 0) AS t`,
-			`SELECT pg_advisory_unlock($1), ` + reset, true},
+			`SELECT pg_advisory_unlock($1), ` + reset, kaArgs},
 		{"first-try/unlock+reset", `SELECT t.got, CASE WHEN t.got THEN ` + ka + ` END, ` + dt + ` FROM (SELECT pg_try_advisory_lock($1) AS got OFFSET 0) AS t`,
-			`SELECT pg_advisory_unlock($1), ` + reset, true},
+			`SELECT pg_advisory_unlock($1), ` + reset, kaArgs},
+		// The Session's statements once its keep-alives are set: with and
+		// without the questions asked only when the try fails.
+		{"trydt-sql", `SELECT t.got, NULL::text, CASE WHEN t.got THEN 0 ELSE ` + dt + ` END, NULL::bool, NULL::bool, NULL::int4[] FROM (SELECT pg_try_advisory_lock($1) AS got OFFSET 0) AS t`,
+			`SELECT pg_advisory_unlock($1)`, nil},
+		{"waittry-sql", `SELECT t.got, NULL::text, CASE WHEN t.got THEN 0 ELSE ` + dt + ` END, ` + askIfMissed + ` FROM (SELECT pg_try_advisory_lock($1) AS got OFFSET 0) AS t`,
+			`SELECT pg_advisory_unlock($1)`, nil},
+	}
+	// Each question of askIfMissed alone, to tell which one costs.
+	for i, q := range strings.SplitAfter(askIfMissed, " END, ") {
+		q = strings.TrimSuffix(q, ", ")
+		pairs = append(pairs, sqlPair{fmt.Sprintf("ask%d", i), `SELECT t.got, ` + q + ` FROM (SELECT pg_try_advisory_lock($1) AS got OFFSET 0) AS t`, `SELECT pg_advisory_unlock($1)`, nil})
+	}
+	pairs = append(pairs, sqlPair{"try+work_mem", `SELECT t.got, CASE WHEN t.got THEN set_config('work_mem', $2, false) END FROM (SELECT pg_try_advisory_lock($1) AS got OFFSET 0) AS t`,
+		`SELECT pg_advisory_unlock($1), set_config('work_mem', NULL, false)`, []any{"5MB"}})
+	// One keep-alive setting at a time, set with the try and reset with
+	// the unlock: which of the four costs what.
+	for i, name := range []string{"tcp_keepalives_idle", "tcp_keepalives_interval", "tcp_keepalives_count", "tcp_user_timeout"} {
+		pairs = append(pairs, sqlPair{"try+" + name, fmt.Sprintf(`SELECT t.got, CASE WHEN t.got THEN set_config('%s', $2, false) END FROM (SELECT pg_try_advisory_lock($1) AS got OFFSET 0) AS t`, name),
+			fmt.Sprintf(`SELECT pg_advisory_unlock($1), set_config('%s', NULL, false)`, name), kaArgs[i : i+1]})
 	}
 	var names []string
 	var runs []func() error
@@ -59,9 +82,7 @@ func BenchmarkCycleAblation(b *testing.B) {
 		c := newConn(b)
 		key := int64(cycleKey + 500 + i)
 		args := []any{key}
-		if p.ka {
-			args = append(args, kaArgs...)
-		}
+		args = append(args, p.ka...)
 		names, pids = append(names, p.name), append(pids, int(c.PgConn().PID()))
 		runs = append(runs, func() error {
 			if _, err := c.Exec(ctx, p.lock, args...); err != nil {
