@@ -90,8 +90,8 @@ func acquireWith(ctx context.Context, pool *pgxpool.Pool, key Key, cfg config, l
 }
 
 // newLock is acquireWith without the trace.
-func newLock(ctx context.Context, pool *pgxpool.Pool, key Key, cfg config, lock func(context.Context, *Session) (Key, error)) (*Lock, error) {
-	s, err := newSession(ctx, pool, cfg)
+func newLock(ctx context.Context, pool *pgxpool.Pool, key Key, cfg config, way *coming, lock func(context.Context, *Session) (Key, error)) (*Lock, error) {
+	s, err := newSession(ctx, pool, cfg, way)
 	if err != nil {
 		var e *Error
 		if errors.As(err, &e) {

@@ -52,6 +52,10 @@ const CohortPasses = 8
 // whichever ends first, while other processes wait for it.
 const CohortHold = 10 * time.Millisecond
 
+// testHookServerTurn, if set, is called by a goroutine of a cohort told to
+// wait on the server, before it takes a connection.
+var testHookServerTurn atomic.Pointer[func()]
+
 // cohortHoldBound is CohortHold, which tests that need a pass to happen
 // whatever the machine's speed lengthen.
 var cohortHoldBound = CohortHold
@@ -159,11 +163,16 @@ func cohorted(cfg config) bool {
 // lockInCohort is newLock for a lock asked for with cfg: in the process's
 // cohort for key (with cfg.slots slots) when it takes part in one.
 func lockInCohort(ctx context.Context, pool *pgxpool.Pool, key Key, cfg config, lock func(context.Context, *Session) (Key, error)) (*Lock, error) {
-	if !cohorted(cfg) {
-		return newLock(ctx, pool, key, cfg, lock)
+	if !cohorted(cfg) || pool == nil {
+		return newLock(ctx, pool, key, cfg, nil, lock)
 	}
+	// On its way for ReleaseAll from here, in the queue and after it, until
+	// its session is registered: a goroutine told to wait on the server is
+	// in neither the queue nor the registry otherwise.
+	_, way := onTheWay(ctx, pool)
+	defer way.leave()
 	c := joinCohort(cohortKey{pool: pool, key: key, mode: cfg.mode, slots: cfg.slots, health: cfg.health, trace: cfg.trace})
-	t, cfg, err := c.await(ctx, key, cfg, nil)
+	t, cfg, err := c.await(way.ctx, key, cfg, nil)
 	if err != nil {
 		c.leave()
 		return nil, err
@@ -180,7 +189,10 @@ func lockInCohort(ctx context.Context, pool *pgxpool.Pool, key Key, cfg config, 
 	}
 	ttl := cfg.ttl
 	cfg.ttl = 0 // started below, once the Lock is in the cohort
-	l, err := newLock(ctx, pool, key, cfg, lock)
+	if hook := testHookServerTurn.Load(); hook != nil {
+		(*hook)()
+	}
+	l, err := newLock(ctx, pool, key, cfg, way, lock)
 	got := err == nil && l.Acquired()
 	c.mu.Lock()
 	c.serving = false
@@ -253,6 +265,8 @@ func (c *cohort) await(ctx context.Context, key Key, cfg config, end <-chan stru
 	}
 	op := opOf(cfg)
 	switch {
+	case errors.Is(context.Cause(ctx), errReleasedAll):
+		return cohortTurn{}, cfg, keyError(op, key, ErrClosed, errReleasedAll)
 	case why == ErrTimeout:
 		return cohortTurn{}, cfg, keyError(op, key, ErrTimeout, nil)
 	case why == ErrClosed:

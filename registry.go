@@ -27,6 +27,7 @@ type onPool struct {
 // context with errReleasedAll.
 type coming struct {
 	pool     *pgxpool.Pool
+	ctx      context.Context // what onTheWay returned
 	cancel   context.CancelCauseFunc
 	released bool // ReleaseAll came; guarded by registry
 }
@@ -54,18 +55,21 @@ func dropIfEmpty(pool *pgxpool.Pool) {
 // ctx that ReleaseAll cancels with errReleasedAll.
 func onTheWay(ctx context.Context, pool *pgxpool.Pool) (context.Context, *coming) {
 	ctx, cancel := context.WithCancelCause(ctx)
-	c := &coming{pool: pool, cancel: cancel}
+	c := &coming{pool: pool, ctx: ctx, cancel: cancel}
 	registry.Lock()
 	defer registry.Unlock()
 	poolEntry(pool).coming[c] = struct{}{}
 	return ctx, c
 }
 
-// leave ends the call's registration; its context is cancelled.
+// leave ends the call's registration, if it has not arrived; its context
+// is cancelled.
 func (c *coming) leave() {
 	registry.Lock()
-	delete(registry.open[c.pool].coming, c)
-	dropIfEmpty(c.pool)
+	if p := registry.open[c.pool]; p != nil {
+		delete(p.coming, c)
+		dropIfEmpty(c.pool)
+	}
 	registry.Unlock()
 	c.cancel(nil)
 }

@@ -152,14 +152,17 @@ func NewSession(ctx context.Context, pool *pgxpool.Pool, opts ...Option) (*Sessi
 	if err != nil {
 		return nil, err
 	}
-	return newSession(ctx, pool, cfg)
+	return newSession(ctx, pool, cfg, nil)
 }
 
-func newSession(ctx context.Context, pool *pgxpool.Pool, cfg config) (*Session, error) {
+func newSession(ctx context.Context, pool *pgxpool.Pool, cfg config, way *coming) (*Session, error) {
 	if pool == nil {
 		return nil, errorf("nil *pgxpool.Pool")
 	}
-	acquireCtx, way := onTheWay(ctx, pool)
+	if way == nil {
+		_, way = onTheWay(ctx, pool)
+	}
+	acquireCtx := way.ctx
 	conn, err := pool.Acquire(acquireCtx)
 	if err != nil {
 		way.leave()
