@@ -1,0 +1,24 @@
+package advisory
+
+import (
+	"context"
+	"errors"
+)
+
+// gateSession queues a Session that holds nothing and is about to wait for
+// key behind the other such Sessions of the process waiting for key
+// through the same pool, so that the server sees one waiter per key per
+// process. It returns cfg with its WaitTimeout shortened by the time spent
+// in the queue, and pass, to call once the wait on the server has ended.
+func (s *Session) gateSession(ctx context.Context, key Key, cfg config) (config, func(), error) {
+	c := joinCohort(cohortKey{pool: s.pool, key: key, mode: cfg.mode, slots: -1})
+	_, cfg, err := c.await(ctx, key, cfg, s.ctx.Done())
+	if err != nil {
+		c.leave()
+		if errors.Is(err, ErrClosed) && s.ctx.Err() != nil {
+			return cfg, nil, keyError("lock", key, s.endKind(), nil)
+		}
+		return cfg, nil, err
+	}
+	return cfg, func() { c.served(); c.leave() }, nil
+}
