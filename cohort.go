@@ -100,6 +100,7 @@ type cohortWaiter struct{ turn chan cohortTurn }
 // grant); or, with s nil, its turn to wait on the server; or err, when
 // ReleaseAll ended the wait.
 type cohortTurn struct {
+	queued bool // the turn came through the queue
 	s      *Session
 	key    Key
 	passes int
@@ -237,6 +238,7 @@ func (c *cohort) await(ctx context.Context, key Key, cfg config, end <-chan stru
 	var why error
 	select {
 	case t := <-w.turn:
+		t.queued = true
 		if t.err != nil {
 			return t, cfg, keyError(opOf(cfg), key, ErrClosed, t.err)
 		}

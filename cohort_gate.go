@@ -12,7 +12,7 @@ import (
 // in the queue, and pass, to call once the wait on the server has ended.
 func (s *Session) gateSession(ctx context.Context, key Key, cfg config) (config, func(), error) {
 	c := joinCohort(cohortKey{pool: s.pool, key: key, mode: cfg.mode, slots: -1})
-	_, cfg, err := c.await(ctx, key, cfg, s.ctx.Done())
+	t, cfg, err := c.await(ctx, key, cfg, s.ctx.Done())
 	if err != nil {
 		c.leave()
 		if errors.Is(err, ErrClosed) && s.ctx.Err() != nil {
@@ -20,5 +20,9 @@ func (s *Session) gateSession(ctx context.Context, key Key, cfg config) (config,
 		}
 		return cfg, nil, err
 	}
+	// Let through once the Session before it ended its wait on the server,
+	// most often with the key: the first try would find it held (a hint
+	// only; the second try asks the server).
+	cfg.busy = t.queued
 	return cfg, func() { c.served(); c.leave() }, nil
 }

@@ -320,7 +320,7 @@ func (s *Session) lockOnce(ctx context.Context, key Key, cfg config, h hold, fir
 		err error
 	)
 	if first {
-		got, err = s.lockFirst(ctx, key, cfg.mode, w, endOf(bound))
+		got, err = s.lockFirst(ctx, key, cfg.mode, w, endOf(bound), cfg.busy)
 	} else {
 		got, err = s.lockMore(ctx, key, cfg.mode, w, bound)
 	}
@@ -352,18 +352,21 @@ func (s *Session) lockOnce(ctx context.Context, key Key, cfg config, h hold, fir
 // The questions are not asked with the first try: a statement that carries
 // them costs the server their start-up even when the try gets the key
 // (BenchmarkCycleAblation: waittry-sql against trydt-sql), and most locks
-// get their key at once. got == false with a nil error means not acquired:
-// busy (waitTry) or the bound passed. The caller holds the turn.
-func (s *Session) lockFirst(ctx context.Context, key Key, m Mode, w wait, end time.Time) (got bool, err error) {
+// get their key at once; a waiting lock known to find the key held (busy)
+// sends only the second try. got == false with a nil error means not
+// acquired: busy (waitTry) or the bound passed. The caller holds the turn.
+func (s *Session) lockFirst(ctx context.Context, key Key, m Mode, w wait, end time.Time, busy bool) (got bool, err error) {
 	kaOn, args := s.keepaliveOn(), key.args()
-	err = s.run(ctx, true, func(ctx context.Context, c *pgx.Conn) error {
-		if kaOn { // set by an earlier hold of this session: not again
-			return c.QueryRow(ctx, lockSQL[scopeSession][m][waitTry][key.space-1], args...).Scan(&got)
+	if !busy || w == waitTry {
+		err = s.run(ctx, true, func(ctx context.Context, c *pgx.Conn) error {
+			if kaOn { // set by an earlier hold of this session: not again
+				return c.QueryRow(ctx, lockSQL[scopeSession][m][waitTry][key.space-1], args...).Scan(&got)
+			}
+			return c.QueryRow(ctx, firstTrySQL[m][key.space-1], append(args, s.keepalive...)...).Scan(&got, nil)
+		})
+		if err != nil || got || w == waitTry {
+			return got, err
 		}
-		return c.QueryRow(ctx, firstTrySQL[m][key.space-1], append(args, s.keepalive...)...).Scan(&got, nil)
-	})
-	if err != nil || got || w == waitTry {
-		return got, err
 	}
 	sql := waitTrySQL[m][key.space-1]
 	if !kaOn { // set whatever the try's outcome: not in the wait's slices
