@@ -18,8 +18,12 @@ import (
 // deadlock_timeout, as the first try did for every lock before issue 28),
 // +ka/reset (setting the keep-alives with the grant and resetting them
 // with the unlock, SPEC §4), +lazydt (deadlock_timeout read only when the
-// try fails, as now), first-try (the statement before issue 28).
-// each subject is a lock + unlock cycle on a connection of its own, the
+// try fails), first-try (the statement before issue 28), trydt-sql and
+// waittry-sql (a Session's first try without and with the questions a wait
+// needs, as sent before the first try became a plain try), ask0..ask2
+// (each of those questions alone), try+SETTING (one keep-alive setting set
+// with the try and reset with the unlock; work_mem: a setting with no
+// socket behind it). Each subject is a lock + unlock cycle on a connection of its own, the
 // first ones raw pgx sending parts of what the library's first statement
 // and its unlock send, the last ones the library itself (on a pool of one
 // connection, so that its backend is known). Measured interleaved, as
