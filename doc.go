@@ -48,7 +48,10 @@
 // migration).
 //
 // So every wait that can be is cut into slices. A wait first tries the key
-// (an uncontended lock is that one round trip); if it must wait, each slice
+// (an uncontended lock is that one round trip); if that fails, a Session
+// (Acquire, Do, Lead, Session.Lock) tries once more, asking the server what
+// the wait needs to know in the same statement (one more round trip before
+// a wait, so that the uncontended try carries none of it); then each slice
 // is one round trip that waits on the server for at most half of the
 // server's deadlock_timeout (at most 1 s, at most what is left of the
 // bound), inside a PL/pgSQL DO block that ends the slice without an error:
@@ -96,8 +99,8 @@
 // Session that holds a lock (its own, or one a WithConn callback took),
 // and that of a LockTx whose transaction holds any lock besides its own
 // transaction id (an advisory lock, a row it updated, a table it read or
-// altered). The library asks the server (pg_locks) with the wait's first
-// try. Such a wait holds a snapshot for as long as it lasts, and a bounded
+// altered). The library asks the server (pg_locks) with a try before the
+// wait: the first for LockTx, the second for a Session's lock. Such a wait holds a snapshot for as long as it lasts, and a bounded
 // one that times out is logged by the server as a lock_timeout error.
 // Take long waits on a Session that holds nothing, or on its own Lock.
 //
