@@ -377,7 +377,13 @@ func (s *Session) lockFirst(ctx context.Context, key Key, m Mode, w wait, end ti
 		holdsAny, canDoPL *bool
 		holders           []int32
 	)
-	err = s.run(ctx, true, func(ctx context.Context, c *pgx.Conn) error {
+	// A try never waits on the server: once sent, it is not interrupted
+	// when ctx ends (the cancel request would write an ERROR to the server
+	// log, SPEC §2a); the wait that follows looks at ctx first.
+	if err = ctx.Err(); err != nil {
+		return false, err
+	}
+	err = s.run(context.WithoutCancel(ctx), true, func(ctx context.Context, c *pgx.Conn) error {
 		return c.QueryRow(ctx, sql, args...).Scan(&got, nil, &dtMs, &holdsAny, &canDoPL, &holders)
 	})
 	if err != nil || got {

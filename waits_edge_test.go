@@ -598,3 +598,60 @@ func TestKeepalivesCancelAndReleaseAll(t *testing.T) {
 		t.Errorf("after ReleaseAll: %v; lent %v", got, lent)
 	}
 }
+
+// The try a wait sends before its slices, when its first try failed, is
+// not cancelled when the caller's deadline passes while it runs: a cancel
+// request would write an ERROR to the server log (SPEC §2a). The try is
+// held up on the server here by a lock on pg_language, which it reads.
+func TestDeadlineDuringSecondTry(t *testing.T) {
+	e := newEnv(t)
+	checkLog := noErrorLogged(t)
+	pool := e.pool()
+	key := StringKey("deadline-during-second-try")
+	holder, err := Acquire(e.ctx, e.pool(), key)
+	must(t, err)
+	defer holder.Release(e.ctx)
+	warm, err := Acquire(e.ctx, pool, StringKey("deadline-during-second-try-warm")) // the pool's connection, PL/pgSQL looked up
+	must(t, err)
+	must(t, warm.Release(e.ctx))
+
+	blocker := e.conn()
+	tx, err := blocker.Begin(e.ctx)
+	must(t, err)
+	defer tx.Rollback(e.ctx)
+	if _, err := tx.Exec(e.ctx, "LOCK TABLE pg_catalog.pg_language IN ACCESS EXCLUSIVE MODE"); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(e.ctx, 300*time.Millisecond)
+	defer cancel()
+	done := make(chan error, 1)
+	go func() {
+		_, err := Acquire(ctx, pool, key)
+		done <- err
+	}()
+	e.eventually("the second try waiting for pg_language", func(c *pgx.Conn) (bool, error) {
+		var n int
+		err := c.QueryRow(context.Background(), `SELECT count(*) FROM pg_catalog.pg_locks
+			WHERE locktype = 'relation' AND relation = 'pg_catalog.pg_language'::regclass AND NOT granted`).Scan(&n)
+		return n == 1, err
+	})
+	<-ctx.Done()
+	select {
+	case err := <-done: // interrupted: the server log has its ERROR
+		t.Errorf("Acquire returned while its second try was held up on the server (%v): the try was cancelled", err)
+		must(t, tx.Rollback(e.ctx))
+		checkLog()
+		return
+	case <-time.After(time.Second): // the try runs on past the deadline, as it should
+	}
+	must(t, tx.Rollback(e.ctx))
+	select {
+	case err := <-done:
+		if !errors.Is(err, ErrTimeout) || !errors.Is(err, context.DeadlineExceeded) {
+			t.Errorf("Acquire whose deadline passed during its second try: %v; want ErrTimeout and DeadlineExceeded", err)
+		}
+	case <-time.After(testTimeout):
+		t.Fatalf("Acquire did not return within %v of its try's end", testTimeout)
+	}
+	checkLog()
+}
