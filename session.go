@@ -16,20 +16,6 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 )
 
-// Timeouts of the library's own statements and clean-up.
-const (
-	// cleanupTimeout bounds an unlock, Close or Release, which do not obey
-	// the caller's context (they must run even when it is cancelled). When
-	// it passes, the connection is closed instead, which also ends its locks.
-	cleanupTimeout = 5 * time.Second
-	// cancelRequestTimeout bounds sending a cancel request; if it cannot be
-	// sent, the connection is closed instead.
-	cancelRequestTimeout = 2 * time.Second
-	// cancelGrace is how long a cancelled statement may take to return
-	// before its connection is closed under it.
-	cancelGrace = 2 * time.Second
-)
-
 // Session is one connection, taken from a pool and kept for the Session's
 // life (or lent by its caller: NewConnSession), that holds any number of
 // session-level advisory locks.
@@ -80,18 +66,7 @@ type Session struct {
 	clientKA *clientKeepalive
 	kaTried  bool
 
-	// stmt is the statement in flight, for interrupting it.
-	stmtMu   sync.Mutex
-	stmtGen  uint64      // counts statements; an interrupt names the one it is for
-	inFlight bool        // a statement (or WithConn callback) is running
-	untilEnd bool        // the session's end interrupts the statement in flight
-	stopper  *time.Timer // closes the connection if a cancelled statement hangs
-	// overdue interrupts a clean-up statement that runs for cleanupTimeout
-	// (interruptOverdue): one timer per session, made at its first clean-up
-	// statement and reset for each; cleanupSince is when the clean-up
-	// statement in flight began (zero for any other statement).
-	overdue      *time.Timer
-	cleanupSince time.Time
+	stmt statement // the statement in flight, for interrupting it
 
 	mu      sync.Mutex
 	holds   map[hold]int
@@ -234,6 +209,7 @@ func sessionOn(pc *pgx.Conn, cfg config) *Session {
 		trace:     newSessionTrace(cfg),
 	}
 	s.ctx, s.cancel = context.WithCancelCause(context.Background())
+	s.stmt = statement{pc: pc, end: s.ctx}
 	return s
 }
 
@@ -798,31 +774,8 @@ func (s *Session) beginEnd(err, why error, inBackground bool) bool {
 		s.watcher.Done() // the watcher never started
 	}
 	s.cancel(why)
-	// Interrupt the statement in flight if the end is to interrupt it (run's
-	// untilEnd); a statement that starts later sees the cancel. If stmtMu is
-	// busy, look in a goroutine: interrupt may hold it for a network round
-	// trip.
-	if s.stmtMu.TryLock() {
-		gen, ok := s.stmtGen, s.inFlight && s.untilEnd
-		s.stmtMu.Unlock()
-		if ok {
-			go s.interrupt(gen)
-		}
-	} else {
-		go s.interruptUntilEnd()
-	}
+	s.stmt.interruptForEnd()
 	return true
-}
-
-// interruptUntilEnd interrupts the statement in flight if the session's end
-// is to interrupt it (run's untilEnd).
-func (s *Session) interruptUntilEnd() {
-	s.stmtMu.Lock()
-	gen, ok := s.stmtGen, s.inFlight && s.untilEnd
-	s.stmtMu.Unlock()
-	if ok {
-		s.interrupt(gen)
-	}
 }
 
 // finish completes the end begun by beginEnd: it takes the turn (the
@@ -1186,10 +1139,8 @@ func (s *Session) runCleanup(f func(context.Context, *pgx.Conn) error) error {
 }
 
 // runFor is run, and if cleanup the statement is also interrupted once it
-// has run for cleanupTimeout. It allocates nothing to watch a ctx that
-// cannot end (context.Background) or the session's end (beginEnd
-// interrupts the statement in flight itself), nor, after a session's first
-// clean-up statement, for the timeout.
+// has run for cleanupTimeout (statement.run). Once the session is ending
+// it sends nothing but clean-up.
 func (s *Session) runFor(ctx context.Context, untilEnd, cleanup bool, f func(context.Context, *pgx.Conn) error) error {
 	if err := ctx.Err(); err != nil {
 		return err
@@ -1197,100 +1148,5 @@ func (s *Session) runFor(ctx context.Context, untilEnd, cleanup bool, f func(con
 	if untilEnd && s.ctx.Err() != nil { // ending: nothing more is sent but clean-up
 		return s.endKind()
 	}
-	s.stmtMu.Lock()
-	s.stmtGen++
-	gen := s.stmtGen
-	s.inFlight, s.untilEnd = true, untilEnd
-	s.cleanupSince = time.Time{}
-	if cleanup {
-		s.cleanupSince = time.Now()
-		if s.overdue == nil {
-			s.overdue = time.AfterFunc(cleanupTimeout, s.interruptOverdue)
-		} else {
-			s.overdue.Reset(cleanupTimeout)
-		}
-	}
-	s.stmtMu.Unlock()
-	if untilEnd && s.ctx.Err() != nil { // beginEnd came just before inFlight was set
-		go s.interrupt(gen)
-	}
-
-	fctx := ctx
-	if ctx.Done() != nil {
-		stop := context.AfterFunc(ctx, func() { s.interrupt(gen) })
-		defer stop()
-		fctx = context.WithoutCancel(ctx)
-	}
-	err := f(fctx, s.pc)
-
-	// Wait for an interrupt already under way, so that its cancel request
-	// cannot reach a later statement.
-	s.stmtMu.Lock()
-	s.inFlight = false
-	if cleanup {
-		s.overdue.Stop()
-	}
-	if s.stopper != nil {
-		s.stopper.Stop()
-		s.stopper = nil
-	}
-	s.stmtMu.Unlock()
-	return err
-}
-
-// interruptOverdue interrupts the clean-up statement in flight if it has
-// run for cleanupTimeout. The timer may fire late for a statement that has
-// ended: the one in flight then began less than cleanupTimeout ago, or is
-// not a clean-up statement, and is left alone.
-func (s *Session) interruptOverdue() {
-	s.stmtMu.Lock()
-	gen, due := s.stmtGen, s.inFlight && !s.cleanupSince.IsZero() && time.Since(s.cleanupSince) >= cleanupTimeout
-	s.stmtMu.Unlock()
-	if due {
-		s.interrupt(gen)
-	}
-}
-
-// interrupt cancels statement gen if it is still in flight: it sends a
-// cancel request and returns once the server has taken it, so the cancel
-// can only hit that statement (PostgreSQL drops a cancel that arrives while
-// the backend is idle). If the request cannot be sent, or the statement does
-// not return within cancelGrace, the connection is closed.
-func (s *Session) interrupt(gen uint64) {
-	s.stmtMu.Lock()
-	defer s.stmtMu.Unlock()
-	if !s.inFlight || s.stmtGen != gen || s.stopper != nil {
-		return
-	}
-	s.cancelStatement(gen, time.Now().Add(cancelGrace))
-}
-
-// cancelRetry is how often a cancel request is sent again while its
-// statement runs on: a cancel that reaches the backend before the statement
-// itself (it travels on a connection of its own) is dropped.
-const cancelRetry = 200 * time.Millisecond
-
-// cancelStatement sends a cancel request for statement gen, and again every
-// cancelRetry while it is in flight; at giveUp it closes the connection.
-// The caller holds stmtMu.
-func (s *Session) cancelStatement(gen uint64, giveUp time.Time) {
-	pg := s.pc.PgConn()
-	ctx, cancel := context.WithTimeout(context.Background(), cancelRequestTimeout)
-	err := pg.CancelRequest(ctx)
-	cancel()
-	if err != nil {
-		pg.Conn().Close()
-		return
-	}
-	s.stopper = time.AfterFunc(min(cancelRetry, time.Until(giveUp)), func() {
-		s.stmtMu.Lock()
-		defer s.stmtMu.Unlock()
-		switch {
-		case !s.inFlight || s.stmtGen != gen:
-		case !time.Now().Before(giveUp):
-			pg.Conn().Close()
-		default:
-			s.cancelStatement(gen, giveUp)
-		}
-	})
+	return s.stmt.run(ctx, untilEnd, cleanup, f)
 }
