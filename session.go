@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"slices"
-	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -36,11 +35,10 @@ import (
 // back to the pool only when it is known to hold no advisory lock;
 // otherwise it is closed.
 type Session struct {
-	pool      *pgxpool.Pool // nil for a NewConnSession
-	conn      *pgxpool.Conn // for giving the connection back; use pc to talk on it; nil for a NewConnSession
-	pc        *pgx.Conn     // conn's connection, still reachable after conn is hijacked
-	health    time.Duration
-	keepalive []any // the keep-alive values for this health interval (keepaliveArgs)
+	pool   *pgxpool.Pool // nil for a NewConnSession
+	conn   *pgxpool.Conn // for giving the connection back; use pc to talk on it; nil for a NewConnSession
+	pc     *pgx.Conn     // conn's connection, still reachable after conn is hijacked
+	health time.Duration
 
 	// turn is a token: whoever holds it may use conn. Taking it obeys a
 	// context; Close takes it after interrupting the holder.
@@ -60,11 +58,7 @@ type Session struct {
 	// to end on its own (waitSlices): giveTurn closes it instead of giving
 	// the turn back.
 	handOver chan struct{}
-	// clientKA is the client socket's keep-alive as the session found it,
-	// once keepClientAlive has tightened it (nil: not yet, or not a TCP
-	// socket); kaTried says it tried. Guarded by the turn.
-	clientKA *clientKeepalive
-	kaTried  bool
+	ka       keepalive // the connection's keep-alives, the server's and the client socket's
 
 	stmt statement // the statement in flight, for interrupting it
 
@@ -78,7 +72,6 @@ type Session struct {
 	// waitingSince is when the wait in progress began, if a caller said
 	// (WaitingSince); zero otherwise. Guarded by the turn.
 	waitingSince time.Time
-	kaOn         bool // the session set the keep-alives; they are reset when it ends
 	// noSlicesSaid: the tracer was told that this session's waits are one
 	// statement, PL/pgSQL being unusable (noteNoSlices).
 	noSlicesSaid bool
@@ -200,13 +193,13 @@ func NewConnSession(conn *pgx.Conn, opts ...Option) (*Session, error) {
 // conn when one did).
 func sessionOn(pc *pgx.Conn, cfg config) *Session {
 	s := &Session{
-		pc:        pc,
-		health:    cfg.health,
-		keepalive: keepaliveFor(cfg.health),
-		turn:      make(chan struct{}, 1),
-		holds:     make(map[hold]int),
-		done:      make(chan struct{}),
-		trace:     newSessionTrace(cfg),
+		pc:     pc,
+		health: cfg.health,
+		ka:     keepalive{args: keepaliveFor(cfg.health)},
+		turn:   make(chan struct{}, 1),
+		holds:  make(map[hold]int),
+		done:   make(chan struct{}),
+		trace:  newSessionTrace(cfg),
 	}
 	s.ctx, s.cancel = context.WithCancelCause(context.Background())
 	s.stmt = statement{pc: pc, end: s.ctx}
@@ -303,7 +296,7 @@ func (s *Session) lockOnce(ctx context.Context, key Key, cfg config, h hold, fir
 	case got:
 		s.mu.Lock()
 		s.holds[h] = 1
-		s.kaOn = true
+		s.ka.on = true
 		s.mu.Unlock()
 		s.arm()
 		s.trace.started(ctx, cfg.entry, cfg.mode, key)
@@ -328,8 +321,8 @@ func (s *Session) lockFirst(ctx context.Context, key Key, m Mode, w wait, end ti
 	if w != waitTry {
 		sql = waitTrySQL[m][key.space-1]
 	}
-	if !s.keepaliveOn() {
-		sql, args = firstTrySQL[m][key.space-1], append(args, s.keepalive...)
+	if !s.ka.on {
+		sql, args = firstTrySQL[m][key.space-1], append(args, s.ka.args...)
 		if w != waitTry { // set whatever the try's outcome: not in the wait's slices
 			sql = waitFirstTrySQL[m][key.space-1]
 		}
@@ -345,9 +338,7 @@ func (s *Session) lockFirst(ctx context.Context, key Key, m Mode, w wait, end ti
 	if err != nil || got || w == waitTry {
 		return got, err
 	}
-	s.mu.Lock()
-	s.kaOn = true // by waitFirstTrySQL, or before; Close resets them
-	s.mu.Unlock()
+	s.ka.on = true // by waitFirstTrySQL, or before; Close resets them
 	switch {
 	case holdsAny != nil && *holdsAny:
 		return s.waitOnce(ctx, key, m, end)
@@ -379,29 +370,6 @@ func (s *Session) waitOnce(ctx context.Context, key Key, m Mode, end time.Time) 
 	return s.lockMore(ctx, key, m, w, bound)
 }
 
-// setKeepalives sets the session's keep-alives, which stay in force until
-// it ends. The caller holds the turn.
-func (s *Session) setKeepalives(ctx context.Context) error {
-	err := s.run(ctx, true, func(ctx context.Context, c *pgx.Conn) error {
-		_, err := c.Exec(ctx, keepaliveSetSQL, s.keepalive...)
-		return err
-	})
-	if err == nil {
-		s.mu.Lock()
-		s.kaOn = true
-		s.mu.Unlock()
-	}
-	return err
-}
-
-// keepaliveOn reports whether the session has set the keep-alives (they
-// stay until it ends).
-func (s *Session) keepaliveOn() bool {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.kaOn
-}
-
 // lockMore takes key on a session that already holds locks (and so has its
 // keep-alives set), in one statement: a try, or one server-side wait that
 // PostgreSQL's deadlock detector can see, under lock_timeout if bounded. The
@@ -422,21 +390,6 @@ func (s *Session) lockMore(ctx context.Context, key Key, m Mode, w wait, bound t
 		return row.Scan(nil)
 	})
 	return got, err
-}
-
-// keepClientAlive tightens the client socket's keep-alive (see
-// clientKeepalive) before a statement that may last runs on a session that
-// holds locks: a wait in one statement, or a WithConn callback. Once per
-// session; finish puts it back before the connection returns to the pool.
-// userTimeout sets TCP_USER_TIMEOUT too (a wait statement of the library's
-// own), or puts it back (a WithConn callback; see clientKeepalive). The
-// caller holds the turn.
-func (s *Session) keepClientAlive(userTimeout bool) {
-	if !s.kaTried {
-		s.kaTried = true
-		s.clientKA = tightenClientKeepalive(s.pc.PgConn().Conn(), s.health)
-	}
-	s.clientKA.userTimeout(userTimeout)
 }
 
 // lockFailed makes sure a failed lock statement left nothing held, and
@@ -680,7 +633,7 @@ func (s *Session) WithConn(ctx context.Context, fn func(*pgx.Conn) error) error 
 		}
 	}
 	s.mu.Lock()
-	s.rawUsed, s.kaOn = true, true
+	s.rawUsed, s.ka.on = true, true
 	s.mu.Unlock()
 	s.arm()
 	// While fn's statement runs the health watcher cannot check the
@@ -803,9 +756,9 @@ func (s *Session) finish(cause error) {
 	for h := range s.holds {
 		holds = append(holds, h)
 	}
-	rawUsed, kaOn := s.rawUsed, s.kaOn
+	rawUsed, kaOn := s.rawUsed, s.ka.on
 	clear(s.holds)
-	s.kaOn = false
+	s.ka.on = false
 	s.mu.Unlock()
 	var unlockErr error
 	switch {
@@ -825,10 +778,10 @@ func (s *Session) finish(cause error) {
 	s.ready.Load().close() // before the connection can go back to the pool; ends the watcher
 	switch {
 	case clean && s.conn != nil:
-		s.clientKA.restore()
+		s.ka.client.restore()
 		s.conn.Release()
 	case clean: // a NewConnSession's connection stays with its owner
-		s.clientKA.restore()
+		s.ka.client.restore()
 	default:
 		s.discard()
 	}
@@ -1002,69 +955,6 @@ func (s *Session) discard() {
 	_ = c.Close(context.Background()) // the socket's deadline bounds it, not a context handler
 	_ = nc.Close()                    // pgconn may have marked it closed without closing it yet
 }
-
-// defaultKeepalive is keepaliveArgs(DefaultHealthInterval), computed once:
-// sessions share it and never change it.
-var defaultKeepalive = keepaliveArgs(DefaultHealthInterval)
-
-// keepaliveFor is keepaliveArgs(h), shared for the default interval.
-func keepaliveFor(h time.Duration) []any {
-	if h == DefaultHealthInterval {
-		return defaultKeepalive
-	}
-	return keepaliveArgs(h)
-}
-
-// keepaliveArgs returns the keep-alive values (firstTrySQL's last arguments) for a session checked every
-// health interval h. With s = secs(h) (h in whole seconds, rounded up, at
-// least 1):
-//
-//   - The holder steps down within h + max(h, 1 s) of a silent cut through
-//     its health checks (a check every h, each allowed max(h, 1 s) to
-//     answer), at most 2s; and within 3s during a statement that keeps the
-//     checks out, through its socket's own keep-alive (clientKeepalive:
-//     probes after s of silence, s apart, two of them, so one lost probe
-//     is tolerated): 3s after the last packet it got, which came before
-//     the cut.
-//   - The server probes after s of silence, s apart, and drops the client
-//     when four probes went unanswered (tcp_user_timeout, 5s, bounds
-//     unacknowledged data the same way): 5s after the last packet it got.
-//     A healthy client answers every probe, so that packet came at most s
-//     before the cut, and the server frees the locks at least 4s after the
-//     cut (at most 5s after it: 5 s for h = 1 s).
-//
-// So the server frees the locks at least s (one second or more) after the
-// holder stepped down, and up to three of its own probes may be lost.
-func keepaliveArgs(h time.Duration) []any {
-	idle, interval, count := secs(h), secs(h), serverProbes
-	userTimeoutMS := (idle + interval*count) * 1000
-	return []any{strconv.Itoa(idle), strconv.Itoa(interval), strconv.Itoa(count), strconv.Itoa(userTimeoutMS)}
-}
-
-// serverProbes and clientProbes are how many keep-alive probes in a row
-// must go unanswered before the server, and the client during a statement
-// that keeps the health checks out, drop the connection (see keepaliveArgs
-// for why the server's must exceed the client's by at least two).
-const (
-	serverProbes = 4
-	clientProbes = 2
-)
-
-// secs is d in whole seconds, rounded up, at least 1 and at most
-// maxKeepaliveSecs: the unit and range of TCP keep-alive settings.
-func secs(d time.Duration) int {
-	return int(min(max(1, (d+time.Second-1)/time.Second), maxKeepaliveSecs))
-}
-
-// maxKeepaliveSecs is the longest keep-alive time Linux accepts
-// (TCP_KEEPIDLE, TCP_KEEPINTVL: 32767 s, about 9 days); the server
-// ignores a longer one with a log line, and a longer health interval's
-// tcp_user_timeout would overflow its int milliseconds. Keep-alive times
-// are clamped to it: for a HealthInterval over about 4.5 hours the server
-// drops a silent client after at most about 45 hours (five intervals: keepaliveArgs), which may be before
-// a holder that checks so rarely notices a network cut (HealthInterval
-// says so).
-const maxKeepaliveSecs = 32767
 
 // takeTurn waits for exclusive use of the connection, or for ctx to end. It
 // fails with the session's end reason once the session is ending.
