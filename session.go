@@ -35,15 +35,13 @@ import (
 // otherwise it is closed.
 type Session struct {
 	lifetime // the session's end (end.go)
+	connTurn // whose turn it is to use the connection (turn.go)
 
 	pool   *pgxpool.Pool // nil for a NewConnSession
 	conn   *pgxpool.Conn // for giving the connection back; use pc to talk on it; nil for a NewConnSession
 	pc     *pgx.Conn     // conn's connection, still reachable after conn is hijacked
 	health time.Duration
 
-	// turn is a token: whoever holds it may use conn. Taking it obeys a
-	// context; Close takes it after interrupting the holder.
-	turn chan struct{}
 	// lastAnswer is when the server last answered one of the library's own
 	// statements (Unix nanoseconds): the watcher need not ping before an
 	// interval has passed since. A turn taken without a round trip, or a
@@ -55,11 +53,7 @@ type Session struct {
 	// closed by whoever ends the session.
 	lastAnswer atomic.Int64
 	ready      atomic.Pointer[readiness]
-	// handOver, set under the turn, passes the turn to a wait slice left
-	// to end on its own (waitSlices): giveTurn closes it instead of giving
-	// the turn back.
-	handOver chan struct{}
-	ka       keepalive // the connection's keep-alives, the server's and the client socket's
+	ka         keepalive // the connection's keep-alives, the server's and the client socket's
 
 	stmt statement // the statement in flight, for interrupting it
 
@@ -70,9 +64,6 @@ type Session struct {
 	// break (its first hold, or WithConn); zero while it holds nothing. Its
 	// health checks report it (heldPingSQL).
 	heldSince time.Time
-	// waitingSince is when the wait in progress began, if a caller said
-	// (WaitingSince); zero otherwise. Guarded by the turn.
-	waitingSince time.Time
 	// noSlicesSaid: the tracer was told that this session's waits are one
 	// statement, PL/pgSQL being unusable (noteNoSlices).
 	noSlicesSaid bool
@@ -187,12 +178,12 @@ func NewConnSession(conn *pgx.Conn, opts ...Option) (*Session, error) {
 // conn when one did).
 func sessionOn(pc *pgx.Conn, cfg config) *Session {
 	s := &Session{
-		pc:     pc,
-		health: cfg.health,
-		ka:     keepalive{args: keepaliveFor(cfg.health)},
-		turn:   make(chan struct{}, 1),
-		holds:  make(map[hold]int),
-		trace:  newSessionTrace(cfg),
+		pc:       pc,
+		health:   cfg.health,
+		ka:       keepalive{args: keepaliveFor(cfg.health)},
+		connTurn: connTurn{turn: make(chan struct{}, 1)},
+		holds:    make(map[hold]int),
+		trace:    newSessionTrace(cfg),
 	}
 	s.ctx, s.cancel = context.WithCancelCause(context.Background())
 	s.done = make(chan struct{})
@@ -521,19 +512,6 @@ func (s *Session) notHolding() {
 	}
 }
 
-// unlockTurn takes the turn for an unlock. ctx bounds the wait, except
-// that a ctx that has already ended (an Unlock deferred past a
-// cancellation) waits up to cleanupTimeout instead: such an unlock is never
-// skipped.
-func (s *Session) unlockTurn(ctx context.Context) error {
-	if ctx.Err() != nil {
-		var cancel context.CancelFunc
-		ctx, cancel = context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
-		defer cancel()
-	}
-	return s.takeTurn(ctx)
-}
-
 // errUnlockFalse is the cause when pg_advisory_unlock returns false for a
 // lock the session had recorded as held.
 var errUnlockFalse = errors.New("pg_advisory_unlock returned false: the server did not hold the lock")
@@ -711,89 +689,4 @@ func (s *Session) discard() {
 	_ = nc.SetDeadline(time.Now().Add(discardTimeout))
 	_ = c.Close(context.Background()) // the socket's deadline bounds it, not a context handler
 	_ = nc.Close()                    // pgconn may have marked it closed without closing it yet
-}
-
-// takeTurn waits for exclusive use of the connection, or for ctx to end. It
-// fails with the session's end reason once the session is ending.
-func (s *Session) takeTurn(ctx context.Context) error {
-	if err := ctx.Err(); err != nil {
-		return err
-	}
-	select {
-	case s.turn <- struct{}{}:
-	case <-ctx.Done():
-		return ctx.Err()
-	case <-s.ctx.Done():
-		return s.endKind()
-	}
-	if s.ctx.Err() != nil {
-		<-s.turn
-		return s.endKind()
-	}
-	s.ready.Load().disarm()
-	return nil
-}
-
-// turnError is the error of op on key when takeTurn failed: a context
-// deadline that passed while waiting for the connection is a wait that timed
-// out, and matches ErrTimeout as a server-side timeout does.
-func turnError(op string, key Key, err error) *Error {
-	if errors.Is(err, context.DeadlineExceeded) {
-		e := keyError(op, key, ErrTimeout, nil)
-		e.deadline = true
-		return e
-	}
-	return keyError(op, key, nil, err)
-}
-
-// giveTurn ends a takeTurn (or the watcher's takeWatchTurn), arming the health
-// watcher's readiness if the session holds something.
-func (s *Session) giveTurn() {
-	if h := s.handOver; h != nil {
-		s.handOver = nil
-		close(h)
-		return
-	}
-	if s.holding() {
-		s.ready.Load().arm()
-	}
-	<-s.turn
-}
-
-// run runs f on the connection; the caller holds the turn. f gets a context
-// that is never cancelled: when ctx ends (or, if untilEnd, when the
-// session starts ending) the statement in flight is interrupted with a
-// cancel request, so the connection survives, and closed if that cannot be
-// done. f fails at once, sending nothing, if ctx is already done.
-func (s *Session) run(ctx context.Context, untilEnd bool, f func(context.Context, *pgx.Conn) error) error {
-	return s.answered(s.runFor(ctx, untilEnd, false, f))
-}
-
-// answered records, for the health watcher, that the server answered one of
-// the library's statements: it returned no error or the server's own.
-func (s *Session) answered(err error) error {
-	if err == nil || sqlState(err) != "" { // only a failure pays for errors.As
-		s.lastAnswer.Store(time.Now().UnixNano())
-		s.trace.answered()
-	}
-	return err
-}
-
-// runCleanup runs one of the library's own clean-up statements, bounded by
-// cleanupTimeout and not interrupted by the session's end.
-func (s *Session) runCleanup(f func(context.Context, *pgx.Conn) error) error {
-	return s.answered(s.runFor(context.Background(), false, true, f))
-}
-
-// runFor is run, and if cleanup the statement is also interrupted once it
-// has run for cleanupTimeout (statement.run). Once the session is ending
-// it sends nothing but clean-up.
-func (s *Session) runFor(ctx context.Context, untilEnd, cleanup bool, f func(context.Context, *pgx.Conn) error) error {
-	if err := ctx.Err(); err != nil {
-		return err
-	}
-	if untilEnd && s.ctx.Err() != nil { // ending: nothing more is sent but clean-up
-		return s.endKind()
-	}
-	return s.stmt.run(ctx, untilEnd, cleanup, f)
 }
