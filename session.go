@@ -1,10 +1,8 @@
 package advisory
 
 import (
-	"cmp"
 	"context"
 	"errors"
-	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -35,6 +33,7 @@ import (
 type Session struct {
 	lifetime // the session's end (end.go)
 	connTurn // whose turn it is to use the connection (turn.go)
+	holdings // what the session holds, and how often (holds.go); guarded by mu
 
 	pool   *pgxpool.Pool // nil for a NewConnSession
 	conn   *pgxpool.Conn // for giving the connection back; use pc to talk on it; nil for a NewConnSession
@@ -56,13 +55,7 @@ type Session struct {
 
 	stmt statement // the statement in flight, for interrupting it
 
-	mu      sync.Mutex
-	holds   map[hold]int
-	rawUsed bool // WithConn ran: the connection may hold locks the Session did not take
-	// heldSince is when the session began holding something without a
-	// break (its first hold, or WithConn); zero while it holds nothing. Its
-	// health checks report it (heldPingSQL).
-	heldSince time.Time
+	mu sync.Mutex
 	// noSlicesSaid: the tracer was told that this session's waits are one
 	// statement, PL/pgSQL being unusable (noteNoSlices).
 	noSlicesSaid bool
@@ -72,19 +65,6 @@ type Session struct {
 	watchStart *time.Timer
 
 	trace *sessionTrace // nil unless traced (WithTracer, tracer.go)
-}
-
-// hold is one (key, mode) a Session holds.
-type hold struct {
-	key  Key
-	mode Mode
-}
-
-// Hold is one key a Session holds, in one mode, Count times.
-type Hold struct {
-	Key   Key
-	Mode  Mode
-	Count int
 }
 
 // NewSession takes a connection from pool for the life of the Session.
@@ -176,112 +156,13 @@ func sessionOn(pc *pgx.Conn, cfg config) *Session {
 		health:   cfg.health,
 		ka:       keepalive{args: keepaliveFor(cfg.health)},
 		connTurn: connTurn{turn: make(chan struct{}, 1)},
-		holds:    make(map[hold]int),
+		holdings: holdings{holds: make(map[hold]int)},
 		trace:    newSessionTrace(cfg),
 	}
 	s.ctx, s.cancel = context.WithCancelCause(context.Background())
 	s.done = make(chan struct{})
 	s.stmt = statement{pc: pc, end: s.ctx}
 	return s
-}
-
-// Unlock releases one hold of key in the mode opts say (exclusive unless
-// Shared()). The last hold of a (key, mode) is released on the server, and
-// the boolean pg_advisory_unlock returns is checked.
-//
-// It returns ErrNotHeld, sending nothing, when the session does not hold key
-// in that mode. ctx only bounds the wait for the connection's turn, never
-// the unlock: a ctx that has already ended (a deferred Unlock after a
-// cancellation) still gets the unlock done, waiting up to 5 s for the turn;
-// the statement is bounded by its own timeout. If the server did not hold the lock, or the unlock
-// fails, the session ends and its connection is closed (which releases
-// whatever it held), and the error matches ErrLockLost.
-func (s *Session) Unlock(ctx context.Context, key Key, opts ...Option) error {
-	cfg, err := newConfig(callSessionUnlock, opts)
-	if err != nil {
-		return err
-	}
-	return s.unlock(ctx, hold{key, cfg.mode})
-}
-
-// unlock releases one hold of h.
-func (s *Session) unlock(ctx context.Context, h hold) error {
-	key := h.key
-	if !key.Valid() {
-		return invalidKey("unlock")
-	}
-	if err := s.unlockTurn(ctx); err != nil {
-		return keyError("unlock", key, nil, err)
-	}
-	defer s.giveTurn()
-	s.mu.Lock()
-	n := s.holds[h]
-	if n > 1 {
-		s.holds[h] = n - 1
-	}
-	s.mu.Unlock()
-	switch {
-	case n == 0:
-		return keyError("unlock", key, ErrNotHeld, nil)
-	case n > 1:
-		return nil
-	}
-	s.mu.Lock()
-	delete(s.holds, h)
-	s.notHolding()
-	s.mu.Unlock()
-	err := s.unlockStatement(h, false)
-	s.trace.released(h.mode, err, key)
-	if err != nil {
-		s.lose(err)
-		return keyError("unlock", key, ErrLockLost, err)
-	}
-	return nil
-}
-
-// notHolding forgets when the session began holding, if it holds nothing
-// now. The caller holds mu.
-func (s *Session) notHolding() {
-	if len(s.holds) == 0 && !s.rawUsed {
-		s.heldSince = time.Time{}
-	}
-}
-
-// errUnlockFalse is the cause when pg_advisory_unlock returns false for a
-// lock the session had recorded as held.
-var errUnlockFalse = errors.New("pg_advisory_unlock returned false: the server did not hold the lock")
-
-// unlockStatement releases h on the server once; if it is the session's
-// last hold, the same statement resets the keep-alives. The caller holds the
-// turn.
-func (s *Session) unlockStatement(h hold, last bool) error {
-	var ok bool
-	err := s.runCleanup(func(ctx context.Context, c *pgx.Conn) error {
-		if last {
-			return c.QueryRow(ctx, unlockLastSQL[h.mode][h.key.space-1], h.key.args()...).Scan(&ok, nil)
-		}
-		return c.QueryRow(ctx, unlockSQL[h.mode][h.key.space-1], h.key.args()...).Scan(&ok)
-	})
-	if err == nil && !ok {
-		err = errUnlockFalse
-	}
-	return err
-}
-
-// Held returns the session's holds, ordered by key and mode. It never
-// blocks.
-func (s *Session) Held() []Hold {
-	s.mu.Lock()
-	held := make([]Hold, 0, len(s.holds))
-	for h, n := range s.holds {
-		held = append(held, Hold{Key: h.key, Mode: h.mode, Count: n})
-	}
-	s.mu.Unlock()
-	slices.SortFunc(held, func(a, b Hold) int {
-		return cmp.Or(cmp.Compare(a.Key.space, b.Key.space), cmp.Compare(a.Key.classid, b.Key.classid),
-			cmp.Compare(a.Key.objid, b.Key.objid), cmp.Compare(a.Mode, b.Mode))
-	})
-	return held
 }
 
 // WithConn runs fn with exclusive use of the session's own connection, the
@@ -365,45 +246,6 @@ func (s *Session) WithConn(ctx context.Context, fn func(*pgx.Conn) error) error 
 		return &Error{Op: "with_conn", Err: errors.Join(context.Cause(ctx), err)}
 	}
 	return err
-}
-
-// unlockHolds releases holds on the server, once each, checking the
-// boolean every pg_advisory_unlock returns; then, if rawUsed, whatever else
-// the connection holds (locks a WithConn callback took). The caller holds
-// the turn.
-func (s *Session) unlockHolds(holds []hold, rawUsed bool) error {
-	switch {
-	case len(holds) == 1 && !rawUsed:
-		return s.unlockStatement(holds[0], true) // a Lock's Release: the one-key statement
-	case len(holds) == 0 && !rawUsed: // a Session that held locks and gave them all back
-		return s.runCleanup(func(ctx context.Context, c *pgx.Conn) error {
-			_, err := c.Exec(ctx, keepaliveResetOnlySQL)
-			return err
-		})
-	}
-	var byMode [2][]Key
-	for _, h := range holds {
-		byMode[h.mode] = append(byMode[h.mode], h.key)
-	}
-	for m, keys := range byMode {
-		if len(keys) == 0 {
-			continue
-		}
-		slices.SortFunc(keys, compareKeys)
-		// The last statement resets the keep-alives, unless unlock_all
-		// (which does) follows.
-		last := !rawUsed && (m == int(ModeShared) || len(byMode[ModeShared]) == 0)
-		if err := s.unlockManyStatement(keys, Mode(m), last); err != nil {
-			return err
-		}
-	}
-	if !rawUsed {
-		return nil
-	}
-	return s.runCleanup(func(ctx context.Context, c *pgx.Conn) error {
-		_, err := c.Exec(ctx, unlockAllSQL)
-		return err
-	})
 }
 
 // discardTimeout bounds saying goodbye (Terminate) to the server on a

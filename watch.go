@@ -64,13 +64,6 @@ func (s *Session) arm() {
 	}
 }
 
-// holding reports whether the session has anything to watch.
-func (s *Session) holding() bool {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return len(s.holds) > 0 || s.rawUsed
-}
-
 // watch runs until the session ends; when it finds the connection lost it
 // ends the session.
 func (s *Session) watch() {
