@@ -139,15 +139,10 @@ func (s *Session) finish(cause error) {
 		s.mu.Unlock()
 	}
 	s.ready.Load().close() // before the connection can go back to the pool; ends the watcher
-	switch {
-	case clean && s.conn != nil:
+	if clean {
 		s.ka.client.restore()
-		s.conn.Release()
-	case clean: // a NewConnSession's connection stays with its owner
-		s.ka.client.restore()
-	default:
-		s.discard()
 	}
+	s.giveBack(clean)
 	s.ended(unlockErr)
 }
 

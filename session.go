@@ -34,10 +34,8 @@ type Session struct {
 	lifetime // the session's end (end.go)
 	connTurn // whose turn it is to use the connection (turn.go)
 	holdings // what the session holds, and how often (holds.go); guarded by mu
+	lease    // the connection, and the pool it goes back to (lease.go)
 
-	pool   *pgxpool.Pool // nil for a NewConnSession
-	conn   *pgxpool.Conn // for giving the connection back; use pc to talk on it; nil for a NewConnSession
-	pc     *pgx.Conn     // conn's connection, still reachable after conn is hijacked
 	health time.Duration
 
 	// lastAnswer is when the server last answered one of the library's own
@@ -152,7 +150,7 @@ func NewConnSession(conn *pgx.Conn, opts ...Option) (*Session, error) {
 // conn when one did).
 func sessionOn(pc *pgx.Conn, cfg config) *Session {
 	s := &Session{
-		pc:       pc,
+		lease:    lease{pc: pc},
 		health:   cfg.health,
 		ka:       keepalive{args: keepaliveFor(cfg.health)},
 		connTurn: connTurn{turn: make(chan struct{}, 1)},
@@ -163,24 +161,4 @@ func sessionOn(pc *pgx.Conn, cfg config) *Session {
 	s.done = make(chan struct{})
 	s.stmt = statement{pc: pc, end: s.ctx}
 	return s
-}
-
-// discardTimeout bounds saying goodbye (Terminate) to the server on a
-// connection being discarded.
-const discardTimeout = time.Second
-
-// discard takes the connection out of the pool at once and closes it. A
-// connection handed back closed would keep its pool slot until pgconn's
-// background close ends, which waits up to 15 s for a cancel request that
-// a cut network never answers, and meanwhile every Acquire on a small pool
-// would wait. The caller holds the turn.
-func (s *Session) discard() {
-	c := s.pc
-	if s.conn != nil {
-		c = s.conn.Hijack()
-	}
-	nc := c.PgConn().Conn()
-	_ = nc.SetDeadline(time.Now().Add(discardTimeout))
-	_ = c.Close(context.Background()) // the socket's deadline bounds it, not a context handler
-	_ = nc.Close()                    // pgconn may have marked it closed without closing it yet
 }
