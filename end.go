@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"slices"
 	"strings"
+	"sync"
 	"time"
 )
 
@@ -21,6 +22,10 @@ type lifetime struct {
 	ending bool  // Close began or the session was lost
 	closed bool  // Close has returned the end reason once
 	err    error // why it ended; nil after a clean Close
+
+	// watcher counts the goroutines the end waits for: the health
+	// watcher, a finish in the background (lose), a cohort hold's end.
+	watcher sync.WaitGroup
 }
 
 // Done returns a channel that is closed when the session has ended: after

@@ -4,8 +4,6 @@ import (
 	"context"
 	"errors"
 	"sync"
-	"sync/atomic"
-	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
@@ -31,38 +29,21 @@ import (
 // back to the pool only when it is known to hold no advisory lock;
 // otherwise it is closed.
 type Session struct {
-	lifetime // the session's end (end.go)
-	connTurn // whose turn it is to use the connection (turn.go)
-	holdings // what the session holds, and how often (holds.go); guarded by mu
-	lease    // the connection, and the pool it goes back to (lease.go)
+	lease                  // the connection, and the pool it goes back to (lease.go)
+	connTurn               // whose turn it is to use the connection (turn.go)
+	stmt     statement     // the statement in flight, for interrupting it (statement.go)
+	ka       keepalive     // the connection's keep-alives, the server's and the socket's (keepalive.go)
+	watching               // the health watcher's hand-shake with the callers (watch.go)
+	holdings               // what the session holds, and how often (holds.go)
+	lifetime               // the session's end (end.go)
+	trace    *sessionTrace // nil unless traced (WithTracer, tracer.go)
 
-	health time.Duration
-
-	// lastAnswer is when the server last answered one of the library's own
-	// statements (Unix nanoseconds): the watcher need not ping before an
-	// interval has passed since. A turn taken without a round trip, or a
-	// WithConn callback (which may send nothing), does not count.
-	//
-	// ready tells the health watcher that the socket has something to read
-	// (watch.go); set by the watcher at its first turn, nil until then and
-	// where the socket cannot be watched. Armed and disarmed under the turn,
-	// closed by whoever ends the session.
-	lastAnswer atomic.Int64
-	ready      atomic.Pointer[readiness]
-	ka         keepalive // the connection's keep-alives, the server's and the client socket's
-
-	stmt statement // the statement in flight, for interrupting it
-
+	// mu guards holdings, the end's state, the watcher's start and
+	// noSlicesSaid.
 	mu sync.Mutex
 	// noSlicesSaid: the tracer was told that this session's waits are one
-	// statement, PL/pgSQL being unusable (noteNoSlices).
+	// statement, PL/pgSQL being unusable (noteNoSlices, wait.go).
 	noSlicesSaid bool
-	watcher      sync.WaitGroup
-	// watchStart starts the watcher once the session first holds something
-	// (see arm); nil until then. Guarded by mu.
-	watchStart *time.Timer
-
-	trace *sessionTrace // nil unless traced (WithTracer, tracer.go)
 }
 
 // NewSession takes a connection from pool for the life of the Session.
@@ -151,7 +132,7 @@ func NewConnSession(conn *pgx.Conn, opts ...Option) (*Session, error) {
 func sessionOn(pc *pgx.Conn, cfg config) *Session {
 	s := &Session{
 		lease:    lease{pc: pc},
-		health:   cfg.health,
+		watching: watching{health: cfg.health},
 		ka:       keepalive{args: keepaliveFor(cfg.health)},
 		connTurn: connTurn{turn: make(chan struct{}, 1)},
 		holdings: holdings{holds: make(map[hold]int)},
