@@ -199,18 +199,18 @@ func (s *Session) cutOff() {
 // the turn).
 func (s *Session) lose(cause error) {
 	err := s.lossError(cause)
-	if !s.beginEnd(err, err, true) {
-		// Already ending (a Close, or a lock's clean-up after a failed
-		// wait): the connection's state is unknown now, so it must not go
-		// back to the pool; closing it ends whatever it holds on the server.
-		s.pc.PgConn().Conn().Close()
-		return
-	}
+	first := s.beginEnd(err, err, true)
+	// If the session was already ending (a Close, or a lock's clean-up after
+	// a failed wait), the connection's state is unknown now too: it must not
+	// go back to the pool, and closing it ends whatever it holds on the
+	// server.
 	s.pc.PgConn().Conn().Close()
-	go func() {
-		defer s.watcher.Done()
-		s.finish(err)
-	}()
+	if first {
+		go func() {
+			defer s.watcher.Done()
+			s.finish(err)
+		}()
+	}
 }
 
 // lossError is the end reason of a session lost by cause: it names the key

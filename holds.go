@@ -67,8 +67,12 @@ func (s *Session) unlock(ctx context.Context, h hold) error {
 	defer s.giveTurn()
 	s.mu.Lock()
 	n := s.holds[h]
-	if n > 1 {
+	switch {
+	case n > 1:
 		s.holds[h] = n - 1
+	case n == 1:
+		delete(s.holds, h)
+		s.notHolding()
 	}
 	s.mu.Unlock()
 	switch {
@@ -77,10 +81,6 @@ func (s *Session) unlock(ctx context.Context, h hold) error {
 	case n > 1:
 		return nil
 	}
-	s.mu.Lock()
-	delete(s.holds, h)
-	s.notHolding()
-	s.mu.Unlock()
 	err := s.unlockStatement(h, false)
 	s.trace.released(h.mode, err, key)
 	if err != nil {
@@ -129,8 +129,7 @@ func (s *Session) Held() []Hold {
 	}
 	s.mu.Unlock()
 	slices.SortFunc(held, func(a, b Hold) int {
-		return cmp.Or(cmp.Compare(a.Key.space, b.Key.space), cmp.Compare(a.Key.classid, b.Key.classid),
-			cmp.Compare(a.Key.objid, b.Key.objid), cmp.Compare(a.Mode, b.Mode))
+		return cmp.Or(compareKeys(a.Key, b.Key), cmp.Compare(a.Mode, b.Mode))
 	})
 	return held
 }
@@ -144,10 +143,7 @@ func (s *Session) unlockHolds(holds []hold, rawUsed bool) error {
 	case len(holds) == 1 && !rawUsed:
 		return s.unlockStatement(holds[0], true) // a Lock's Release: the one-key statement
 	case len(holds) == 0 && !rawUsed: // a Session that held locks and gave them all back
-		return s.runCleanup(func(ctx context.Context, c *pgx.Conn) error {
-			_, err := c.Exec(ctx, keepaliveResetOnlySQL)
-			return err
-		})
+		return s.execCleanup(keepaliveResetOnlySQL)
 	}
 	var byMode [2][]Key
 	for _, h := range holds {
@@ -168,10 +164,7 @@ func (s *Session) unlockHolds(holds []hold, rawUsed bool) error {
 	if !rawUsed {
 		return nil
 	}
-	return s.runCleanup(func(ctx context.Context, c *pgx.Conn) error {
-		_, err := c.Exec(ctx, unlockAllSQL)
-		return err
-	})
+	return s.execCleanup(unlockAllSQL)
 }
 
 // holding reports whether the session has anything to watch.

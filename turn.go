@@ -110,6 +110,15 @@ func (s *Session) runCleanup(f func(context.Context, *pgx.Conn) error) error {
 	return s.answered(s.runFor(context.Background(), false, true, f))
 }
 
+// execCleanup runs sql, one of the library's own clean-up statements that
+// returns nothing, as runCleanup does.
+func (s *Session) execCleanup(sql string) error {
+	return s.runCleanup(func(ctx context.Context, c *pgx.Conn) error {
+		_, err := c.Exec(ctx, sql)
+		return err
+	})
+}
+
 // runFor is run, and if cleanup the statement is also interrupted once it
 // has run for cleanupTimeout (statement.run). Once the session is ending
 // it sends nothing but clean-up.

@@ -72,10 +72,7 @@ func (s *Session) WithConn(ctx context.Context, fn func(*pgx.Conn) error) error 
 		return &Error{Op: "with_conn", Kind: ErrLockLost, Err: err}
 	}
 	if s.pc.PgConn().TxStatus() != 'I' {
-		rollback := s.runCleanup(func(ctx context.Context, c *pgx.Conn) error {
-			_, err := c.Exec(ctx, "ROLLBACK")
-			return err
-		})
+		rollback := s.execCleanup("ROLLBACK")
 		if rollback != nil {
 			s.lose(rollback)
 		}
