@@ -10,9 +10,9 @@ import (
 	"time"
 )
 
-// lifetime is a session's end. Its rule: a session ends once, and
-// whoever begins the end (Close, or a loss found by a statement or the
-// watcher) finishes it; every later call fails with why it ended.
+// lifetime is a session's end. Its rule: a session ends once, and whoever
+// begins the end finishes it. The end begins at Close, or at a loss found
+// by a statement or the watcher; every later call fails with why it ended.
 type lifetime struct {
 	ctx    context.Context // cancelled, with the reason, when the session starts ending
 	cancel context.CancelCauseFunc

@@ -9,10 +9,10 @@ import (
 )
 
 // lease is a session's connection and where it came from. Its rule: a
-// connection goes back to the pool as the pool lent it, holding no advisory
-// lock and with its keep-alives as they were (finish); a connection whose
-// state is not known leaves the pool closed (discard). A NewConnSession's
-// connection has no pool: it stays with its owner.
+// connection goes back to the pool as the pool lent it, or leaves it
+// closed. As lent means holding no advisory lock, with its keep-alives as
+// they were (finish); a connection whose state is not known is discarded.
+// A NewConnSession's connection has no pool: it stays with its owner.
 type lease struct {
 	pool *pgxpool.Pool // nil for a NewConnSession
 	conn *pgxpool.Conn // for giving the connection back; use pc to talk on it; nil for a NewConnSession

@@ -26,11 +26,11 @@ const (
 	cancelRetry = 200 * time.Millisecond
 )
 
-// statement is the statement in flight on a session's connection, for
-// interrupting it. Its rule: a statement never runs under a context that
-// can end; it is interrupted with a cancel request that names it, so the
-// cancel can reach no later statement, and its connection is closed if it
-// does not stop within cancelGrace.
+// statement is the statement in flight on a session's connection. Its
+// rule: a statement is interrupted only by a cancel request that names it,
+// never by a context, and its connection is closed if it will not stop. So
+// a cancel reaches no later statement, and a cancelled wait leaves the
+// connection (and the session's locks) alive.
 type statement struct {
 	pc  *pgx.Conn
 	end context.Context // the session's: its end interrupts a statement begun untilEnd

@@ -9,7 +9,7 @@ import (
 )
 
 // connTurn is the session's connection's turn. Its rule: whoever holds the
-// turn may use the connection; nobody else touches it. Taking the turn
+// turn may use the connection, and nobody else touches it. Taking the turn
 // obeys a context (takeTurn) and fails once the session is ending; Close
 // takes it after interrupting the holder. The turn also guards what goes
 // with the connection's use: the wait in progress, the keep-alives

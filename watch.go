@@ -46,9 +46,10 @@ import (
 // later, delaying the detection of a cut).
 
 // watching is what the health watcher shares with the session's callers.
-// Its rule: the watcher owns its deadlines and borrows nothing; callers only
-// tell it when the server last answered them (lastAnswer) and arm its
-// readiness as they give the turn back while the session holds something.
+// Its rule: the watcher owns its deadlines and borrows nothing from the
+// callers. They only tell it when the server last answered them
+// (lastAnswer), and arm its readiness as they give the turn back while the
+// session holds something.
 type watching struct {
 	health time.Duration // how often the watcher checks a quiet connection (HealthInterval)
 	// lastAnswer is when the server last answered one of the library's own
