@@ -8,13 +8,13 @@ import (
 	"github.com/jackc/pgx/v5"
 )
 
-// keepalive is the TCP keep-alive of a session's connection: the
-// server's end, set by the statement that takes the session's first hold
-// (or by setKeepalives), and the client's socket, tightened before a
-// statement that may last (keepClientAlive). Its rule: what a session sets
-// on its connection's keep-alives it puts back before the connection leaves
-// it (finish resets the server's in the statement that releases the last
-// hold, and restores the socket's). Guarded by the session's turn.
+// keepalive is the TCP keep-alive of a session's connection. Its rule: what
+// a session sets on its connection's keep-alives it puts back before the
+// connection leaves it. The server's end is set by the statement that takes
+// the session's first hold (or by setKeepalives) and reset by the one that
+// releases its last (finish); the client's socket is tightened before a
+// statement that may last (keepClientAlive) and restored by finish.
+// Guarded by the session's turn.
 type keepalive struct {
 	args []any // the server's settings for this health interval (keepaliveArgs); shared, never changed
 	on   bool  // the server's are set; the session's end resets them

@@ -38,12 +38,23 @@ func (s *Session) takeTurn(ctx context.Context) error {
 	case <-s.ctx.Done():
 		return s.endKind()
 	}
-	if s.ctx.Err() != nil {
-		<-s.turn
+	if !s.tookTurn() {
 		return s.endKind()
 	}
-	s.ready.Load().disarm()
 	return nil
+}
+
+// tookTurn completes taking the turn: once the session is ending it gives
+// the turn back at once and returns false (finish may already have given
+// the connection back: it must not be touched); otherwise it disarms the
+// watcher's readiness, since the turn's holder reads what comes.
+func (s *Session) tookTurn() bool {
+	if s.ctx.Err() != nil {
+		<-s.turn
+		return false
+	}
+	s.ready.Load().disarm()
+	return true
 }
 
 // turnError is the error of op on key when takeTurn failed: a context

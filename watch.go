@@ -162,14 +162,7 @@ func (s *Session) takeWatchTurn(wait bool) bool {
 			return false
 		}
 	}
-	if s.ctx.Err() != nil {
-		// finish may already have given the connection back: it must not be
-		// touched.
-		<-s.turn
-		return false
-	}
-	s.ready.Load().disarm()
-	return true
+	return s.tookTurn()
 }
 
 // await waits until the socket has something to read (true), deadline
