@@ -11,6 +11,8 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/seed0ad592b7/advisory/internal/pgtest"
 )
 
 // queued returns how many goroutines wait in the process's queue of the
@@ -36,13 +38,16 @@ func (e *env) awaitQueued(pool *pgxpool.Pool, key Key, slots, n int) {
 	if slots < 0 {
 		health = 0
 	}
-	deadline := time.Now().Add(testTimeout)
-	for queued(pool, key, ModeExclusive, slots, health) != n {
-		if time.Now().After(deadline) {
-			e.t.Fatalf("%d goroutines queued in the process for %v; want %d", queued(pool, key, ModeExclusive, slots, health), key, n)
+	n0 := -1
+	defer func() {
+		if e.t.Failed() {
+			e.t.Logf("%d goroutines were queued", n0)
 		}
-		time.Sleep(time.Millisecond) // the queue offers nothing to wait on
-	}
+	}()
+	pgtest.Await(e.t, fmt.Sprintf("%d goroutines queued in the process for %v", n, key), testTimeout, func() (bool, error) {
+		n0 = queued(pool, key, ModeExclusive, slots, health)
+		return n0 == n, nil
+	})
 }
 
 // passAlways lifts the time bound of passes for the test: a test that
@@ -265,7 +270,7 @@ func TestCohortContended(t *testing.T) {
 					if inside[k].Add(1) != 1 {
 						overlaps.Add(1)
 					}
-					time.Sleep(100 * time.Microsecond)
+					time.Sleep(100 * time.Microsecond) // the work: a second holder now would be counted
 					inside[k].Add(-1)
 					return nil
 				}, WithTracer(&tr))

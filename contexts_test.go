@@ -124,19 +124,11 @@ func TestExecContextEndsKeepsLock(t *testing.T) {
 // set up its readiness and the registration is armed.
 func awaitWatching(t *testing.T, s *Session) {
 	t.Helper()
-	deadline := time.Now().Add(notHung)
-	for {
+	pgtest.Await(t, "the health watcher watching the socket", notHung, func() (bool, error) {
 		s.turn <- struct{}{} // the turn guards ready; taken raw, so as not to disarm it
-		in := s.ready.Load() != nil && s.ready.Load().armed
-		<-s.turn
-		if in {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("the health watcher never watched the socket")
-		}
-		time.Sleep(time.Millisecond) // the watcher's state has no channel to wait on
-	}
+		defer func() { <-s.turn }()
+		return s.ready.Load() != nil && s.ready.Load().armed, nil
+	})
 }
 
 // Defect 4: with a pool whose context handler sends a cancel request and

@@ -177,17 +177,16 @@ func (e *env) free(pools []*pgxpool.Pool) {
 // count a moment after it was handed back (see pgtest.AwaitReleased).
 func awaitAcquired(t testing.TB, pool *pgxpool.Pool, want int32) {
 	t.Helper()
-	deadline := time.Now().Add(testTimeout)
-	for {
-		n := pool.Stat().AcquiredConns()
-		if n == want {
-			return
+	var n int32
+	defer func() {
+		if t.Failed() {
+			t.Logf("the pool had %d connections acquired", n)
 		}
-		if time.Now().After(deadline) {
-			t.Fatalf("pool has %d connections acquired; want %d", n, want)
-		}
-		time.Sleep(time.Millisecond) // pgxpool offers nothing to wait on
-	}
+	}()
+	pgtest.Await(t, fmt.Sprintf("%d connections acquired from the pool", want), testTimeout, func() (bool, error) {
+		n = pool.Stat().AcquiredConns()
+		return n == want, nil
+	})
 }
 
 // conn returns a plain connection, closed after the end-of-test checks: a
@@ -246,20 +245,7 @@ func (e *env) eventually(what string, cond func(*pgx.Conn) (bool, error)) {
 		e.t.Fatalf("%s: %v", what, err)
 	}
 	defer c.Close(context.Background())
-	for {
-		ok, err := cond(c)
-		if err != nil {
-			e.t.Fatalf("%s: %v", what, err)
-		}
-		if ok {
-			return
-		}
-		select {
-		case <-ctx.Done():
-			e.t.Fatalf("not seen on the server after %v: %s", notHung, what)
-		case <-time.After(2 * time.Millisecond):
-		}
-	}
+	pgtest.Await(e.t, what+" (on the server)", notHung, func() (bool, error) { return cond(c) })
 }
 
 // lockRows returns the advisory pg_locks rows for key: pid, mode, granted.

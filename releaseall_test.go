@@ -3,6 +3,7 @@ package advisory
 import (
 	"context"
 	"errors"
+	"fmt"
 	"runtime"
 	"strings"
 	"sync/atomic"
@@ -11,6 +12,8 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/seed0ad592b7/advisory/internal/pgtest"
 )
 
 // releaseAllBound is how long the calls ReleaseAll ended get to return, and
@@ -131,13 +134,10 @@ func TestReleaseAllEndsLeadBetweenCampaigns(t *testing.T) {
 			return nil
 		})
 	}()
-	bound := time.Now().Add(releaseAllBound)
-	for tries.Load() < 2 { // one campaign failed, the next is due: Lead is in its retry loop
-		if time.Now().After(bound) {
-			t.Fatalf("Lead tried to connect %d times in %v; want it to retry", tries.Load(), releaseAllBound)
-		}
-		time.Sleep(time.Millisecond) // the pool offers nothing to wait on
-	}
+	// One campaign failed, the next is due: Lead is in its retry loop.
+	pgtest.Await(t, "Lead trying to connect twice (it retries)", releaseAllBound, func() (bool, error) {
+		return tries.Load() >= 2, nil
+	})
 	must(t, ReleaseAll(e.ctx, pool))
 	refuse.Store(false)
 	select {
@@ -160,17 +160,9 @@ func TestReleaseAllEndsLeadBetweenCampaigns(t *testing.T) {
 // releaseAllBound: pgxpool has no count of its waiters to wait on.
 func awaitPoolWaiters(t *testing.T, n int) {
 	t.Helper()
-	deadline := time.Now().Add(releaseAllBound)
 	buf := make([]byte, 1<<20)
-	for {
+	pgtest.Await(t, fmt.Sprintf("%d goroutines waiting for a pool connection", n), releaseAllBound, func() (bool, error) {
 		stacks := string(buf[:runtime.Stack(buf, true)])
-		got := strings.Count(stacks, "pgxpool.(*Pool).Acquire(")
-		if got >= n {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%d goroutines wait for a pool connection after %v; want %d", got, releaseAllBound, n)
-		}
-		time.Sleep(time.Millisecond)
-	}
+		return strings.Count(stacks, "pgxpool.(*Pool).Acquire(") >= n, nil
+	})
 }
