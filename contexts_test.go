@@ -53,7 +53,7 @@ func canceled(parent context.Context) context.Context {
 	return ctx
 }
 
-// Defect 2: Unlock and UnlockMany with an already-cancelled context still
+// Unlock and UnlockMany with an already-cancelled context still
 // unlock (defer s.Unlock(ctx, k) after a cancellation must not leak).
 func TestUnlockCancelledContext(t *testing.T) {
 	e := newEnv(t)
@@ -84,7 +84,7 @@ func TestUnlockCancelledContext(t *testing.T) {
 	}
 }
 
-// Defect 3: a fenced statement whose own context ends is cancelled (57014)
+// A fenced statement whose own context ends is cancelled (57014)
 // and the lock and its connection survive.
 func TestExecContextEndsKeepsLock(t *testing.T) {
 	e := newEnv(t)
@@ -129,7 +129,7 @@ func awaitWatching(t *testing.T, s *Session) {
 	})
 }
 
-// Defect 4: with a pool whose context handler sends a cancel request and
+// With a pool whose context handler sends a cancel request and
 // sets the socket deadline only later, a caller while the watcher watches
 // does not wait for that delay. (The watcher then sat in a read that the
 // caller ended; now it waits holding nothing, TestWatcherWaitsWithoutTheTurn.)
@@ -153,7 +153,7 @@ func TestWatcherIgnoresPoolContextHandler(t *testing.T) {
 	must(t, lock.Release(e.ctx))
 }
 
-// Defect 7: a ctx deadline that passes while waiting for a connection from
+// A ctx deadline that passes while waiting for a connection from
 // an exhausted pool is a timed-out wait: ErrTimeout and
 // context.DeadlineExceeded, for Acquire, NewSession and DoTx (DoTx's was
 // found by review18: it matched only context.DeadlineExceeded).

@@ -211,7 +211,7 @@ func (e *env) releaseAllWhileRunning(pool *pgxpool.Pool, call func(body func(con
 	return cause, err
 }
 
-// Defect 8: ReleaseAll cancels the context of a running Do body before
+// ReleaseAll cancels the context of a running Do body before
 // another session can take the key, and Do reports it (fn returns nil).
 func TestReleaseAllCancelsDo(t *testing.T) {
 	e := newEnv(t)
@@ -233,7 +233,7 @@ func TestReleaseAllCancelsDo(t *testing.T) {
 	}
 }
 
-// Defect 8, for Lead: ReleaseAll cancels the leader's context and Lead
+// For Lead: ReleaseAll cancels the leader's context and Lead
 // returns (rather than campaigning again on a pool about to close).
 func TestReleaseAllEndsLead(t *testing.T) {
 	e := newEnv(t)

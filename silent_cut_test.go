@@ -11,8 +11,9 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 )
 
-// Defect 5: with that handler, a silent network cut is still noticed by
-// the watcher's own deadline, not after the handler's delay.
+// With a pool whose context handler sends its cancel request late
+// (cancelHandler), a silent network cut is still noticed by the watcher's
+// own deadline, not after the handler's delay.
 func TestSilentCutWithCancelHandler(t *testing.T) {
 	e := newEnv(t)
 	proxy, pool := e.cutPool(cancelHandler(time.Minute))
@@ -54,7 +55,7 @@ func (e *env) awaitKeyFree(key Key) {
 	})
 }
 
-// Defect 6: a connection lost to a silent cut leaves the pool's count as
+// A connection lost to a silent cut leaves the pool's count as
 // soon as Release returns, so a pool of one can hand out a new connection.
 func TestLostConnectionLeavesPoolAtOnce(t *testing.T) {
 	e := newEnv(t)
