@@ -272,6 +272,27 @@ func (e *env) lockRows(key Key) []lockRow {
 	return out
 }
 
+// table makes a table of the test's own on the admin connection: it drops
+// any table of that name, runs create, and drops the table again when the
+// test ends, before the end-of-test checks. A statement that fails stops
+// the test.
+func (e *env) table(name string, create ...string) {
+	e.t.Helper()
+	admin := e.adminConn()
+	for _, sql := range append([]string{"DROP TABLE IF EXISTS " + name}, create...) {
+		if _, err := admin.Exec(e.ctx, sql); err != nil {
+			e.t.Fatalf("making table %s: %v", name, err)
+		}
+	}
+	e.t.Cleanup(func() {
+		// Bounded: a transaction the test left open on the table would
+		// block the drop until the connection closes, after this.
+		ctx, cancel := context.WithTimeout(context.Background(), pgtest.FailedGrace)
+		defer cancel()
+		_, _ = admin.Exec(ctx, "DROP TABLE IF EXISTS "+name)
+	})
+}
+
 // adminConn is one plain connection for the test's questions to the server,
 // opened on first use.
 func (e *env) adminConn() *pgx.Conn {

@@ -114,15 +114,10 @@ func TestWaitersDoNotHoldBackVacuum(t *testing.T) {
 func deadRowsKept(t *testing.T, e *env, table string) int {
 	t.Helper()
 	admin := e.adminConn()
-	for _, sql := range []string{
-		"DROP TABLE IF EXISTS " + table,
-		"CREATE TABLE " + table + " (id int) WITH (autovacuum_enabled = off)",
-		"INSERT INTO " + table + " SELECT generate_series(1, 10000)",
-	} {
-		_, err := admin.Exec(e.ctx, sql)
-		must(t, err)
-	}
-	t.Cleanup(func() { admin.Exec(context.Background(), "DROP TABLE IF EXISTS "+table) })
+	e.table(table,
+		"CREATE TABLE "+table+" (id int) WITH (autovacuum_enabled = off)",
+		"INSERT INTO "+table+" SELECT generate_series(1, 10000)",
+	)
 	var xid int64
 	must(t, admin.QueryRow(e.ctx, "WITH d AS (DELETE FROM "+table+" RETURNING 1) SELECT pg_current_xact_id()::text::int8 FROM d LIMIT 1").Scan(&xid))
 	e.eventually("no backend keeps a snapshot from before the rows died", func(c *pgx.Conn) (bool, error) {
@@ -216,16 +211,10 @@ func TestMigrationGuardCreateIndexConcurrently(t *testing.T) {
 		t.Run(fmt.Sprintf("fenced=%v", fenced), func(t *testing.T) {
 			e := newEnv(t)
 			pool := e.pool(func(c *pgxpool.Config) { c.MaxConns = 10 })
-			admin := e.adminConn()
-			for _, sql := range []string{
-				"DROP TABLE IF EXISTS waits_cic",
+			e.table("waits_cic",
 				"CREATE TABLE waits_cic (id int)",
 				"INSERT INTO waits_cic SELECT generate_series(1, 1000)",
-			} {
-				_, err := admin.Exec(e.ctx, sql)
-				must(t, err)
-			}
-			defer admin.Exec(context.Background(), "DROP TABLE IF EXISTS waits_cic")
+			)
 
 			key := StringKey("migrations")
 			lock, err := Acquire(e.ctx, pool, key)
