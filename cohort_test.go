@@ -50,6 +50,18 @@ func (e *env) awaitQueued(pool *pgxpool.Pool, key Key, slots, n int) {
 	})
 }
 
+// heldWithOneQueued takes key from pool, then queues one more Acquire of
+// it (with opts) behind that holder in the process, and returns the
+// holder's Lock and the queued call's outcome.
+func (e *env) heldWithOneQueued(pool *pgxpool.Pool, key Key, opts ...Option) (*Lock, <-chan acquired) {
+	e.t.Helper()
+	la, err := Acquire(e.ctx, pool, key)
+	must(e.t, err)
+	b := acquireAsync(e.ctx, pool, key, opts...)
+	e.awaitQueued(pool, key, 0, 1)
+	return la, b
+}
+
 // passAlways lifts the time bound of passes for the test: a test that
 // needs a pass must not depend on the machine's speed.
 func passAlways(t *testing.T) {
@@ -161,10 +173,7 @@ func TestCohortDoneTTLPerHolder(t *testing.T) {
 	passAlways(t)
 	pool := e.pool()
 	key := StringKey("cohort-done")
-	la, err := Acquire(e.ctx, pool, key)
-	must(t, err)
-	b := acquireAsync(e.ctx, pool, key, TTL(50*time.Millisecond))
-	e.awaitQueued(pool, key, 0, 1)
+	la, b := e.heldWithOneQueued(pool, key, TTL(50*time.Millisecond))
 	time.Sleep(60 * time.Millisecond) // longer than b's TTL: its TTL must count from its own grant
 	must(t, la.Release(e.ctx))
 	lb := e.got(b, "the queued goroutine")
@@ -371,10 +380,7 @@ func TestCohortNoPassAfterWithConn(t *testing.T) {
 	passAlways(t)
 	pool := e.pool()
 	key := StringKey("cohort-withconn")
-	la, err := Acquire(e.ctx, pool, key)
-	must(t, err)
-	b := acquireAsync(e.ctx, pool, key)
-	e.awaitQueued(pool, key, 0, 1)
+	la, b := e.heldWithOneQueued(pool, key)
 	func() {
 		defer func() { _ = recover() }()
 		_ = la.WithConn(e.ctx, func(c *pgx.Conn) error {
