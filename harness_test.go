@@ -272,6 +272,18 @@ func (e *env) lockRows(key Key) []lockRow {
 	return out
 }
 
+// begin begins a transaction on a connection from pool, rolled back when
+// the test ends (before the end-of-test checks) unless it ended before.
+func (e *env) begin(pool *pgxpool.Pool) pgx.Tx {
+	e.t.Helper()
+	tx, err := pool.Begin(e.ctx)
+	if err != nil {
+		e.t.Fatalf("begin: %v", err)
+	}
+	e.t.Cleanup(func() { _ = tx.Rollback(e.ctx) })
+	return tx
+}
+
 // table makes a table of the test's own on the admin connection: it drops
 // any table of that name, runs create, and drops the table again when the
 // test ends, before the end-of-test checks. A statement that fails stops

@@ -31,13 +31,8 @@ func TestLockTxDeadlockThroughRowLock(t *testing.T) {
 	)
 	key := StringKey("wait-cycle-row")
 
-	txA, err := pool.Begin(e.ctx)
-	must(t, err)
-	defer txA.Rollback(e.ctx)
-	txB, err := pool.Begin(e.ctx)
-	must(t, err)
-	defer txB.Rollback(e.ctx)
-	_, err = txA.Exec(e.ctx, "UPDATE wait_cycle_rows SET n = n + 1 WHERE id = 1")
+	txA, txB := e.begin(pool), e.begin(pool)
+	_, err := txA.Exec(e.ctx, "UPDATE wait_cycle_rows SET n = n + 1 WHERE id = 1")
 	must(t, err)
 	if ok, err := LockTx(e.ctx, txB, key); err != nil || !ok {
 		t.Fatalf("B's LockTx on a free key = %v, %v", ok, err)

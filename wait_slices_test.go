@@ -26,14 +26,9 @@ import (
 func TestLockTxDeadlockUndetected(t *testing.T) {
 	e := newEnv(t)
 	pool := e.pool(deadlockTimeout("100ms", 4)) // slices of 50 ms
-	k1, k2 := StringKey("review-dl-1"), StringKey("review-dl-2")
-	txA, err := pool.Begin(e.ctx)
-	must(t, err)
-	defer txA.Rollback(e.ctx)
-	txB, err := pool.Begin(e.ctx)
-	must(t, err)
-	defer txB.Rollback(e.ctx)
-	_, err = LockTx(e.ctx, txA, k1)
+	k1, k2 := StringKey("undetected-cycle-1"), StringKey("undetected-cycle-2")
+	txA, txB := e.begin(pool), e.begin(pool)
+	_, err := LockTx(e.ctx, txA, k1)
 	must(t, err)
 	_, err = LockTx(e.ctx, txB, k2)
 	must(t, err)
