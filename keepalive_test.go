@@ -232,7 +232,7 @@ func TestKeepalivesHostSettingsKept(t *testing.T) {
 	if lent[0] != "30" || lent[3] != "9000" {
 		t.Fatalf("the pool lent %v; the host set idle 30, user timeout 9000", lent)
 	}
-	l, err := Acquire(e.ctx, pool, StringKey("review-host-keepalives"))
+	l, err := Acquire(e.ctx, pool, StringKey("host-keepalives"))
 	must(t, err)
 	must(t, l.Release(e.ctx))
 	if got := showKeepalives(t, e.ctx, pool); got != lent {
@@ -250,7 +250,7 @@ func TestKeepalivesCancelAndReleaseAll(t *testing.T) {
 		c.MaxConns = 1
 	})
 	lent := showKeepalives(t, e.ctx, pool)
-	key := StringKey("review-cancel-mid-slice")
+	key := StringKey("cancel-mid-slice")
 	holder, err := Acquire(e.ctx, e.pool(), key)
 	must(t, err)
 	ctx, cancel := context.WithCancel(e.ctx)
