@@ -88,7 +88,7 @@ func TestKeepalivesResetWithoutWithConn(t *testing.T) {
 	must(t, s.Close(e.ctx))
 	checkLent("shared only, Close")
 
-	l, err = AcquireSemaphore(e.ctx, pool, StringKey("review10-sem"), 3)
+	l, err = AcquireSemaphore(e.ctx, pool, StringKey("cancel-race-sem"), 3)
 	must(t, err)
 	must(t, l.Release(e.ctx))
 	checkLent("AcquireSemaphore and Release")

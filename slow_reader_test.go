@@ -36,7 +36,7 @@ func TestSlowReaderIsNotALoss(t *testing.T) {
 	defer s.Close(e.ctx)
 	// The second lock waits in one statement (the session holds one), as
 	// the keep-alive tightening is for; then the callback runs.
-	for _, key := range []Key{StringKey("review4b-copy"), StringKey("review4b-copy-2")} {
+	for _, key := range []Key{StringKey("slow-reader-copy"), StringKey("slow-reader-copy-2")} {
 		if _, err := s.Lock(e.ctx, key); err != nil {
 			t.Fatal(err)
 		}

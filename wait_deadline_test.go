@@ -19,7 +19,7 @@ func TestDeadlineShorterThanSlice(t *testing.T) {
 	checkLog := noErrorLogged(t)
 	pool := e.pool(deadlockTimeout("2s", 1)) // slices of 1 s
 	other := e.pool()
-	key := StringKey("review-short-deadline")
+	key := StringKey("short-deadline")
 	holder, err := Acquire(e.ctx, other, key)
 	must(t, err)
 	for i := 0; i < 5; i++ {
@@ -84,7 +84,7 @@ func (e *env) slowFirstTryOnHeldKey(key Key) *pgxpool.Pool {
 // caller's transaction is gone.
 func TestLockTxSlowFirstTryDeadline(t *testing.T) {
 	e := newEnv(t)
-	key := StringKey("review-slow-first-try")
+	key := StringKey("slow-first-try")
 	pool := e.slowFirstTryOnHeldKey(key)
 	tx, err := pool.Begin(e.ctx)
 	must(t, err)
@@ -104,7 +104,7 @@ func TestLockTxSlowFirstTryDeadline(t *testing.T) {
 func TestAcquireSlowFirstTryDeadline(t *testing.T) {
 	e := newEnv(t)
 	checkLog := noErrorLogged(t)
-	key := StringKey("review-slow-first-try-acquire")
+	key := StringKey("slow-first-try-acquire")
 	pool := e.slowFirstTryOnHeldKey(key)
 	ctx, cancel := context.WithTimeout(e.ctx, 1500*time.Millisecond)
 	defer cancel()

@@ -152,7 +152,7 @@ func TestSliceUserLockTimeout(t *testing.T) {
 				c.ConnConfig.RuntimeParams["lock_timeout"] = lt
 				c.MaxConns = 4
 			})
-			key := StringKey("review-user-lt")
+			key := StringKey("user-lt")
 			holder, err := Acquire(e.ctx, pool, key)
 			must(t, err)
 			if l, err := Acquire(e.ctx, pool, key, WaitTimeout(150*time.Millisecond)); !errors.Is(err, ErrTimeout) {
@@ -213,7 +213,7 @@ func TestSemaphoreSlicesLogNoError(t *testing.T) {
 	e := newEnv(t)
 	checkLog := noErrorLogged(t)
 	pool := e.pool(deadlockTimeout("40ms", 6))
-	key := StringKey("review-sem-log")
+	key := StringKey("sem-log")
 	var held []*Lock
 	for range 2 {
 		l, err := AcquireSemaphore(e.ctx, pool, key, 2)
@@ -237,7 +237,7 @@ func TestTerminateMidSlice(t *testing.T) {
 	e := newEnv(t)
 	pool := e.pool(deadlockTimeout("400ms", 4))
 	other := e.pool()
-	key := StringKey("review-terminate")
+	key := StringKey("terminate")
 	holder, err := Acquire(e.ctx, other, key)
 	must(t, err)
 	type res struct {
@@ -305,7 +305,7 @@ func TestPgBouncerLockTxSlices(t *testing.T) {
 	e := newEnv(t)
 	checkLog := noErrorLogged(t)
 	b := startBouncer(t, 4)
-	key := StringKey("review-bouncer-slices")
+	key := StringKey("bouncer-slices")
 	for _, mode := range []string{"exec", "simple_protocol"} {
 		pool := e.bouncerPool(b, mode, func(c *pgxpool.Config) { c.MaxConns = 4 })
 		holder := e.conn()
