@@ -359,3 +359,15 @@ func must(t *testing.T, err error) {
 		t.Fatal(err)
 	}
 }
+
+// receive awaits a value on ch, failing the test after notHung.
+func receive[T any](e *env, ch <-chan T, what string) T {
+	e.t.Helper()
+	select {
+	case v := <-ch:
+		return v
+	case <-time.After(notHung):
+		e.t.Fatalf("not done after %v: %s", notHung, what)
+		panic("unreachable")
+	}
+}
