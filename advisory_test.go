@@ -17,12 +17,11 @@ func TestKeyLockRowOnServer(t *testing.T) {
 	pool := e.pool()
 	c := e.conn()
 	for _, key := range []Key{Int64Key(42), Int64Key(-5), PairKey(-3, 9), StringKey("migrations"), StringKey("")} {
-		lock, err := Acquire(e.ctx, pool, key)
-		must(t, err)
+		lock := e.acquire(pool, key)
 		var classid, objid uint32
 		var objsubid int16
 		var mode string
-		err = c.QueryRow(e.ctx, `SELECT classid::int8, objid::int8, objsubid, mode FROM pg_locks
+		err := c.QueryRow(e.ctx, `SELECT classid::int8, objid::int8, objsubid, mode FROM pg_locks
 			WHERE locktype = 'advisory' AND granted AND database = (SELECT oid FROM pg_database WHERE datname = current_database())`).
 			Scan(&classid, &objid, &objsubid, &mode)
 		must(t, err)
@@ -166,8 +165,7 @@ func TestWaiterWaitsOnServer(t *testing.T) {
 	e := newEnv(t)
 	pool := e.pool()
 	key := Int64Key(99)
-	holder, err := Acquire(e.ctx, pool, key)
-	must(t, err)
+	holder := e.acquire(pool, key)
 	got := make(chan *Lock)
 	go func() {
 		l, err := Acquire(e.ctx, pool, key, NoCohort()) // SPEC §13: else it waits in the process
@@ -197,8 +195,7 @@ func TestReleaseCancelledContext(t *testing.T) {
 	pool := e.pool()
 	other := e.conn()
 	key := PairKey(3, 4)
-	lock, err := Acquire(e.ctx, pool, key)
-	must(t, err)
+	lock := e.acquire(pool, key)
 	ctx, cancel := context.WithCancel(e.ctx)
 	cancel()
 	must(t, lock.Release(ctx))

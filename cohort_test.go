@@ -55,8 +55,7 @@ func (e *env) awaitQueued(pool *pgxpool.Pool, key Key, slots, n int) {
 // holder's Lock and the queued call's outcome.
 func (e *env) heldWithOneQueued(pool *pgxpool.Pool, key Key, opts ...Option) (*Lock, <-chan acquired) {
 	e.t.Helper()
-	la, err := Acquire(e.ctx, pool, key)
-	must(e.t, err)
+	la := e.acquire(pool, key)
 	b := acquireAsync(e.ctx, pool, key, opts...)
 	e.awaitQueued(pool, key, 0, 1)
 	return la, b
@@ -194,8 +193,7 @@ func TestCohortDoneTTLPerHolder(t *testing.T) {
 	}
 
 	// A loss: the holder of the moment sees it.
-	lc, err := Acquire(e.ctx, pool, key)
-	must(t, err)
+	lc := e.acquire(pool, key)
 	d := acquireAsync(e.ctx, pool, key)
 	e.awaitQueued(pool, key, 0, 1)
 	must(t, lc.Release(e.ctx))
@@ -217,8 +215,7 @@ func TestCohortQueuedWaitEnds(t *testing.T) {
 	e := newEnv(t)
 	pool := e.pool()
 	key := StringKey("cohort-ends")
-	la, err := Acquire(e.ctx, pool, key)
-	must(t, err)
+	la := e.acquire(pool, key)
 
 	ctx, cancel := context.WithCancel(e.ctx)
 	b := acquireAsync(ctx, pool, key)
@@ -359,8 +356,7 @@ func TestCohortOff(t *testing.T) {
 	e := newEnv(t)
 	pool := e.pool()
 	key := StringKey("cohort-off")
-	la, err := Acquire(e.ctx, pool, key)
-	must(t, err)
+	la := e.acquire(pool, key)
 	b := acquireAsync(e.ctx, pool, key, NoCohort())
 	e.awaitWaiters(1)
 	must(t, la.Release(e.ctx))

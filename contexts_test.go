@@ -90,14 +90,13 @@ func TestExecContextEndsKeepsLock(t *testing.T) {
 	e := newEnv(t)
 	pool := e.pool()
 	key := StringKey("exec-timeout")
-	lock, err := Acquire(e.ctx, pool, key)
-	must(t, err)
+	lock := e.acquire(pool, key)
 	defer lock.Release(e.ctx)
 	pid := lockPID(t, e.ctx, lock)
 
 	ctx, cancel := context.WithTimeout(e.ctx, 100*time.Millisecond)
 	defer cancel()
-	_, err = lock.Exec(ctx, "SELECT pg_sleep(30)")
+	_, err := lock.Exec(ctx, "SELECT pg_sleep(30)")
 	if sqlState(err) != codeQueryCanceled || !errors.Is(err, context.DeadlineExceeded) {
 		t.Errorf("Exec whose context timed out: %v; want a 57014 matching context.DeadlineExceeded", err)
 	}

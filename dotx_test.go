@@ -208,8 +208,7 @@ func TestDoTxWaitersLetCreateIndexConcurrentlyFinish(t *testing.T) {
 		"INSERT INTO dotx_cic SELECT generate_series(1, 1000)",
 	)
 	key := StringKey("dotx-migrations")
-	lock, err := Acquire(e.ctx, pool, key)
-	must(t, err)
+	lock := e.acquire(pool, key)
 	var wg sync.WaitGroup
 	for range 3 {
 		wg.Add(1)
@@ -227,7 +226,7 @@ func TestDoTxWaitersLetCreateIndexConcurrentlyFinish(t *testing.T) {
 	e.awaitWaiters(3)
 	const bound = 15 * time.Second // a hang guard: the index takes milliseconds
 	cicCtx, cancel := context.WithTimeout(e.ctx, bound)
-	_, err = pool.Exec(cicCtx, "CREATE INDEX CONCURRENTLY dotx_cic_id ON dotx_cic (id)")
+	_, err := pool.Exec(cicCtx, "CREATE INDEX CONCURRENTLY dotx_cic_id ON dotx_cic (id)")
 	cancel()
 	if err != nil {
 		t.Errorf("CREATE INDEX CONCURRENTLY while three DoTx waited (bound %v): %v", bound, err)

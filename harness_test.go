@@ -272,6 +272,17 @@ func (e *env) lockRows(key Key) []lockRow {
 	return out
 }
 
+// acquire acquires key from pool (Acquire), stopping the test if it
+// cannot.
+func (e *env) acquire(pool *pgxpool.Pool, key Key) *Lock {
+	e.t.Helper()
+	l, err := Acquire(e.ctx, pool, key)
+	if err != nil {
+		e.t.Fatalf("Acquire %v: %v", key, err)
+	}
+	return l
+}
+
 // begin begins a transaction on a connection from pool, rolled back when
 // the test ends (before the end-of-test checks) unless it ended before.
 func (e *env) begin(pool *pgxpool.Pool) pgx.Tx {

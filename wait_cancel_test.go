@@ -89,13 +89,12 @@ func TestWaitTimeout(t *testing.T) {
 	e := newEnv(t)
 	pool := e.pool()
 	key := Int64Key(5)
-	holder, err := Acquire(e.ctx, pool, key)
-	must(t, err)
+	holder := e.acquire(pool, key)
 	defer holder.Release(e.ctx)
 
 	// The wait ends at the bound inside a wait slice, which the server ends
 	// without an error (SPEC §2a): ErrTimeout, and no server error behind it.
-	_, err = Acquire(e.ctx, pool, key, WaitTimeout(20*time.Millisecond))
+	_, err := Acquire(e.ctx, pool, key, WaitTimeout(20*time.Millisecond))
 	var pgErr *pgconn.PgError
 	if !errors.Is(err, ErrTimeout) || errors.As(err, &pgErr) {
 		t.Errorf("WaitTimeout: err = %v; want ErrTimeout with no PgError", err)

@@ -153,8 +153,7 @@ func TestSliceUserLockTimeout(t *testing.T) {
 				c.MaxConns = 4
 			})
 			key := StringKey("user-lt")
-			holder, err := Acquire(e.ctx, pool, key)
-			must(t, err)
+			holder := e.acquire(pool, key)
 			if l, err := Acquire(e.ctx, pool, key, WaitTimeout(150*time.Millisecond)); !errors.Is(err, ErrTimeout) {
 				t.Errorf("Acquire of a held key: lock %v, err %v; want ErrTimeout", l, err)
 				if l != nil {

@@ -88,8 +88,7 @@ func TestWaitersDoNotHoldBackVacuum(t *testing.T) {
 	e := newEnv(t)
 	pool := e.pool(deadlockTimeout("200ms", 10))
 	key := StringKey("vacuum-standby")
-	holder, err := Acquire(e.ctx, pool, key)
-	must(t, err)
+	holder := e.acquire(pool, key)
 	defer holder.Release(e.ctx)
 
 	ctx, cancel := context.WithCancel(e.ctx)
@@ -217,8 +216,7 @@ func TestMigrationGuardCreateIndexConcurrently(t *testing.T) {
 			)
 
 			key := StringKey("migrations")
-			lock, err := Acquire(e.ctx, pool, key)
-			must(t, err)
+			lock := e.acquire(pool, key)
 			var running, ran atomic.Int32
 			var wg sync.WaitGroup
 			for i := 0; i < 3; i++ {
@@ -245,6 +243,7 @@ func TestMigrationGuardCreateIndexConcurrently(t *testing.T) {
 			// without slices it never finishes.
 			cicCtx, cancel := context.WithTimeout(e.ctx, 30*time.Second)
 			const cic = "CREATE INDEX CONCURRENTLY waits_cic_id ON waits_cic (id)"
+			var err error
 			if fenced {
 				_, err = lock.Exec(cicCtx, cic)
 			} else {
@@ -271,8 +270,7 @@ func TestWaitSlicesLogNoError(t *testing.T) {
 	checkLog := noErrorLogged(t)
 	pool := e.pool(deadlockTimeout("40ms", 10)) // slices of 20 ms
 	key := StringKey("quiet-slices")
-	holder, err := Acquire(e.ctx, pool, key)
-	must(t, err)
+	holder := e.acquire(pool, key)
 
 	const bound = 300 * time.Millisecond // about 15 slices
 	if _, err := Acquire(e.ctx, pool, key, WaitTimeout(bound)); !errors.Is(err, ErrTimeout) {
@@ -304,8 +302,7 @@ func TestLockTxSliceGranted(t *testing.T) {
 	e := newEnv(t)
 	pool := e.pool(deadlockTimeout("40ms", 10))
 	key := StringKey("tx-slices")
-	holder, err := Acquire(e.ctx, pool, key)
-	must(t, err)
+	holder := e.acquire(pool, key)
 	tx, err := pool.Begin(e.ctx)
 	must(t, err)
 	defer tx.Rollback(e.ctx)
