@@ -16,7 +16,10 @@ import (
 	"github.com/seed0ad592b7/advisory/internal/pgtest"
 )
 
-// Regression tests for issue 10: each failed on the code before its fix.
+// How contexts end calls: a cancelled context still unlocks, a statement's
+// own context ends only that statement, the pool's context handler never
+// delays the library, and a deadline or statement_timeout is a timed-out
+// wait. Each test failed on the code before its fix.
 
 // notHung bounds a wait that must end, so that a broken promise fails the
 // test instead of hanging it. It is far above every bound the library
@@ -154,8 +157,8 @@ func TestWatcherIgnoresPoolContextHandler(t *testing.T) {
 
 // A ctx deadline that passes while waiting for a connection from
 // an exhausted pool is a timed-out wait: ErrTimeout and
-// context.DeadlineExceeded, for Acquire, NewSession and DoTx (DoTx's was
-// found by review18: it matched only context.DeadlineExceeded).
+// context.DeadlineExceeded, for Acquire, NewSession and DoTx (DoTx's error
+// matched only context.DeadlineExceeded before).
 func TestPoolExhaustedDeadlineIsTimeout(t *testing.T) {
 	e := newEnv(t)
 	pool := e.pool(func(c *pgxpool.Config) { c.MaxConns = 1 })

@@ -13,8 +13,9 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 )
 
-// Review of the wait slices and keep-alives (issue 9; issue 10, defects 1
-// and 9).
+// Waits in slices at their edges: in a transaction that already holds
+// locks, on keys at the ends of both key spaces, under a lock_timeout the
+// host set, with the backend terminated mid-slice, through PgBouncer.
 
 // LockTx waits in slices even in a transaction that already holds locks,
 // so two transactions that wait for each other's keys are never seen by
