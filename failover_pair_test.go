@@ -38,18 +38,10 @@ func startFailoverPair(t *testing.T) (primary, standby *pgtest.Server, dsn strin
 		_, err := conn.Exec(ctx, sql)
 		must(t, err)
 	}
-	for {
-		var sync bool
-		must(t, conn.QueryRow(ctx, "SELECT count(*) = 1 FROM pg_stat_replication WHERE sync_state = 'sync'").Scan(&sync))
-		if sync {
-			break
-		}
-		select {
-		case <-ctx.Done():
-			t.Fatal("the standby never became synchronous")
-		case <-time.After(5 * time.Millisecond):
-		}
-	}
+	pgtest.Await(t, "the standby synchronous", testTimeout, func() (sync bool, err error) {
+		err = conn.QueryRow(ctx, "SELECT count(*) = 1 FROM pg_stat_replication WHERE sync_state = 'sync'").Scan(&sync)
+		return sync, err
+	})
 	t.Logf("primary (port %d) and synchronous standby (port %d) ready in %v", primary.Port, standby.Port,
 		time.Since(begin).Round(time.Millisecond))
 	return primary, standby, pgtest.FailoverDSN(primary, standby)

@@ -152,13 +152,9 @@ func (m metrics) expect(t *testing.T, value int64, name string, want ...string) 
 // to value: a state of the library, awaited.
 func awaitMetric(t *testing.T, ctx context.Context, reader *sdkmetric.ManualReader, value int64, name string, want ...string) {
 	t.Helper()
-	for collect(t, ctx, reader).value(name, want...) != value {
-		select {
-		case <-ctx.Done():
-			t.Fatalf("%s%v never reached %d", name, want, value)
-		case <-time.After(2 * time.Millisecond):
-		}
-	}
+	pgtest.Await(t, fmt.Sprintf("%s%v reaching %d", name, want, value), testTimeout, func() (bool, error) {
+		return collect(t, ctx, reader).value(name, want...) == value, nil
+	})
 }
 
 // awaitDone waits for a lock's end, failing the test if ctx ends first.
