@@ -38,15 +38,15 @@ func (e *env) awaitQueued(pool *pgxpool.Pool, key Key, slots, n int) {
 	if slots < 0 {
 		health = 0
 	}
-	n0 := -1
+	got := -1
 	defer func() {
 		if e.t.Failed() {
-			e.t.Logf("%d goroutines were queued", n0)
+			e.t.Logf("%d goroutines were queued", got)
 		}
 	}()
 	pgtest.Await(e.t, fmt.Sprintf("%d goroutines queued in the process for %v", n, key), testTimeout, func() (bool, error) {
-		n0 = queued(pool, key, ModeExclusive, slots, health)
-		return n0 == n, nil
+		got = queued(pool, key, ModeExclusive, slots, health)
+		return got == n, nil
 	})
 }
 
