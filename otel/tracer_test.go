@@ -44,41 +44,18 @@ func setup(t *testing.T, opts ...Option) (context.Context, *pgxpool.Pool, *sdkme
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() {
-		checkClean(t, pool)
-		pool.Close()
+	owned := pgtest.CheckAtEnd(t, pgtest.EndCheck{
+		DSN:   server.DSN,
+		Open:  func() pgtest.Open { return pgtest.Open{Pools: []*pgxpool.Pool{pool}} },
+		Grace: 10 * time.Second,
 	})
+	owned.Own(pool.Close)
 	reader := sdkmetric.NewManualReader()
 	tr, err := NewTracer(sdkmetric.NewMeterProvider(sdkmetric.WithReader(reader)), opts...)
 	if err != nil {
 		t.Fatal(err)
 	}
 	return ctx, pool, reader, advisory.WithTracer(tr)
-}
-
-// checkClean fails the test if pool keeps a connection acquired, or the
-// server an advisory lock, once they have settled.
-func checkClean(t *testing.T, pool *pgxpool.Pool) {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), testTimeout)
-	defer cancel()
-	var locks int
-	for {
-		err := pool.QueryRow(ctx, `SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'`).Scan(&locks)
-		if err != nil {
-			t.Errorf("checking for advisory locks left: %v", err)
-			return
-		}
-		if n := pool.Stat().AcquiredConns(); locks == 0 && n == 0 {
-			return
-		}
-		select {
-		case <-ctx.Done(): // a very loose bound: the state should settle at once
-			t.Errorf("at the end of the test: %d advisory locks on the server, %d connections acquired", locks, pool.Stat().AcquiredConns())
-			return
-		case <-time.After(2 * time.Millisecond): // polling a server state
-		}
-	}
 }
 
 // metrics is one collection from the reader.
