@@ -9,8 +9,10 @@ import (
 	"github.com/jackc/pgx/v5"
 )
 
-// Review of the readiness watcher (commit 6a7731f): each test here failed
-// on that commit.
+// The readiness watcher and the holder's turns: an idle watcher does not
+// spin, waits while the caller keeps the turn, and notices a cut or a loss
+// that came while it was disarmed, during a WithConn, or after the session
+// held nothing. Each test here failed on commit 6a7731f.
 
 // cpuDuring returns the CPU time the process used while it waited for
 // window. The window is an observation period, not a synchronisation.
