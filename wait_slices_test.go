@@ -13,59 +13,9 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 )
 
-// Review of the wait slices and keep-alives (issue 9; issue 10, defects 1
-// and 9).
-
-// keepalivesWanted is what a lock's connection must show while it holds a
-// lock with the default health interval.
-func keepalivesWanted() (want keepalives) {
-	for i, v := range keepaliveArgs(DefaultHealthInterval) {
-		want[i] = v.(string)
-	}
-	return want
-}
-
-// sessionKeepalives reads the keep-alives of s's own connection.
-func sessionKeepalives(t *testing.T, e *env, s *Session) (got keepalives) {
-	t.Helper()
-	must(t, s.WithConn(e.ctx, func(c *pgx.Conn) error {
-		got = showKeepalives(t, e.ctx, c)
-		return nil
-	}))
-	return got
-}
-
-// SPEC §4: "The settings are in force on every connection that holds a
-// lock". A Session whose WithConn ran before its first Lock (rawUsed) takes
-// that lock with lockMore, which sets no keep-alives: the lock is held with
-// the pool's tcp_user_timeout (0) and keep-alives, so after a silent cut
-// the server keeps it for the kernel's defaults (about two hours).
-func TestKeepalivesLockAfterWithConn(t *testing.T) {
-	e := newEnv(t)
-	pool := e.pool(func(c *pgxpool.Config) { c.MaxConns = 2 })
-	lent := showKeepalives(t, e.ctx, pool)
-	for _, many := range []bool{false, true} {
-		s, err := NewSession(e.ctx, pool)
-		must(t, err)
-		must(t, s.WithConn(e.ctx, func(c *pgx.Conn) error {
-			_, err := c.Exec(e.ctx, "SELECT 1") // fenced work that takes no lock
-			return err
-		}))
-		if many {
-			_, err = s.LockMany(e.ctx, []Key{Int64Key(11), PairKey(1, 1)})
-		} else {
-			_, err = s.Lock(e.ctx, Int64Key(11))
-		}
-		must(t, err)
-		if got := sessionKeepalives(t, e, s); got != keepalivesWanted() {
-			t.Errorf("many=%v: keep-alives while a lock is held after WithConn = %v; want %v", many, got, keepalivesWanted())
-		}
-		must(t, s.Close(e.ctx))
-		if got := showKeepalives(t, e.ctx, pool); got != lent {
-			t.Errorf("many=%v: the pool's connection came back with %v; lent with %v", many, got, lent)
-		}
-	}
-}
+// Waits in slices at their edges: in a transaction that already holds
+// locks, on keys at the ends of both key spaces, under a lock_timeout the
+// host set, with the backend terminated mid-slice, through PgBouncer.
 
 // LockTx waits in slices even in a transaction that already holds locks,
 // so two transactions that wait for each other's keys are never seen by
@@ -77,14 +27,9 @@ func TestKeepalivesLockAfterWithConn(t *testing.T) {
 func TestLockTxDeadlockUndetected(t *testing.T) {
 	e := newEnv(t)
 	pool := e.pool(deadlockTimeout("100ms", 4)) // slices of 50 ms
-	k1, k2 := StringKey("review-dl-1"), StringKey("review-dl-2")
-	txA, err := pool.Begin(e.ctx)
-	must(t, err)
-	defer txA.Rollback(e.ctx)
-	txB, err := pool.Begin(e.ctx)
-	must(t, err)
-	defer txB.Rollback(e.ctx)
-	_, err = LockTx(e.ctx, txA, k1)
+	k1, k2 := StringKey("undetected-cycle-1"), StringKey("undetected-cycle-2")
+	txA, txB := e.begin(pool), e.begin(pool)
+	_, err := LockTx(e.ctx, txA, k1)
 	must(t, err)
 	_, err = LockTx(e.ctx, txB, k2)
 	must(t, err)
@@ -208,9 +153,8 @@ func TestSliceUserLockTimeout(t *testing.T) {
 				c.ConnConfig.RuntimeParams["lock_timeout"] = lt
 				c.MaxConns = 4
 			})
-			key := StringKey("review-user-lt")
-			holder, err := Acquire(e.ctx, pool, key)
-			must(t, err)
+			key := StringKey("user-lt")
+			holder := e.acquire(pool, key)
 			if l, err := Acquire(e.ctx, pool, key, WaitTimeout(150*time.Millisecond)); !errors.Is(err, ErrTimeout) {
 				t.Errorf("Acquire of a held key: lock %v, err %v; want ErrTimeout", l, err)
 				if l != nil {
@@ -264,48 +208,12 @@ func TestSliceUserLockTimeout(t *testing.T) {
 	}
 }
 
-// A ctx deadline shorter than one slice: the server ends the slice at the
-// deadline, the wait fails with ErrTimeout matching DeadlineExceeded, no
-// ERROR is logged, and the connection is healthy (it serves the next
-// Acquire, on a one-connection pool).
-func TestDeadlineShorterThanSlice(t *testing.T) {
-	e := newEnv(t)
-	checkLog := noErrorLogged(t)
-	pool := e.pool(deadlockTimeout("2s", 1)) // slices of 1 s
-	other := e.pool()
-	key := StringKey("review-short-deadline")
-	holder, err := Acquire(e.ctx, other, key)
-	must(t, err)
-	for i := 0; i < 5; i++ {
-		ctx, cancel := context.WithTimeout(e.ctx, 30*time.Millisecond)
-		_, err := Acquire(ctx, pool, key)
-		cancel()
-		if !errors.Is(err, ErrTimeout) || !errors.Is(err, context.DeadlineExceeded) {
-			t.Fatalf("Acquire with a 30 ms deadline: %v; want ErrTimeout and DeadlineExceeded", err)
-		}
-		tx, err := pool.Begin(e.ctx)
-		must(t, err)
-		ctx, cancel = context.WithTimeout(e.ctx, 30*time.Millisecond)
-		_, err = LockTx(ctx, tx, key)
-		cancel()
-		if !errors.Is(err, ErrTimeout) {
-			t.Errorf("LockTx with a 30 ms deadline: %v; want ErrTimeout", err)
-		}
-		if _, err := tx.Exec(e.ctx, "SELECT 1"); err != nil {
-			t.Errorf("the transaction after LockTx timed out: %v", err)
-		}
-		must(t, tx.Rollback(e.ctx))
-	}
-	must(t, holder.Release(e.ctx))
-	checkLog()
-}
-
 // Semaphore slices that time out log nothing either.
 func TestSemaphoreSlicesLogNoError(t *testing.T) {
 	e := newEnv(t)
 	checkLog := noErrorLogged(t)
 	pool := e.pool(deadlockTimeout("40ms", 6))
-	key := StringKey("review-sem-log")
+	key := StringKey("sem-log")
 	var held []*Lock
 	for range 2 {
 		l, err := AcquireSemaphore(e.ctx, pool, key, 2)
@@ -321,30 +229,6 @@ func TestSemaphoreSlicesLogNoError(t *testing.T) {
 	checkLog()
 }
 
-// SPEC §4: "a connection goes back to the pool as the pool gave it". A host
-// that sets keep-alives on its connections in the startup packet
-// (RuntimeParams, or the connection string) gets them back after a lock.
-// (One set with SET after connecting, in AfterConnect, is reset to the
-// startup value: the documented limit of the release's RESET, doc.go.)
-func TestKeepalivesHostSettingsKept(t *testing.T) {
-	e := newEnv(t)
-	pool := e.pool(func(c *pgxpool.Config) {
-		c.MaxConns = 1
-		c.ConnConfig.RuntimeParams["tcp_keepalives_idle"] = "30"
-		c.ConnConfig.RuntimeParams["tcp_user_timeout"] = "9000"
-	})
-	lent := showKeepalives(t, e.ctx, pool)
-	if lent[0] != "30" || lent[3] != "9000" {
-		t.Fatalf("the pool lent %v; the host set idle 30, user timeout 9000", lent)
-	}
-	l, err := Acquire(e.ctx, pool, StringKey("review-host-keepalives"))
-	must(t, err)
-	must(t, l.Release(e.ctx))
-	if got := showKeepalives(t, e.ctx, pool); got != lent {
-		t.Errorf("after Acquire and Release the pool's connection has %v; the pool lent it with %v", got, lent)
-	}
-}
-
 // A waiter whose backend is terminated in the middle of a slice: Acquire
 // returns an error (not a lock), leaves nothing held and no connection
 // acquired, and Lead campaigns again and becomes leader when the holder
@@ -353,7 +237,7 @@ func TestTerminateMidSlice(t *testing.T) {
 	e := newEnv(t)
 	pool := e.pool(deadlockTimeout("400ms", 4))
 	other := e.pool()
-	key := StringKey("review-terminate")
+	key := StringKey("terminate")
 	holder, err := Acquire(e.ctx, other, key)
 	must(t, err)
 	type res struct {
@@ -421,7 +305,7 @@ func TestPgBouncerLockTxSlices(t *testing.T) {
 	e := newEnv(t)
 	checkLog := noErrorLogged(t)
 	b := startBouncer(t, 4)
-	key := StringKey("review-bouncer-slices")
+	key := StringKey("bouncer-slices")
 	for _, mode := range []string{"exec", "simple_protocol"} {
 		pool := e.bouncerPool(b, mode, func(c *pgxpool.Config) { c.MaxConns = 4 })
 		holder := e.conn()
@@ -482,119 +366,4 @@ func awaitSlices(e *env, n int) {
 		}
 		return seen >= n, err
 	})
-}
-
-// slowFirstTry is a pgx tracer that delays the statement a LockTx or a
-// session wait starts with (its first try), as a slow link or a busy
-// server would.
-type slowFirstTry struct{ delay time.Duration }
-
-func (s slowFirstTry) TraceQueryStart(ctx context.Context, _ *pgx.Conn, d pgx.TraceQueryStartData) context.Context {
-	if d.SQL == txFirstTrySQL[ModeExclusive][0] || d.SQL == firstTrySQL[ModeExclusive][0] {
-		time.Sleep(s.delay) // the latency under test, not synchronisation
-	}
-	return ctx
-}
-
-func (slowFirstTry) TraceQueryEnd(context.Context, *pgx.Conn, pgx.TraceQueryEndData) {}
-
-// slowFirstTryOnHeldKey returns a pool whose waits try first for 700 ms
-// (slowFirstTry) and then wait in slices of 1 s, with key held by another
-// pool until the test ends.
-func (e *env) slowFirstTryOnHeldKey(key Key) *pgxpool.Pool {
-	e.t.Helper()
-	pool := e.pool(func(c *pgxpool.Config) {
-		c.ConnConfig.RuntimeParams["deadlock_timeout"] = "2s" // slices of 1 s
-		c.ConnConfig.Tracer = slowFirstTry{700 * time.Millisecond}
-		c.MaxConns = 2
-	})
-	holder, err := Acquire(e.ctx, e.pool(), key)
-	must(e.t, err)
-	e.t.Cleanup(func() { _ = holder.Release(e.ctx) })
-	return pool
-}
-
-// A ctx deadline bounds the whole LockTx wait (SPEC §2a), and a wait that
-// reaches its bound leaves the transaction usable. inSlices measures the
-// bound from its own start, after the first try, so when the first try
-// takes longer than deadlineGrace (500 ms) the last slice outlives the
-// grace ctx; pgx's default ctx handler then closes the connection and the
-// caller's transaction is gone.
-func TestLockTxSlowFirstTryDeadline(t *testing.T) {
-	e := newEnv(t)
-	key := StringKey("review-slow-first-try")
-	pool := e.slowFirstTryOnHeldKey(key)
-	tx, err := pool.Begin(e.ctx)
-	must(t, err)
-	defer tx.Rollback(e.ctx)
-	ctx, cancel := context.WithTimeout(e.ctx, 1500*time.Millisecond)
-	defer cancel()
-	if ok, err := LockTx(ctx, tx, key); ok || !errors.Is(err, ErrTimeout) {
-		t.Errorf("LockTx of a held key with a 1.5 s deadline: %v, %v; want ErrTimeout", ok, err)
-	}
-	if _, err := tx.Exec(e.ctx, "SELECT 1"); err != nil {
-		t.Errorf("the transaction after LockTx reached its deadline: %v; want it usable", err)
-	}
-}
-
-// The same for Acquire: the last slice outlives the grace, is cancelled
-// with a cancel request, and the server logs the cancel as an ERROR.
-func TestAcquireSlowFirstTryDeadline(t *testing.T) {
-	e := newEnv(t)
-	checkLog := noErrorLogged(t)
-	key := StringKey("review-slow-first-try-acquire")
-	pool := e.slowFirstTryOnHeldKey(key)
-	ctx, cancel := context.WithTimeout(e.ctx, 1500*time.Millisecond)
-	defer cancel()
-	start := time.Now()
-	if _, err := Acquire(ctx, pool, key); !errors.Is(err, ErrTimeout) {
-		t.Errorf("Acquire of a held key with a 1.5 s deadline: %v; want ErrTimeout", err)
-	}
-	t.Logf("Acquire returned after %v", time.Since(start))
-	checkLog()
-}
-
-// The pool's one connection comes back as lent, with no lock, after a wait
-// cancelled mid-slice, and after ReleaseAll ends a Session holding keys in
-// both modes plus a lock its WithConn callback took.
-func TestKeepalivesCancelAndReleaseAll(t *testing.T) {
-	e := newEnv(t)
-	pool := e.pool(func(c *pgxpool.Config) {
-		c.ConnConfig.RuntimeParams["deadlock_timeout"] = "40ms"
-		c.MaxConns = 1
-	})
-	lent := showKeepalives(t, e.ctx, pool)
-	key := StringKey("review-cancel-mid-slice")
-	holder, err := Acquire(e.ctx, e.pool(), key)
-	must(t, err)
-	ctx, cancel := context.WithCancel(e.ctx)
-	done := make(chan error, 1)
-	go func() {
-		_, err := Acquire(ctx, pool, key)
-		done <- err
-	}()
-	awaitSlices(e, 2)
-	cancel()
-	if err := <-done; !errors.Is(err, context.Canceled) {
-		t.Errorf("Acquire cancelled mid-slice: %v; want context.Canceled", err)
-	}
-	must(t, holder.Release(e.ctx))
-	if got := showKeepalives(t, e.ctx, pool); got != lent {
-		t.Errorf("after a cancelled wait: %v; lent %v", got, lent)
-	}
-
-	s, err := NewSession(e.ctx, pool)
-	must(t, err)
-	_, err = s.LockMany(e.ctx, []Key{Int64Key(-5), PairKey(-1, -2)})
-	must(t, err)
-	_, err = s.LockMany(e.ctx, []Key{Int64Key(-5), Int64Key(6)}, Shared())
-	must(t, err)
-	must(t, s.WithConn(e.ctx, func(c *pgx.Conn) error {
-		_, err := c.Exec(e.ctx, "SELECT pg_advisory_lock(77)")
-		return err
-	}))
-	must(t, ReleaseAll(e.ctx, pool))
-	if got := showKeepalives(t, e.ctx, pool); got != lent {
-		t.Errorf("after ReleaseAll: %v; lent %v", got, lent)
-	}
 }
