@@ -14,7 +14,7 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 )
 
-// Review 10: the keep-alive paths that keepalive_test.go does not reach
+// The keep-alive paths that keepalive_test.go does not reach
 // (its checks use WithConn, which sets rawUsed, so every session it ends
 // goes through unlock_all), and an interrupt that reaches the server
 // before the statement it is for.
@@ -88,7 +88,7 @@ func TestKeepalivesResetWithoutWithConn(t *testing.T) {
 	must(t, s.Close(e.ctx))
 	checkLent("shared only, Close")
 
-	l, err = AcquireSemaphore(e.ctx, pool, StringKey("review10-sem"), 3)
+	l, err = AcquireSemaphore(e.ctx, pool, StringKey("cancel-race-sem"), 3)
 	must(t, err)
 	must(t, l.Release(e.ctx))
 	checkLent("AcquireSemaphore and Release")

@@ -11,6 +11,8 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/seed0ad592b7/advisory/internal/pgtest"
 )
 
 // queued returns how many goroutines wait in the process's queue of the
@@ -36,13 +38,27 @@ func (e *env) awaitQueued(pool *pgxpool.Pool, key Key, slots, n int) {
 	if slots < 0 {
 		health = 0
 	}
-	deadline := time.Now().Add(testTimeout)
-	for queued(pool, key, ModeExclusive, slots, health) != n {
-		if time.Now().After(deadline) {
-			e.t.Fatalf("%d goroutines queued in the process for %v; want %d", queued(pool, key, ModeExclusive, slots, health), key, n)
+	got := -1
+	defer func() {
+		if e.t.Failed() {
+			e.t.Logf("%d goroutines were queued", got)
 		}
-		time.Sleep(time.Millisecond) // the queue offers nothing to wait on
-	}
+	}()
+	pgtest.Await(e.t, fmt.Sprintf("%d goroutines queued in the process for %v", n, key), testTimeout, func() (bool, error) {
+		got = queued(pool, key, ModeExclusive, slots, health)
+		return got == n, nil
+	})
+}
+
+// heldWithOneQueued takes key from pool, then queues one more Acquire of
+// it (with opts) behind that holder in the process, and returns the
+// holder's Lock and the queued call's outcome.
+func (e *env) heldWithOneQueued(pool *pgxpool.Pool, key Key, opts ...Option) (*Lock, <-chan acquired) {
+	e.t.Helper()
+	la := e.acquire(pool, key)
+	b := acquireAsync(e.ctx, pool, key, opts...)
+	e.awaitQueued(pool, key, 0, 1)
+	return la, b
 }
 
 // passAlways lifts the time bound of passes for the test: a test that
@@ -156,10 +172,7 @@ func TestCohortDoneTTLPerHolder(t *testing.T) {
 	passAlways(t)
 	pool := e.pool()
 	key := StringKey("cohort-done")
-	la, err := Acquire(e.ctx, pool, key)
-	must(t, err)
-	b := acquireAsync(e.ctx, pool, key, TTL(50*time.Millisecond))
-	e.awaitQueued(pool, key, 0, 1)
+	la, b := e.heldWithOneQueued(pool, key, TTL(50*time.Millisecond))
 	time.Sleep(60 * time.Millisecond) // longer than b's TTL: its TTL must count from its own grant
 	must(t, la.Release(e.ctx))
 	lb := e.got(b, "the queued goroutine")
@@ -180,8 +193,7 @@ func TestCohortDoneTTLPerHolder(t *testing.T) {
 	}
 
 	// A loss: the holder of the moment sees it.
-	lc, err := Acquire(e.ctx, pool, key)
-	must(t, err)
+	lc := e.acquire(pool, key)
 	d := acquireAsync(e.ctx, pool, key)
 	e.awaitQueued(pool, key, 0, 1)
 	must(t, lc.Release(e.ctx))
@@ -203,8 +215,7 @@ func TestCohortQueuedWaitEnds(t *testing.T) {
 	e := newEnv(t)
 	pool := e.pool()
 	key := StringKey("cohort-ends")
-	la, err := Acquire(e.ctx, pool, key)
-	must(t, err)
+	la := e.acquire(pool, key)
 
 	ctx, cancel := context.WithCancel(e.ctx)
 	b := acquireAsync(ctx, pool, key)
@@ -265,7 +276,7 @@ func TestCohortContended(t *testing.T) {
 					if inside[k].Add(1) != 1 {
 						overlaps.Add(1)
 					}
-					time.Sleep(100 * time.Microsecond)
+					time.Sleep(100 * time.Microsecond) // the work: a second holder now would be counted
 					inside[k].Add(-1)
 					return nil
 				}, WithTracer(&tr))
@@ -345,8 +356,7 @@ func TestCohortOff(t *testing.T) {
 	e := newEnv(t)
 	pool := e.pool()
 	key := StringKey("cohort-off")
-	la, err := Acquire(e.ctx, pool, key)
-	must(t, err)
+	la := e.acquire(pool, key)
 	b := acquireAsync(e.ctx, pool, key, NoCohort())
 	e.awaitWaiters(1)
 	must(t, la.Release(e.ctx))
@@ -366,10 +376,7 @@ func TestCohortNoPassAfterWithConn(t *testing.T) {
 	passAlways(t)
 	pool := e.pool()
 	key := StringKey("cohort-withconn")
-	la, err := Acquire(e.ctx, pool, key)
-	must(t, err)
-	b := acquireAsync(e.ctx, pool, key)
-	e.awaitQueued(pool, key, 0, 1)
+	la, b := e.heldWithOneQueued(pool, key)
 	func() {
 		defer func() { _ = recover() }()
 		_ = la.WithConn(e.ctx, func(c *pgx.Conn) error {

@@ -149,15 +149,9 @@ func TestDoTxReadOnlyHost(t *testing.T) {
 func TestDoTxTxOptionsSnapshotAfterGrant(t *testing.T) {
 	e := newEnv(t)
 	pool := e.pool(deadlockTimeout("100ms", 4))
-	admin := e.adminConn()
-	for _, sql := range []string{
-		"DROP TABLE IF EXISTS dotx_seen",
+	e.table("dotx_seen",
 		"CREATE TABLE dotx_seen (n int)",
-	} {
-		_, err := admin.Exec(e.ctx, sql)
-		must(t, err)
-	}
-	defer admin.Exec(context.Background(), "DROP TABLE IF EXISTS dotx_seen")
+	)
 	key := StringKey("dotx-snapshot")
 	for n, o := range []pgx.TxOptions{
 		{IsoLevel: pgx.RepeatableRead},
@@ -209,19 +203,12 @@ func TestDoTxTxOptionsSnapshotAfterGrant(t *testing.T) {
 func TestDoTxWaitersLetCreateIndexConcurrentlyFinish(t *testing.T) {
 	e := newEnv(t)
 	pool := e.pool(func(c *pgxpool.Config) { c.MaxConns = 10 })
-	admin := e.adminConn()
-	for _, sql := range []string{
-		"DROP TABLE IF EXISTS dotx_cic",
+	e.table("dotx_cic",
 		"CREATE TABLE dotx_cic (id int)",
 		"INSERT INTO dotx_cic SELECT generate_series(1, 1000)",
-	} {
-		_, err := admin.Exec(e.ctx, sql)
-		must(t, err)
-	}
-	defer admin.Exec(context.Background(), "DROP TABLE IF EXISTS dotx_cic")
+	)
 	key := StringKey("dotx-migrations")
-	lock, err := Acquire(e.ctx, pool, key)
-	must(t, err)
+	lock := e.acquire(pool, key)
 	var wg sync.WaitGroup
 	for range 3 {
 		wg.Add(1)
@@ -239,7 +226,7 @@ func TestDoTxWaitersLetCreateIndexConcurrentlyFinish(t *testing.T) {
 	e.awaitWaiters(3)
 	const bound = 15 * time.Second // a hang guard: the index takes milliseconds
 	cicCtx, cancel := context.WithTimeout(e.ctx, bound)
-	_, err = pool.Exec(cicCtx, "CREATE INDEX CONCURRENTLY dotx_cic_id ON dotx_cic (id)")
+	_, err := pool.Exec(cicCtx, "CREATE INDEX CONCURRENTLY dotx_cic_id ON dotx_cic (id)")
 	cancel()
 	if err != nil {
 		t.Errorf("CREATE INDEX CONCURRENTLY while three DoTx waited (bound %v): %v", bound, err)

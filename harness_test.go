@@ -177,17 +177,16 @@ func (e *env) free(pools []*pgxpool.Pool) {
 // count a moment after it was handed back (see pgtest.AwaitReleased).
 func awaitAcquired(t testing.TB, pool *pgxpool.Pool, want int32) {
 	t.Helper()
-	deadline := time.Now().Add(testTimeout)
-	for {
-		n := pool.Stat().AcquiredConns()
-		if n == want {
-			return
+	var n int32
+	defer func() {
+		if t.Failed() {
+			t.Logf("the pool had %d connections acquired", n)
 		}
-		if time.Now().After(deadline) {
-			t.Fatalf("pool has %d connections acquired; want %d", n, want)
-		}
-		time.Sleep(time.Millisecond) // pgxpool offers nothing to wait on
-	}
+	}()
+	pgtest.Await(t, fmt.Sprintf("%d connections acquired from the pool", want), testTimeout, func() (bool, error) {
+		n = pool.Stat().AcquiredConns()
+		return n == want, nil
+	})
 }
 
 // conn returns a plain connection, closed after the end-of-test checks: a
@@ -246,20 +245,7 @@ func (e *env) eventually(what string, cond func(*pgx.Conn) (bool, error)) {
 		e.t.Fatalf("%s: %v", what, err)
 	}
 	defer c.Close(context.Background())
-	for {
-		ok, err := cond(c)
-		if err != nil {
-			e.t.Fatalf("%s: %v", what, err)
-		}
-		if ok {
-			return
-		}
-		select {
-		case <-ctx.Done():
-			e.t.Fatalf("not seen on the server after %v: %s", notHung, what)
-		case <-time.After(2 * time.Millisecond):
-		}
-	}
+	pgtest.Await(e.t, what+" (on the server)", notHung, func() (bool, error) { return cond(c) })
 }
 
 // lockRows returns the advisory pg_locks rows for key: pid, mode, granted.
@@ -284,6 +270,50 @@ func (e *env) lockRows(key Key) []lockRow {
 		e.t.Fatal(err)
 	}
 	return out
+}
+
+// acquire acquires key from pool (Acquire), stopping the test if it
+// cannot.
+func (e *env) acquire(pool *pgxpool.Pool, key Key) *Lock {
+	e.t.Helper()
+	l, err := Acquire(e.ctx, pool, key)
+	if err != nil {
+		e.t.Fatalf("Acquire %v: %v", key, err)
+	}
+	return l
+}
+
+// begin begins a transaction on a connection from pool, rolled back when
+// the test ends (before the end-of-test checks) unless it ended before.
+func (e *env) begin(pool *pgxpool.Pool) pgx.Tx {
+	e.t.Helper()
+	tx, err := pool.Begin(e.ctx)
+	if err != nil {
+		e.t.Fatalf("begin: %v", err)
+	}
+	e.t.Cleanup(func() { _ = tx.Rollback(e.ctx) })
+	return tx
+}
+
+// table makes a table of the test's own on the admin connection: it drops
+// any table of that name, runs create, and drops the table again when the
+// test ends, before the end-of-test checks. A statement that fails stops
+// the test.
+func (e *env) table(name string, create ...string) {
+	e.t.Helper()
+	admin := e.adminConn()
+	for _, sql := range append([]string{"DROP TABLE IF EXISTS " + name}, create...) {
+		if _, err := admin.Exec(e.ctx, sql); err != nil {
+			e.t.Fatalf("making table %s: %v", name, err)
+		}
+	}
+	e.t.Cleanup(func() {
+		// Bounded: a transaction the test left open on the table would
+		// block the drop until the connection closes, after this.
+		ctx, cancel := context.WithTimeout(context.Background(), pgtest.FailedGrace)
+		defer cancel()
+		_, _ = admin.Exec(ctx, "DROP TABLE IF EXISTS "+name)
+	})
 }
 
 // adminConn is one plain connection for the test's questions to the server,
@@ -338,5 +368,17 @@ func must(t *testing.T, err error) {
 	t.Helper()
 	if err != nil {
 		t.Fatal(err)
+	}
+}
+
+// receive awaits a value on ch, failing the test after notHung.
+func receive[T any](e *env, ch <-chan T, what string) T {
+	e.t.Helper()
+	select {
+	case v := <-ch:
+		return v
+	case <-time.After(notHung):
+		e.t.Fatalf("not done after %v: %s", notHung, what)
+		panic("unreachable")
 	}
 }

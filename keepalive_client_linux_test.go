@@ -59,11 +59,11 @@ func TestClientKeepaliveTightenedAndPutBack(t *testing.T) {
 		if _, err := s.Lock(e.ctx, StringKey("client-ka-1")); err != nil {
 			t.Fatal(err)
 		}
-		if s.kaTried {
+		if s.ka.tried {
 			t.Errorf("%s: the keep-alive was tightened by the first lock, which waits in slices", tc.name)
 		}
 		must(t, tc.use(s))
-		if s.clientKA == nil {
+		if s.ka.client == nil {
 			t.Errorf("%s: the client socket's keep-alive was not tightened", tc.name)
 		}
 		must(t, s.Close(e.ctx))

@@ -2,6 +2,7 @@ package advisory
 
 import (
 	"context"
+	"errors"
 	"testing"
 	"time"
 
@@ -162,4 +163,124 @@ func TestKeepalivesOnlyWhileHeld(t *testing.T) {
 	checkHeld("LockMany NoWait", s)
 	must(t, s.Close(e.ctx))
 	checkLent("Close with holds")
+}
+
+// keepalivesWanted is what a lock's connection must show while it holds a
+// lock with the default health interval.
+func keepalivesWanted() (want keepalives) {
+	for i, v := range keepaliveArgs(DefaultHealthInterval) {
+		want[i] = v.(string)
+	}
+	return want
+}
+
+// sessionKeepalives reads the keep-alives of s's own connection.
+func sessionKeepalives(t *testing.T, e *env, s *Session) (got keepalives) {
+	t.Helper()
+	must(t, s.WithConn(e.ctx, func(c *pgx.Conn) error {
+		got = showKeepalives(t, e.ctx, c)
+		return nil
+	}))
+	return got
+}
+
+// SPEC §4: "The settings are in force on every connection that holds a
+// lock". A Session whose WithConn ran before its first Lock (rawUsed) takes
+// that lock with lockMore, which sets no keep-alives: the lock is held with
+// the pool's tcp_user_timeout (0) and keep-alives, so after a silent cut
+// the server keeps it for the kernel's defaults (about two hours).
+func TestKeepalivesLockAfterWithConn(t *testing.T) {
+	e := newEnv(t)
+	pool := e.pool(func(c *pgxpool.Config) { c.MaxConns = 2 })
+	lent := showKeepalives(t, e.ctx, pool)
+	for _, many := range []bool{false, true} {
+		s, err := NewSession(e.ctx, pool)
+		must(t, err)
+		must(t, s.WithConn(e.ctx, func(c *pgx.Conn) error {
+			_, err := c.Exec(e.ctx, "SELECT 1") // fenced work that takes no lock
+			return err
+		}))
+		if many {
+			_, err = s.LockMany(e.ctx, []Key{Int64Key(11), PairKey(1, 1)})
+		} else {
+			_, err = s.Lock(e.ctx, Int64Key(11))
+		}
+		must(t, err)
+		if got := sessionKeepalives(t, e, s); got != keepalivesWanted() {
+			t.Errorf("many=%v: keep-alives while a lock is held after WithConn = %v; want %v", many, got, keepalivesWanted())
+		}
+		must(t, s.Close(e.ctx))
+		if got := showKeepalives(t, e.ctx, pool); got != lent {
+			t.Errorf("many=%v: the pool's connection came back with %v; lent with %v", many, got, lent)
+		}
+	}
+}
+
+// SPEC §4: "a connection goes back to the pool as the pool gave it". A host
+// that sets keep-alives on its connections in the startup packet
+// (RuntimeParams, or the connection string) gets them back after a lock.
+// (One set with SET after connecting, in AfterConnect, is reset to the
+// startup value: the documented limit of the release's RESET, doc.go.)
+func TestKeepalivesHostSettingsKept(t *testing.T) {
+	e := newEnv(t)
+	pool := e.pool(func(c *pgxpool.Config) {
+		c.MaxConns = 1
+		c.ConnConfig.RuntimeParams["tcp_keepalives_idle"] = "30"
+		c.ConnConfig.RuntimeParams["tcp_user_timeout"] = "9000"
+	})
+	lent := showKeepalives(t, e.ctx, pool)
+	if lent[0] != "30" || lent[3] != "9000" {
+		t.Fatalf("the pool lent %v; the host set idle 30, user timeout 9000", lent)
+	}
+	l, err := Acquire(e.ctx, pool, StringKey("host-keepalives"))
+	must(t, err)
+	must(t, l.Release(e.ctx))
+	if got := showKeepalives(t, e.ctx, pool); got != lent {
+		t.Errorf("after Acquire and Release the pool's connection has %v; the pool lent it with %v", got, lent)
+	}
+}
+
+// The pool's one connection comes back as lent, with no lock, after a wait
+// cancelled mid-slice, and after ReleaseAll ends a Session holding keys in
+// both modes plus a lock its WithConn callback took.
+func TestKeepalivesCancelAndReleaseAll(t *testing.T) {
+	e := newEnv(t)
+	pool := e.pool(func(c *pgxpool.Config) {
+		c.ConnConfig.RuntimeParams["deadlock_timeout"] = "40ms"
+		c.MaxConns = 1
+	})
+	lent := showKeepalives(t, e.ctx, pool)
+	key := StringKey("cancel-mid-slice")
+	holder, err := Acquire(e.ctx, e.pool(), key)
+	must(t, err)
+	ctx, cancel := context.WithCancel(e.ctx)
+	done := make(chan error, 1)
+	go func() {
+		_, err := Acquire(ctx, pool, key)
+		done <- err
+	}()
+	awaitSlices(e, 2)
+	cancel()
+	if err := <-done; !errors.Is(err, context.Canceled) {
+		t.Errorf("Acquire cancelled mid-slice: %v; want context.Canceled", err)
+	}
+	must(t, holder.Release(e.ctx))
+	if got := showKeepalives(t, e.ctx, pool); got != lent {
+		t.Errorf("after a cancelled wait: %v; lent %v", got, lent)
+	}
+
+	s, err := NewSession(e.ctx, pool)
+	must(t, err)
+	_, err = s.LockMany(e.ctx, []Key{Int64Key(-5), PairKey(-1, -2)})
+	must(t, err)
+	_, err = s.LockMany(e.ctx, []Key{Int64Key(-5), Int64Key(6)}, Shared())
+	must(t, err)
+	must(t, s.WithConn(e.ctx, func(c *pgx.Conn) error {
+		_, err := c.Exec(e.ctx, "SELECT pg_advisory_lock(77)")
+		return err
+	}))
+	must(t, ReleaseAll(e.ctx, pool))
+	if got := showKeepalives(t, e.ctx, pool); got != lent {
+		t.Errorf("after ReleaseAll: %v; lent %v", got, lent)
+	}
 }

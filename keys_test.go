@@ -7,8 +7,9 @@ import (
 	"strings"
 	"unicode/utf8"
 
-	"github.com/cespare/xxhash/v2"
 	"testing"
+
+	"github.com/cespare/xxhash/v2"
 )
 
 // The string hash is public contract: these vectors never change. They were

@@ -93,7 +93,7 @@ func (s *Session) lockMany(ctx context.Context, set []Key, cfg config) (bool, er
 	for _, k := range set {
 		s.holds[hold{k, cfg.mode}]++
 	}
-	s.kaOn = true
+	s.ka.on = true
 	s.mu.Unlock()
 	s.arm()
 	s.trace.started(ctx, cfg.entry, cfg.mode, fresh...)
@@ -121,8 +121,8 @@ func (s *Session) lockFresh(ctx context.Context, keys []Key, cfg config, first b
 	if first && w != waitTry {
 		end := endOf(bound)
 		if !s.saidNoSlices() {
-			ka := s.keepalive
-			if s.keepaliveOn() {
+			ka := s.ka.args
+			if s.ka.on {
 				ka = nil
 			}
 			got, err := s.waitSlices(ctx, 0, end, func(ms int64) string { return manySliceSQL(keys, cfg.mode, ms, ka) })
@@ -142,7 +142,7 @@ func (s *Session) lockFresh(ctx context.Context, keys []Key, cfg config, first b
 		}
 		// No PL/pgSQL: one server-side wait, below, on a session whose
 		// keep-alives are set.
-		if !s.keepaliveOn() {
+		if !s.ka.on {
 			if err := s.setKeepalives(ctx); err != nil {
 				return false, s.lockManyFailed("lock_many", Key{}, ctx, ctx, nil, cfg.mode, byDeadline, err)
 			}
@@ -166,7 +166,7 @@ func (s *Session) lockFresh(ctx context.Context, keys []Key, cfg config, first b
 	sql, args := lockManySQL[cfg.mode][w], manyArgs(keys)
 	switch {
 	case w == waitTry && first:
-		sql, args = manyFirstTrySQL[cfg.mode], append(args, s.keepalive...)
+		sql, args = manyFirstTrySQL[cfg.mode], append(args, s.ka.args...)
 	case w == waitBounded:
 		args = append([]any{lockTimeoutText(bound)}, args...)
 	}

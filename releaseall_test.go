@@ -3,14 +3,18 @@ package advisory
 import (
 	"context"
 	"errors"
+	"fmt"
 	"runtime"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/seed0ad592b7/advisory/internal/pgtest"
 )
 
 // releaseAllBound is how long the calls ReleaseAll ended get to return, and
@@ -131,13 +135,10 @@ func TestReleaseAllEndsLeadBetweenCampaigns(t *testing.T) {
 			return nil
 		})
 	}()
-	bound := time.Now().Add(releaseAllBound)
-	for tries.Load() < 2 { // one campaign failed, the next is due: Lead is in its retry loop
-		if time.Now().After(bound) {
-			t.Fatalf("Lead tried to connect %d times in %v; want it to retry", tries.Load(), releaseAllBound)
-		}
-		time.Sleep(time.Millisecond) // the pool offers nothing to wait on
-	}
+	// One campaign failed, the next is due: Lead is in its retry loop.
+	pgtest.Await(t, "Lead trying to connect twice (it retries)", releaseAllBound, func() (bool, error) {
+		return tries.Load() >= 2, nil
+	})
 	must(t, ReleaseAll(e.ctx, pool))
 	refuse.Store(false)
 	select {
@@ -160,17 +161,90 @@ func TestReleaseAllEndsLeadBetweenCampaigns(t *testing.T) {
 // releaseAllBound: pgxpool has no count of its waiters to wait on.
 func awaitPoolWaiters(t *testing.T, n int) {
 	t.Helper()
-	deadline := time.Now().Add(releaseAllBound)
 	buf := make([]byte, 1<<20)
-	for {
+	pgtest.Await(t, fmt.Sprintf("%d goroutines waiting for a pool connection", n), releaseAllBound, func() (bool, error) {
 		stacks := string(buf[:runtime.Stack(buf, true)])
-		got := strings.Count(stacks, "pgxpool.(*Pool).Acquire(")
-		if got >= n {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%d goroutines wait for a pool connection after %v; want %d", got, releaseAllBound, n)
-		}
-		time.Sleep(time.Millisecond)
+		return strings.Count(stacks, "pgxpool.(*Pool).Acquire(") >= n, nil
+	})
+}
+
+// releaseAllWhileRunning runs call in a goroutine, giving it a body that
+// waits for its context to end (for at most notHung) and returns nil; once
+// the body runs, it calls ReleaseAll on pool. It returns the cause with
+// which the body's context ended (nil if it did not), and what call
+// returned; it stops the test if call returns before running the body, or
+// does not return within notHung after ReleaseAll.
+func (e *env) releaseAllWhileRunning(pool *pgxpool.Pool, call func(body func(context.Context) error) error) (cause, err error) {
+	e.t.Helper()
+	running := make(chan struct{})
+	var once sync.Once
+	causes := make(chan error, 1)
+	done := make(chan error, 1)
+	go func() {
+		done <- call(func(ctx context.Context) error {
+			once.Do(func() { close(running) })
+			var cause error
+			select {
+			case <-ctx.Done():
+				cause = context.Cause(ctx)
+			case <-time.After(notHung):
+			}
+			select {
+			case causes <- cause:
+			default: // a body run again: the first run's cause is the one
+			}
+			return nil
+		})
+	}()
+	select {
+	case <-running:
+	case err := <-done:
+		e.t.Fatalf("returned before running its body: %v", err)
+	}
+	must(e.t, ReleaseAll(e.ctx, pool))
+	cause = <-causes
+	select {
+	case err = <-done:
+	case <-time.After(notHung): // only "it did not hang"
+		e.t.Fatal("did not return after ReleaseAll")
+	}
+	return cause, err
+}
+
+// ReleaseAll cancels the context of a running Do body before
+// another session can take the key, and Do reports it (fn returns nil).
+func TestReleaseAllCancelsDo(t *testing.T) {
+	e := newEnv(t)
+	pool := e.pool()
+	other := e.conn()
+	key := StringKey("release-all-do")
+	cause, err := e.releaseAllWhileRunning(pool, func(body func(context.Context) error) error {
+		_, err := Do(e.ctx, pool, key, body)
+		return err
+	})
+	if !errors.Is(cause, ErrClosed) {
+		t.Errorf("fn's context after ReleaseAll: cause %v; want one matching ErrClosed", cause)
+	}
+	if !errors.Is(err, ErrClosed) {
+		t.Errorf("Do after ReleaseAll: %v; want an error matching ErrClosed", err)
+	}
+	if !e.tryFrom(other, key) {
+		t.Error("the key is still held after ReleaseAll")
+	}
+}
+
+// For Lead: ReleaseAll cancels the leader's context and Lead
+// returns (rather than campaigning again on a pool about to close).
+func TestReleaseAllEndsLead(t *testing.T) {
+	e := newEnv(t)
+	pool := e.pool()
+	cause, err := e.releaseAllWhileRunning(pool, func(body func(context.Context) error) error {
+		return Lead(e.ctx, pool, StringKey("release-all-lead"), body)
+	})
+	if cause == nil {
+		t.Error("the leader's context was not cancelled by ReleaseAll")
+	}
+	if !errors.Is(err, ErrClosed) {
+		t.Errorf("Lead after ReleaseAll: %v; want an error matching ErrClosed", err)
 	}
 }

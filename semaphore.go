@@ -160,7 +160,7 @@ func (s *Session) lockSlot(ctx context.Context, sem Key, slots []Key, cfg config
 	case slot.Valid():
 		s.mu.Lock()
 		s.holds[hold{slot, ModeExclusive}] = 1
-		s.kaOn = true
+		s.ka.on = true
 		s.mu.Unlock()
 		s.arm()
 		s.trace.started(ctx, cfg.entry, ModeExclusive, slot)
@@ -180,7 +180,7 @@ func (s *Session) trySlots(ctx context.Context, slots []Key) (slot Key, dtMs int
 		at *int64
 		pl *bool
 	)
-	args := append([]any{manyArgs(slots)[0]}, s.keepalive...)
+	args := append([]any{manyArgs(slots)[0]}, s.ka.args...)
 	err = s.run(ctx, true, func(ctx context.Context, c *pgx.Conn) error {
 		return c.QueryRow(ctx, semaphoreTrySQL, args...).Scan(&at, nil, &dtMs, &pl)
 	})
@@ -203,7 +203,7 @@ func (s *Session) waitSlots(ctx context.Context, slots []Key, dtMs int64, end ti
 	next := rand.IntN(len(slots))
 	at, err := s.waitSlicesAt(ctx, dtMs, end, false, func(ms int64) string {
 		next = (next + 1) % len(slots)
-		return semaphoreSliceSQL(slots, next, ms, s.keepalive)
+		return semaphoreSliceSQL(slots, next, ms, s.ka.args)
 	}, func(results []*pgconn.Result, err error) (int, error) {
 		return slotAt(results, err, len(slots))
 	})

@@ -25,12 +25,9 @@ import (
 func TestSlowReaderIsNotALoss(t *testing.T) {
 	const blockFor = 5 * time.Second
 	e := newEnv(t)
-	admin := e.adminConn()
-	_, err := admin.Exec(e.ctx, `DROP TABLE IF EXISTS review4b_copy; CREATE TABLE review4b_copy (id int PRIMARY KEY, pad text)`)
-	must(t, err)
-	defer func() { _, _ = admin.Exec(context.Background(), `DROP TABLE IF EXISTS review4b_copy`) }()
+	e.table("slow_reader_copy", `CREATE TABLE slow_reader_copy (id int PRIMARY KEY, pad text)`)
 	blocker := e.conn()
-	_, err = blocker.Exec(e.ctx, `BEGIN; INSERT INTO review4b_copy VALUES (0, '')`)
+	_, err := blocker.Exec(e.ctx, `BEGIN; INSERT INTO slow_reader_copy VALUES (0, '')`)
 	must(t, err)
 
 	pool := e.pool(func(c *pgxpool.Config) { c.MaxConns = 1 })
@@ -39,7 +36,7 @@ func TestSlowReaderIsNotALoss(t *testing.T) {
 	defer s.Close(e.ctx)
 	// The second lock waits in one statement (the session holds one), as
 	// the keep-alive tightening is for; then the callback runs.
-	for _, key := range []Key{StringKey("review4b-copy"), StringKey("review4b-copy-2")} {
+	for _, key := range []Key{StringKey("slow-reader-copy"), StringKey("slow-reader-copy-2")} {
 		if _, err := s.Lock(e.ctx, key); err != nil {
 			t.Fatal(err)
 		}
@@ -51,7 +48,7 @@ func TestSlowReaderIsNotALoss(t *testing.T) {
 	go func() {
 		copied <- s.WithConn(e.ctx, func(c *pgx.Conn) error {
 			i := 0
-			_, err := c.CopyFrom(context.WithoutCancel(e.ctx), pgx.Identifier{"review4b_copy"}, []string{"id", "pad"},
+			_, err := c.CopyFrom(context.WithoutCancel(e.ctx), pgx.Identifier{"slow_reader_copy"}, []string{"id", "pad"},
 				pgx.CopyFromFunc(func() ([]any, error) {
 					if i == rows {
 						return nil, nil

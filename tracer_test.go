@@ -289,8 +289,7 @@ func TestTracerNotAcquired(t *testing.T) {
 	e, pool, rec, tr := tracedEnv(t)
 	key := StringKey("trace-busy")
 	ks := key.String()
-	holder, err := Acquire(e.ctx, pool, key)
-	must(t, err)
+	holder := e.acquire(pool, key)
 	defer func() { must(t, holder.Release(e.ctx)) }()
 
 	lock, err := Acquire(e.ctx, pool, key, tr, NoWait())

@@ -151,10 +151,7 @@ func (s *Session) leftSlice(handOver chan struct{}) func(at int, err error) {
 		case s.lost(err):
 		case at > 0:
 			grantedThenCancelled.Add(1)
-			if err := s.runCleanup(func(ctx context.Context, c *pgx.Conn) error {
-				_, err := c.Exec(ctx, dropLateGrantSQL)
-				return err
-			}); err != nil {
+			if err := s.execCleanup(dropLateGrantSQL); err != nil {
 				s.lose(err)
 			}
 		}

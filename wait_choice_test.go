@@ -25,25 +25,14 @@ import (
 func TestLockTxDeadlockThroughRowLock(t *testing.T) {
 	e := newEnv(t)
 	pool := e.pool(deadlockTimeout("100ms", 4))
-	admin := e.adminConn()
-	for _, sql := range []string{
-		"DROP TABLE IF EXISTS wait_cycle_rows",
+	e.table("wait_cycle_rows",
 		"CREATE TABLE wait_cycle_rows (id int PRIMARY KEY, n int)",
 		"INSERT INTO wait_cycle_rows VALUES (1, 0)",
-	} {
-		_, err := admin.Exec(e.ctx, sql)
-		must(t, err)
-	}
-	defer admin.Exec(context.Background(), "DROP TABLE IF EXISTS wait_cycle_rows")
+	)
 	key := StringKey("wait-cycle-row")
 
-	txA, err := pool.Begin(e.ctx)
-	must(t, err)
-	defer txA.Rollback(e.ctx)
-	txB, err := pool.Begin(e.ctx)
-	must(t, err)
-	defer txB.Rollback(e.ctx)
-	_, err = txA.Exec(e.ctx, "UPDATE wait_cycle_rows SET n = n + 1 WHERE id = 1")
+	txA, txB := e.begin(pool), e.begin(pool)
+	_, err := txA.Exec(e.ctx, "UPDATE wait_cycle_rows SET n = n + 1 WHERE id = 1")
 	must(t, err)
 	if ok, err := LockTx(e.ctx, txB, key); err != nil || !ok {
 		t.Fatalf("B's LockTx on a free key = %v, %v", ok, err)

@@ -67,7 +67,7 @@ func (e *env) reloadDefaultReadOnly(v string) {
 func TestDoTxAcquiredDespiteReload(t *testing.T) {
 	e, _ := privateEnv(t, nil)
 	holder := e.conn()
-	key := StringKey("review18-reload")
+	key := StringKey("settings-reload")
 	if !e.tryFromKeep(holder, key) {
 		t.Fatal("key not free")
 	}
@@ -114,7 +114,7 @@ func TestDoTxTooManyLocksInTry(t *testing.T) {
 		}
 	}
 	for _, opts := range [][]Option{{NoWait()}, nil} {
-		ran, err := DoTx(e.ctx, pool, StringKey("review18-full"), func(context.Context, pgx.Tx) error {
+		ran, err := DoTx(e.ctx, pool, StringKey("settings-full"), func(context.Context, pgx.Tx) error {
 			t.Error("fn ran")
 			return nil
 		}, opts...)
@@ -136,7 +136,7 @@ func TestDoTxDeadlineSweep(t *testing.T) {
 	e := newEnv(t)
 	pool := e.pool(func(c *pgxpool.Config) { c.MaxConns = 2 })
 	checker := e.conn()
-	key := StringKey("review18-sweep")
+	key := StringKey("settings-sweep")
 	var ran, failed int
 	for i := range 300 {
 		ctx, cancel := context.WithTimeout(e.ctx, time.Duration(i%60)*50*time.Microsecond)
@@ -227,7 +227,7 @@ func TestDoTxAcquiredDespiteReloadPgBouncer(t *testing.T) {
 	must(t, err)
 	t.Cleanup(func() { must(t, b.Stop()) })
 	holder := e.conn()
-	key := StringKey("review18-reload-bouncer")
+	key := StringKey("settings-reload-bouncer")
 	if !e.tryFromKeep(holder, key) {
 		t.Fatal("key not free")
 	}

@@ -88,8 +88,7 @@ func TestWaitersDoNotHoldBackVacuum(t *testing.T) {
 	e := newEnv(t)
 	pool := e.pool(deadlockTimeout("200ms", 10))
 	key := StringKey("vacuum-standby")
-	holder, err := Acquire(e.ctx, pool, key)
-	must(t, err)
+	holder := e.acquire(pool, key)
 	defer holder.Release(e.ctx)
 
 	ctx, cancel := context.WithCancel(e.ctx)
@@ -114,15 +113,10 @@ func TestWaitersDoNotHoldBackVacuum(t *testing.T) {
 func deadRowsKept(t *testing.T, e *env, table string) int {
 	t.Helper()
 	admin := e.adminConn()
-	for _, sql := range []string{
-		"DROP TABLE IF EXISTS " + table,
-		"CREATE TABLE " + table + " (id int) WITH (autovacuum_enabled = off)",
-		"INSERT INTO " + table + " SELECT generate_series(1, 10000)",
-	} {
-		_, err := admin.Exec(e.ctx, sql)
-		must(t, err)
-	}
-	t.Cleanup(func() { admin.Exec(context.Background(), "DROP TABLE IF EXISTS "+table) })
+	e.table(table,
+		"CREATE TABLE "+table+" (id int) WITH (autovacuum_enabled = off)",
+		"INSERT INTO "+table+" SELECT generate_series(1, 10000)",
+	)
 	var xid int64
 	must(t, admin.QueryRow(e.ctx, "WITH d AS (DELETE FROM "+table+" RETURNING 1) SELECT pg_current_xact_id()::text::int8 FROM d LIMIT 1").Scan(&xid))
 	e.eventually("no backend keeps a snapshot from before the rows died", func(c *pgx.Conn) (bool, error) {
@@ -216,20 +210,13 @@ func TestMigrationGuardCreateIndexConcurrently(t *testing.T) {
 		t.Run(fmt.Sprintf("fenced=%v", fenced), func(t *testing.T) {
 			e := newEnv(t)
 			pool := e.pool(func(c *pgxpool.Config) { c.MaxConns = 10 })
-			admin := e.adminConn()
-			for _, sql := range []string{
-				"DROP TABLE IF EXISTS waits_cic",
+			e.table("waits_cic",
 				"CREATE TABLE waits_cic (id int)",
 				"INSERT INTO waits_cic SELECT generate_series(1, 1000)",
-			} {
-				_, err := admin.Exec(e.ctx, sql)
-				must(t, err)
-			}
-			defer admin.Exec(context.Background(), "DROP TABLE IF EXISTS waits_cic")
+			)
 
 			key := StringKey("migrations")
-			lock, err := Acquire(e.ctx, pool, key)
-			must(t, err)
+			lock := e.acquire(pool, key)
 			var running, ran atomic.Int32
 			var wg sync.WaitGroup
 			for i := 0; i < 3; i++ {
@@ -256,6 +243,7 @@ func TestMigrationGuardCreateIndexConcurrently(t *testing.T) {
 			// without slices it never finishes.
 			cicCtx, cancel := context.WithTimeout(e.ctx, 30*time.Second)
 			const cic = "CREATE INDEX CONCURRENTLY waits_cic_id ON waits_cic (id)"
+			var err error
 			if fenced {
 				_, err = lock.Exec(cicCtx, cic)
 			} else {
@@ -282,8 +270,7 @@ func TestWaitSlicesLogNoError(t *testing.T) {
 	checkLog := noErrorLogged(t)
 	pool := e.pool(deadlockTimeout("40ms", 10)) // slices of 20 ms
 	key := StringKey("quiet-slices")
-	holder, err := Acquire(e.ctx, pool, key)
-	must(t, err)
+	holder := e.acquire(pool, key)
 
 	const bound = 300 * time.Millisecond // about 15 slices
 	if _, err := Acquire(e.ctx, pool, key, WaitTimeout(bound)); !errors.Is(err, ErrTimeout) {
@@ -315,8 +302,7 @@ func TestLockTxSliceGranted(t *testing.T) {
 	e := newEnv(t)
 	pool := e.pool(deadlockTimeout("40ms", 10))
 	key := StringKey("tx-slices")
-	holder, err := Acquire(e.ctx, pool, key)
-	must(t, err)
+	holder := e.acquire(pool, key)
 	tx, err := pool.Begin(e.ctx)
 	must(t, err)
 	defer tx.Rollback(e.ctx)
@@ -374,58 +360,4 @@ func TestWaitSlicesHandOffRace(t *testing.T) {
 		}()
 	}
 	wg.Wait()
-}
-
-// No waiter starves when every wait lasts several slices: six workers take
-// turns on one key for a while, each section (20 ms of work) as long as two
-// slices (deadlock_timeout 20 ms: 10 ms slices), so waiters go out of and
-// back into the server's queue many times per wait. Each worker must be
-// served; how evenly is logged (strict FIFO is not promised).
-func TestWaitSlicesNoStarvation(t *testing.T) {
-	e := newEnv(t)
-	pool := e.pool(deadlockTimeout("20ms", 10))
-	key := StringKey("slice-fairness")
-	contend(t, 6, 1, func(fn func(context.Context) error) (bool, error) { return Do(e.ctx, pool, key, fn) })
-}
-
-// contend runs workers that each enter a section through enter, again and
-// again for 3 s, a section being 20 ms of work; it fails the test if more
-// than limit sections run at once or if a worker is never served, and logs
-// how evenly they were served.
-func contend(t *testing.T, workers int, limit int32, enter func(func(context.Context) error) (bool, error)) {
-	t.Helper()
-	stop := time.Now().Add(3 * time.Second)
-	served := make([]int, workers)
-	var running atomic.Int32
-	var wg sync.WaitGroup
-	for w := range workers {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for time.Now().Before(stop) {
-				ok, err := enter(func(ctx context.Context) error {
-					if running.Add(1) > limit {
-						t.Errorf("more than %d holders at once", limit)
-					}
-					defer running.Add(-1)
-					time.Sleep(20 * time.Millisecond) // the work: longer than a slice
-					return nil
-				})
-				if err != nil || !ok {
-					t.Errorf("worker %d: acquired %v, err %v", w, ok, err)
-					return
-				}
-				served[w]++
-			}
-		}()
-	}
-	wg.Wait()
-	least, most, total := served[0], served[0], 0
-	for _, n := range served {
-		least, most, total = min(least, n), max(most, n), total+n
-	}
-	if least == 0 {
-		t.Errorf("a worker was never served: %v", served)
-	}
-	t.Logf("sections per worker %v: total %d, least %d, most %d", served, total, least, most)
 }

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"sync/atomic"
 	"time"
 )
 
@@ -44,6 +45,28 @@ import (
 // would first send a cancel request and end the read only DeadlineDelay
 // later, delaying the detection of a cut).
 
+// watching is what the health watcher shares with the session's callers.
+// Its rule: the watcher owns its deadlines and borrows nothing from the
+// callers. They only tell it when the server last answered them
+// (lastAnswer), and arm its readiness as they give the turn back while the
+// session holds something.
+type watching struct {
+	health time.Duration // how often the watcher checks a quiet connection (HealthInterval)
+	// lastAnswer is when the server last answered one of the library's own
+	// statements (Unix nanoseconds): the watcher need not ping before an
+	// interval has passed since. A turn taken without a round trip, or a
+	// WithConn callback (which may send nothing), does not count.
+	lastAnswer atomic.Int64
+	// ready tells the watcher that the socket has something to read; set by
+	// the watcher at its first turn, nil until then and where the socket
+	// cannot be watched. Armed and disarmed under the turn, closed by
+	// whoever ends the session.
+	ready atomic.Pointer[readiness]
+	// watchStart starts the watcher once the session first holds something
+	// (see arm); nil until then. Guarded by the Session's mu.
+	watchStart *time.Timer
+}
+
 // watchQuiet is how long the session must hold something before the
 // watcher starts, so that a lock released sooner (an Acquire and Release in
 // quick succession) never starts a goroutine at all.
@@ -62,13 +85,6 @@ func (s *Session) arm() {
 		s.watcher.Add(1)
 		s.watchStart = time.AfterFunc(watchQuiet, s.watch)
 	}
-}
-
-// holding reports whether the session has anything to watch.
-func (s *Session) holding() bool {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return len(s.holds) > 0 || s.rawUsed
 }
 
 // watch runs until the session ends; when it finds the connection lost it
@@ -146,14 +162,7 @@ func (s *Session) takeWatchTurn(wait bool) bool {
 			return false
 		}
 	}
-	if s.ctx.Err() != nil {
-		// finish may already have given the connection back: it must not be
-		// touched.
-		<-s.turn
-		return false
-	}
-	s.ready.Load().disarm()
-	return true
+	return s.tookTurn()
 }
 
 // await waits until the socket has something to read (true), deadline

@@ -9,8 +9,10 @@ import (
 	"github.com/jackc/pgx/v5"
 )
 
-// Review of the readiness watcher (commit 6a7731f): each test here failed
-// on that commit.
+// The readiness watcher and the holder's turns: an idle watcher does not
+// spin, waits while the caller keeps the turn, and notices a cut or a loss
+// that came while it was disarmed, during a WithConn, or after the session
+// held nothing. Each test here failed on commit 6a7731f.
 
 // cpuDuring returns the CPU time the process used while it waited for
 // window. The window is an observation period, not a synchronisation.
@@ -47,7 +49,7 @@ func assertNoSpin(t *testing.T, what string) {
 // interval has gone by, so it returned at once, for ever.
 func TestWatcherIdleAfterUnlockDoesNotSpin(t *testing.T) {
 	e := newEnv(t)
-	key := StringKey("review4-idle")
+	key := StringKey("watch-turns-idle")
 	s := e.lockedSession(e.pool(), key, 50*time.Millisecond)
 	defer s.Close(e.ctx)
 	awaitWatching(t, s)
@@ -62,7 +64,7 @@ func TestWatcherIdleAfterUnlockDoesNotSpin(t *testing.T) {
 func TestWatcherWaitsWhileCallerKeepsTurn(t *testing.T) {
 	e := newEnv(t)
 	other := e.conn()
-	held, waited := StringKey("review4-held"), StringKey("review4-waited")
+	held, waited := StringKey("watch-turns-held"), StringKey("watch-turns-waited")
 	if !e.tryFromKeep(other, waited) {
 		t.Fatal("the other connection could not take the key")
 	}
@@ -92,7 +94,7 @@ func TestSilentCutNoticedDespiteTurnsWithoutRoundTrip(t *testing.T) {
 	e := newEnv(t)
 	proxy, pool := e.cutPool()
 	const interval = 100 * time.Millisecond
-	key := StringKey("review4-reentrant")
+	key := StringKey("watch-turns-reentrant")
 	s := e.lockedSession(pool, key, interval)
 	defer s.Close(e.ctx)
 	awaitWatching(t, s)
@@ -141,7 +143,7 @@ func TestSilentCutNoticedDespiteTurnsWithoutRoundTrip(t *testing.T) {
 // the caller had freed the turn, found it taken and slept an hour with the
 // one-shot report spent.
 func TestWatcherNoticesLossThatCameWhileDisarmed(t *testing.T) {
-	lossDuringWithConn(t, StringKey("review4-disarmed"), true)
+	lossDuringWithConn(t, StringKey("watch-turns-disarmed"), true)
 }
 
 // The same for a WithConn that starts right after the grant, before the
@@ -197,7 +199,7 @@ func TestWatcherWatchesAgainAfterHoldingNothing(t *testing.T) {
 	s, err := NewSession(e.ctx, e.pool(), HealthInterval(time.Hour))
 	must(t, err)
 	defer s.Close(e.ctx)
-	first, second := StringKey("review4-first"), StringKey("review4-second")
+	first, second := StringKey("watch-turns-first"), StringKey("watch-turns-second")
 	for _, k := range []Key{first, second} {
 		got, err := s.Lock(e.ctx, k)
 		must(t, err)

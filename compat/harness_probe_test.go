@@ -18,9 +18,9 @@ const envProbe = "ADVISORY_COMPAT_HARNESS_PROBE"
 
 // A test that fails with a pool connection still acquired (a Lock held at
 // a t.Fatal, an Acquire never released) is reported, and the package goes
-// on: found by review18b, when pool.Close, run after the check, blocked
-// for ever and the package hung until go test's -timeout; fixed with
-// pgtest.ClosePool. The child gets 60 s; the probe needs about 2 s.
+// on (pgtest.ClosePool): before, pool.Close, run after the check, blocked
+// for ever and the package hung until go test's -timeout. The child gets
+// 60 s; the probe needs about 2 s.
 func TestCheckAtEndDoesNotHang(t *testing.T) {
 	if os.Getenv(envProbe) != "" {
 		runProbes(t)

@@ -38,10 +38,8 @@ func TestMain(m *testing.M) { os.Exit(migrationtest.RunMain(m, &server)) }
 // transaction).
 func migrations(sleep string) fstest.MapFS {
 	return fstest.MapFS{
-		"00001_items.sql": {Data: []byte("-- +goose Up\nCREATE TABLE items (id int);\n" +
-			"INSERT INTO runs VALUES (pg_backend_pid());\nSELECT pg_sleep(" + sleep + ");\n")},
-		"00002_items_id.sql": {Data: []byte("-- +goose NO TRANSACTION\n-- +goose Up\n" +
-			"CREATE INDEX CONCURRENTLY items_id ON items (id);\n")},
+		"00001_items.sql":    {Data: []byte("-- +goose Up\n" + migrationtest.ItemsSQL(sleep))},
+		"00002_items_id.sql": {Data: []byte("-- +goose NO TRANSACTION\n-- +goose Up\n" + migrationtest.IndexSQL)},
 	}
 }
 
@@ -69,8 +67,7 @@ func TestInstance(t *testing.T) {
 	if role == "" {
 		return // run as a test of its own: nothing to do
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), migrationtest.Timeout)
-	defer cancel()
+	ctx := migrationtest.Context(t)
 	var locker lock.SessionLocker = NewSessionLocker(compat.Goose())
 	if role == "plain" {
 		var err error
@@ -122,8 +119,7 @@ func TestExcludesGooseLocker(t *testing.T) {
 	for _, plainFirst := range []bool{true, false} {
 		t.Run(fmt.Sprintf("plain-first=%v", plainFirst), func(t *testing.T) {
 			dsn, c := migrationtest.Prepare(t, server)
-			ctx, cancel := context.WithTimeout(context.Background(), migrationtest.Timeout)
-			defer cancel()
+			ctx := migrationtest.Context(t)
 			plain, err := lock.NewPostgresSessionLocker(lock.WithLockTimeout(1, 60))
 			if err != nil {
 				t.Fatal(err)
@@ -171,8 +167,7 @@ func TestExcludesGooseLocker(t *testing.T) {
 // wait for its own lock for ever: SessionLock refuses at once.
 func TestRefusesSelfDeadlock(t *testing.T) {
 	dsn, c := migrationtest.Prepare(t, server)
-	ctx, cancel := context.WithTimeout(context.Background(), migrationtest.Timeout)
-	defer cancel()
+	ctx := migrationtest.Context(t)
 	pool, err := pgxpool.New(ctx, dsn)
 	if err != nil {
 		t.Fatal(err)
@@ -202,8 +197,7 @@ func TestRefusesSelfDeadlock(t *testing.T) {
 // session, and SessionUnlock reports ErrLockLost.
 func TestLockLostDuringMigration(t *testing.T) {
 	dsn, c := migrationtest.Prepare(t, server)
-	ctx, cancel := context.WithTimeout(context.Background(), migrationtest.Timeout)
-	defer cancel()
+	ctx := migrationtest.Context(t)
 	done := make(chan error, 1)
 	go func() {
 		_, err := up(ctx, dsn, NewSessionLocker(compat.Goose()), "30")
@@ -269,8 +263,7 @@ func (otherConn) Begin() (driver.Tx, error)           { return nil, errors.New("
 // with advisory.ErrTimeout, holding nothing.
 func TestSessionLockOnConn(t *testing.T) {
 	dsn, c := migrationtest.Prepare(t, server)
-	ctx, cancel := context.WithTimeout(context.Background(), migrationtest.Timeout)
-	defer cancel()
+	ctx := migrationtest.Context(t)
 	db, err := sql.Open("pgx", dsn)
 	if err != nil {
 		t.Fatal(err)

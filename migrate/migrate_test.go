@@ -1,7 +1,6 @@
 package advisorymigrate_test
 
 import (
-	"context"
 	"database/sql"
 	"errors"
 	"fmt"
@@ -33,8 +32,8 @@ func TestMain(m *testing.M) { os.Exit(migrationtest.RunMain(m, &server)) }
 // mid-statement), then an index built concurrently.
 func migrations(sleep string) fstest.MapFS {
 	return fstest.MapFS{
-		"1_items.up.sql":    {Data: []byte("CREATE TABLE items (id int); INSERT INTO runs VALUES (pg_backend_pid()); SELECT pg_sleep(" + sleep + ")")},
-		"2_items_id.up.sql": {Data: []byte("CREATE INDEX CONCURRENTLY items_id ON items (id)")},
+		"1_items.up.sql":    {Data: []byte(migrationtest.ItemsSQL(sleep))},
+		"2_items_id.up.sql": {Data: []byte(migrationtest.IndexSQL)},
 	}
 }
 
@@ -92,8 +91,7 @@ func TestInstance(t *testing.T) {
 	if os.Getenv(migrationtest.EnvRole) == "" {
 		return // run as a test of its own: nothing to do
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), migrationtest.Timeout)
-	defer cancel()
+	ctx := migrationtest.Context(t)
 	applied, err := migrateGuarded(ctx, os.Getenv(migrationtest.EnvDSN), migrations(os.Getenv("SLEEP")))
 	migrationtest.Report(os.Stdout, "applied", applied)
 	if err != nil {
@@ -150,8 +148,7 @@ func TestExcludesPlain(t *testing.T) {
 				dsn, c := migrationtest.Prepare(t, server)
 				api, cli := keys(t, dsn)
 				key := map[string]advisory.Key{"api": api, "cli": cli}[how]
-				ctx, cancel := context.WithTimeout(context.Background(), migrationtest.Timeout)
-				defer cancel()
+				ctx := migrationtest.Context(t)
 				type result struct {
 					applied bool
 					err     error
@@ -201,8 +198,7 @@ func TestExcludesPlain(t *testing.T) {
 func TestLockLostDuringMigration(t *testing.T) {
 	dsn, c := migrationtest.Prepare(t, server)
 	_, key := keys(t, dsn)
-	ctx, cancel := context.WithTimeout(context.Background(), migrationtest.Timeout)
-	defer cancel()
+	ctx := migrationtest.Context(t)
 	done := make(chan error, 1)
 	go func() {
 		_, err := migrateGuarded(ctx, dsn, migrations("30"))
@@ -233,8 +229,7 @@ func TestLockLostDuringMigration(t *testing.T) {
 func TestGuardLostBeforeMigrate(t *testing.T) {
 	dsn, c := migrationtest.Prepare(t, server)
 	api, cli := keys(t, dsn)
-	ctx, cancel := context.WithTimeout(context.Background(), migrationtest.Timeout)
-	defer cancel()
+	ctx := migrationtest.Context(t)
 	db, err := openOne(dsn)
 	if err != nil {
 		t.Fatal(err)

@@ -44,41 +44,18 @@ func setup(t *testing.T, opts ...Option) (context.Context, *pgxpool.Pool, *sdkme
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() {
-		checkClean(t, pool)
-		pool.Close()
+	owned := pgtest.CheckAtEnd(t, pgtest.EndCheck{
+		DSN:   server.DSN,
+		Open:  func() pgtest.Open { return pgtest.Open{Pools: []*pgxpool.Pool{pool}} },
+		Grace: 10 * time.Second,
 	})
+	owned.Own(pool.Close)
 	reader := sdkmetric.NewManualReader()
 	tr, err := NewTracer(sdkmetric.NewMeterProvider(sdkmetric.WithReader(reader)), opts...)
 	if err != nil {
 		t.Fatal(err)
 	}
 	return ctx, pool, reader, advisory.WithTracer(tr)
-}
-
-// checkClean fails the test if pool keeps a connection acquired, or the
-// server an advisory lock, once they have settled.
-func checkClean(t *testing.T, pool *pgxpool.Pool) {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), testTimeout)
-	defer cancel()
-	var locks int
-	for {
-		err := pool.QueryRow(ctx, `SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'`).Scan(&locks)
-		if err != nil {
-			t.Errorf("checking for advisory locks left: %v", err)
-			return
-		}
-		if n := pool.Stat().AcquiredConns(); locks == 0 && n == 0 {
-			return
-		}
-		select {
-		case <-ctx.Done(): // a very loose bound: the state should settle at once
-			t.Errorf("at the end of the test: %d advisory locks on the server, %d connections acquired", locks, pool.Stat().AcquiredConns())
-			return
-		case <-time.After(2 * time.Millisecond): // polling a server state
-		}
-	}
 }
 
 // metrics is one collection from the reader.
@@ -152,13 +129,9 @@ func (m metrics) expect(t *testing.T, value int64, name string, want ...string) 
 // to value: a state of the library, awaited.
 func awaitMetric(t *testing.T, ctx context.Context, reader *sdkmetric.ManualReader, value int64, name string, want ...string) {
 	t.Helper()
-	for collect(t, ctx, reader).value(name, want...) != value {
-		select {
-		case <-ctx.Done():
-			t.Fatalf("%s%v never reached %d", name, want, value)
-		case <-time.After(2 * time.Millisecond):
-		}
-	}
+	pgtest.Await(t, fmt.Sprintf("%s%v reaching %d", name, want, value), testTimeout, func() (bool, error) {
+		return collect(t, ctx, reader).value(name, want...) == value, nil
+	})
 }
 
 // awaitDone waits for a lock's end, failing the test if ctx ends first.

@@ -146,20 +146,7 @@ func (e *env) conn() *pgx.Conn {
 // await polls cond until it is true, failing the test after notHung.
 func (e *env) await(what string, cond func() (bool, error)) {
 	e.t.Helper()
-	deadline := time.Now().Add(notHung)
-	for {
-		ok, err := cond()
-		if err != nil {
-			e.t.Fatalf("%s: %v", what, err)
-		}
-		if ok {
-			return
-		}
-		if time.Now().After(deadline) {
-			e.t.Fatalf("not seen after %v: %s", notHung, what)
-		}
-		time.Sleep(5 * time.Millisecond) // poll interval of an awaited state
-	}
+	pgtest.Await(e.t, what, notHung, cond)
 }
 
 // awaitHolders awaits key's holders and waiters as the server shows them.

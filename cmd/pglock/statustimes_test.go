@@ -213,9 +213,7 @@ func hasLine(out string, want ...string) bool {
 func TestStatusWatchSemaphoreInTerminal(t *testing.T) {
 	e := newEnv(t)
 	m := newTmux(e)
-	cmd := "exec " + shellQuote(binary) + " status " + shellQuote(e.dsnArg()) + " --key tmux-sem --slots 2 --watch 200ms"
-	m.run("new-session", "-d", "-s", "status", "-x", "200", "-y", "30", cmd,
-		";", "set-option", "-w", "-t", "status", "remain-on-exit", "on")
+	m.status("--key tmux-sem --slots 2 --watch 200ms")
 	m.awaitScreen("the empty semaphore", func(s string) bool {
 		return strings.Contains(s, `semaphore "tmux-sem" (`) && strings.Contains(s, "2 slots, 0 held, 0 waiting")
 	})

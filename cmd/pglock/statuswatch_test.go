@@ -127,6 +127,16 @@ func newTmux(e *env) *tmux {
 	return m
 }
 
+// status runs pglock status on the test server with args (shell words) in
+// the tmux session "status", a 200x30 terminal whose pane stays once
+// pglock has exited.
+func (m *tmux) status(args string) {
+	m.e.t.Helper()
+	cmd := "exec " + shellQuote(binary) + " status " + shellQuote(m.e.dsnArg()) + " " + args
+	m.run("new-session", "-d", "-s", "status", "-x", "200", "-y", "30", cmd,
+		";", "set-option", "-w", "-t", "status", "remain-on-exit", "on")
+}
+
 func (m *tmux) command(args ...string) (string, error) {
 	cmd := exec.CommandContext(m.e.ctx, "tmux", append([]string{"-S", m.sock, "-f", "/dev/null"}, args...)...)
 	cmd.Env = append(baseEnv(), "TERM=xterm-256color")
@@ -174,9 +184,7 @@ func shellQuote(s string) string { return "'" + strings.ReplaceAll(s, "'", `'\''
 func TestStatusWatchInTerminal(t *testing.T) {
 	e := newEnv(t)
 	m := newTmux(e)
-	cmd := "exec " + shellQuote(binary) + " status " + shellQuote(e.dsnArg()) + " --watch 200ms"
-	m.run("new-session", "-d", "-s", "status", "-x", "200", "-y", "30", cmd,
-		";", "set-option", "-w", "-t", "status", "remain-on-exit", "on")
+	m.status("--watch 200ms")
 	title := "Every 200ms: pglock status on 127.0.0.1:"
 	m.awaitScreen("the first reading", func(s string) bool {
 		return strings.HasPrefix(s, title) && strings.Contains(s, "no advisory locks held or awaited")

@@ -79,7 +79,7 @@ func NewDatabase(t *testing.T, srv *pgtest.Server) string {
 	}
 	u.Path = "/" + name
 	dsn := u.String()
-	t.Cleanup(func() {
+	t.Cleanup(func() { // after the lock check below
 		ctx, cancel := context.WithTimeout(context.Background(), Timeout)
 		defer cancel()
 		admin, err := pgx.Connect(ctx, srv.DSN)
@@ -88,36 +88,15 @@ func NewDatabase(t *testing.T, srv *pgtest.Server) string {
 			return
 		}
 		defer admin.Close(ctx)
-		AwaitNoLocks(t, ctx, admin, name)
 		if _, err := admin.Exec(ctx, "DROP DATABASE "+pgx.Identifier{name}.Sanitize()+" WITH (FORCE)"); err != nil {
 			t.Error(err)
 		}
 	})
+	// No advisory lock left in the database once the test's connections
+	// and instances are gone (a session that ended may take a moment to
+	// leave): the end-of-test check every package shares.
+	pgtest.CheckAtEnd(t, pgtest.EndCheck{DSN: dsn, Open: func() pgtest.Open { return pgtest.Open{} }, Grace: Timeout})
 	return dsn
-}
-
-// AwaitNoLocks fails t unless the advisory locks of database are all gone
-// before ctx ends (a session that ended may take a moment to leave).
-func AwaitNoLocks(t *testing.T, ctx context.Context, c *pgx.Conn, database string) {
-	t.Helper()
-	for {
-		var n int
-		err := c.QueryRow(ctx, `SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'
-			AND database = (SELECT oid FROM pg_database WHERE datname = $1)`, database).Scan(&n)
-		if err != nil {
-			t.Errorf("checking for advisory locks left: %v", err)
-			return
-		}
-		if n == 0 {
-			return
-		}
-		select {
-		case <-ctx.Done():
-			t.Errorf("at the end of the test: %d advisory locks left in database %s", n, database)
-			return
-		case <-time.After(5 * time.Millisecond): // polling a server state
-		}
-	}
 }
 
 // Prepare makes a database of its own for the test (NewDatabase) with the

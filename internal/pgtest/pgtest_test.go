@@ -425,13 +425,16 @@ func TestWatchdog(t *testing.T) {
 			// command, then exits: it may still be exiting now. It is not
 			// our child (nothing to wait on), so look again until it is
 			// gone, within a bound of its own.
-			ps := processesMentioning(t, dir)
-			for giveUp := time.Now().Add(10 * time.Second); len(ps) > 0 && time.Now().Before(giveUp); ps = processesMentioning(t, dir) {
-				time.Sleep(10 * time.Millisecond)
-			}
-			if len(ps) > 0 {
-				t.Errorf("processes remain 10 s after the directory went: %q", ps)
-			}
+			var ps []string
+			defer func() {
+				if t.Failed() {
+					t.Logf("processes that remained: %q", ps)
+				}
+			}()
+			Await(t, "no process mentioning the removed directory", 10*time.Second, func() (bool, error) {
+				ps = processesMentioning(t, dir)
+				return len(ps) == 0, nil
+			})
 		})
 	}
 }

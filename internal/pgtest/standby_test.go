@@ -76,13 +76,9 @@ func TestStandbyPromote(t *testing.T) {
 	if !queryBool(t, s, "SELECT pg_is_in_recovery()") {
 		t.Error("the standby is not in recovery")
 	}
-	for !queryBool(t, s, "SELECT pg_last_wal_replay_lsn() >= '"+lsn+"'::pg_lsn") {
-		select {
-		case <-ctx.Done():
-			t.Fatal("the standby never replayed the primary's write")
-		case <-time.After(10 * time.Millisecond):
-		}
-	}
+	Await(t, "the standby replaying the primary's write", time.Minute, func() (bool, error) {
+		return queryBool(t, s, "SELECT pg_last_wal_replay_lsn() >= '"+lsn+"'::pg_lsn"), nil
+	})
 	if _, err := s.Exec(ctx, "CREATE TABLE refused (x int)"); err == nil {
 		t.Error("the standby accepted a write")
 	}

@@ -1,0 +1,292 @@
+package advisory
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync/atomic"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+)
+
+// grantedThenCancelled counts lock statements that failed after the server
+// had granted the lock (found by dropIfGranted), for tests to report how
+// often they hit that race.
+var grantedThenCancelled atomic.Int64
+
+// Lock takes key on the session: exclusively, or with Shared(); waiting on
+// the server, or trying once with NoWait(), or waiting at most WaitTimeout(d)
+// or until ctx's deadline. It returns true when the session holds the key
+// (again, if it already did: holds are counted), false with a nil error when
+// NoWait found it held elsewhere.
+//
+// On a session that holds nothing, a wait is a sequence of short wait
+// slices that hold no snapshot for long; on a session that already holds
+// locks it is one server-side wait, which PostgreSQL's deadlock detector
+// sees and which holds a snapshot while it lasts (see the package
+// documentation, "What waiting costs the server"). Either way the
+// session's other calls wait for it.
+//
+// On error nothing new is held and the session's earlier holds are kept:
+// ErrTimeout when the wait bound passed (also matching
+// context.DeadlineExceeded when that bound was ctx's deadline), ErrDeadlock
+// when PostgreSQL broke a deadlock by failing this wait, ErrTooManyLocks
+// when the server's lock table is full, the context's error when ctx was
+// cancelled (the wait is interrupted with a cancel request; the connection
+// survives). If the connection is lost the session ends and every hold goes
+// with it: Done is closed, and the error matches ErrLockLost when the
+// session held locks; on a session that held nothing the call was only
+// waiting and never held the lock, so its error says the connection was
+// lost while waiting and does not match ErrLockLost.
+func (s *Session) Lock(ctx context.Context, key Key, opts ...Option) (bool, error) {
+	cfg, err := newConfig(callSessionLock, opts)
+	if err != nil {
+		return false, err
+	}
+	cfg.trace, cfg.entry = s.trace.option(), EntrySessionLock
+	ctx, w := traceWait(ctx, cfg, TraceWaitStartData{Key: key})
+	got, err := s.lock(ctx, key, cfg)
+	w.end(ctx, got, err)
+	return got, err
+}
+
+func (s *Session) lock(ctx context.Context, key Key, cfg config) (bool, error) {
+	if !key.Valid() {
+		return false, invalidKey("lock")
+	}
+	if err := s.takeTurn(ctx); err != nil {
+		return false, turnError("lock", key, err)
+	}
+	defer s.giveTurn()
+
+	h := hold{key, cfg.mode}
+	s.mu.Lock()
+	if s.holds[h] > 0 {
+		s.holds[h]++
+		s.mu.Unlock()
+		return true, nil
+	}
+
+	first := len(s.holds) == 0 // a WithConn's own locks: the first try asks the server
+	rawUsed := s.rawUsed
+	s.mu.Unlock()
+
+	// A Session whose WithConn ran may hold locks of its own: its wait may
+	// close a deadlock cycle, so it must reach the server, not queue in the
+	// process behind another Session's sliced wait.
+	if first && !rawUsed && cfg.entry == EntrySessionLock && !cfg.noWait && !cfg.noCohort {
+		cfg, pass, err := s.gateSession(ctx, key, cfg) // one waiter per key per process (cohort.go)
+		if err != nil {
+			return false, err
+		}
+		defer pass()
+		return s.lockOnce(ctx, key, cfg, h, first)
+	}
+	return s.lockOnce(ctx, key, cfg, h, first)
+}
+
+// lockOnce is lock once the session's turn is taken and h is not held yet.
+func (s *Session) lockOnce(ctx context.Context, key Key, cfg config, h hold, first bool) (bool, error) {
+	w, bound, byDeadline := cfg.waitPlan(ctx)
+	s.waitingSince = cfg.waitingSince()
+	var (
+		got bool
+		err error
+	)
+	if first {
+		got, err = s.lockFirst(ctx, key, cfg.mode, w, endOf(bound), cfg.busy)
+	} else {
+		got, err = s.lockMore(ctx, key, cfg.mode, w, bound)
+	}
+	switch {
+	case err != nil:
+		return false, s.lockFailed(ctx, h, first, byDeadline, err)
+	case got:
+		s.mu.Lock()
+		s.holds[h] = 1
+		s.ka.on = true
+		s.mu.Unlock()
+		s.arm()
+		s.trace.started(ctx, cfg.entry, cfg.mode, key)
+		return true, nil
+	case w != waitTry:
+		e := keyError("lock", key, ErrTimeout, nil)
+		e.deadline = byDeadline
+		return false, e
+	}
+	return false, nil
+}
+
+// lockFirst takes key on a session that holds nothing of its own: one try
+// that also sets the keep-alives if it got the key; if it did not and the
+// lock waits, a second try that also sets the keep-alives and asks what a
+// wait needs to know (waitTrySQL), then wait slices, unless that try found
+// that the session holds a lock after all (a WithConn callback's:
+// holdsAnySQL), when the wait is one server-side wait as for lockMore.
+// The questions are not asked with the first try: a statement that carries
+// them costs the server their start-up even when the try gets the key
+// (BenchmarkCycleAblation: waittry-sql against trydt-sql), and most locks
+// get their key at once; a waiting lock known to find the key held (busy)
+// sends only the second try. got == false with a nil error means not
+// acquired: busy (waitTry) or the bound passed. The caller holds the turn.
+func (s *Session) lockFirst(ctx context.Context, key Key, m Mode, w wait, end time.Time, busy bool) (got bool, err error) {
+	kaOn, args := s.ka.on, key.args()
+	if !busy || w == waitTry {
+		err = s.run(ctx, true, func(ctx context.Context, c *pgx.Conn) error {
+			if kaOn { // set by an earlier hold of this session: not again
+				return c.QueryRow(ctx, lockSQL[scopeSession][m][waitTry][key.space-1], args...).Scan(&got)
+			}
+			return c.QueryRow(ctx, firstTrySQL[m][key.space-1], append(args, s.ka.args...)...).Scan(&got, nil)
+		})
+		if err != nil || got || w == waitTry {
+			return got, err
+		}
+	}
+	sql := waitTrySQL[m][key.space-1]
+	if !kaOn { // set whatever the try's outcome: not in the wait's slices
+		sql, args = waitFirstTrySQL[m][key.space-1], append(args, s.ka.args...)
+	}
+	var (
+		dtMs              int64
+		holdsAny, canDoPL *bool
+		holders           []int32
+	)
+	// A try never waits on the server: once sent, it is not interrupted
+	// when ctx ends (the cancel request would write an ERROR to the server
+	// log, SPEC §2a); the wait that follows looks at ctx first.
+	if err = ctx.Err(); err != nil {
+		return false, err
+	}
+	err = s.run(context.WithoutCancel(ctx), true, func(ctx context.Context, c *pgx.Conn) error {
+		return c.QueryRow(ctx, sql, args...).Scan(&got, nil, &dtMs, &holdsAny, &canDoPL, &holders)
+	})
+	if err != nil || got {
+		return got, err
+	}
+	s.ka.on = true // by waitFirstTrySQL, or before; Close resets them
+	switch {
+	case holdsAny != nil && *holdsAny:
+		return s.waitOnce(ctx, key, m, end)
+	case canDoPL != nil && !*canDoPL:
+		noteNoSlices(ctx, s)
+		return s.waitOnce(ctx, key, m, end)
+	}
+	at, err := s.waitSlicesAt(ctx, dtMs, end, true, func(ms int64) string {
+		rest := inPlaceSlices * ms
+		if !end.IsZero() {
+			rest = min(rest, max(1, time.Until(end).Milliseconds()))
+		}
+		return oneSliceSQL(key, m, ms, holders, rest)
+	}, sliceReport)
+	return at > 0, err
+}
+
+// waitOnce waits for key in one server-side wait (lockMore) until end (the
+// zero time: none). The session's keep-alives are set; the caller holds
+// the turn.
+func (s *Session) waitOnce(ctx context.Context, key Key, m Mode, end time.Time) (bool, error) {
+	w, bound := waitForever, time.Duration(0)
+	if !end.IsZero() {
+		if bound = time.Until(end); bound <= 0 {
+			return false, nil
+		}
+		w = waitBounded
+	}
+	return s.lockMore(ctx, key, m, w, bound)
+}
+
+// lockMore takes key on a session that already holds locks (and so has its
+// keep-alives set), in one statement: a try, or one server-side wait that
+// PostgreSQL's deadlock detector can see, under lock_timeout if bounded. The
+// health watcher cannot ping while such a wait lasts, so on Linux the
+// socket's TCP keep-alive is tightened for it, as for WithConn. The caller
+// holds the turn.
+func (s *Session) lockMore(ctx context.Context, key Key, m Mode, w wait, bound time.Duration) (got bool, err error) {
+	if w != waitTry {
+		s.keepClientAlive(true)
+	}
+	sql, args := lockStatement(scopeSession, m, w, key, bound)
+	got = true
+	err = s.run(ctx, true, func(ctx context.Context, c *pgx.Conn) error {
+		row := c.QueryRow(ctx, sql, args...)
+		if w == waitTry {
+			return row.Scan(&got)
+		}
+		return row.Scan(nil)
+	})
+	return got, err
+}
+
+// lockFailed makes sure a failed lock statement left nothing held, and
+// returns the error for it. A cancel or lock_timeout can land after the
+// server granted the lock, and a session lock outlives the statement that
+// failed, so unless the error says the lock cannot have been granted, the
+// session's own pg_locks rows decide; if that cannot be known, the session
+// ends and its connection is closed. first: the session held nothing
+// before this lock.
+func (s *Session) lockFailed(ctx context.Context, h hold, first, byDeadline bool, err error) error {
+	s.mu.Lock()
+	heldBefore := !first || s.rawUsed // a WithConn's own locks were held too
+	s.mu.Unlock()
+	if s.lost(err) {
+		return lostError("lock", h.key, heldBefore, err)
+	}
+	kind := kindOf(err)
+	// A slice left to end on its own drops a late grant itself (leftSlice).
+	if code := sqlState(err); code != codeDeadlock && code != codeOutOfMemory && !isLeftToEnd(err) {
+		if err := s.dropIfGranted(h); err != nil {
+			return lostError("lock", h.key, heldBefore, err)
+		}
+	}
+	if s.ctx.Err() != nil {
+		return keyError("lock", h.key, ErrClosed, err)
+	}
+	if ctxErr := ctx.Err(); ctxErr != nil {
+		if errors.Is(ctxErr, context.DeadlineExceeded) && byDeadline {
+			kind = ErrTimeout
+		}
+		if kind == nil {
+			err = errors.Join(context.Cause(ctx), err)
+		}
+	}
+	kind, err = serverCancelled(ctx, kind, err)
+	e := keyError("lock", h.key, kind, err)
+	e.deadline = kind == ErrTimeout && byDeadline
+	return e
+}
+
+// errServerCancelled explains a wait the server cancelled by itself.
+var errServerCancelled = errors.New("the server cancelled the wait (statement_timeout, or pg_cancel_backend from another session); " +
+	"set statement_timeout to 0 for the role or database the lock connections use, or bound waits with WaitTimeout")
+
+// serverCancelled maps a lock statement's cancel (57014) that the library
+// did not ask for (ctx had not ended; the session's end is handled before)
+// to ErrTimeout: the server's statement_timeout bounded the wait. Other
+// errors pass unchanged.
+func serverCancelled(ctx context.Context, kind, err error) (error, error) {
+	if kind != nil || ctx.Err() != nil || sqlState(err) != codeQueryCanceled {
+		return kind, err
+	}
+	return ErrTimeout, fmt.Errorf("%w: %w", errServerCancelled, err)
+}
+
+// dropIfGranted asks the server whether the session holds h after an
+// ambiguous failure and, if it does, releases it. Any failure ends the
+// session, which is then the only way to be sure.
+func (s *Session) dropIfGranted(h hold) error {
+	classid, objid, objsubid := h.key.LockRow()
+	var held bool
+	err := s.runCleanup(func(ctx context.Context, c *pgx.Conn) error {
+		return c.QueryRow(ctx, heldSQL, int64(classid), int64(objid), objsubid, h.mode.lockMode()).Scan(&held)
+	})
+	if err == nil && held {
+		grantedThenCancelled.Add(1)
+		err = s.unlockStatement(h, false)
+	}
+	if err != nil {
+		s.lose(err)
+		return err
+	}
+	return nil
+}

@@ -1,0 +1,175 @@
+package advisory
+
+import (
+	"context"
+	"sync"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+)
+
+// Timeouts of the library's own statements and clean-up.
+const (
+	// cleanupTimeout bounds an unlock, Close or Release, which do not obey
+	// the caller's context (they must run even when it is cancelled). When
+	// it passes, the connection is closed instead, which also ends its locks.
+	cleanupTimeout = 5 * time.Second
+	// cancelRequestTimeout bounds sending a cancel request; if it cannot be
+	// sent, the connection is closed instead.
+	cancelRequestTimeout = 2 * time.Second
+	// cancelGrace is how long a cancelled statement may take to return
+	// before its connection is closed under it.
+	cancelGrace = 2 * time.Second
+	// cancelRetry is how often a cancel request is sent again while its
+	// statement runs on: a cancel that reaches the backend before the
+	// statement itself (it travels on a connection of its own) is dropped.
+	cancelRetry = 200 * time.Millisecond
+)
+
+// statement is the statement in flight on a session's connection. Its
+// rule: a statement is interrupted only by a cancel request that names it,
+// never by a context, and its connection is closed if it will not stop. So
+// a cancel reaches no later statement, and a cancelled wait leaves the
+// connection (and the session's locks) alive.
+type statement struct {
+	pc  *pgx.Conn
+	end context.Context // the session's: its end interrupts a statement begun untilEnd
+
+	mu       sync.Mutex
+	gen      uint64      // counts statements; an interrupt names the one it is for
+	inFlight bool        // a statement (or WithConn callback) is running
+	untilEnd bool        // the session's end interrupts the statement in flight
+	stopper  *time.Timer // sends the cancel again, or closes the connection if it hangs
+	// overdue interrupts a clean-up statement that runs for cleanupTimeout
+	// (interruptOverdue): one timer per session, made at its first clean-up
+	// statement and reset for each; cleanupSince is when the clean-up
+	// statement in flight began (zero for any other statement).
+	overdue      *time.Timer
+	cleanupSince time.Time
+}
+
+// run runs f on the connection; the caller holds the session's turn. f
+// gets a context that is never cancelled: when ctx ends (or, if untilEnd,
+// when the session starts ending) the statement is interrupted, and if
+// cleanup it is also interrupted once it has run for cleanupTimeout. It
+// allocates nothing to watch a ctx that cannot end (context.Background) or
+// the session's end (interruptForEnd interrupts the statement in flight
+// itself), nor, after a session's first clean-up statement, for the
+// timeout.
+func (st *statement) run(ctx context.Context, untilEnd, cleanup bool, f func(context.Context, *pgx.Conn) error) error {
+	st.mu.Lock()
+	st.gen++
+	gen := st.gen
+	st.inFlight, st.untilEnd = true, untilEnd
+	st.cleanupSince = time.Time{}
+	if cleanup {
+		st.cleanupSince = time.Now()
+		if st.overdue == nil {
+			st.overdue = time.AfterFunc(cleanupTimeout, st.interruptOverdue)
+		} else {
+			st.overdue.Reset(cleanupTimeout)
+		}
+	}
+	st.mu.Unlock()
+	if untilEnd && st.end.Err() != nil { // the end came just before inFlight was set
+		go st.interrupt(gen)
+	}
+
+	fctx := ctx
+	if ctx.Done() != nil {
+		stop := context.AfterFunc(ctx, func() { st.interrupt(gen) })
+		defer stop()
+		fctx = context.WithoutCancel(ctx)
+	}
+	err := f(fctx, st.pc)
+
+	// Wait for an interrupt already under way, so that its cancel request
+	// cannot reach a later statement.
+	st.mu.Lock()
+	st.inFlight = false
+	if cleanup {
+		st.overdue.Stop()
+	}
+	if st.stopper != nil {
+		st.stopper.Stop()
+		st.stopper = nil
+	}
+	st.mu.Unlock()
+	return err
+}
+
+// interruptForEnd interrupts the statement in flight if the session's end
+// is to interrupt it (run's untilEnd); a statement that starts later sees
+// the end itself. If mu is busy it looks in a goroutine: interrupt may hold
+// mu for a network round trip.
+func (st *statement) interruptForEnd() {
+	if !st.mu.TryLock() {
+		go func() {
+			st.mu.Lock()
+			st.interruptUntilEnd()
+		}()
+		return
+	}
+	st.interruptUntilEnd()
+}
+
+// interruptUntilEnd is interruptForEnd once mu is held; it unlocks mu.
+func (st *statement) interruptUntilEnd() {
+	gen, ok := st.gen, st.inFlight && st.untilEnd
+	st.mu.Unlock()
+	if ok {
+		go st.interrupt(gen)
+	}
+}
+
+// interruptOverdue interrupts the clean-up statement in flight if it has
+// run for cleanupTimeout. The timer may fire late for a statement that has
+// ended: the one in flight then began less than cleanupTimeout ago, or is
+// not a clean-up statement, and is left alone.
+func (st *statement) interruptOverdue() {
+	st.mu.Lock()
+	gen, due := st.gen, st.inFlight && !st.cleanupSince.IsZero() && time.Since(st.cleanupSince) >= cleanupTimeout
+	st.mu.Unlock()
+	if due {
+		st.interrupt(gen)
+	}
+}
+
+// interrupt cancels statement gen if it is still in flight: it sends a
+// cancel request and returns once the server has taken it, so the cancel
+// can only hit that statement (PostgreSQL drops a cancel that arrives while
+// the backend is idle). If the request cannot be sent, or the statement does
+// not return within cancelGrace, the connection is closed.
+func (st *statement) interrupt(gen uint64) {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	if !st.inFlight || st.gen != gen || st.stopper != nil {
+		return
+	}
+	st.cancel(gen, time.Now().Add(cancelGrace))
+}
+
+// cancel sends a cancel request for statement gen, and again every
+// cancelRetry while it is in flight; at giveUp it closes the connection.
+// The caller holds mu.
+func (st *statement) cancel(gen uint64, giveUp time.Time) {
+	pg := st.pc.PgConn()
+	ctx, cancel := context.WithTimeout(context.Background(), cancelRequestTimeout)
+	err := pg.CancelRequest(ctx)
+	cancel()
+	if err != nil {
+		pg.Conn().Close()
+		return
+	}
+	st.stopper = time.AfterFunc(min(cancelRetry, time.Until(giveUp)), func() {
+		st.mu.Lock()
+		defer st.mu.Unlock()
+		switch {
+		case !st.inFlight || st.gen != gen:
+		case !time.Now().Before(giveUp):
+			pg.Conn().Close()
+		default:
+			st.cancel(gen, giveUp)
+		}
+	})
+}

@@ -1,0 +1,144 @@
+package advisory
+
+import (
+	"context"
+	"errors"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+)
+
+// connTurn is the session's connection's turn. Its rule: whoever holds the
+// turn may use the connection, and nobody else touches it. Taking the turn
+// obeys a context (takeTurn) and fails once the session is ending; Close
+// takes it after interrupting the holder. The turn also guards what goes
+// with the connection's use: the wait in progress, the keep-alives
+// (keepalive), the watcher's readiness arming.
+type connTurn struct {
+	turn chan struct{} // a token: holding it is holding the turn
+	// handOver, set under the turn, passes the turn to a wait slice left
+	// to end on its own (waitSlices): giveTurn closes it instead of giving
+	// the turn back.
+	handOver chan struct{}
+	// waitingSince is when the wait in progress began, if a caller said
+	// (WaitingSince); zero otherwise.
+	waitingSince time.Time
+}
+
+// takeTurn waits for exclusive use of the connection, or for ctx to end. It
+// fails with the session's end reason once the session is ending.
+func (s *Session) takeTurn(ctx context.Context) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	select {
+	case s.turn <- struct{}{}:
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-s.ctx.Done():
+		return s.endKind()
+	}
+	if !s.tookTurn() {
+		return s.endKind()
+	}
+	return nil
+}
+
+// tookTurn completes taking the turn: once the session is ending it gives
+// the turn back at once and returns false (finish may already have given
+// the connection back: it must not be touched); otherwise it disarms the
+// watcher's readiness, since the turn's holder reads what comes.
+func (s *Session) tookTurn() bool {
+	if s.ctx.Err() != nil {
+		<-s.turn
+		return false
+	}
+	s.ready.Load().disarm()
+	return true
+}
+
+// turnError is the error of op on key when takeTurn failed: a context
+// deadline that passed while waiting for the connection is a wait that timed
+// out, and matches ErrTimeout as a server-side timeout does.
+func turnError(op string, key Key, err error) *Error {
+	if errors.Is(err, context.DeadlineExceeded) {
+		e := keyError(op, key, ErrTimeout, nil)
+		e.deadline = true
+		return e
+	}
+	return keyError(op, key, nil, err)
+}
+
+// unlockTurn takes the turn for an unlock. ctx bounds the wait, except
+// that a ctx that has already ended (an Unlock deferred past a
+// cancellation) waits up to cleanupTimeout instead: such an unlock is never
+// skipped.
+func (s *Session) unlockTurn(ctx context.Context) error {
+	if ctx.Err() != nil {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
+		defer cancel()
+	}
+	return s.takeTurn(ctx)
+}
+
+// giveTurn ends a takeTurn (or the watcher's takeWatchTurn), arming the health
+// watcher's readiness if the session holds something.
+func (s *Session) giveTurn() {
+	if h := s.handOver; h != nil {
+		s.handOver = nil
+		close(h)
+		return
+	}
+	if s.holding() {
+		s.ready.Load().arm()
+	}
+	<-s.turn
+}
+
+// run runs f on the connection; the caller holds the turn. f gets a context
+// that is never cancelled: when ctx ends (or, if untilEnd, when the
+// session starts ending) the statement in flight is interrupted with a
+// cancel request, so the connection survives, and closed if that cannot be
+// done. f fails at once, sending nothing, if ctx is already done.
+func (s *Session) run(ctx context.Context, untilEnd bool, f func(context.Context, *pgx.Conn) error) error {
+	return s.answered(s.runFor(ctx, untilEnd, false, f))
+}
+
+// answered records, for the health watcher, that the server answered one of
+// the library's statements: it returned no error or the server's own.
+func (s *Session) answered(err error) error {
+	if err == nil || sqlState(err) != "" { // only a failure pays for errors.As
+		s.lastAnswer.Store(time.Now().UnixNano())
+		s.trace.answered()
+	}
+	return err
+}
+
+// runCleanup runs one of the library's own clean-up statements, bounded by
+// cleanupTimeout and not interrupted by the session's end.
+func (s *Session) runCleanup(f func(context.Context, *pgx.Conn) error) error {
+	return s.answered(s.runFor(context.Background(), false, true, f))
+}
+
+// execCleanup runs sql, one of the library's own clean-up statements that
+// returns nothing, as runCleanup does.
+func (s *Session) execCleanup(sql string) error {
+	return s.runCleanup(func(ctx context.Context, c *pgx.Conn) error {
+		_, err := c.Exec(ctx, sql)
+		return err
+	})
+}
+
+// runFor is run, and if cleanup the statement is also interrupted once it
+// has run for cleanupTimeout (statement.run). Once the session is ending
+// it sends nothing but clean-up.
+func (s *Session) runFor(ctx context.Context, untilEnd, cleanup bool, f func(context.Context, *pgx.Conn) error) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	if untilEnd && s.ctx.Err() != nil { // ending: nothing more is sent but clean-up
+		return s.endKind()
+	}
+	return s.stmt.run(ctx, untilEnd, cleanup, f)
+}
