@@ -229,7 +229,7 @@ func TestCancelBeforeStatementSentLosesSession(t *testing.T) {
 }
 
 // Close while a statement is just starting: the session's end interrupts
-// it (interruptUntilEnd), but the cancel request arrives before the
+// it (statement.interruptForEnd), but the cancel request arrives before the
 // statement and is dropped; unless another is sent, the Lock waits until
 // the stopper closes the connection (cancelGrace), fails with ErrLockLost
 // instead of ErrClosed, and the connection is closed instead of going back

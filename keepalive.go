@@ -14,7 +14,9 @@ import (
 // the session's first hold (or by setKeepalives) and reset by the one that
 // releases its last (finish); the client's socket is tightened before a
 // statement that may last (keepClientAlive) and restored by finish.
-// Guarded by the session's turn.
+// Guarded by the session's turn: every reader and writer holds it (the lock
+// paths also happen to set on beside the hold they record under the
+// Session's mu, which on does not need).
 type keepalive struct {
 	args []any // the server's settings for this health interval (keepaliveArgs); shared, never changed
 	on   bool  // the server's are set; the session's end resets them

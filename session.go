@@ -41,8 +41,10 @@ type Session struct {
 	// mu guards holdings, the end's state, the watcher's start and
 	// noSlicesSaid.
 	mu sync.Mutex
-	// noSlicesSaid: the tracer was told that this session's waits are one
-	// statement, PL/pgSQL being unusable (noteNoSlices, wait.go).
+	// noSlicesSaid: PL/pgSQL is unusable on this session's connection, so
+	// its waits are one statement, and the tracer was told so once
+	// (noteNoSlices, wait.go); LockMany then tries no slice first
+	// (saidNoSlices).
 	noSlicesSaid bool
 }
 

@@ -76,7 +76,7 @@ func txBridgeSQL(key Key, m Mode, begin string) string {
 }
 
 // rollbackSQL ends DoTx's waiting transaction when its wait ends without
-// the key.
+// the key, and the transaction a WithConn callback left open.
 const rollbackSQL = "ROLLBACK"
 
 // txRestartSQL ends DoTx's waiting transaction and begins the next one, for

@@ -72,7 +72,7 @@ func (s *Session) WithConn(ctx context.Context, fn func(*pgx.Conn) error) error 
 		return &Error{Op: "with_conn", Kind: ErrLockLost, Err: err}
 	}
 	if s.pc.PgConn().TxStatus() != 'I' {
-		rollback := s.execCleanup("ROLLBACK")
+		rollback := s.execCleanup(rollbackSQL)
 		if rollback != nil {
 			s.lose(rollback)
 		}
