@@ -248,3 +248,54 @@ func TestReleaseAllEndsLead(t *testing.T) {
 		t.Errorf("Lead after ReleaseAll: %v; want an error matching ErrClosed", err)
 	}
 }
+
+// A goroutine of a cohort told to wait on the server, before it has taken a
+// pool connection, is on its way to a lock: a ReleaseAll that comes then
+// ends it (SPEC §4), and it never gets the lock after ReleaseAll returned.
+func TestCohortServerTurnAcrossReleaseAll(t *testing.T) {
+	e := newEnv(t)
+	pool := e.pool()
+	key := StringKey("cohort-server-turn-release-all")
+	other := e.conn() // another process's holder
+	if _, err := other.Exec(e.ctx, lockSQL[scopeSession][ModeExclusive][waitForever][key.space-1], key.args()...); err != nil {
+		t.Fatal(err)
+	}
+
+	first := acquireAsync(e.ctx, pool, key, WaitTimeout(time.Second)) // the cohort's server waiter
+	e.awaitWaiters(1)
+	turned, resume := make(chan struct{}), make(chan struct{})
+	hook := func() {
+		close(turned)
+		<-resume
+	}
+	testHookServerTurn.Store(&hook)
+	defer testHookServerTurn.Store(nil)
+	second := acquireAsync(e.ctx, pool, key)
+	e.awaitQueued(pool, key, 0, 1)
+	if r := <-first; !errors.Is(r.err, ErrTimeout) { // its WaitTimeout: the queue's first is told to wait on the server
+		t.Fatalf("the server waiter's Acquire = %v, %v; want ErrTimeout", r.l, r.err)
+	}
+	select {
+	case <-turned:
+	case <-time.After(testTimeout):
+		t.Fatalf("the queued goroutine was not told to wait on the server within %v", testTimeout)
+	}
+	must(t, ReleaseAll(e.ctx, pool))
+	close(resume)
+	if _, err := other.Exec(e.ctx, "SELECT pg_advisory_unlock_all()"); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case r := <-second:
+		if r.l != nil && r.l.Acquired() {
+			_ = r.l.Release(e.ctx)
+			t.Fatalf("a goroutine told to wait on the server before ReleaseAll got the lock after it returned")
+		}
+		if !errors.Is(r.err, ErrClosed) {
+			t.Fatalf("its Acquire = %v, %v; want ErrClosed", r.l, r.err)
+		}
+	case <-time.After(testTimeout):
+		t.Fatalf("its Acquire did not return within %v of ReleaseAll", testTimeout)
+	}
+	awaitAcquired(t, pool, 0)
+}
