@@ -189,6 +189,9 @@ func TestLeadOutageReportedOnce(t *testing.T) {
 			t.Errorf("a campaign begun during the outage (at %v, the server halted at %v) got the lock: %v", began, down, r)
 		}
 	}
+	if won > 0 {
+		t.Logf("%d standbys granted the lock in the shutdown", won)
+	}
 	if won > 2 {
 		t.Errorf("%d standbys granted the lock in the shutdown; two were waiting", won)
 	}
