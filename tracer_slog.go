@@ -34,8 +34,11 @@ import (
 // as "advisory lock waits reach the server again" with its duration and
 // the number of failed waits, when a session of a traced call is next
 // answered by the server (a Lead standby queued again, a lock taken) or a
-// wait ends otherwise. One SlogTracer tracks one outage at a time: use one
-// per database.
+// wait begun since the outage began ends otherwise. A wait begun before
+// does not end it: in a fast shutdown, a standby can be granted the lock
+// as the leader's backend exits, just before its own is terminated (it
+// leads for a moment, and its loss is logged at Error). One SlogTracer
+// tracks one outage at a time: use one per database.
 func SlogTracer(logger *slog.Logger) Tracer {
 	if logger == nil {
 		logger = slog.Default()
@@ -73,16 +76,17 @@ func (t *slogTracer) TraceWaitEnd(ctx context.Context, d TraceWaitEndData) {
 	case OutcomeAcquired, OutcomeBusy, OutcomeTimeout, OutcomeCanceled:
 		level = slog.LevelDebug
 	}
+	start := time.Now().Add(-d.Duration)
 	switch outcome {
 	case OutcomeError, OutcomeLost:
-		if t.failed(time.Now().Add(-d.Duration)) {
+		if t.failed(start) {
 			msg = "advisory lock waits failing"
 		} else {
 			level = slog.LevelDebug
 		}
 	case OutcomeCanceled, OutcomeClosed:
 	default:
-		t.reached(ctx)
+		t.reached(ctx, start)
 	}
 	t.log(ctx, level, msg, func(a []slog.Attr) []slog.Attr {
 		a = waitAttrs(a, d.TraceWaitStartData)
@@ -106,13 +110,20 @@ func (t *slogTracer) failed(start time.Time) bool {
 	return true
 }
 
-// reached ends the outage in progress, if any: the server answered.
-func (t *slogTracer) reached(ctx context.Context) {
+// reached ends the outage in progress, if any: the server answered a
+// call begun at start. An answer to a wait begun before the outage began
+// does not end it: a standby queued before a fast shutdown can be granted
+// the lock as the leader's backend exits, in the shutdown that fails the
+// other waits.
+func (t *slogTracer) reached(ctx context.Context, start time.Time) {
 	if !t.outage.Load() {
 		return
 	}
 	t.mu.Lock()
 	down, failures := t.down, t.failures
+	if start.Before(down) {
+		down = time.Time{}
+	}
 	if !down.IsZero() {
 		t.up, t.down, t.failures = time.Now(), time.Time{}, 0
 		t.outage.Store(false)
@@ -128,7 +139,7 @@ func (t *slogTracer) reached(ctx context.Context) {
 
 // serverAnswered is told by a traced session that the server answered its
 // first statement.
-func (t *slogTracer) serverAnswered() { t.reached(context.Background()) }
+func (t *slogTracer) serverAnswered() { t.reached(context.Background(), time.Now()) }
 
 // TraceHoldStart logs a hold that starts at Debug, so that the log says
 // who held what at any moment without pairing wait records: for a

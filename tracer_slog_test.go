@@ -202,3 +202,34 @@ func TestSlogTracer(t *testing.T) {
 		t.Errorf("the log carries the password:\n%s", text)
 	}
 }
+
+// A wait begun before an outage began and answered during it (a Lead
+// standby granted the lock as the leader's backend exits in a fast
+// shutdown, which fails the other waits) does not end the outage: the
+// outage is logged once when it begins, not again after that answer, and
+// ends when a wait begun since is answered.
+func TestSlogOutageNotEndedByOlderWait(t *testing.T) {
+	newEnv(t)
+	var logs capturedLog
+	tr := SlogTracer(logs.logger())
+	ctx := context.Background()
+	start := TraceWaitStartData{Entry: EntryLead, Key: StringKey("outage-old-wait"), Mode: ModeExclusive}
+	lostConn := errors.New("the connection was lost while waiting")
+	fail := TraceWaitEndData{TraceWaitStartData: start, Err: lostConn} // a wait begun now
+
+	tr.TraceWaitEnd(ctx, fail)
+	tr.TraceWaitEnd(ctx, TraceWaitEndData{TraceWaitStartData: start, Acquired: true, Duration: time.Minute})
+	tr.TraceWaitEnd(ctx, fail)
+	recs, _ := logs.take(t)
+	if n := countRecords(recs, "advisory lock waits failing"); n != 1 {
+		t.Errorf("one outage logged %d times as beginning; want once", n)
+	}
+	if n := countRecords(recs, "advisory lock waits reach the server again"); n != 0 {
+		t.Errorf("a wait begun before the outage, answered during it, ended the outage (%d records)", n)
+	}
+
+	// A wait begun now, after the outage began.
+	tr.TraceWaitEnd(ctx, TraceWaitEndData{TraceWaitStartData: start, Acquired: true})
+	recs, _ = logs.take(t)
+	expectRecord(t, recs, "INFO", "advisory lock waits reach the server again", map[string]any{"failed_waits": 2})
+}
