@@ -19,6 +19,7 @@ bench() {
 }
 bench -bench '^BenchmarkInterleaved$' -benchtime 1000x -count "$COUNT"
 bench -bench '^BenchmarkCycle$' -benchtime 1s -count "$COUNT"
+bench -bench '^BenchmarkCycleAblation$' -benchtime 2000x -count 3
 bench -bench '^BenchmarkTxCycle$' -benchtime 1s -count "$COUNT"
 bench -bench '^BenchmarkHandoff$/^(raw|pgxpool|advisory|migrate)' -benchtime 200x -count "$COUNT"
 # goose polls every 5 s: 3 hand-offs per run (capped in the code), 2 runs.

@@ -92,7 +92,7 @@ func writeGroup(out io.Writer, group string, subs []string, res map[string]resul
 	case "Interleaved":
 		writeInterleaved(out, group, subs, res)
 		return
-	case "ContendedInterleaved", "ContendedProcesses": // no sub-benchmarks: one kind
+	case "ContendedInterleaved", "ContendedProcesses", "CycleAblation": // no sub-benchmarks: one kind
 		writeInterleaved(out, group, []string{"contended"}, map[string]result{"contended": res["advisory"]})
 		return
 	}
@@ -189,12 +189,13 @@ func format(unit string, vs []float64) string {
 
 // writeInterleaved writes the table of a benchmark that interleaves its
 // subjects (Interleaved, ContendedInterleaved, ContendedProcesses): per kind
-// (cycle, handoff, contended) and subject, the median p50 and the median of the ratios to the
-// floor measured in each run.
+// (cycle, handoff, contended) and subject, the median p50, the median of the
+// ratios to the floor measured in each run, and the backend's CPU time per op
+// where the benchmark reports it (CycleAblation).
 func writeInterleaved(out io.Writer, group string, kinds []string, res map[string]result) {
 	fmt.Fprintf(out, "\n### %s (subjects measured in turn, one sample each per op)\n\n", group)
-	fmt.Fprintln(out, "| kind | subject | runs | p50 | vs raw-pgx (same run) |")
-	fmt.Fprintln(out, "|---|---|---|---|---|")
+	fmt.Fprintln(out, "| kind | subject | runs | p50 | vs raw-pgx (same run) | backend CPU per op |")
+	fmt.Fprintln(out, "|---|---|---|---|---|---|")
 	for _, kind := range kinds {
 		r := res[kind]
 		var names []string
@@ -205,8 +206,8 @@ func writeInterleaved(out io.Writer, group string, kinds []string, res map[strin
 		}
 		slices.Sort(names)
 		for _, name := range names {
-			fmt.Fprintf(out, "| %s | %s | %d | %s | %.2f× |\n", kind, name, len(r[name+"-vs-floor"]),
-				format("p50-ns", r[name+"-p50-ns"]), median(r[name+"-vs-floor"]))
+			fmt.Fprintf(out, "| %s | %s | %d | %s | %.2f× | %s |\n", kind, name, len(r[name+"-vs-floor"]),
+				format("p50-ns", r[name+"-p50-ns"]), median(r[name+"-vs-floor"]), format("server-cpu-ns", r[name+"-server-cpu-ns"]))
 		}
 	}
 }
