@@ -152,15 +152,38 @@ func (s *Session) lockFirst(ctx context.Context, key Key, m Mode, w wait, end ti
 		holdsAny, canDoPL *bool
 		holders           []int32
 	)
-	// A try never waits on the server: once sent, it is not interrupted
-	// when ctx ends (the cancel request would write an ERROR to the server
-	// log, SPEC §2a); the wait that follows looks at ctx first.
+	// The second try is part of the wait: once sent, it is not interrupted
+	// when ctx ends or the session begins to end (a cancel request would
+	// write an ERROR to the server log, SPEC §2a) but, like a wait slice,
+	// left to end on its own while the caller returns at once, a late grant
+	// then dropped (leftTry). A try can be held up on the server (a lock on
+	// a catalog its questions read) or by a silent network cut: one left to
+	// end that has not ended within cleanupTimeout closes the connection.
 	if err = ctx.Err(); err != nil {
 		return false, err
 	}
-	err = s.run(context.WithoutCancel(ctx), true, func(ctx context.Context, c *pgx.Conn) error {
-		return c.QueryRow(ctx, sql, args...).Scan(&got, nil, &dtMs, &holdsAny, &canDoPL, &holders)
-	})
+	if s.ctx.Err() != nil { // ending: nothing more is sent but clean-up
+		return false, s.endKind()
+	}
+	handOver, ended := make(chan struct{}), make(chan struct{})
+	got, err = sliceDetached(ctx, func() (bool, error) {
+		defer close(ended)
+		var got bool
+		err := s.run(context.Background(), false, func(ctx context.Context, c *pgx.Conn) error {
+			return c.QueryRow(ctx, sql, args...).Scan(&got, nil, &dtMs, &holdsAny, &canDoPL, &holders)
+		})
+		return got, err
+	}, s.leftTry(hold{key, m}, handOver))
+	if isLeftToEnd(err) {
+		s.handOver = handOver
+		time.AfterFunc(cleanupTimeout, func() {
+			select {
+			case <-ended:
+			default:
+				_ = s.pc.PgConn().Conn().Close()
+			}
+		})
+	}
 	if err != nil || got {
 		return got, err
 	}
@@ -180,6 +203,31 @@ func (s *Session) lockFirst(ctx context.Context, key Key, m Mode, w wait, end ti
 		return oneSliceSQL(key, m, ms, holders, rest)
 	}, sliceReport)
 	return at > 0, err
+}
+
+// leftTry returns what runs in the background when a wait's second try
+// was left to end on its own (sliceDetached): once it has ended and its
+// caller has given the turn (closing handOver, see giveTurn), the
+// keep-alives it set are recorded (waitFirstTrySQL sets them whatever its
+// outcome), a grant that came too late is released (one hold of h: the
+// session's other locks, a WithConn's included, are kept), and the turn is
+// given back. A connection whose state cannot be known ends the session.
+func (s *Session) leftTry(h hold, handOver chan struct{}) func(got bool, err error) {
+	return func(got bool, err error) {
+		<-handOver
+		switch {
+		case s.lost(err):
+		case err == nil:
+			s.ka.on = true
+			if got {
+				grantedThenCancelled.Add(1)
+				if err := s.unlockStatement(h, false); err != nil {
+					s.lose(err)
+				}
+			}
+		}
+		s.giveTurn()
+	}
 }
 
 // waitOnce waits for key in one server-side wait (lockMore) until end (the
