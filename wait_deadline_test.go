@@ -151,13 +151,7 @@ func TestDeadlineDuringSecondTry(t *testing.T) {
 		_, err := Acquire(ctx, pool, key)
 		done <- err
 	}()
-	tryWaits := func(c *pgx.Conn) (bool, error) {
-		var n int
-		err := c.QueryRow(context.Background(), `SELECT count(*) FROM pg_catalog.pg_locks
-			WHERE locktype = 'relation' AND relation = 'pg_catalog.pg_language'::regclass AND NOT granted`).Scan(&n)
-		return n == 1, err
-	}
-	e.eventually("the second try waiting for pg_language", tryWaits)
+	e.eventually("the second try waiting for pg_language", secondTryWaits)
 	select {
 	case err := <-done:
 		if !errors.Is(err, ErrTimeout) || !errors.Is(err, context.DeadlineExceeded) {
@@ -168,7 +162,7 @@ func TestDeadlineDuringSecondTry(t *testing.T) {
 		<-done
 		t.Fatalf("Acquire did not return within %v of its deadline while its second try was held up on the server", bound)
 	}
-	e.eventually("the second try still waiting for pg_language after Acquire returned (not cancelled)", tryWaits)
+	e.eventually("the second try still waiting for pg_language after Acquire returned (not cancelled)", secondTryWaits)
 
 	granted := grantedThenCancelled.Load()
 	must(t, holder.Release(e.ctx))
@@ -177,4 +171,81 @@ func TestDeadlineDuringSecondTry(t *testing.T) {
 		return grantedThenCancelled.Load() > granted, nil
 	})
 	checkLog()
+}
+
+// The same on a Session whose WithConn holds an advisory lock of its own:
+// Lock returns at its deadline, the late grant of its second try is
+// dropped (that key only: the WithConn's lock is kept), and the session
+// serves its next Lock.
+func TestSessionDeadlineDuringSecondTry(t *testing.T) {
+	e := newEnv(t)
+	checkLog := noErrorLogged(t)
+	key, own := StringKey("session-deadline-during-second-try"), StringKey("session-deadline-during-second-try-own")
+	holder := e.acquire(e.pool(), key)
+	defer holder.Release(e.ctx)
+	s := e.session(e.pool())
+	ownID, _ := own.Int64()
+	must(t, s.WithConn(e.ctx, func(c *pgx.Conn) error {
+		_, err := c.Exec(e.ctx, "SELECT pg_advisory_lock($1)", ownID)
+		return err
+	}))
+
+	blocker := e.conn()
+	tx, err := blocker.Begin(e.ctx)
+	must(t, err)
+	defer tx.Rollback(e.ctx)
+	if _, err := tx.Exec(e.ctx, "LOCK TABLE pg_catalog.pg_language IN ACCESS EXCLUSIVE MODE"); err != nil {
+		t.Fatal(err)
+	}
+	const deadline, bound = 300 * time.Millisecond, 5 * time.Second
+	ctx, cancel := context.WithTimeout(e.ctx, deadline)
+	defer cancel()
+	done := make(chan error, 1)
+	go func() {
+		_, err := s.Lock(ctx, key)
+		done <- err
+	}()
+	e.eventually("the second try waiting for pg_language", secondTryWaits)
+	select {
+	case err := <-done:
+		if !errors.Is(err, ErrTimeout) || !errors.Is(err, context.DeadlineExceeded) {
+			t.Errorf("Lock whose deadline passed during its second try: %v; want ErrTimeout and DeadlineExceeded", err)
+		}
+	case <-time.After(deadline + bound):
+		must(t, tx.Rollback(e.ctx))
+		<-done
+		t.Fatalf("Lock did not return within %v of its deadline while its second try was held up on the server", bound)
+	}
+
+	granted := grantedThenCancelled.Load()
+	must(t, holder.Release(e.ctx))
+	must(t, tx.Rollback(e.ctx))
+	pgtest.Await(t, "the late grant of the second try dropped", notHung, func() (bool, error) {
+		return grantedThenCancelled.Load() > granted, nil
+	})
+	if rows := e.lockRows(key); len(rows) != 0 {
+		t.Errorf("%v after the late grant was dropped: %v; want no row", key, rows)
+	}
+	if rows := e.lockRows(own); len(rows) != 1 || !rows[0].Granted {
+		t.Errorf("the WithConn's own lock after the late grant was dropped: %v; want it held", rows)
+	}
+	got, err := s.Lock(e.ctx, key)
+	if err != nil || !got {
+		t.Fatalf("the session's next Lock: %v, %v; want it to take the key", got, err)
+	}
+	must(t, s.Unlock(e.ctx, key))
+	must(t, s.WithConn(e.ctx, func(c *pgx.Conn) error {
+		_, err := c.Exec(e.ctx, "SELECT pg_advisory_unlock($1)", ownID)
+		return err
+	}))
+	checkLog()
+}
+
+// secondTryWaits reports whether a statement waits for pg_language: a
+// second try held up by the tests' LOCK TABLE.
+func secondTryWaits(c *pgx.Conn) (bool, error) {
+	var n int
+	err := c.QueryRow(context.Background(), `SELECT count(*) FROM pg_catalog.pg_locks
+		WHERE locktype = 'relation' AND relation = 'pg_catalog.pg_language'::regclass AND NOT granted`).Scan(&n)
+	return n == 1, err
 }
