@@ -127,7 +127,8 @@ func TestAcquireSlowFirstTryDeadline(t *testing.T) {
 func TestDeadlineDuringSecondTry(t *testing.T) {
 	e := newEnv(t)
 	checkLog := noErrorLogged(t)
-	pool := e.pool()
+	pool := e.pool(func(c *pgxpool.Config) { c.MaxConns = 1 })
+	lent := showKeepalives(t, e.ctx, pool)
 	key := StringKey("deadline-during-second-try")
 	holder, err := Acquire(e.ctx, e.pool(), key)
 	must(t, err)
@@ -170,6 +171,9 @@ func TestDeadlineDuringSecondTry(t *testing.T) {
 	pgtest.Await(t, "the late grant of the second try dropped", notHung, func() (bool, error) {
 		return grantedThenCancelled.Load() > granted, nil
 	})
+	if got := showKeepalives(t, e.ctx, pool); got != lent { // the pool's one connection, back
+		t.Errorf("keep-alives of the connection back in the pool: %v; want as lent, %v", got, lent)
+	}
 	checkLog()
 }
 
