@@ -28,8 +28,9 @@
 // ErrTimeout and the connection stays healthy. A bound beyond what
 // lock_timeout can express (about 24.8 days) is clamped to it. A cancelled
 // context ends a sliced wait at once: its last slice is left to end on its
-// own (within one slice), and a grant that comes then is dropped before
-// the connection goes back; meanwhile the Session is busy. A wait in one
+// own (within one slice; the second try before the slices, within a round
+// trip), and a grant that comes then is dropped before the connection goes
+// back; meanwhile the Session is busy. A wait in one
 // statement is interrupted with a cancel request, not by closing the
 // connection.
 // Because a cancel can land just after the server granted the lock, and a
