@@ -253,3 +253,55 @@ func secondTryWaits(c *pgx.Conn) (bool, error) {
 		WHERE locktype = 'relation' AND relation = 'pg_catalog.pg_language'::regclass AND NOT granted`).Scan(&n)
 	return n == 1, err
 }
+
+// A key granted by the second try before a wait (the holder released it
+// while the try was held up on the server) is acquired: the Lock holds it,
+// with the keep-alives in force on its connection.
+func TestGrantBySecondTry(t *testing.T) {
+	e := newEnv(t)
+	checkLog := noErrorLogged(t)
+	pool := e.pool()
+	key := StringKey("grant-by-second-try")
+	holder := e.acquire(e.pool(), key)
+	defer holder.Release(e.ctx)
+	warm := e.acquire(pool, StringKey("grant-by-second-try-warm")) // the pool's connection, PL/pgSQL looked up
+	must(t, warm.Release(e.ctx))
+
+	blocker := e.conn()
+	tx, err := blocker.Begin(e.ctx)
+	must(t, err)
+	defer tx.Rollback(e.ctx)
+	if _, err := tx.Exec(e.ctx, "LOCK TABLE pg_catalog.pg_language IN ACCESS EXCLUSIVE MODE"); err != nil {
+		t.Fatal(err)
+	}
+	type result struct {
+		l   *Lock
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		l, err := Acquire(e.ctx, pool, key)
+		done <- result{l, err}
+	}()
+	e.eventually("the second try waiting for pg_language", secondTryWaits)
+	must(t, holder.Release(e.ctx))
+	must(t, tx.Rollback(e.ctx))
+	var r result
+	select {
+	case r = <-done:
+	case <-time.After(notHung):
+		t.Fatalf("Acquire did not return within %v of its second try's release", notHung)
+	}
+	if r.err != nil || !r.l.Acquired() {
+		t.Fatalf("Acquire whose second try found the key free: %v; want it acquired", r.err)
+	}
+	defer r.l.Release(e.ctx)
+	if rows := e.lockRows(key); len(rows) != 1 || !rows[0].Granted {
+		t.Errorf("%v on the server while the Lock holds it: %v; want one granted row", key, rows)
+	}
+	if got := sessionKeepalives(t, e, r.l.s); got != keepalivesWanted() {
+		t.Errorf("keep-alives while the lock got by the second try is held: %v; want %v", got, keepalivesWanted())
+	}
+	must(t, r.l.Release(e.ctx))
+	checkLog()
+}
