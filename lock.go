@@ -155,8 +155,9 @@ func (s *Session) lockFirst(ctx context.Context, key Key, m Mode, w wait, end ti
 	// The second try is part of the wait: once sent, it is not interrupted
 	// when ctx ends or the session begins to end (a cancel request would
 	// write an ERROR to the server log, SPEC §2a) but, like a wait slice,
-	// left to end on its own while the caller returns at once, a late grant
-	// then dropped (leftTry). A try can be held up on the server (a lock on
+	// left to end on its own while the caller returns (at once when ctx is
+	// cancelled, deadlineGrace after its deadline), a late grant then
+	// dropped (leftTry). A try can be held up on the server (a lock on
 	// a catalog its questions read) or by a silent network cut: one left to
 	// end that has not ended within cleanupTimeout closes the connection.
 	if err = ctx.Err(); err != nil {
@@ -165,8 +166,14 @@ func (s *Session) lockFirst(ctx context.Context, key Key, m Mode, w wait, end ti
 	if s.ctx.Err() != nil { // ending: nothing more is sent but clean-up
 		return false, s.endKind()
 	}
+	tctx := ctx // a try in flight at ctx's deadline gets deadlineGrace to answer, as a slice does
+	if _, ok := ctx.Deadline(); ok {
+		var cancel context.CancelFunc
+		tctx, cancel = pastDeadline(ctx, deadlineGrace)
+		defer cancel()
+	}
 	handOver, ended := make(chan struct{}), make(chan struct{})
-	got, err = sliceDetached(ctx, func() (bool, error) {
+	got, err = sliceDetached(tctx, func() (bool, error) {
 		defer close(ended)
 		var got bool
 		err := s.run(context.Background(), false, func(ctx context.Context, c *pgx.Conn) error {

@@ -305,3 +305,48 @@ func TestGrantBySecondTry(t *testing.T) {
 	must(t, r.l.Release(e.ctx))
 	checkLog()
 }
+
+// A ctx cancelled while the second try before a wait is held up on the
+// server: the caller returns at once with ctx's error, and the try, not
+// cancelled on the server (no ERROR logged), ends on its own.
+func TestCancelDuringSecondTry(t *testing.T) {
+	e := newEnv(t)
+	checkLog := noErrorLogged(t)
+	pool := e.pool()
+	key := StringKey("cancel-during-second-try")
+	holder := e.acquire(e.pool(), key)
+	defer holder.Release(e.ctx)
+	warm := e.acquire(pool, StringKey("cancel-during-second-try-warm")) // the pool's connection, PL/pgSQL looked up
+	must(t, warm.Release(e.ctx))
+
+	blocker := e.conn()
+	tx, err := blocker.Begin(e.ctx)
+	must(t, err)
+	defer tx.Rollback(e.ctx)
+	if _, err := tx.Exec(e.ctx, "LOCK TABLE pg_catalog.pg_language IN ACCESS EXCLUSIVE MODE"); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(e.ctx)
+	defer cancel()
+	done := make(chan error, 1)
+	go func() {
+		_, err := Acquire(ctx, pool, key)
+		done <- err
+	}()
+	e.eventually("the second try waiting for pg_language", secondTryWaits)
+	cancel()
+	const bound = 5 * time.Second
+	select {
+	case err := <-done:
+		if !errors.Is(err, context.Canceled) || errors.Is(err, ErrTimeout) {
+			t.Errorf("Acquire cancelled during its second try: %v; want context.Canceled", err)
+		}
+	case <-time.After(bound):
+		must(t, tx.Rollback(e.ctx))
+		<-done
+		t.Fatalf("Acquire did not return within %v of its cancellation while its second try was held up on the server", bound)
+	}
+	e.eventually("the second try still waiting for pg_language after Acquire returned (not cancelled)", secondTryWaits)
+	must(t, tx.Rollback(e.ctx))
+	checkLog()
+}
