@@ -129,7 +129,9 @@ func (s *Session) lockOnce(ctx context.Context, key Key, cfg config, h hold, fir
 // (BenchmarkCycleAblation: waittry-sql against trydt-sql), and most locks
 // get their key at once; a waiting lock known to find the key held (busy)
 // sends only the second try. got == false with a nil error means not
-// acquired: busy (waitTry) or the bound passed. The caller holds the turn.
+// acquired: busy (waitTry) or the bound passed. If ctx ends during the
+// second try or a slice, the error is a leftToEnd (see waitSlices). The
+// caller holds the turn.
 func (s *Session) lockFirst(ctx context.Context, key Key, m Mode, w wait, end time.Time, busy bool) (got bool, err error) {
 	kaOn, args := s.ka.on, key.args()
 	if !busy || w == waitTry {
