@@ -93,7 +93,8 @@ func writeGroup(out io.Writer, group string, subs []string, res map[string]resul
 		writeInterleaved(out, group, subs, res)
 		return
 	case "ContendedInterleaved", "ContendedProcesses", "CycleAblation": // no sub-benchmarks: one kind
-		writeInterleaved(out, group, []string{"contended"}, map[string]result{"contended": res["advisory"]})
+		kind := map[string]string{"ContendedInterleaved": "one process", "ContendedProcesses": "16 processes", "CycleAblation": "cycle"}[group]
+		writeInterleaved(out, group, []string{kind}, map[string]result{kind: res["advisory"]})
 		return
 	}
 	cols := columns[group]
