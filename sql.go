@@ -105,7 +105,7 @@ var waitFirstTrySQL [2][2]string
 // server's deadlock_timeout in milliseconds when the try failed (the wait's
 // slices are sized from it), and 0 when it got the key: reading and
 // converting the setting is a measurable share of an uncontended cycle's
-// server time (BENCHMARKS.md, "Contended in one process"), spent for
+// server time (BENCHMARKS.md, "Where the uncontended cycle's time goes"), spent for
 // nothing when nothing waits.
 const dtIfNotGot = "CASE WHEN t.got THEN 0 ELSE " + deadlockTimeoutSQL + " END"
 
