@@ -25,6 +25,15 @@ type readiness struct {
 	epc   syscall.RawConn // ep's descriptor
 	sock  syscall.RawConn // the socket's descriptor
 	armed bool            // the registration reports input; guarded by the turn
+
+	// ctl's request, its result and its two callbacks, made once so that
+	// arming and disarming (once per turn) allocate nothing; used under
+	// the turn, or before the readiness is published.
+	op         int
+	event      syscall.EpollEvent
+	epfd       uintptr
+	err        error
+	onEp, onSk func(uintptr)
 }
 
 // newReadiness returns a readiness for nc's socket, or nil if nc is not a
@@ -48,6 +57,13 @@ func newReadiness(nc net.Conn) *readiness {
 	}
 	ep := os.NewFile(uintptr(fd), "advisory health watcher")
 	r := &readiness{ep: ep, sock: sock}
+	r.onEp = func(ep uintptr) {
+		r.epfd = ep
+		if err := r.sock.Control(r.onSk); r.err == nil {
+			r.err = err
+		}
+	}
+	r.onSk = func(s uintptr) { r.err = syscall.EpollCtl(int(r.epfd), r.op, int(s), &r.event) }
 	if r.epc, err = ep.SyscallConn(); err != nil || ep.SetReadDeadline(time.Time{}) != nil ||
 		r.ctl(syscall.EPOLL_CTL_ADD, syscall.EPOLLONESHOT) != nil {
 		ep.Close() // no deadline: Go's poller does not take the descriptor
@@ -58,19 +74,11 @@ func newReadiness(nc net.Conn) *readiness {
 
 // ctl changes the socket's registration.
 func (r *readiness) ctl(op int, events uint32) error {
-	var err error
-	cerr := r.epc.Control(func(ep uintptr) {
-		serr := r.sock.Control(func(s uintptr) {
-			err = syscall.EpollCtl(int(ep), op, int(s), &syscall.EpollEvent{Events: events})
-		})
-		if err == nil {
-			err = serr
-		}
-	})
-	if err == nil {
-		err = cerr
+	r.op, r.event, r.err = op, syscall.EpollEvent{Events: events}, nil
+	if err := r.epc.Control(r.onEp); r.err == nil {
+		r.err = err
 	}
-	return err
+	return r.err
 }
 
 // arm makes the registration report input, the end of the stream or an
