@@ -76,11 +76,11 @@ func (s *Session) lock(ctx context.Context, key Key, cfg config) (bool, error) {
 	// close a deadlock cycle, so it must reach the server, not queue in the
 	// process behind another Session's sliced wait.
 	if first && !rawUsed && cfg.entry == EntrySessionLock && !cfg.noWait && !cfg.noCohort {
-		cfg, pass, err := s.gateSession(ctx, key, cfg) // one waiter per key per process (cohort.go)
+		cfg, gate, err := s.gateSession(ctx, key, cfg) // one waiter per key per process (cohort.go)
 		if err != nil {
 			return false, err
 		}
-		defer pass()
+		defer gate.leaveGate()
 		return s.lockOnce(ctx, key, cfg, h, first)
 	}
 	return s.lockOnce(ctx, key, cfg, h, first)
