@@ -18,7 +18,10 @@ type cohortHold struct {
 	passes int       // passes of its session since the server's grant
 	since  time.Time // the server's grant
 	inConn atomic.Int32
-	stop   func() bool // stops the watch for the session's end
+	// unwatch stops the watch for the session's end (context.AfterFunc's
+	// stop); counted: that watch is counted in the session's watcher group.
+	unwatch func() bool
+	counted bool
 
 	left bool // the hold has left the cohort; guarded by c.mu
 
@@ -42,7 +45,8 @@ func (c *cohort) hold(l *Lock, passes int, since time.Time, ttl time.Duration) {
 		s.watcher.Add(1)
 	}
 	s.mu.Unlock()
-	stop := context.AfterFunc(s.ctx, func() {
+	h.counted = counted
+	h.unwatch = context.AfterFunc(s.ctx, func() {
 		if counted {
 			defer s.watcher.Done()
 		}
@@ -50,18 +54,21 @@ func (c *cohort) hold(l *Lock, passes int, since time.Time, ttl time.Duration) {
 		h.end(s.Err())
 		h.unhold()
 	})
-	h.stop = func() bool {
-		if !stop() {
-			return false
-		}
-		if counted {
-			s.watcher.Done()
-		}
-		return true
-	}
 	if ttl > 0 {
 		l.ttl = time.AfterFunc(ttl, l.expire)
 	}
+}
+
+// stop stops the watch for the end of s, h's session, and reports whether
+// it did so before the watch ran.
+func (h *cohortHold) stop(s *Session) bool {
+	if !h.unwatch() {
+		return false
+	}
+	if h.counted {
+		s.watcher.Done()
+	}
+	return true
 }
 
 // end closes h's Done, with err as its Err.
@@ -108,7 +115,7 @@ func (h *cohortHold) release(ctx context.Context, l *Lock) error {
 	l.s.mu.Lock()
 	rawUsed := l.s.rawUsed
 	l.s.mu.Unlock()
-	if h.inConn.Load() == 0 && !rawUsed && h.stop() {
+	if h.inConn.Load() == 0 && !rawUsed && h.stop(l.s) {
 		if w := h.c.nextHolder(h.passes, h.since); w != nil {
 			l.s.trace.released(l.mode, nil, l.key)
 			h.c.mu.Lock()
