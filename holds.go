@@ -109,9 +109,9 @@ func (s *Session) unlockStatement(h hold, last bool) error {
 	var ok bool
 	err := s.runCleanup(func(ctx context.Context, c *pgx.Conn) error {
 		if last {
-			return c.QueryRow(ctx, unlockLastSQL[h.mode][h.key.space-1], h.key.args()...).Scan(&ok, nil)
+			return c.QueryRow(ctx, unlockLastSQL[h.mode][h.key.space-1], s.keyArgs(h.key)...).Scan(&ok, nil)
 		}
-		return c.QueryRow(ctx, unlockSQL[h.mode][h.key.space-1], h.key.args()...).Scan(&ok)
+		return c.QueryRow(ctx, unlockSQL[h.mode][h.key.space-1], s.keyArgs(h.key)...).Scan(&ok)
 	})
 	if err == nil && !ok {
 		err = errUnlockFalse

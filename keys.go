@@ -212,10 +212,13 @@ func (k Key) describe() string {
 
 // args returns the SQL arguments that name k: one int64, or two int32, which
 // pick the matching pg_advisory_* overload in every pgx query exec mode.
-func (k Key) args() []any {
+func (k Key) args() []any { return k.appendArgs(nil) }
+
+// appendArgs appends k's SQL arguments (see args) to args.
+func (k Key) appendArgs(args []any) []any {
 	if a, b, ok := k.Pair(); ok {
-		return []any{a, b}
+		return append(args, a, b)
 	}
 	v, _ := k.Int64()
-	return []any{v}
+	return append(args, v)
 }

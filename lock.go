@@ -133,7 +133,7 @@ func (s *Session) lockOnce(ctx context.Context, key Key, cfg config, h hold, fir
 // second try or a slice, the error is a leftToEnd (see waitSlices). The
 // caller holds the turn.
 func (s *Session) lockFirst(ctx context.Context, key Key, m Mode, w wait, end time.Time, busy bool) (got bool, err error) {
-	kaOn, args := s.ka.on, key.args()
+	kaOn, args := s.ka.on, s.keyArgs(key)
 	if !busy || w == waitTry {
 		err = s.run(ctx, true, func(ctx context.Context, c *pgx.Conn) error {
 			if kaOn { // set by an earlier hold of this session: not again

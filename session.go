@@ -46,6 +46,11 @@ type Session struct {
 	// (noteNoSlices, wait.go); LockMany then tries no slice first
 	// (saidNoSlices).
 	noSlicesSaid bool
+
+	// args backs the arguments of the session's one-key statements
+	// (keyArgs): room for a pair's two int4 and the four keep-alives.
+	// Used under the turn, by one statement at a time.
+	args [6]any
 }
 
 // NewSession takes a connection from pool for the life of the Session.
@@ -147,4 +152,12 @@ func sessionOn(pc *pgx.Conn, cfg config) *Session {
 	s.done = make(chan struct{})
 	s.stmt = statement{pc: pc, end: s.ctx}
 	return s
+}
+
+// keyArgs returns key's SQL arguments followed by extra, in the session's
+// own backing array, so that the statement allocates no slice for them.
+// The caller holds the turn, and uses them for one statement before the
+// next keyArgs.
+func (s *Session) keyArgs(key Key, extra ...any) []any {
+	return append(key.appendArgs(s.args[:0]), extra...)
 }
