@@ -156,7 +156,7 @@ func (s *Session) finish(cause error) {
 // clean-up's error, and ReleaseAll no longer sees the session.
 func (s *Session) ended(cleanupErr error) {
 	s.trace.ended(context.Cause(s.ctx), cleanupErr)
-	unregister(s.pool, s)
+	unregister(s)
 	close(s.done)
 }
 

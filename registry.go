@@ -8,20 +8,18 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 )
 
-// registry knows every Session (and so every Lock) open on each pool, and
+// registry knows every Session (and so every Lock) open on a pool, and
 // every call on its way to one (waiting for a pool connection, or a Lead
 // between campaigns), so that ReleaseAll can end them all before the pool
-// is closed.
+// is closed. It is one set of each for the process, not one per pool:
+// ReleaseAll, called at shutdown, picks its pool's; a set per pool, made
+// when the pool's first call came and dropped when its last left, cost an
+// Acquire three allocations whenever no other lock was open on the pool.
 var registry = struct {
 	sync.Mutex
-	open map[*pgxpool.Pool]*onPool
-}{open: make(map[*pgxpool.Pool]*onPool)}
-
-// onPool is what the registry knows of one pool.
-type onPool struct {
-	sessions map[*Session]struct{}
-	coming   map[*coming]struct{}
-}
+	sessions map[*Session]struct{} // the Sessions open on a pool (s.pool)
+	coming   map[*coming]struct{}  // the calls on their way to a lock (c.pool)
+}{sessions: make(map[*Session]struct{}), coming: make(map[*coming]struct{})}
 
 // coming is a call on its way to a lock on a pool: ReleaseAll cancels its
 // context with errReleasedAll.
@@ -32,24 +30,6 @@ type coming struct {
 	released bool // ReleaseAll came; guarded by registry
 }
 
-// poolEntry returns pool's entry, creating it. The caller holds registry.
-func poolEntry(pool *pgxpool.Pool) *onPool {
-	p := registry.open[pool]
-	if p == nil {
-		p = &onPool{sessions: make(map[*Session]struct{}), coming: make(map[*coming]struct{})}
-		registry.open[pool] = p
-	}
-	return p
-}
-
-// dropIfEmpty forgets pool when nothing is open or coming on it. The
-// caller holds registry.
-func dropIfEmpty(pool *pgxpool.Pool) {
-	if p := registry.open[pool]; p != nil && len(p.sessions) == 0 && len(p.coming) == 0 {
-		delete(registry.open, pool)
-	}
-}
-
 // onTheWay registers a call on its way to a lock on pool and returns the
 // context it must use until it has arrived (arrive or leave): a child of
 // ctx that ReleaseAll cancels with errReleasedAll.
@@ -58,7 +38,7 @@ func onTheWay(ctx context.Context, pool *pgxpool.Pool) (context.Context, *coming
 	c := &coming{pool: pool, ctx: ctx, cancel: cancel}
 	registry.Lock()
 	defer registry.Unlock()
-	poolEntry(pool).coming[c] = struct{}{}
+	registry.coming[c] = struct{}{}
 	return ctx, c
 }
 
@@ -66,10 +46,7 @@ func onTheWay(ctx context.Context, pool *pgxpool.Pool) (context.Context, *coming
 // is cancelled.
 func (c *coming) leave() {
 	registry.Lock()
-	if p := registry.open[c.pool]; p != nil {
-		delete(p.coming, c)
-		dropIfEmpty(c.pool)
-	}
+	delete(registry.coming, c)
 	registry.Unlock()
 	c.cancel(nil)
 }
@@ -81,24 +58,20 @@ func (c *coming) leave() {
 func (c *coming) arrive(s *Session) bool {
 	registry.Lock()
 	defer registry.Unlock()
-	p := registry.open[c.pool]
-	delete(p.coming, c)
+	delete(registry.coming, c)
 	if c.released {
-		dropIfEmpty(c.pool)
 		return false
 	}
-	p.sessions[s] = struct{}{}
+	registry.sessions[s] = struct{}{}
 	c.cancel(nil) // the child context is no longer used
 	return true
 }
 
-func unregister(pool *pgxpool.Pool, s *Session) {
+// unregister forgets s, which has ended.
+func unregister(s *Session) {
 	registry.Lock()
 	defer registry.Unlock()
-	if p := registry.open[pool]; p != nil {
-		delete(p.sessions, s)
-		dropIfEmpty(pool)
-	}
+	delete(registry.sessions, s)
 }
 
 // errReleasedAll is the cause of a Do or Lead body's context when
@@ -125,12 +98,14 @@ func ReleaseAll(ctx context.Context, pool *pgxpool.Pool) error {
 	releaseAllCohorts(pool) // goroutines queued in the process for a lock on pool
 	registry.Lock()
 	var sessions []*Session
-	if p := registry.open[pool]; p != nil {
-		for c := range p.coming {
+	for c := range registry.coming {
+		if c.pool == pool {
 			c.released = true
 			c.cancel(errReleasedAll)
 		}
-		for s := range p.sessions {
+	}
+	for s := range registry.sessions {
+		if s.pool == pool {
 			sessions = append(sessions, s)
 		}
 	}
