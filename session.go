@@ -48,9 +48,13 @@ type Session struct {
 	noSlicesSaid bool
 
 	// args backs the arguments of the session's one-key statements
-	// (keyArgs): room for a pair's two int4 and the four keep-alives.
-	// Used under the turn, by one statement at a time.
-	args [6]any
+	// (keyArgs): room for a pair's two int4 and the four keep-alives. Its
+	// first argsLen are argsKey's arguments, boxed once for the statements
+	// on that key that follow (an Unlock after its Lock). Used under the
+	// turn, by one statement at a time.
+	args    [6]any
+	argsKey Key
+	argsLen int
 }
 
 // NewSession takes a connection from pool for the life of the Session.
@@ -155,9 +159,13 @@ func sessionOn(pc *pgx.Conn, cfg config) *Session {
 }
 
 // keyArgs returns key's SQL arguments followed by extra, in the session's
-// own backing array, so that the statement allocates no slice for them.
-// The caller holds the turn, and uses them for one statement before the
-// next keyArgs.
+// own backing array, so that the statement allocates no slice for them,
+// nor, if the session's last one-key statement was on key too, boxes
+// them again. The caller holds the turn, and uses them for one statement
+// before the next keyArgs.
 func (s *Session) keyArgs(key Key, extra ...any) []any {
-	return append(key.appendArgs(s.args[:0]), extra...)
+	if s.argsLen == 0 || key != s.argsKey {
+		s.argsKey, s.argsLen = key, len(key.appendArgs(s.args[:0]))
+	}
+	return append(s.args[:s.argsLen], extra...)
 }
