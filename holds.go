@@ -106,14 +106,14 @@ var errUnlockFalse = errors.New("pg_advisory_unlock returned false: the server d
 // last hold, the same statement resets the keep-alives. The caller holds the
 // turn.
 func (s *Session) unlockStatement(h hold, last bool) error {
-	var ok bool
+	s.answer = false
 	err := s.runCleanup(func(ctx context.Context, c *pgx.Conn) error {
 		if last {
-			return c.QueryRow(ctx, unlockLastSQL[h.mode][h.key.space-1], s.keyArgs(h.key)...).Scan(&ok, nil)
+			return c.QueryRow(ctx, unlockLastSQL[h.mode][h.key.space-1], s.keyArgs(h.key)...).Scan(&s.answer, nil)
 		}
-		return c.QueryRow(ctx, unlockSQL[h.mode][h.key.space-1], s.keyArgs(h.key)...).Scan(&ok)
+		return c.QueryRow(ctx, unlockSQL[h.mode][h.key.space-1], s.keyArgs(h.key)...).Scan(&s.answer)
 	})
-	if err == nil && !ok {
+	if err == nil && !s.answer {
 		err = errUnlockFalse
 	}
 	return err

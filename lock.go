@@ -135,13 +135,14 @@ func (s *Session) lockOnce(ctx context.Context, key Key, cfg config, h hold, fir
 func (s *Session) lockFirst(ctx context.Context, key Key, m Mode, w wait, end time.Time, busy bool) (got bool, err error) {
 	kaOn, args := s.ka.on, s.keyArgs(key)
 	if !busy || w == waitTry {
+		s.answer = false
 		err = s.run(ctx, true, func(ctx context.Context, c *pgx.Conn) error {
 			if kaOn { // set by an earlier hold of this session: not again
-				return c.QueryRow(ctx, lockSQL[scopeSession][m][waitTry][key.space-1], args...).Scan(&got)
+				return c.QueryRow(ctx, lockSQL[scopeSession][m][waitTry][key.space-1], args...).Scan(&s.answer)
 			}
-			return c.QueryRow(ctx, firstTrySQL[m][key.space-1], append(args, s.ka.args...)...).Scan(&got, nil)
+			return c.QueryRow(ctx, firstTrySQL[m][key.space-1], append(args, s.ka.args...)...).Scan(&s.answer, nil)
 		})
-		if err != nil || got || w == waitTry {
+		if got = s.answer; err != nil || got || w == waitTry {
 			return got, err
 		}
 	}

@@ -55,6 +55,10 @@ type Session struct {
 	args    [6]any
 	argsKey Key
 	argsLen int
+	// answer is where a one-key lock or unlock statement scans its
+	// boolean (a local scanned into would be moved to the heap); used
+	// under the turn, set false before each such statement.
+	answer bool
 }
 
 // NewSession takes a connection from pool for the life of the Session.
