@@ -146,9 +146,12 @@ func (s *Session) lockFirst(ctx context.Context, key Key, m Mode, w wait, end ti
 			return got, err
 		}
 	}
-	sql := waitTrySQL[m][key.space-1]
+	// Declared here, not captured from above: the detached try's closure
+	// would move them to the heap for every lock, also one the first try
+	// took.
+	sql, tryArgs := waitTrySQL[m][key.space-1], args
 	if !kaOn { // set whatever the try's outcome: not in the wait's slices
-		sql, args = waitFirstTrySQL[m][key.space-1], append(args, s.ka.args...)
+		sql, tryArgs = waitFirstTrySQL[m][key.space-1], append(args, s.ka.args...)
 	}
 	var (
 		dtMs              int64
@@ -180,7 +183,7 @@ func (s *Session) lockFirst(ctx context.Context, key Key, m Mode, w wait, end ti
 		defer close(ended)
 		var got bool
 		err := s.run(context.Background(), false, func(ctx context.Context, c *pgx.Conn) error {
-			return c.QueryRow(ctx, sql, args...).Scan(&got, nil, &dtMs, &holdsAny, &canDoPL, &holders)
+			return c.QueryRow(ctx, sql, tryArgs...).Scan(&got, nil, &dtMs, &holdsAny, &canDoPL, &holders)
 		})
 		return got, err
 	}, s.leftTry(hold{key, m}, handOver))
