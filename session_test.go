@@ -216,3 +216,30 @@ func TestFailedAfterGrantIsReleased(t *testing.T) {
 	}
 	must(t, s.Close(e.ctx))
 }
+
+// TestSessionStatementArgs: a Session's lock and unlock statements take
+// their key's arguments from the session, boxed once for the statements on
+// that key that follow (keyArgs); each Lock and Unlock must still reach the
+// server with its own key, whatever key and key space came before it.
+func TestSessionStatementArgs(t *testing.T) {
+	e := newEnv(t)
+	s, err := NewSession(e.ctx, e.pool())
+	must(t, err)
+	other := e.conn()
+	a, b, p := StringKey("args-a"), StringKey("args-b"), PairKey(11, 12)
+	for _, k := range []Key{a, b, p, a, p, b, b} {
+		if ok, err := s.Lock(e.ctx, k); err != nil || !ok {
+			t.Fatalf("Lock(%v) = %v, %v", k, ok, err)
+		}
+		for _, x := range []Key{a, b, p} {
+			if held := len(e.lockRows(x)) == 1; held != (x == k) {
+				t.Errorf("after Lock(%v): %v held on the server = %v", k, x, held)
+			}
+		}
+		must(t, s.Unlock(e.ctx, k))
+		if !e.tryFrom(other, k) {
+			t.Errorf("%v still held on the server after its Unlock", k)
+		}
+	}
+	must(t, s.Close(e.ctx))
+}
