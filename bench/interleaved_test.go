@@ -114,10 +114,9 @@ func BenchmarkContendedInterleaved(b *testing.B) {
 	var names []string
 	var sets [][]client
 	var pools []*pgxpool.Pool
-	for i, s := range append(subjects, noCohortSubject) {
-		// Each subject keeps 16 connections open for the whole run, and the
-		// server allows 100: raw-pgx-sliced is measured in
-		// BenchmarkContended instead.
+	for i, s := range append(subjects, noCohortSubject, noGateSessionSubject) {
+		// Each subject keeps 16 connections open for the whole run:
+		// raw-pgx-sliced is measured in BenchmarkContended instead.
 		if s.polls || s.name == "pgxpool-naive" || s.name == "migrate-pgx5" || s.name == "raw-pgx-sliced" {
 			continue
 		}
@@ -143,6 +142,15 @@ func BenchmarkContendedInterleaved(b *testing.B) {
 // on the server on a pool connection of its own, as before SPEC §13.
 var noCohortSubject = subject{name: "advisory-acquire-nocohort", open: func(_ *testing.B, pool *pgxpool.Pool, key int64) client {
 	return &acquireClient{pool: pool, key: advisory.Int64Key(key), opts: []advisory.Option{advisory.NoCohort()}}
+}}
+
+// noGateSessionSubject is advisory-session with NoCohort: the Sessions of
+// the process do not queue per key in the process (SPEC §13), each waits on
+// the server, as Sessions of different processes do.
+var noGateSessionSubject = subject{name: "advisory-session-nocohort", open: func(b *testing.B, pool *pgxpool.Pool, key int64) client {
+	c := openSession(b, pool, key).(*sessionClient)
+	c.opts = []advisory.Option{advisory.NoCohort()}
+	return c
 }}
 
 // pinned samples how many connections a pool has acquired, every

@@ -26,6 +26,7 @@ func TestMain(m *testing.M) {
 	}
 	opts := pgtest.Options{Settings: map[string]string{
 		"max_locks_per_transaction": "256",
+		"max_connections":           "200", // ContendedInterleaved keeps 16 per subject open
 	}}
 	os.Exit(pgtest.RunMain(m, opts, func(s *pgtest.Server) { dsn, server = s.DSN, s }))
 }

@@ -116,8 +116,9 @@ func (p *poolClient) unlock(ctx context.Context) error {
 // advisory-session: Session.Lock and Session.Unlock on one Session, which
 // keeps its connection.
 type sessionClient struct {
-	s   *advisory.Session
-	key advisory.Key
+	s    *advisory.Session
+	key  advisory.Key
+	opts []advisory.Option
 }
 
 func openSession(b *testing.B, pool *pgxpool.Pool, key int64) client {
@@ -130,7 +131,7 @@ func openSession(b *testing.B, pool *pgxpool.Pool, key int64) client {
 }
 
 func (c *sessionClient) lock(ctx context.Context) error {
-	_, err := c.s.Lock(ctx, c.key)
+	_, err := c.s.Lock(ctx, c.key, c.opts...)
 	return err
 }
 
