@@ -28,8 +28,6 @@ func TestDeadlineDuringSecondTry(t *testing.T) {
 	lent := showKeepalives(t, e.ctx, pool)
 	key := StringKey("deadline-during-second-try")
 	holder, tx := secondTryHeldUp(e, pool, key)
-	defer holder.Release(e.ctx)
-	defer tx.Rollback(e.ctx)
 	err := endDuringSecondTry(e, tx, true, func(ctx context.Context) error {
 		_, err := Acquire(ctx, pool, key)
 		return err
@@ -51,9 +49,7 @@ func TestCancelDuringSecondTry(t *testing.T) {
 	checkLog := noErrorLogged(t)
 	pool := e.pool()
 	key := StringKey("cancel-during-second-try")
-	holder, tx := secondTryHeldUp(e, pool, key)
-	defer holder.Release(e.ctx)
-	defer tx.Rollback(e.ctx)
+	_, tx := secondTryHeldUp(e, pool, key)
 	err := endDuringSecondTry(e, tx, false, func(ctx context.Context) error {
 		_, err := Acquire(ctx, pool, key)
 		return err
@@ -81,8 +77,6 @@ func TestSessionDeadlineDuringSecondTry(t *testing.T) {
 		return err
 	}))
 	holder, tx := secondTryHeldUp(e, pool, key)
-	defer holder.Release(e.ctx)
-	defer tx.Rollback(e.ctx)
 	err := endDuringSecondTry(e, tx, true, func(ctx context.Context) error {
 		_, err := s.Lock(ctx, key)
 		return err
@@ -118,8 +112,6 @@ func TestGrantBySecondTry(t *testing.T) {
 	pool := e.pool()
 	key := StringKey("grant-by-second-try")
 	holder, tx := secondTryHeldUp(e, pool, key)
-	defer holder.Release(e.ctx)
-	defer tx.Rollback(e.ctx)
 	type result struct {
 		l   *Lock
 		err error
@@ -155,7 +147,8 @@ func TestGrantBySecondTry(t *testing.T) {
 // secondTryHeldUp takes key from a pool of its own, warms pool's
 // connection (PL/pgSQL looked up: the catalog is then read only by the
 // second try's question) and locks pg_language in a transaction, which
-// holds up the second try of a wait for key until it is rolled back.
+// holds up the second try of a wait for key until it is rolled back. Both
+// end when the test ends, before its end-of-test checks, if not before.
 func secondTryHeldUp(e *env, pool *pgxpool.Pool, key Key) (*Lock, pgx.Tx) {
 	e.t.Helper()
 	holder := e.acquire(e.pool(), key)
@@ -166,6 +159,10 @@ func secondTryHeldUp(e *env, pool *pgxpool.Pool, key Key) (*Lock, pgx.Tx) {
 	if _, err := tx.Exec(e.ctx, "LOCK TABLE pg_catalog.pg_language IN ACCESS EXCLUSIVE MODE"); err != nil {
 		e.t.Fatal(err)
 	}
+	e.t.Cleanup(func() { // before the end-of-test checks; either may have ended already
+		_ = tx.Rollback(e.ctx)
+		_ = holder.Release(e.ctx)
+	})
 	return holder, tx
 }
 
