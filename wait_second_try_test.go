@@ -27,15 +27,15 @@ func TestDeadlineDuringSecondTry(t *testing.T) {
 	pool := e.pool(func(c *pgxpool.Config) { c.MaxConns = 1 })
 	lent := showKeepalives(t, e.ctx, pool)
 	key := StringKey("deadline-during-second-try")
-	holder, tx := secondTryHeldUp(e, pool, key)
-	err := endDuringSecondTry(e, tx, true, func(ctx context.Context) error {
+	holder, tx, awaitTry := secondTryHeldUp(e, pool, key)
+	err := endDuringSecondTry(e, tx, awaitTry, true, func(ctx context.Context) error {
 		_, err := Acquire(ctx, pool, key)
 		return err
 	})
 	if !errors.Is(err, ErrTimeout) || !errors.Is(err, context.DeadlineExceeded) {
 		t.Errorf("Acquire whose deadline passed during its second try: %v; want ErrTimeout and DeadlineExceeded", err)
 	}
-	e.eventually("the second try still waiting for pg_language after Acquire returned (not cancelled)", secondTryWaits)
+	awaitTry("the second try still waiting for pg_language after Acquire returned (not cancelled)")
 	lateGrantDropped(e, holder, tx)
 	if got := showKeepalives(t, e.ctx, pool); got != lent { // the pool's one connection, back
 		t.Errorf("keep-alives of the connection back in the pool: %v; want as lent, %v", got, lent)
@@ -49,15 +49,15 @@ func TestCancelDuringSecondTry(t *testing.T) {
 	checkLog := noErrorLogged(t)
 	pool := e.pool()
 	key := StringKey("cancel-during-second-try")
-	_, tx := secondTryHeldUp(e, pool, key)
-	err := endDuringSecondTry(e, tx, false, func(ctx context.Context) error {
+	_, tx, awaitTry := secondTryHeldUp(e, pool, key)
+	err := endDuringSecondTry(e, tx, awaitTry, false, func(ctx context.Context) error {
 		_, err := Acquire(ctx, pool, key)
 		return err
 	})
 	if !errors.Is(err, context.Canceled) || errors.Is(err, ErrTimeout) {
 		t.Errorf("Acquire cancelled during its second try: %v; want context.Canceled", err)
 	}
-	e.eventually("the second try still waiting for pg_language after Acquire returned (not cancelled)", secondTryWaits)
+	awaitTry("the second try still waiting for pg_language after Acquire returned (not cancelled)")
 	must(t, tx.Rollback(e.ctx))
 	checkLog()
 }
@@ -76,8 +76,8 @@ func TestSessionDeadlineDuringSecondTry(t *testing.T) {
 		_, err := c.Exec(e.ctx, "SELECT pg_advisory_lock($1)", ownID)
 		return err
 	}))
-	holder, tx := secondTryHeldUp(e, pool, key)
-	err := endDuringSecondTry(e, tx, true, func(ctx context.Context) error {
+	holder, tx, awaitTry := secondTryHeldUp(e, pool, key)
+	err := endDuringSecondTry(e, tx, awaitTry, true, func(ctx context.Context) error {
 		_, err := s.Lock(ctx, key)
 		return err
 	})
@@ -111,7 +111,7 @@ func TestGrantBySecondTry(t *testing.T) {
 	checkLog := noErrorLogged(t)
 	pool := e.pool()
 	key := StringKey("grant-by-second-try")
-	holder, tx := secondTryHeldUp(e, pool, key)
+	holder, tx, awaitTry := secondTryHeldUp(e, pool, key)
 	type result struct {
 		l   *Lock
 		err error
@@ -121,7 +121,7 @@ func TestGrantBySecondTry(t *testing.T) {
 		l, err := Acquire(e.ctx, pool, key)
 		done <- result{l, err}
 	}()
-	e.eventually("the second try waiting for pg_language", secondTryWaits)
+	awaitTry("the second try waiting for pg_language")
 	must(t, holder.Release(e.ctx))
 	must(t, tx.Rollback(e.ctx))
 	var r result
@@ -149,11 +149,15 @@ func TestGrantBySecondTry(t *testing.T) {
 // second try's question) and locks pg_language in a transaction, which
 // holds up the second try of a wait for key until it is rolled back. Both
 // end when the test ends, before its end-of-test checks, if not before.
-func secondTryHeldUp(e *env, pool *pgxpool.Pool, key Key) (*Lock, pgx.Tx) {
+// awaitTry awaits a statement waiting for pg_language (the second try), on
+// a connection opened before the lock: a new backend's start-up can itself
+// wait for pg_language while it is locked (CI saw a connect time out).
+func secondTryHeldUp(e *env, pool *pgxpool.Pool, key Key) (holder *Lock, tx pgx.Tx, awaitTry func(what string)) {
 	e.t.Helper()
-	holder := e.acquire(e.pool(), key)
+	holder = e.acquire(e.pool(), key)
 	warm := e.acquire(pool, StringKey(e.t.Name()+"-warm"))
 	must(e.t, warm.Release(e.ctx))
+	probe := e.conn()
 	tx, err := e.conn().Begin(e.ctx)
 	must(e.t, err)
 	if _, err := tx.Exec(e.ctx, "LOCK TABLE pg_catalog.pg_language IN ACCESS EXCLUSIVE MODE"); err != nil {
@@ -163,7 +167,10 @@ func secondTryHeldUp(e *env, pool *pgxpool.Pool, key Key) (*Lock, pgx.Tx) {
 		_ = tx.Rollback(e.ctx)
 		_ = holder.Release(e.ctx)
 	})
-	return holder, tx
+	return holder, tx, func(what string) {
+		e.t.Helper()
+		pgtest.Await(e.t, what+" (on the server)", notHung, func() (bool, error) { return secondTryWaits(probe) })
+	}
 }
 
 // secondTryWaits reports whether a statement waits for pg_language: a
@@ -180,7 +187,7 @@ func secondTryWaits(c *pgx.Conn) (bool, error) {
 // if !byDeadline, cancelled once the try waits, and returns call's error.
 // If call has not returned within 5 s of that end, it rolls tx back and
 // fails the test.
-func endDuringSecondTry(e *env, tx pgx.Tx, byDeadline bool, call func(context.Context) error) error {
+func endDuringSecondTry(e *env, tx pgx.Tx, awaitTry func(string), byDeadline bool, call func(context.Context) error) error {
 	e.t.Helper()
 	const deadline, bound = 300 * time.Millisecond, 5 * time.Second
 	var (
@@ -195,7 +202,7 @@ func endDuringSecondTry(e *env, tx pgx.Tx, byDeadline bool, call func(context.Co
 	defer cancel()
 	done := make(chan error, 1)
 	go func() { done <- call(ctx) }()
-	e.eventually("the second try waiting for pg_language", secondTryWaits)
+	awaitTry("the second try waiting for pg_language")
 	if !byDeadline {
 		cancel()
 	}
