@@ -309,48 +309,6 @@ func TestCohortContended(t *testing.T) {
 	awaitAcquired(t, pool, 0)
 }
 
-// Sessions own their connections, but Sessions of one process that wait for
-// one key queue in the process: the server sees one waiter.
-func TestCohortSessionsQueue(t *testing.T) {
-	e := newEnv(t)
-	pool := e.pool()
-	key := StringKey("cohort-sessions")
-	other := e.conn()
-	_, err := other.Exec(e.ctx, "SELECT pg_advisory_lock($1)", mustInt64(key))
-	must(t, err)
-	const n = 3
-	sessions := make([]*Session, n)
-	got := make(chan int, n)
-	for i := range sessions {
-		s, err := NewSession(e.ctx, pool)
-		must(t, err)
-		sessions[i] = s
-		go func() {
-			ok, err := s.Lock(e.ctx, key)
-			if !ok || err != nil {
-				t.Errorf("Session.Lock = %v, %v", ok, err)
-			}
-			got <- i
-		}()
-	}
-	e.awaitQueued(pool, key, -1, n-1)
-	e.awaitWaiters(1)
-	_, err = other.Exec(e.ctx, "SELECT pg_advisory_unlock($1)", mustInt64(key))
-	must(t, err)
-	for range n {
-		select {
-		case i := <-got:
-			must(t, sessions[i].Unlock(e.ctx, key))
-		case <-time.After(testTimeout):
-			t.Fatal("a queued Session never got the key")
-		}
-	}
-	for _, s := range sessions {
-		must(t, s.Close(e.ctx))
-	}
-	awaitAcquired(t, pool, 0)
-}
-
 // NoCohort: each waiter waits on the server with a connection of its own.
 func TestCohortOff(t *testing.T) {
 	e := newEnv(t)

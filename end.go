@@ -157,6 +157,7 @@ func (s *Session) finish(cause error) {
 func (s *Session) ended(cleanupErr error) {
 	s.trace.ended(context.Cause(s.ctx), cleanupErr)
 	unregister(s)
+	s.leaveGateIfDone()
 	close(s.done)
 }
 

@@ -21,6 +21,11 @@ type holdings struct {
 	// break (its first hold, or WithConn); zero while it holds nothing. Its
 	// health checks report it (heldPingSQL).
 	heldSince time.Time
+	// gate is the gate of Sessions this session passed to take gateHold,
+	// kept closed behind it until it no longer holds gateHold
+	// (cohort_gate.go).
+	gate     *cohort
+	gateHold hold
 }
 
 // hold is one (key, mode) a Session holds.
@@ -82,6 +87,7 @@ func (s *Session) unlock(ctx context.Context, h hold) error {
 		return nil
 	}
 	err := s.unlockStatement(h, false)
+	s.leaveGateIfDone()
 	s.trace.released(h.mode, err, key)
 	if err != nil {
 		s.lose(err)

@@ -75,15 +75,20 @@ func (s *Session) lock(ctx context.Context, key Key, cfg config) (bool, error) {
 	// A Session whose WithConn ran may hold locks of its own: its wait may
 	// close a deadlock cycle, so it must reach the server, not queue in the
 	// process behind another Session's sliced wait.
-	if first && !rawUsed && cfg.entry == EntrySessionLock && !cfg.noWait && !cfg.noCohort {
-		cfg, gate, err := s.gateSession(ctx, key, cfg) // one waiter per key per process (cohort.go)
-		if err != nil {
-			return false, err
-		}
-		defer gate.leaveGate()
+	if !first || rawUsed || cfg.entry != EntrySessionLock || cfg.noWait || cfg.noCohort {
 		return s.lockOnce(ctx, key, cfg, h, first)
 	}
-	return s.lockOnce(ctx, key, cfg, h, first)
+	cfg, gate, err := s.gateSession(ctx, key, cfg) // one Session per key per process past it (cohort_gate.go)
+	if err != nil {
+		return false, err
+	}
+	got, err := s.lockOnce(ctx, key, cfg, h, first)
+	if !got || cfg.mode == ModeShared { // shared holders do not keep each other waiting
+		gate.leaveGate()
+		return got, err
+	}
+	s.keepGate(gate, h)
+	return got, err
 }
 
 // lockOnce is lock once the session's turn is taken and h is not held yet.
@@ -95,7 +100,7 @@ func (s *Session) lockOnce(ctx context.Context, key Key, cfg config, h hold, fir
 		err error
 	)
 	if first {
-		got, err = s.lockFirst(ctx, key, cfg.mode, w, endOf(bound), cfg.busy)
+		got, err = s.lockFirst(ctx, key, cfg.mode, w, endOf(bound))
 	} else {
 		got, err = s.lockMore(ctx, key, cfg.mode, w, bound)
 	}
@@ -127,24 +132,21 @@ func (s *Session) lockOnce(ctx context.Context, key Key, cfg config, h hold, fir
 // The questions are not asked with the first try: a statement that carries
 // them costs the server their start-up even when the try gets the key
 // (BenchmarkCycleAblation: waittry-sql against trydt-sql), and most locks
-// get their key at once; a waiting lock known to find the key held (busy)
-// sends only the second try. got == false with a nil error means not
+// get their key at once. got == false with a nil error means not
 // acquired: busy (waitTry) or the bound passed. If ctx ends during the
 // second try or a slice, the error is a leftToEnd (see waitSlices). The
 // caller holds the turn.
-func (s *Session) lockFirst(ctx context.Context, key Key, m Mode, w wait, end time.Time, busy bool) (got bool, err error) {
+func (s *Session) lockFirst(ctx context.Context, key Key, m Mode, w wait, end time.Time) (got bool, err error) {
 	kaOn, args := s.ka.on, s.keyArgs(key)
-	if !busy || w == waitTry {
-		s.answer = false
-		err = s.run(ctx, true, func(ctx context.Context, c *pgx.Conn) error {
-			if kaOn { // set by an earlier hold of this session: not again
-				return c.QueryRow(ctx, lockSQL[scopeSession][m][waitTry][key.space-1], args...).Scan(&s.answer)
-			}
-			return c.QueryRow(ctx, firstTrySQL[m][key.space-1], append(args, s.ka.args...)...).Scan(&s.answer, nil)
-		})
-		if got = s.answer; err != nil || got || w == waitTry {
-			return got, err
+	s.answer = false
+	err = s.run(ctx, true, func(ctx context.Context, c *pgx.Conn) error {
+		if kaOn { // set by an earlier hold of this session: not again
+			return c.QueryRow(ctx, lockSQL[scopeSession][m][waitTry][key.space-1], args...).Scan(&s.answer)
 		}
+		return c.QueryRow(ctx, firstTrySQL[m][key.space-1], append(args, s.ka.args...)...).Scan(&s.answer, nil)
+	})
+	if got = s.answer; err != nil || got || w == waitTry {
+		return got, err
 	}
 	// Declared here, not captured from above: the detached try's closure
 	// would move them to the heap for every lock, also one the first try

@@ -340,6 +340,7 @@ func (s *Session) UnlockMany(ctx context.Context, keys []Key, opts ...Option) er
 	s.notHolding()
 	s.mu.Unlock()
 	err = s.unlockManyStatement(last, cfg.mode, false)
+	s.leaveGateIfDone()
 	s.trace.released(cfg.mode, err, last...)
 	if err != nil {
 		s.lose(err)

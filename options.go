@@ -154,7 +154,6 @@ type config struct {
 	trace       *tracerOption // nil: not traced (WithTracer)
 	waitingFrom int64         // WaitingSince, Unix nanoseconds; 0: not set
 	noCohort    bool          // NoCohort
-	busy        bool          // the key is held elsewhere: a Session that waited behind another in the process (gateSession)
 	slots       int           // a semaphore's size, for its cohort; 0 for a key
 	tx          pgx.TxOptions // DoTx's fn's transaction (TxOptions)
 	err         error         // the first invalid option

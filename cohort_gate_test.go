@@ -1,0 +1,197 @@
+package advisory
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/seed0ad592b7/advisory/internal/pgtest"
+)
+
+// Sessions own their connections, but Sessions of one process that wait for
+// one key queue in the process: the server sees one waiter.
+func TestCohortSessionsQueue(t *testing.T) {
+	e := newEnv(t)
+	pool := e.pool()
+	key := StringKey("cohort-sessions")
+	other := e.conn()
+	_, err := other.Exec(e.ctx, "SELECT pg_advisory_lock($1)", mustInt64(key))
+	must(t, err)
+	const n = 3
+	sessions := make([]*Session, n)
+	got := make(chan int, n)
+	for i := range sessions {
+		s, err := NewSession(e.ctx, pool)
+		must(t, err)
+		sessions[i] = s
+		go func() {
+			ok, err := s.Lock(e.ctx, key)
+			if !ok || err != nil {
+				t.Errorf("Session.Lock = %v, %v", ok, err)
+			}
+			got <- i
+		}()
+	}
+	e.awaitQueued(pool, key, -1, n-1)
+	e.awaitWaiters(1)
+	_, err = other.Exec(e.ctx, "SELECT pg_advisory_unlock($1)", mustInt64(key))
+	must(t, err)
+	for range n {
+		select {
+		case i := <-got:
+			must(t, sessions[i].Unlock(e.ctx, key))
+		case <-time.After(testTimeout):
+			t.Fatal("a queued Session never got the key")
+		}
+	}
+	for _, s := range sessions {
+		must(t, s.Close(e.ctx))
+	}
+	awaitAcquired(t, pool, 0)
+}
+
+// gated is a Session.Lock of key started in the background on a new
+// Session of pool, and the outcome it reports.
+type gated struct {
+	s   *Session
+	got chan error
+}
+
+func (e *env) lockGated(pool *pgxpool.Pool, key Key) gated {
+	e.t.Helper()
+	s, err := NewSession(e.ctx, pool)
+	must(e.t, err)
+	e.t.Cleanup(func() { _ = s.Close(context.Background()) })
+	g := gated{s: s, got: make(chan error, 1)}
+	go func() {
+		ok, err := s.Lock(e.ctx, key)
+		if err == nil && !ok {
+			err = errors.New("Lock returned false without an error")
+		}
+		g.got <- err
+	}()
+	return g
+}
+
+// awaitGranted waits for g's Lock to return, and fails unless it took the
+// key.
+func (e *env) awaitGranted(g gated, what string) {
+	e.t.Helper()
+	select {
+	case err := <-g.got:
+		if err != nil {
+			e.t.Fatalf("%s: Lock: %v", what, err)
+		}
+	case <-time.After(testTimeout):
+		e.t.Fatalf("%s: the queued Session did not get the key within %v", what, testTimeout)
+	}
+}
+
+// awaitWaitingSessions waits until n Sessions of pool wait for key, in
+// the process's queue or on the server, and fails unless all of them wait
+// in the process.
+func (e *env) awaitWaitingSessions(pool *pgxpool.Pool, key Key, n int) {
+	e.t.Helper()
+	var inProcess, onServer int
+	pgtest.Await(e.t, fmt.Sprintf("%d Sessions waiting for %v", n, key), testTimeout, func() (bool, error) {
+		inProcess, onServer = max(0, queued(pool, key, ModeExclusive, -1, 0)), 0
+		for _, r := range e.lockRows(key) {
+			if !r.Granted {
+				onServer++
+			}
+		}
+		return inProcess+onServer == n, nil
+	})
+	if onServer > 0 {
+		e.t.Fatalf("%d of %d Sessions wait on the server while a Session of their process holds the key; want all in the process", onServer, n)
+	}
+}
+
+// A Session of the process that holds a key keeps the process's other
+// Sessions waiting for it in the process, off the server, until it
+// releases; they then take it in their turn.
+func TestGateHeldKeepsSessionsInProcess(t *testing.T) {
+	e := newEnv(t)
+	pool := e.pool()
+	key := StringKey("gate-held")
+	a, err := NewSession(e.ctx, pool)
+	must(t, err)
+	if ok, err := a.Lock(e.ctx, key); !ok || err != nil {
+		t.Fatalf("Lock = %v, %v", ok, err)
+	}
+	b := e.lockGated(pool, key)
+	e.awaitWaitingSessions(pool, key, 1)
+	c := e.lockGated(pool, key)
+	e.awaitWaitingSessions(pool, key, 2)
+	must(t, a.Unlock(e.ctx, key))
+	e.awaitGranted(b, "first queued")
+	if n := queued(pool, key, ModeExclusive, -1, 0); n != 1 {
+		t.Fatalf("%d Sessions queued while the first queued holds the key; want 1", n)
+	}
+	select {
+	case err := <-c.got:
+		t.Fatalf("the second queued Session returned (%v) while the first held the key", err)
+	default:
+	}
+	must(t, b.s.Unlock(e.ctx, key))
+	e.awaitGranted(c, "second queued")
+	must(t, c.s.Unlock(e.ctx, key))
+	for _, s := range []*Session{a, b.s, c.s} {
+		must(t, s.Close(e.ctx))
+	}
+	awaitAcquired(t, pool, 0)
+}
+
+// The Session queued behind a holder of its process gets the key however
+// the holder lets it go: its last Unlock of a re-entered key, UnlockMany,
+// Close, or the loss of its connection.
+func TestGateLeftWhenHoldEnds(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		end  func(e *env, a *Session, key Key)
+	}{
+		{"unlock re-entered", func(e *env, a *Session, key Key) {
+			if ok, err := a.Lock(e.ctx, key); !ok || err != nil {
+				e.t.Fatalf("re-entrant Lock = %v, %v", ok, err)
+			}
+			must(e.t, a.Unlock(e.ctx, key))
+			if n := queued(a.pool, key, ModeExclusive, -1, 0); n != 1 {
+				e.t.Fatalf("%d Sessions queued after the first of two Unlocks; want 1", n)
+			}
+			must(e.t, a.Unlock(e.ctx, key))
+		}},
+		{"UnlockMany", func(e *env, a *Session, key Key) {
+			must(e.t, a.UnlockMany(e.ctx, []Key{key}))
+		}},
+		{"Close", func(e *env, a *Session, key Key) {
+			must(e.t, a.Close(e.ctx))
+		}},
+		{"terminated", func(e *env, a *Session, key Key) {
+			e.terminate(e.leaderPID(key))
+			e.awaitDone(a.Done(), "terminated holder")
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			e := newEnv(t)
+			pool := e.pool()
+			key := StringKey("gate-left-" + tc.name)
+			a, err := NewSession(e.ctx, pool)
+			must(t, err)
+			if ok, err := a.Lock(e.ctx, key); !ok || err != nil {
+				t.Fatalf("Lock = %v, %v", ok, err)
+			}
+			b := e.lockGated(pool, key)
+			e.awaitWaitingSessions(pool, key, 1)
+			tc.end(e, a, key)
+			e.awaitGranted(b, tc.name)
+			must(t, b.s.Unlock(e.ctx, key))
+			_ = a.Close(e.ctx)
+			must(t, b.s.Close(e.ctx))
+			awaitAcquired(t, pool, 0)
+		})
+	}
+}
