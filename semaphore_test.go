@@ -271,6 +271,15 @@ func TestSemaphoreNoWaitOneRoundTrip(t *testing.T) {
 func TestSemaphoreDoTTL(t *testing.T) {
 	e := newEnv(t)
 	pool := e.pool(func(c *pgxpool.Config) { c.MaxConns = 4 })
+	// Both connections open before the TTL starts: a connect inside fn
+	// could outlast it on a loaded machine, and the NoWait call would then
+	// find the slot free.
+	c1, err := pool.Acquire(e.ctx)
+	must(t, err)
+	c2, err := pool.Acquire(e.ctx)
+	must(t, err)
+	c1.Release()
+	c2.Release()
 	key := StringKey("sem-ttl")
 	const n = 1
 	acquired, err := DoSemaphore(e.ctx, pool, key, n, func(ctx context.Context) error {
@@ -280,7 +289,7 @@ func TestSemaphoreDoTTL(t *testing.T) {
 		}
 		<-ctx.Done()
 		return context.Cause(ctx)
-	}, TTL(100*time.Millisecond))
+	}, TTL(time.Second))
 	if !acquired || !errors.Is(err, ErrTTLExceeded) {
 		t.Errorf("DoSemaphore with TTL: acquired %v, %v; want true, ErrTTLExceeded", acquired, err)
 	}
