@@ -118,16 +118,13 @@ func TestGateHeldKeepsSessionsInProcess(t *testing.T) {
 	e := newEnv(t)
 	pool := e.pool()
 	key := StringKey("gate-held")
-	a, err := NewSession(e.ctx, pool)
-	must(t, err)
-	if ok, err := a.Lock(e.ctx, key); !ok || err != nil {
-		t.Fatalf("Lock = %v, %v", ok, err)
-	}
+	a := e.lockGated(pool, key)
+	e.awaitGranted(a, "holder")
 	b := e.lockGated(pool, key)
 	e.awaitWaitingSessions(pool, key, 1)
 	c := e.lockGated(pool, key)
 	e.awaitWaitingSessions(pool, key, 2)
-	must(t, a.Unlock(e.ctx, key))
+	must(t, a.s.Unlock(e.ctx, key))
 	e.awaitGranted(b, "first queued")
 	if n := queued(pool, key, ModeExclusive, -1, 0); n != 1 {
 		t.Fatalf("%d Sessions queued while the first queued holds the key; want 1", n)
@@ -140,7 +137,7 @@ func TestGateHeldKeepsSessionsInProcess(t *testing.T) {
 	must(t, b.s.Unlock(e.ctx, key))
 	e.awaitGranted(c, "second queued")
 	must(t, c.s.Unlock(e.ctx, key))
-	for _, s := range []*Session{a, b.s, c.s} {
+	for _, s := range []*Session{a.s, b.s, c.s} {
 		must(t, s.Close(e.ctx))
 	}
 	awaitAcquired(t, pool, 0)
@@ -179,17 +176,14 @@ func TestGateLeftWhenHoldEnds(t *testing.T) {
 			e := newEnv(t)
 			pool := e.pool()
 			key := StringKey("gate-left-" + tc.name)
-			a, err := NewSession(e.ctx, pool)
-			must(t, err)
-			if ok, err := a.Lock(e.ctx, key); !ok || err != nil {
-				t.Fatalf("Lock = %v, %v", ok, err)
-			}
+			a := e.lockGated(pool, key)
+			e.awaitGranted(a, "holder")
 			b := e.lockGated(pool, key)
 			e.awaitWaitingSessions(pool, key, 1)
-			tc.end(e, a, key)
+			tc.end(e, a.s, key)
 			e.awaitGranted(b, tc.name)
 			must(t, b.s.Unlock(e.ctx, key))
-			_ = a.Close(e.ctx)
+			_ = a.s.Close(e.ctx)
 			must(t, b.s.Close(e.ctx))
 			awaitAcquired(t, pool, 0)
 		})
