@@ -7,8 +7,9 @@ import (
 
 // The gate of Sessions (SPEC §13): a Session that holds nothing and is
 // about to wait for a key queues in the process behind the other such
-// Sessions waiting for that key (in that mode) through the same pool, and
-// the one let through keeps the gate closed behind it until it no longer
+// Sessions waiting for that key (in that mode) through the same pool (a
+// Session of NewConnSession has no pool and does not queue), and the one
+// let through keeps the gate closed behind it until it no longer
 // holds the key it took exclusively (a shared holder, or a wait that ends
 // without the key, lets the next through at once). So the server sees at most
 // one waiter per key per process, and none while a Session of the process

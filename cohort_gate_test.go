@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/seed0ad592b7/advisory/internal/pgtest"
@@ -194,4 +195,127 @@ func TestGateLeftWhenHoldEnds(t *testing.T) {
 			awaitAcquired(t, pool, 0)
 		})
 	}
+}
+
+// awaitOnServer waits until a Session waiting for key shows, in the
+// process's queue of pool's gate or on the server, and fails unless it
+// waits on the server.
+func (e *env) awaitOnServer(pool *pgxpool.Pool, key Key, what string) {
+	e.t.Helper()
+	var inProcess, onServer int
+	pgtest.Await(e.t, what+": a Session waiting for "+key.String(), testTimeout, func() (bool, error) {
+		inProcess, onServer = max(0, queued(pool, key, ModeExclusive, -1, 0)), 0
+		for _, r := range e.lockRows(key) {
+			if !r.Granted {
+				onServer++
+			}
+		}
+		return inProcess+onServer > 0, nil
+	})
+	if inProcess > 0 {
+		e.t.Fatalf("%s: the Session waits in the process's gate; want it waiting on the server", what)
+	}
+}
+
+// Sessions on connections their caller owns (NewConnSession) have no pool,
+// and the gate is per pool: they wait on the server. A gate shared by every
+// such Session of the process would keep one waiting in the process behind
+// a holder on another database, where its key is free, or behind a holder
+// whose backend was terminated, which such a Session (no health watcher)
+// notices only at its next call.
+func TestGateNotForConnSessions(t *testing.T) {
+	t.Run("terminated holder", func(t *testing.T) {
+		e := newEnv(t)
+		key := StringKey("gate-conn-terminated")
+		ca := e.conn()
+		a, err := NewConnSession(ca)
+		must(t, err)
+		t.Cleanup(func() { _ = a.Close(context.Background()) })
+		if ok, err := a.Lock(e.ctx, key); !ok || err != nil {
+			t.Fatalf("Lock = %v, %v", ok, err)
+		}
+		b := e.lockConnSession(e.conn(), key)
+		e.awaitOnServer(nil, key, "behind a holder on a lent connection")
+		e.terminate(ca.PgConn().PID())
+		e.awaitGranted(b, "after the holder's backend was terminated")
+		must(t, b.s.Unlock(e.ctx, key))
+		must(t, b.s.Close(e.ctx))
+		if err := a.Close(e.ctx); !errors.Is(err, ErrLockLost) {
+			t.Errorf("Close of the terminated holder = %v; want ErrLockLost", err)
+		}
+	})
+	t.Run("other database", func(t *testing.T) {
+		e := newEnv(t)
+		key := StringKey("gate-conn-other-db")
+		other := e.otherDatabase("advisory_gate_other")
+		a, err := NewConnSession(e.conn())
+		must(t, err)
+		t.Cleanup(func() { _ = a.Close(context.Background()) })
+		if ok, err := a.Lock(e.ctx, key); !ok || err != nil {
+			t.Fatalf("Lock = %v, %v", ok, err)
+		}
+		b := e.lockConnSession(other, key)
+		var got error
+		returned := false
+		pgtest.Await(t, "the Session on another database to return or queue in the process", testTimeout, func() (bool, error) {
+			select {
+			case got = <-b.got:
+				returned = true
+				return true, nil
+			default:
+			}
+			return queued(nil, key, ModeExclusive, -1, 0) > 0, nil
+		})
+		if !returned {
+			t.Fatalf("a Session on another database, where %v is free, waits in the process's gate behind a holder on this one", key)
+		}
+		must(t, got)
+		must(t, b.s.Unlock(e.ctx, key))
+		must(t, b.s.Close(e.ctx))
+		must(t, a.Unlock(e.ctx, key))
+		must(t, a.Close(e.ctx))
+	})
+}
+
+// lockConnSession is lockGated on a Session on c (NewConnSession).
+func (e *env) lockConnSession(c *pgx.Conn, key Key) gated {
+	e.t.Helper()
+	s, err := NewConnSession(c)
+	must(e.t, err)
+	e.t.Cleanup(func() { _ = s.Close(context.Background()) })
+	g := gated{s: s, got: make(chan error, 1)}
+	go func() {
+		ok, err := s.Lock(e.ctx, key)
+		if err == nil && !ok {
+			err = errors.New("Lock returned false without an error")
+		}
+		g.got <- err
+	}()
+	return g
+}
+
+// otherDatabase makes a database of the test's own, name, on the test's
+// server, and returns a connection to it, closed and the database dropped
+// when the test ends (after its cleanups, before the end-of-test checks'
+// closers).
+func (e *env) otherDatabase(name string) *pgx.Conn {
+	e.t.Helper()
+	admin := e.adminConn()
+	for _, sql := range []string{"DROP DATABASE IF EXISTS " + name + " WITH (FORCE)", "CREATE DATABASE " + name} {
+		if _, err := admin.Exec(e.ctx, sql); err != nil {
+			e.t.Fatalf("making database %s: %v", name, err)
+		}
+	}
+	cfg, err := pgx.ParseConfig(e.dsn)
+	must(e.t, err)
+	cfg.Database = name
+	c, err := pgx.ConnectConfig(e.ctx, cfg)
+	must(e.t, err)
+	e.t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), pgtest.FailedGrace)
+		defer cancel()
+		c.Close(ctx)
+		_, _ = admin.Exec(ctx, "DROP DATABASE IF EXISTS "+name+" WITH (FORCE)")
+	})
+	return c
 }

@@ -262,7 +262,8 @@
 // obeys its context, WaitTimeout and ReleaseAll as a waiter on the server
 // does. Sessions own their connections, so nothing passes between them,
 // but a Session that holds nothing and waits for a key queues behind the
-// other such Sessions of the process waiting for or holding that key: the
+// other such Sessions of the process waiting for or holding that key
+// through the same pool (not a NewConnSession's, which has none): the
 // server sees at most one waiter per key per process, and none while a
 // Session of the process holds the key exclusively; when that Session
 // releases the key (its last Unlock, Close, or the loss of its
