@@ -319,3 +319,57 @@ func (e *env) otherDatabase(name string) *pgx.Conn {
 	})
 	return c
 }
+
+// panicOnHold is a HoldTracer whose first TraceHoldStart panics with the
+// tracer itself.
+type panicOnHold struct{ panicked bool }
+
+func (p *panicOnHold) TraceWaitStart(ctx context.Context, _ TraceWaitStartData) context.Context {
+	return ctx
+}
+func (p *panicOnHold) TraceWaitEnd(context.Context, TraceWaitEndData) {}
+func (p *panicOnHold) TraceHoldStart(ctx context.Context, _ TraceHoldStartData) context.Context {
+	if !p.panicked {
+		p.panicked = true
+		panic(p)
+	}
+	return ctx
+}
+func (p *panicOnHold) TraceHoldEnd(context.Context, TraceHoldEndData) {}
+
+// A Lock that took the key through the gate and then panicked (its
+// tracer's, recovered by the caller) keeps the gate as any holder does, and
+// its Unlock lets the next Session through: the gate is not left closed for
+// good.
+func TestGateLeftAfterPanickingLock(t *testing.T) {
+	e := newEnv(t)
+	pool := e.pool()
+	key := StringKey("gate-panic")
+	tr := &panicOnHold{}
+	a, err := NewSession(e.ctx, pool, WithTracer(tr))
+	must(t, err)
+	t.Cleanup(func() { _ = a.Close(context.Background()) })
+	func() {
+		defer func() {
+			if r := recover(); r != tr {
+				t.Fatalf("recovered %v; want the tracer's panic", r)
+			}
+		}()
+		ok, err := a.Lock(e.ctx, key)
+		t.Fatalf("Lock returned %v, %v instead of letting the tracer's panic go on", ok, err)
+	}()
+	if held := a.Held(); len(held) != 1 || held[0].Key != key {
+		t.Fatalf("Held after the panic = %v; want %v (the server granted it)", held, key)
+	}
+	b := e.lockGated(pool, key)
+	e.awaitWaitingSessions(pool, key, 1)
+	must(t, a.Unlock(e.ctx, key))
+	if n := queued(pool, key, ModeExclusive, -1, 0); n > 0 {
+		t.Fatalf("%d Sessions still queued in the process after the holder's Unlock; want the gate left", n)
+	}
+	e.awaitGranted(b, "after the Unlock of the holder whose Lock panicked")
+	must(t, b.s.Unlock(e.ctx, key))
+	must(t, b.s.Close(e.ctx))
+	must(t, a.Close(e.ctx))
+	awaitAcquired(t, pool, 0)
+}

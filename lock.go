@@ -86,13 +86,14 @@ func (s *Session) lock(ctx context.Context, key Key, cfg config) (bool, error) {
 	if err != nil {
 		return false, err
 	}
-	got, err := s.lockOnce(ctx, key, cfg, h, first)
-	if !got || cfg.mode == ModeShared { // shared holders do not keep each other waiting
-		gate.leaveGate()
-		return got, err
+	// Deferred, so that a panic out of the wait (a tracer's) does not leave
+	// the gate closed for good; before the turn is given.
+	if cfg.mode == ModeShared { // shared holders do not keep each other waiting
+		defer gate.leaveGate()
+	} else {
+		defer s.keepGate(gate, h) // left at once unless h is held
 	}
-	s.keepGate(gate, h)
-	return got, err
+	return s.lockOnce(ctx, key, cfg, h, first)
 }
 
 // lockOnce is lock once the session's turn is taken and h is not held yet.
