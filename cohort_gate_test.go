@@ -171,6 +171,17 @@ func TestGateLeftWhenHoldEnds(t *testing.T) {
 		{"Close", func(e *env, a *Session, key Key) {
 			must(e.t, a.Close(e.ctx))
 		}},
+		{"Unlock after WithConn unlocked it", func(e *env, a *Session, key Key) {
+			must(e.t, a.WithConn(e.ctx, func(c *pgx.Conn) error {
+				_, err := c.Exec(e.ctx, "SELECT pg_advisory_unlock($1)", mustInt64(key))
+				return err
+			}))
+			// The Session still counts its hold, and keeps the gate, until
+			// its Unlock finds the key not held and ends it.
+			if err := a.Unlock(e.ctx, key); !errors.Is(err, ErrLockLost) {
+				e.t.Fatalf("Unlock of a key WithConn unlocked = %v; want ErrLockLost", err)
+			}
+		}},
 		{"terminated", func(e *env, a *Session, key Key) {
 			e.terminate(e.leaderPID(key))
 			e.awaitDone(a.Done(), "terminated holder")
@@ -371,5 +382,49 @@ func TestGateLeftAfterPanickingLock(t *testing.T) {
 	must(t, b.s.Unlock(e.ctx, key))
 	must(t, b.s.Close(e.ctx))
 	must(t, a.Close(e.ctx))
+	awaitAcquired(t, pool, 0)
+}
+
+// Sessions waiting for a key shared queue in the process too, in a gate of
+// their own, and each lets the next through as soon as it holds the key:
+// they all hold it together.
+func TestGateShared(t *testing.T) {
+	e := newEnv(t)
+	pool := e.pool()
+	key := StringKey("gate-shared")
+	other := e.conn()
+	_, err := other.Exec(e.ctx, "SELECT pg_advisory_lock($1)", mustInt64(key))
+	must(t, err)
+	const n = 3
+	got := make(chan *Session, n)
+	for range n {
+		s, err := NewSession(e.ctx, pool)
+		must(t, err)
+		t.Cleanup(func() { _ = s.Close(context.Background()) })
+		go func() {
+			ok, err := s.Lock(e.ctx, key, Shared())
+			if !ok || err != nil {
+				t.Errorf("shared Lock = %v, %v", ok, err)
+			}
+			got <- s
+		}()
+	}
+	pgtest.Await(t, fmt.Sprintf("%d shared Sessions queued in the process for %v", n-1, key), testTimeout, func() (bool, error) {
+		return queued(pool, key, ModeShared, -1, 0) == n-1, nil
+	})
+	e.awaitWaiters(1)
+	_, err = other.Exec(e.ctx, "SELECT pg_advisory_unlock($1)", mustInt64(key))
+	must(t, err)
+	held := make([]*Session, 0, n)
+	for range n {
+		held = append(held, receive(e, got, "a queued shared Session getting the key"))
+	}
+	if rows := e.lockRows(key); len(rows) != n {
+		t.Fatalf("pg_locks rows of %v = %+v; want %d shared holders at once", key, rows, n)
+	}
+	for _, s := range held {
+		must(t, s.Unlock(e.ctx, key, Shared()))
+		must(t, s.Close(e.ctx))
+	}
 	awaitAcquired(t, pool, 0)
 }

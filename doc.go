@@ -271,10 +271,13 @@
 // and waits on the server if another process got it first. (A queued
 // Session waiting on the server behind a holder of its own process would
 // cost the server a wait per hand-off: in one process, 16 Sessions on 4
-// keys ran at about a third of raw pgx's throughput that way.) Shared
-// locks, NoWait calls, Lead and Session.LockMany never take part. NoCohort turns it off for a call: it
-// waits on the server on a connection of its own, as every waiter did
-// before.
+// keys ran at about a third of raw pgx's throughput that way.) A Session's
+// shared Lock queues too, behind the process's other Sessions waiting for
+// the key shared, and lets the next through as soon as it holds the key
+// (shared holders do not exclude each other). Shared Acquire and Do,
+// NoWait calls, Lead and Session.LockMany never take part. NoCohort turns
+// it off for a call: it waits on the server on a connection of its own, as
+// every waiter did before.
 //
 // What an operator sees (pglock status, Holders): the process's one
 // session holding the key, while its goroutines take turns on it; HELD
