@@ -36,9 +36,9 @@ import (
 //
 // Sessions own their connections, so nothing passes between them; but a
 // Session that holds nothing and waits for a key queues behind the other
-// such Sessions of the process waiting for or holding that key (a gate:
-// the same queue, without passes; see cohort_gate.go), so that the server
-// sees at most one waiter per key per process.
+// such Sessions of the process waiting for or holding that key through the
+// same pool (a gate: the same queue, without passes; see cohort_gate.go),
+// so that the server sees at most one waiter per key per process.
 
 // CohortPasses is the most times in a row a lock passes between goroutines
 // of one process (Acquire, Do, AcquireSemaphore, DoSemaphore) before it is

@@ -14,45 +14,64 @@ import (
 )
 
 // Sessions own their connections, but Sessions of one process that wait for
-// one key queue in the process: the server sees one waiter.
+// one key (in one mode) queue in the process: the server sees one waiter.
+// Shared ones let the next through as soon as they hold the key: they all
+// hold it together.
 func TestCohortSessionsQueue(t *testing.T) {
-	e := newEnv(t)
-	pool := e.pool()
-	key := StringKey("cohort-sessions")
-	other := e.conn()
-	_, err := other.Exec(e.ctx, "SELECT pg_advisory_lock($1)", mustInt64(key))
-	must(t, err)
-	const n = 3
-	sessions := make([]*Session, n)
-	got := make(chan int, n)
-	for i := range sessions {
-		s, err := NewSession(e.ctx, pool)
-		must(t, err)
-		sessions[i] = s
-		go func() {
-			ok, err := s.Lock(e.ctx, key)
-			if !ok || err != nil {
-				t.Errorf("Session.Lock = %v, %v", ok, err)
+	for _, mode := range []Mode{ModeExclusive, ModeShared} {
+		t.Run(mode.String(), func(t *testing.T) {
+			e := newEnv(t)
+			pool := e.pool()
+			key := StringKey("cohort-sessions")
+			var opts []Option
+			if mode == ModeShared {
+				opts = append(opts, Shared())
 			}
-			got <- i
-		}()
+			other := e.conn()
+			_, err := other.Exec(e.ctx, "SELECT pg_advisory_lock($1)", mustInt64(key))
+			must(t, err)
+			const n = 3
+			got := make(chan *Session, n)
+			for range n {
+				s, err := NewSession(e.ctx, pool)
+				must(t, err)
+				t.Cleanup(func() { _ = s.Close(context.Background()) })
+				go func() {
+					ok, err := s.Lock(e.ctx, key, opts...)
+					if !ok || err != nil {
+						t.Errorf("Session.Lock = %v, %v", ok, err)
+					}
+					got <- s
+				}()
+			}
+			pgtest.Await(t, fmt.Sprintf("%d Sessions queued in the process for %v", n-1, key), testTimeout, func() (bool, error) {
+				return queued(pool, key, mode, -1, 0) == n-1, nil
+			})
+			e.awaitWaiters(1)
+			_, err = other.Exec(e.ctx, "SELECT pg_advisory_unlock($1)", mustInt64(key))
+			must(t, err)
+			var held []*Session
+			for range n {
+				s := receive(e, got, "a queued Session getting the key")
+				if mode == ModeExclusive {
+					must(t, s.Unlock(e.ctx, key))
+				}
+				held = append(held, s)
+			}
+			if mode == ModeShared {
+				if rows := e.lockRows(key); len(rows) != n {
+					t.Fatalf("pg_locks rows of %v = %+v; want %d shared holders at once", key, rows, n)
+				}
+				for _, s := range held {
+					must(t, s.Unlock(e.ctx, key, opts...))
+				}
+			}
+			for _, s := range held {
+				must(t, s.Close(e.ctx))
+			}
+			awaitAcquired(t, pool, 0)
+		})
 	}
-	e.awaitQueued(pool, key, -1, n-1)
-	e.awaitWaiters(1)
-	_, err = other.Exec(e.ctx, "SELECT pg_advisory_unlock($1)", mustInt64(key))
-	must(t, err)
-	for range n {
-		select {
-		case i := <-got:
-			must(t, sessions[i].Unlock(e.ctx, key))
-		case <-time.After(testTimeout):
-			t.Fatal("a queued Session never got the key")
-		}
-	}
-	for _, s := range sessions {
-		must(t, s.Close(e.ctx))
-	}
-	awaitAcquired(t, pool, 0)
 }
 
 // gated is a Session.Lock of key started in the background on a new
@@ -66,6 +85,11 @@ func (e *env) lockGated(pool *pgxpool.Pool, key Key) gated {
 	e.t.Helper()
 	s, err := NewSession(e.ctx, pool)
 	must(e.t, err)
+	return e.lockOn(s, key)
+}
+
+// lockOn is lockGated on s, closed when the test ends.
+func (e *env) lockOn(s *Session, key Key) gated {
 	e.t.Cleanup(func() { _ = s.Close(context.Background()) })
 	g := gated{s: s, got: make(chan error, 1)}
 	go func() {
@@ -99,12 +123,7 @@ func (e *env) awaitWaitingSessions(pool *pgxpool.Pool, key Key, n int) {
 	e.t.Helper()
 	var inProcess, onServer int
 	pgtest.Await(e.t, fmt.Sprintf("%d Sessions waiting for %v", n, key), testTimeout, func() (bool, error) {
-		inProcess, onServer = max(0, queued(pool, key, ModeExclusive, -1, 0)), 0
-		for _, r := range e.lockRows(key) {
-			if !r.Granted {
-				onServer++
-			}
-		}
+		inProcess, onServer = e.sessionsWaiting(pool, key)
 		return inProcess+onServer == n, nil
 	})
 	if onServer > 0 {
@@ -208,6 +227,19 @@ func TestGateLeftWhenHoldEnds(t *testing.T) {
 	}
 }
 
+// sessionsWaiting returns how many Sessions wait for key exclusively in
+// the process's queue of pool's gate, and how many backends wait for it on
+// the server.
+func (e *env) sessionsWaiting(pool *pgxpool.Pool, key Key) (inProcess, onServer int) {
+	inProcess = max(0, queued(pool, key, ModeExclusive, -1, 0))
+	for _, r := range e.lockRows(key) {
+		if !r.Granted {
+			onServer++
+		}
+	}
+	return inProcess, onServer
+}
+
 // awaitOnServer waits until a Session waiting for key shows, in the
 // process's queue of pool's gate or on the server, and fails unless it
 // waits on the server.
@@ -215,12 +247,7 @@ func (e *env) awaitOnServer(pool *pgxpool.Pool, key Key, what string) {
 	e.t.Helper()
 	var inProcess, onServer int
 	pgtest.Await(e.t, what+": a Session waiting for "+key.String(), testTimeout, func() (bool, error) {
-		inProcess, onServer = max(0, queued(pool, key, ModeExclusive, -1, 0)), 0
-		for _, r := range e.lockRows(key) {
-			if !r.Granted {
-				onServer++
-			}
-		}
+		inProcess, onServer = e.sessionsWaiting(pool, key)
 		return inProcess+onServer > 0, nil
 	})
 	if inProcess > 0 {
@@ -293,16 +320,7 @@ func (e *env) lockConnSession(c *pgx.Conn, key Key) gated {
 	e.t.Helper()
 	s, err := NewConnSession(c)
 	must(e.t, err)
-	e.t.Cleanup(func() { _ = s.Close(context.Background()) })
-	g := gated{s: s, got: make(chan error, 1)}
-	go func() {
-		ok, err := s.Lock(e.ctx, key)
-		if err == nil && !ok {
-			err = errors.New("Lock returned false without an error")
-		}
-		g.got <- err
-	}()
-	return g
+	return e.lockOn(s, key)
 }
 
 // otherDatabase makes a database of the test's own, name, on the test's
@@ -382,49 +400,5 @@ func TestGateLeftAfterPanickingLock(t *testing.T) {
 	must(t, b.s.Unlock(e.ctx, key))
 	must(t, b.s.Close(e.ctx))
 	must(t, a.Close(e.ctx))
-	awaitAcquired(t, pool, 0)
-}
-
-// Sessions waiting for a key shared queue in the process too, in a gate of
-// their own, and each lets the next through as soon as it holds the key:
-// they all hold it together.
-func TestGateShared(t *testing.T) {
-	e := newEnv(t)
-	pool := e.pool()
-	key := StringKey("gate-shared")
-	other := e.conn()
-	_, err := other.Exec(e.ctx, "SELECT pg_advisory_lock($1)", mustInt64(key))
-	must(t, err)
-	const n = 3
-	got := make(chan *Session, n)
-	for range n {
-		s, err := NewSession(e.ctx, pool)
-		must(t, err)
-		t.Cleanup(func() { _ = s.Close(context.Background()) })
-		go func() {
-			ok, err := s.Lock(e.ctx, key, Shared())
-			if !ok || err != nil {
-				t.Errorf("shared Lock = %v, %v", ok, err)
-			}
-			got <- s
-		}()
-	}
-	pgtest.Await(t, fmt.Sprintf("%d shared Sessions queued in the process for %v", n-1, key), testTimeout, func() (bool, error) {
-		return queued(pool, key, ModeShared, -1, 0) == n-1, nil
-	})
-	e.awaitWaiters(1)
-	_, err = other.Exec(e.ctx, "SELECT pg_advisory_unlock($1)", mustInt64(key))
-	must(t, err)
-	held := make([]*Session, 0, n)
-	for range n {
-		held = append(held, receive(e, got, "a queued shared Session getting the key"))
-	}
-	if rows := e.lockRows(key); len(rows) != n {
-		t.Fatalf("pg_locks rows of %v = %+v; want %d shared holders at once", key, rows, n)
-	}
-	for _, s := range held {
-		must(t, s.Unlock(e.ctx, key, Shared()))
-		must(t, s.Close(e.ctx))
-	}
 	awaitAcquired(t, pool, 0)
 }
