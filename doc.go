@@ -92,7 +92,11 @@
 // standby behind a leader that keeps the key keeps slicing. (Acquire, Do,
 // Lead and Session.Lock do this; LockMany, semaphores, LockTx and DoTx do
 // not, and can be overtaken by one-statement waiters for as long as those
-// keep coming.)
+// keep coming.) Within one process, the waiters of one key through one
+// pool (Acquire, Do, AcquireSemaphore and DoSemaphore; Session.Lock on a
+// Session that holds nothing) first queue in the process, which lets them
+// through in arrival order: see "Goroutines of one process that want the
+// same key", below.
 //
 // A wait that can be part of a deadlock cycle is one server-side wait
 // instead, because PostgreSQL's deadlock detector, which looks once per
