@@ -187,6 +187,20 @@ func TestGateLeftWhenHoldEnds(t *testing.T) {
 		{"UnlockMany", func(e *env, a *Session, key Key) {
 			must(e.t, a.UnlockMany(e.ctx, []Key{key}))
 		}},
+		{"UnlockMany of it and another key", func(e *env, a *Session, key Key) {
+			another := StringKey("gate-left-another")
+			if ok, err := a.Lock(e.ctx, another); !ok || err != nil {
+				e.t.Fatalf("Lock of another key = %v, %v", ok, err)
+			}
+			must(e.t, a.Unlock(e.ctx, another))
+			if n := queued(a.pool, key, ModeExclusive, -1, 0); n != 1 {
+				e.t.Fatalf("%d Sessions queued after the Unlock of another key; want 1", n)
+			}
+			if ok, err := a.Lock(e.ctx, another); !ok || err != nil {
+				e.t.Fatalf("Lock of another key = %v, %v", ok, err)
+			}
+			must(e.t, a.UnlockMany(e.ctx, []Key{another, key}))
+		}},
 		{"Close", func(e *env, a *Session, key Key) {
 			must(e.t, a.Close(e.ctx))
 		}},
