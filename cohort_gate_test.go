@@ -215,6 +215,23 @@ func TestGateLeftWhenHoldEnds(t *testing.T) {
 				e.t.Fatalf("Unlock of a key WithConn unlocked = %v; want ErrLockLost", err)
 			}
 		}},
+		{"cut off under a WithConn that kept the connection", func(e *env, a *Session, key Key) {
+			inFn, release, returned := make(chan struct{}), make(chan struct{}), make(chan error, 1)
+			go func() {
+				returned <- a.WithConn(context.Background(), func(*pgx.Conn) error {
+					close(inFn)
+					<-release // ignores the Close: cut off after cleanupTimeout
+					return nil
+				})
+			}()
+			receive(e, inFn, "the WithConn callback running")
+			closed := make(chan error, 1)
+			go func() { closed <- a.Close(context.Background()) }()
+			e.awaitDone(a.Done(), "holder cut off")
+			close(release)
+			receive(e, returned, "the WithConn callback returning")
+			receive(e, closed, "Close returning")
+		}},
 		{"terminated", func(e *env, a *Session, key Key) {
 			e.terminate(e.leaderPID(key))
 			e.awaitDone(a.Done(), "terminated holder")
