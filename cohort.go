@@ -36,9 +36,9 @@ import (
 //
 // Sessions own their connections, so nothing passes between them; but a
 // Session that holds nothing and waits for a key queues behind the other
-// such Sessions of the process waiting for or holding that key (a gate:
-// the same queue, without passes; see cohort_gate.go), so that the server
-// sees at most one waiter per key per process.
+// such Sessions of the process waiting for or holding that key through the
+// same pool (a gate: the same queue, without passes; see cohort_gate.go),
+// so that the server sees at most one waiter per key per process.
 
 // CohortPasses is the most times in a row a lock passes between goroutines
 // of one process (Acquire, Do, AcquireSemaphore, DoSemaphore) before it is
@@ -64,7 +64,9 @@ var cohortHoldBound = CohortHold
 // Session.Lock wait for the key on their own, outside the process's
 // cohort: on the server, on a pool connection of their own, and, holding
 // the key, never given a lock passed by another goroutine nor passing theirs
-// on. NoWait calls, Shared locks and Lead never take part in a cohort.
+// on. NoWait calls, Lead and Acquire's and Do's Shared locks never take
+// part in a cohort (a Session's shared Lock queues behind the process's
+// other Sessions waiting for the key shared).
 func NoCohort() Option { return func(c *config) { c.given |= optNoCohort; c.noCohort = true } }
 
 // cohortKey identifies a cohort: the goroutines of the process that wait

@@ -7,8 +7,9 @@ import (
 
 // The gate of Sessions (SPEC §13): a Session that holds nothing and is
 // about to wait for a key queues in the process behind the other such
-// Sessions waiting for that key (in that mode) through the same pool, and
-// the one let through keeps the gate closed behind it until it no longer
+// Sessions waiting for that key (in that mode) through the same pool (a
+// Session of NewConnSession has no pool and does not queue), and the one
+// let through keeps the gate closed behind it until it no longer
 // holds the key it took exclusively (a shared holder, or a wait that ends
 // without the key, lets the next through at once). So the server sees at most
 // one waiter per key per process, and none while a Session of the process
@@ -22,9 +23,9 @@ import (
 // gateSession queues a Session that holds nothing and is about to wait for
 // key behind the other such Sessions of the process waiting for or holding
 // key through the same pool. It returns cfg with its WaitTimeout shortened
-// by the time spent in the queue, and the gate, which the caller leaves
-// (leaveGate) once its wait ended without the key, or keeps (keepGate)
-// when it took the key.
+// by the time spent in the queue, and the gate, which the caller keeps
+// once its wait has ended (keepGate, which leaves it at once if the wait
+// ended without the key), or leaves for a shared lock (leaveGate).
 func (s *Session) gateSession(ctx context.Context, key Key, cfg config) (config, *cohort, error) {
 	c := joinCohort(cohortKey{pool: s.pool, key: key, mode: cfg.mode, slots: -1})
 	_, cfg, err := c.await(ctx, key, cfg, s.ctx.Done())
@@ -45,8 +46,9 @@ func (c *cohort) leaveGate() {
 	c.leave()
 }
 
-// keepGate keeps gate closed behind the session, which took h through it,
-// until the session no longer holds h or ends (leaveGateIfDone).
+// keepGate keeps gate closed behind the session, which passed it to take
+// h, until the session no longer holds h or ends (leaveGateIfDone): at
+// once if it did not take h.
 func (s *Session) keepGate(gate *cohort, h hold) {
 	s.mu.Lock()
 	s.gate, s.gateHold = gate, h

@@ -92,7 +92,11 @@
 // standby behind a leader that keeps the key keeps slicing. (Acquire, Do,
 // Lead and Session.Lock do this; LockMany, semaphores, LockTx and DoTx do
 // not, and can be overtaken by one-statement waiters for as long as those
-// keep coming.)
+// keep coming.) Within one process, the waiters of one key through one
+// pool (Acquire, Do, AcquireSemaphore and DoSemaphore; Session.Lock on a
+// Session that holds nothing) first queue in the process, which lets them
+// through in arrival order: see "Goroutines of one process that want the
+// same key", below.
 //
 // A wait that can be part of a deadlock cycle is one server-side wait
 // instead, because PostgreSQL's deadlock detector, which looks once per
@@ -262,7 +266,8 @@
 // obeys its context, WaitTimeout and ReleaseAll as a waiter on the server
 // does. Sessions own their connections, so nothing passes between them,
 // but a Session that holds nothing and waits for a key queues behind the
-// other such Sessions of the process waiting for or holding that key: the
+// other such Sessions of the process waiting for or holding that key
+// through the same pool (not a NewConnSession's, which has none): the
 // server sees at most one waiter per key per process, and none while a
 // Session of the process holds the key exclusively; when that Session
 // releases the key (its last Unlock, Close, or the loss of its
@@ -270,10 +275,13 @@
 // and waits on the server if another process got it first. (A queued
 // Session waiting on the server behind a holder of its own process would
 // cost the server a wait per hand-off: in one process, 16 Sessions on 4
-// keys ran at about a third of raw pgx's throughput that way.) Shared
-// locks, NoWait calls, Lead and Session.LockMany never take part. NoCohort turns it off for a call: it
-// waits on the server on a connection of its own, as every waiter did
-// before.
+// keys ran at about a third of raw pgx's throughput that way.) A Session's
+// shared Lock queues too, behind the process's other Sessions waiting for
+// the key shared, and lets the next through as soon as it holds the key
+// (shared holders do not exclude each other). Shared Acquire and Do,
+// NoWait calls, Lead and Session.LockMany never take part. NoCohort turns
+// it off for a call: it waits on the server on a connection of its own, as
+// every waiter did before.
 //
 // What an operator sees (pglock status, Holders): the process's one
 // session holding the key, while its goroutines take turns on it; HELD

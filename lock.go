@@ -74,21 +74,26 @@ func (s *Session) lock(ctx context.Context, key Key, cfg config) (bool, error) {
 
 	// A Session whose WithConn ran may hold locks of its own: its wait may
 	// close a deadlock cycle, so it must reach the server, not queue in the
-	// process behind another Session's sliced wait.
-	if !first || rawUsed || cfg.entry != EntrySessionLock || cfg.noWait || cfg.noCohort {
+	// process behind another Session's sliced wait. A Session on a
+	// connection its caller owns has no pool, and the gate is per pool:
+	// such Sessions may be on other databases or servers, and one of them
+	// that holds the key notices the loss of its connection only at its
+	// next call.
+	if !first || rawUsed || s.pool == nil || cfg.entry != EntrySessionLock || cfg.noWait || cfg.noCohort {
 		return s.lockOnce(ctx, key, cfg, h, first)
 	}
 	cfg, gate, err := s.gateSession(ctx, key, cfg) // one Session per key per process past it (cohort_gate.go)
 	if err != nil {
 		return false, err
 	}
-	got, err := s.lockOnce(ctx, key, cfg, h, first)
-	if !got || cfg.mode == ModeShared { // shared holders do not keep each other waiting
-		gate.leaveGate()
-		return got, err
+	// Deferred, so that a panic out of the wait (a tracer's) does not leave
+	// the gate closed for good; before the turn is given.
+	if cfg.mode == ModeShared { // shared holders do not keep each other waiting
+		defer gate.leaveGate()
+	} else {
+		defer s.keepGate(gate, h) // left at once unless h is held
 	}
-	s.keepGate(gate, h)
-	return got, err
+	return s.lockOnce(ctx, key, cfg, h, first)
 }
 
 // lockOnce is lock once the session's turn is taken and h is not held yet.
