@@ -144,7 +144,7 @@ func (s *Session) lockOnce(ctx context.Context, key Key, cfg config, h hold, fir
 func (s *Session) lockFirst(ctx context.Context, key Key, m Mode, w wait, end time.Time) (got bool, err error) {
 	kaOn, args := s.ka.on, s.keyArgs(key)
 	s.answer = false
-	err = s.run(ctx, true, func(ctx context.Context, c *pgx.Conn) error {
+	err = s.runTry(ctx, func(ctx context.Context, c *pgx.Conn) error {
 		if kaOn { // set by an earlier hold of this session: not again
 			return c.QueryRow(ctx, lockSQL[scopeSession][m][waitTry][key.space-1], args...).Scan(&s.answer)
 		}
@@ -298,7 +298,7 @@ func (s *Session) lockFailed(ctx context.Context, h hold, first, byDeadline bool
 	heldBefore := !first || s.rawUsed // a WithConn's own locks were held too
 	s.mu.Unlock()
 	if s.lost(err) {
-		return lostError("lock", h.key, heldBefore, err)
+		return lostAtEnd(ctx, byDeadline, lostError("lock", h.key, heldBefore, err))
 	}
 	kind := kindOf(err)
 	// A slice left to end on its own drops a late grant itself (leftSlice).
@@ -321,6 +321,17 @@ func (s *Session) lockFailed(ctx context.Context, h hold, first, byDeadline bool
 	kind, err = serverCancelled(ctx, kind, err)
 	e := keyError("lock", h.key, kind, err)
 	e.deadline = kind == ErrTimeout && byDeadline
+	return e
+}
+
+// lostAtEnd is e, the error of a call whose connection was lost, as a wait
+// that timed out when its bound was ctx's deadline and that has passed:
+// a first try that did not answer in time after it had its connection
+// closed (runTry). A session's locks lost with it keep ErrLockLost.
+func lostAtEnd(ctx context.Context, byDeadline bool, e *Error) *Error {
+	if e.Kind == nil && byDeadline && errors.Is(ctx.Err(), context.DeadlineExceeded) {
+		e.Kind, e.deadline = ErrTimeout, true
+	}
 	return e
 }
 

@@ -103,7 +103,7 @@ func (s *Session) lockMany(ctx context.Context, set []Key, cfg config) (bool, er
 // holdsAny asks the server whether the session holds any lock
 // (holdsAnySQL). The caller holds the turn.
 func (s *Session) holdsAny(ctx context.Context) (held bool, err error) {
-	err = s.run(ctx, true, func(ctx context.Context, c *pgx.Conn) error {
+	err = s.runTry(ctx, func(ctx context.Context, c *pgx.Conn) error {
 		return c.QueryRow(ctx, holdsAnyOnlySQL).Scan(&held)
 	})
 	return held, err
@@ -221,7 +221,7 @@ func (s *Session) lockManyFailed(op string, key Key, ctx, runCtx context.Context
 	heldBefore := len(s.holds) > 0 || s.rawUsed // before s.lost: the session's end clears them
 	s.mu.Unlock()
 	if s.lost(err) {
-		return lostError(op, key, heldBefore, err)
+		return lostAtEnd(ctx, byDeadline, lostError(op, key, heldBefore, err))
 	}
 	// A slice left to end on its own drops a late grant itself (leftSlice).
 	if !isLeftToEnd(err) {

@@ -181,7 +181,7 @@ func (s *Session) trySlots(ctx context.Context, slots []Key) (slot Key, dtMs int
 		pl *bool
 	)
 	args := append([]any{manyArgs(slots)[0]}, s.ka.args...)
-	err = s.run(ctx, true, func(ctx context.Context, c *pgx.Conn) error {
+	err = s.runTry(ctx, func(ctx context.Context, c *pgx.Conn) error {
 		return c.QueryRow(ctx, semaphoreTrySQL, args...).Scan(&at, nil, &dtMs, &pl)
 	})
 	canDoPL = pl == nil || *pl

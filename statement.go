@@ -2,6 +2,7 @@ package advisory
 
 import (
 	"context"
+	"fmt"
 	"sync"
 	"time"
 
@@ -39,7 +40,10 @@ type statement struct {
 	gen      uint64      // counts statements; an interrupt names the one it is for
 	inFlight bool        // a statement (or WithConn callback) is running
 	untilEnd bool        // the session's end interrupts the statement in flight
-	stopper  *time.Timer // sends the cancel again, or closes the connection if it hangs
+	stopper  *time.Timer // sends the cancel again, or closes the connection if it hangs (or closeLate's)
+	// closedLate: closeLate closed the connection under the statement in
+	// flight.
+	closedLate bool
 	// overdue interrupts a clean-up statement that runs for cleanupTimeout
 	// (interruptOverdue): one timer per session, made at its first clean-up
 	// statement and reset for each; cleanupSince is when the clean-up
@@ -57,10 +61,47 @@ type statement struct {
 // itself), nor, after a session's first clean-up statement, for the
 // timeout.
 func (st *statement) run(ctx context.Context, untilEnd, cleanup bool, f func(context.Context, *pgx.Conn) error) error {
+	gen := st.begin(untilEnd, cleanup)
+	fctx := ctx
+	if ctx.Done() != nil {
+		stop := context.AfterFunc(ctx, func() { st.interrupt(gen) })
+		defer stop()
+		fctx = context.WithoutCancel(ctx)
+	}
+	err := f(fctx, st.pc)
+	st.ended(cleanup)
+	return err
+}
+
+// runTry runs f, a statement that never waits on the server (a lock's
+// first try), on the connection; the caller holds the session's turn.
+// Neither ctx's end nor the session's interrupts it: a cancel request
+// would write the statement to the server log as an ERROR, and it answers
+// in one round trip unless the server or the network holds it up. If it
+// has not answered deadlineGrace after ctx ended, its connection is
+// closed (which ends the statement, and whatever it took on the server),
+// and its error then wraps ctx's cause. f gets a context that is never
+// cancelled.
+func (st *statement) runTry(ctx context.Context, f func(context.Context, *pgx.Conn) error) error {
+	gen := st.begin(false, false)
+	if ctx.Done() != nil {
+		stop := context.AfterFunc(ctx, func() { st.closeLate(gen) })
+		defer stop()
+	}
+	err := f(context.Background(), st.pc)
+	if st.ended(false) {
+		err = fmt.Errorf("%w: no answer within %v of that end (server or network held up), so the connection was closed: %w",
+			context.Cause(ctx), deadlineGrace, err)
+	}
+	return err
+}
+
+// begin marks a statement in flight and returns its number (see run).
+func (st *statement) begin(untilEnd, cleanup bool) (gen uint64) {
 	st.mu.Lock()
 	st.gen++
-	gen := st.gen
-	st.inFlight, st.untilEnd = true, untilEnd
+	gen = st.gen
+	st.inFlight, st.untilEnd, st.closedLate = true, untilEnd, false
 	st.cleanupSince = time.Time{}
 	if cleanup {
 		st.cleanupSince = time.Now()
@@ -74,18 +115,15 @@ func (st *statement) run(ctx context.Context, untilEnd, cleanup bool, f func(con
 	if untilEnd && st.end.Err() != nil { // the end came just before inFlight was set
 		go st.interrupt(gen)
 	}
+	return gen
+}
 
-	fctx := ctx
-	if ctx.Done() != nil {
-		stop := context.AfterFunc(ctx, func() { st.interrupt(gen) })
-		defer stop()
-		fctx = context.WithoutCancel(ctx)
-	}
-	err := f(fctx, st.pc)
-
-	// Wait for an interrupt already under way, so that its cancel request
-	// cannot reach a later statement.
+// ended marks the statement begun by begin as ended, after an interrupt
+// already under way, so that its cancel request cannot reach a later
+// statement. It reports whether closeLate closed the connection under it.
+func (st *statement) ended(cleanup bool) (closedLate bool) {
 	st.mu.Lock()
+	defer st.mu.Unlock()
 	st.inFlight = false
 	if cleanup {
 		st.overdue.Stop()
@@ -94,8 +132,25 @@ func (st *statement) run(ctx context.Context, untilEnd, cleanup bool, f func(con
 		st.stopper.Stop()
 		st.stopper = nil
 	}
-	st.mu.Unlock()
-	return err
+	return st.closedLate
+}
+
+// closeLate closes the connection if statement gen is still in flight
+// deadlineGrace from now (runTry: its ctx ended).
+func (st *statement) closeLate(gen uint64) {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	if !st.inFlight || st.gen != gen || st.stopper != nil {
+		return
+	}
+	st.stopper = time.AfterFunc(deadlineGrace, func() {
+		st.mu.Lock()
+		defer st.mu.Unlock()
+		if st.inFlight && st.gen == gen {
+			st.closedLate = true
+			st.pc.PgConn().Conn().Close()
+		}
+	})
 }
 
 // interruptForEnd interrupts the statement in flight if the session's end

@@ -105,6 +105,24 @@ func (s *Session) run(ctx context.Context, untilEnd bool, f func(context.Context
 	return s.answered(s.runFor(ctx, untilEnd, false, f))
 }
 
+// runTry runs f, a statement that never waits on the server (a lock's
+// first try), as run does, except that neither ctx's end nor the
+// session's interrupts it: a cancel request would write the statement to
+// the server log as an ERROR (SPEC §2a). It answers within a round trip
+// unless the server or the network holds it up: if it has not answered
+// deadlineGrace after ctx ended, the connection is closed under it, and
+// its error wraps ctx's cause (statement.runTry). f fails at once, sending
+// nothing, if ctx is already done or the session is ending.
+func (s *Session) runTry(ctx context.Context, f func(context.Context, *pgx.Conn) error) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	if s.ctx.Err() != nil { // ending: nothing more is sent but clean-up
+		return s.endKind()
+	}
+	return s.answered(s.stmt.runTry(ctx, f))
+}
+
 // answered records, for the health watcher, that the server answered one of
 // the library's statements: it returned no error or the server's own.
 func (s *Session) answered(err error) error {

@@ -1,0 +1,165 @@
+package advisory
+
+import (
+	"context"
+	"errors"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/seed0ad592b7/advisory/internal/pgtest"
+)
+
+// The first try of a lock (a Session's, so an Acquire's and a Do's too, and
+// a semaphore's) held up on the server when the caller's ctx ends: by a
+// lock on a catalog it reads, pg_proc (the try's function, looked up when
+// a connection first parses it) or pg_language (a semaphore's try asks
+// whether PL/pgSQL can be used); a silent network cut holds it up the same
+// way. The try is not interrupted by a cancel request, which would write
+// an ERROR with the statement to the server log (SPEC §2a); the caller
+// returns within deadlineGrace of its ctx's end, its connection closed
+// (the server ends whatever the try took with it), and nothing is held.
+
+// A cancel during the first try of an Acquire, on a connection that has
+// never parsed it: ctx's error, the connection closed, nothing logged.
+func TestCancelDuringFirstTry(t *testing.T) {
+	testEndDuringFirstTry(t, false)
+}
+
+// A deadline during the first try of an Acquire: ErrTimeout.
+func TestDeadlineDuringFirstTry(t *testing.T) {
+	testEndDuringFirstTry(t, true)
+}
+
+func testEndDuringFirstTry(t *testing.T, byDeadline bool) {
+	e := newEnv(t)
+	t.Cleanup(noErrorLogged(t)) // also when the test stops early, after the catalog lock ends
+	pool := e.pool(func(c *pgxpool.Config) { c.MaxConns = 1 })
+	must(t, pool.Ping(e.ctx)) // connected, without the try parsed
+	key := StringKey(t.Name())
+	tx, awaitTry := firstTryHeldUp(e, "pg_proc")
+	err := endDuringFirstTry(e, tx, awaitTry, byDeadline, func(ctx context.Context) error {
+		_, err := Acquire(ctx, pool, key)
+		return err
+	})
+	wantCtxError(t, "Acquire", err, byDeadline)
+	must(t, tx.Rollback(e.ctx))
+	awaitNotHeld(e, key)
+	l := e.acquire(pool, key) // the pool serves the next lock
+	must(t, l.Release(e.ctx))
+}
+
+// A cancel during the first try of a semaphore's acquire (its slots' try,
+// held up by a lock on pg_language on a connection that has run it
+// before): ctx's error, nothing logged, no slot held.
+func TestCancelDuringSemaphoreFirstTry(t *testing.T) {
+	e := newEnv(t)
+	t.Cleanup(noErrorLogged(t)) // also when the test stops early, after the catalog lock ends
+	pool := e.pool(func(c *pgxpool.Config) { c.MaxConns = 1 })
+	key := StringKey(t.Name())
+	warm, err := AcquireSemaphore(e.ctx, pool, key, 2)
+	must(t, err)
+	must(t, warm.Release(e.ctx))
+	tx, awaitTry := firstTryHeldUp(e, "pg_language")
+	err = endDuringFirstTry(e, tx, awaitTry, false, func(ctx context.Context) error {
+		_, err := AcquireSemaphore(ctx, pool, key, 2)
+		return err
+	})
+	wantCtxError(t, "AcquireSemaphore", err, false)
+	must(t, tx.Rollback(e.ctx))
+	for _, slot := range SemaphoreKeys(key, 2) {
+		awaitNotHeld(e, slot)
+	}
+}
+
+// firstTryHeldUp locks catalog (pg_proc or pg_language) in a transaction,
+// which holds up a statement that reads it, until it is rolled back (at
+// the latest when the test ends, before its end-of-test checks). awaitTry
+// awaits a statement waiting for catalog, on a connection opened (and its
+// question parsed) before the lock: a new backend's start-up, and a first
+// parse, can themselves wait for a locked catalog.
+func firstTryHeldUp(e *env, catalog string) (tx pgx.Tx, awaitTry func(what string)) {
+	e.t.Helper()
+	probe := e.conn()
+	waits := func() (bool, error) {
+		var n int
+		err := probe.QueryRow(context.Background(), `SELECT count(*) FROM pg_catalog.pg_locks
+			WHERE locktype = 'relation' AND relation = $1::regclass AND NOT granted`, "pg_catalog."+catalog).Scan(&n)
+		return n == 1, err
+	}
+	if _, err := waits(); err != nil {
+		e.t.Fatal(err)
+	}
+	tx, err := e.conn().Begin(e.ctx)
+	must(e.t, err)
+	if _, err := tx.Exec(e.ctx, "LOCK TABLE pg_catalog."+catalog+" IN ACCESS EXCLUSIVE MODE"); err != nil {
+		e.t.Fatal(err)
+	}
+	e.t.Cleanup(func() { _ = tx.Rollback(e.ctx) }) // before the end-of-test checks; may have ended already
+	return tx, func(what string) {
+		e.t.Helper()
+		pgtest.Await(e.t, what+" (on the server)", notHung, waits)
+	}
+}
+
+// endDuringFirstTry runs call with a ctx that ends while call's first try
+// is held up (by tx: firstTryHeldUp): its 300 ms deadline passing or, if
+// !byDeadline, cancelled once the try waits, and returns call's error. If
+// call has not returned within 3 s of that end (deadlineGrace is promised),
+// it rolls tx back and fails the test.
+func endDuringFirstTry(e *env, tx pgx.Tx, awaitTry func(string), byDeadline bool, call func(context.Context) error) error {
+	e.t.Helper()
+	const deadline, bound = 300 * time.Millisecond, 3 * time.Second
+	var (
+		ctx    context.Context
+		cancel context.CancelFunc
+	)
+	if byDeadline {
+		ctx, cancel = context.WithTimeout(e.ctx, deadline)
+	} else {
+		ctx, cancel = context.WithCancel(e.ctx)
+	}
+	defer cancel()
+	done := make(chan error, 1)
+	go func() { done <- call(ctx) }()
+	awaitTry("the first try waiting for the locked catalog")
+	if !byDeadline {
+		cancel()
+	}
+	select {
+	case err := <-done:
+		return err
+	case <-time.After(deadline + bound):
+		must(e.t, tx.Rollback(e.ctx))
+		<-done
+		e.t.Fatalf("the call did not return within %v of its ctx's end while its first try was held up on the server", bound)
+		return nil
+	}
+}
+
+// wantCtxError checks the error of call whose ctx ended: ErrTimeout and
+// context.DeadlineExceeded for a deadline, context.Canceled for a cancel.
+func wantCtxError(t *testing.T, call string, err error, byDeadline bool) {
+	t.Helper()
+	switch {
+	case byDeadline && (!errors.Is(err, ErrTimeout) || !errors.Is(err, context.DeadlineExceeded)):
+		t.Errorf("%s whose deadline passed during its first try: %v; want ErrTimeout and DeadlineExceeded", call, err)
+	case !byDeadline && (!errors.Is(err, context.Canceled) || errors.Is(err, ErrTimeout)):
+		t.Errorf("%s cancelled during its first try: %v; want context.Canceled", call, err)
+	}
+}
+
+// awaitNotHeld awaits key held by no backend (one that ends with its
+// closed connection ends its locks a moment later).
+func awaitNotHeld(e *env, key Key) {
+	e.t.Helper()
+	classid, objid, objsubid := key.LockRow()
+	e.eventually(key.String()+" held by no backend", func(c *pgx.Conn) (bool, error) {
+		var n int
+		err := c.QueryRow(context.Background(), `SELECT count(*) FROM pg_catalog.pg_locks WHERE locktype = 'advisory'
+			AND classid::int8 = $1 AND objid::int8 = $2 AND objsubid = $3`, int64(classid), int64(objid), objsubid).Scan(&n)
+		return n == 0, err
+	})
+}
