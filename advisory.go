@@ -46,9 +46,11 @@ var closedChan = func() chan struct{} {
 // longer than a slice (see the package documentation: "What waiting costs
 // the server"). A wait bounded by WaitTimeout or ctx's deadline fails with
 // ErrTimeout (also matching context.DeadlineExceeded for the deadline);
-// a cancelled ctx ends the wait at once with ctx's error. A wait whose
-// connection is lost (server restart, terminated backend, network cut)
-// fails with an error that says so and wraps the pgx or network error; it
+// a cancelled ctx ends the wait at once with ctx's error, once a try in
+// flight has answered (at most 500 ms: see the package documentation,
+// "Session locks"). A wait whose connection is lost (server restart,
+// terminated backend, network cut) fails with an error that says so and
+// wraps the pgx or network error; it
 // does not match ErrLockLost, as the lock was never held. On any error no
 // lock is held and the connection is back in the pool, or closed if its
 // state could not be known.

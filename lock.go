@@ -33,9 +33,13 @@ var grantedThenCancelled atomic.Int64
 // context.DeadlineExceeded when that bound was ctx's deadline), ErrDeadlock
 // when PostgreSQL broke a deadlock by failing this wait, ErrTooManyLocks
 // when the server's lock table is full, the context's error when ctx was
-// cancelled (the wait is interrupted with a cancel request; the connection
-// survives). If the connection is lost the session ends and every hold goes
-// with it: Done is closed, and the error matches ErrLockLost when the
+// cancelled (a wait slice is left to end on its own, a one-statement wait
+// is interrupted with a cancel request; the connection survives). A try,
+// which never waits on the server, is not interrupted: the call returns
+// once it has answered, with what it got, or, if it has not answered 500
+// ms after ctx ended, closes the connection, which ends the session (the
+// error then matches ctx's). If the connection is lost the session ends
+// and every hold goes with it: Done is closed, and the error matches ErrLockLost when the
 // session held locks; on a session that held nothing the call was only
 // waiting and never held the lock, so its error says the connection was
 // lost while waiting and does not match ErrLockLost.
@@ -138,9 +142,12 @@ func (s *Session) lockOnce(ctx context.Context, key Key, cfg config, h hold, fir
 // them costs the server their start-up even when the try gets the key
 // (BenchmarkCycleAblation: waittry-sql against trydt-sql), and most locks
 // get their key at once. got == false with a nil error means not
-// acquired: busy (waitTry) or the bound passed. If ctx ends during the
-// second try or a slice, the error is a leftToEnd (see waitSlices). The
-// caller holds the turn.
+// acquired: busy (waitTry) or the bound passed. The first try is not
+// interrupted when ctx ends (runTry: a cancel request would write an ERROR
+// to the server log, SPEC §2a); it answers within a round trip, and one
+// that has not answered deadlineGrace after ctx ended has its connection
+// closed. If ctx ends during the second try or a slice, the error is a
+// leftToEnd (see waitSlices). The caller holds the turn.
 func (s *Session) lockFirst(ctx context.Context, key Key, m Mode, w wait, end time.Time) (got bool, err error) {
 	kaOn, args := s.ka.on, s.keyArgs(key)
 	s.answer = false
@@ -276,13 +283,18 @@ func (s *Session) lockMore(ctx context.Context, key Key, m Mode, w wait, bound t
 	}
 	sql, args := lockStatement(scopeSession, m, w, key, bound)
 	got = true
-	err = s.run(ctx, true, func(ctx context.Context, c *pgx.Conn) error {
+	f := func(ctx context.Context, c *pgx.Conn) error {
 		row := c.QueryRow(ctx, sql, args...)
 		if w == waitTry {
 			return row.Scan(&got)
 		}
 		return row.Scan(nil)
-	})
+	}
+	if w == waitTry { // never waits on the server: not interrupted (runTry)
+		err = s.runTry(ctx, f)
+	} else {
+		err = s.run(ctx, true, f)
+	}
 	return got, err
 }
 

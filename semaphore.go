@@ -79,7 +79,8 @@ func SemaphoreKeys(key Key, n int) []Key {
 //
 // A wait bounded by WaitTimeout or ctx's deadline fails with ErrTimeout
 // (also matching context.DeadlineExceeded for the deadline); a cancelled
-// ctx ends the wait at once with ctx's error. On any error no slot is held
+// ctx ends the wait at once with ctx's error, once a try in flight has
+// answered (at most 500 ms, as Acquire). On any error no slot is held
 // and the connection is back in the pool, or closed if its state could not
 // be known. Errors are an *Error with Op "semaphore" and key as its Key.
 func AcquireSemaphore(ctx context.Context, pool *pgxpool.Pool, key Key, n int, opts ...Option) (*Lock, error) {

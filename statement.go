@@ -31,7 +31,9 @@ const (
 // rule: a statement is interrupted only by a cancel request that names it,
 // never by a context, and its connection is closed if it will not stop. So
 // a cancel reaches no later statement, and a cancelled wait leaves the
-// connection (and the session's locks) alive.
+// connection (and the session's locks) alive. A try (runTry), which never
+// waits on the server, is not interrupted at all: its connection is
+// closed if it does not answer in time.
 type statement struct {
 	pc  *pgx.Conn
 	end context.Context // the session's: its end interrupts a statement begun untilEnd
@@ -81,19 +83,37 @@ func (st *statement) run(ctx context.Context, untilEnd, cleanup bool, f func(con
 // has not answered deadlineGrace after ctx ended, its connection is
 // closed (which ends the statement, and whatever it took on the server),
 // and its error then wraps ctx's cause. f gets a context that is never
-// cancelled.
+// cancelled, with ctx's values.
 func (st *statement) runTry(ctx context.Context, f func(context.Context, *pgx.Conn) error) error {
 	gen := st.begin(false, false)
+	fctx := ctx
 	if ctx.Done() != nil {
 		stop := context.AfterFunc(ctx, func() { st.closeLate(gen) })
 		defer stop()
+		fctx = context.WithoutCancel(ctx) // its values reach pgx's tracer
 	}
-	err := f(context.Background(), st.pc)
+	err := f(fctx, st.pc)
 	if st.ended(false) {
 		err = fmt.Errorf("%w: no answer within %v of that end (server or network held up), so the connection was closed: %w",
 			context.Cause(ctx), deadlineGrace, err)
 	}
 	return err
+}
+
+// runTryOn runs f, a statement that never waits on the server, on c, a
+// connection that is not a Session's (a LockTx's transaction, DoTx's
+// waiting one), as runTry does: ctx's end does not interrupt it, whatever
+// context handler c's pool has, but if it has not answered deadlineGrace
+// later, c is closed. It sends nothing if ctx is already done.
+func runTryOn(ctx context.Context, c *pgx.Conn, f func(context.Context, *pgx.Conn) error) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	if ctx.Done() == nil {
+		return f(ctx, c)
+	}
+	st := &statement{pc: c}
+	return st.runTry(ctx, f)
 }
 
 // begin marks a statement in flight and returns its number (see run).

@@ -37,10 +37,14 @@ import (
 // statement, before the grant. Use DoTx with TxOptions instead, which
 // takes fn's snapshot after the grant. Other failures
 // (ErrTooManyLocks, a server error) abort tx, as any failed statement does:
-// roll it back. A cancelled ctx is handled as pgx handles it for any
-// statement (by default the connection is closed, ending tx); a ctx
-// deadline is the wait's bound. A nil, committed or rolled-back tx is an
-// error.
+// roll it back. A ctx deadline is the wait's bound. A ctx cancelled during
+// the first try, which never waits on the server, lets it answer: LockTx
+// returns what it got, tx usable; if it has not answered 500 ms later (a
+// server or network holding it up) tx's connection is closed, whatever
+// context handler its pool has (no cancel request, which would log the
+// statement as an ERROR). A ctx cancelled during a wait slice is handled
+// as pgx handles it for any statement (by default the connection is
+// closed, ending tx). A nil, committed or rolled-back tx is an error.
 func LockTx(ctx context.Context, tx pgx.Tx, key Key, opts ...Option) (bool, error) {
 	cfg, err := newConfig(callLockTx, opts)
 	if err != nil {
@@ -90,19 +94,19 @@ func lockTxCall(ctx context.Context, tx pgx.Tx, key Key, cfg config) (bool, erro
 // locks it holds is detected (two transactions slicing on each other's keys
 // would wait for ever, each unseen by the other's detector).
 func lockTx(ctx context.Context, tx pgx.Tx, key Key, m Mode, w wait, end time.Time) (got bool, err error) {
-	if _, ok := ctx.Deadline(); ok {
-		// A deadline that passes during the try (it never waits) must not
-		// close the connection under it: the try's answer comes soon.
-		var cancel context.CancelFunc
-		ctx, cancel = pastDeadline(ctx, deadlineGrace)
-		defer cancel()
-	}
 	var (
 		dtMs              int64
 		holdsAny, canDoPL *bool
 	)
-	if err := tx.QueryRow(ctx, txFirstTrySQL[m][key.space-1], key.args()...).Scan(&got, &dtMs, &holdsAny, &canDoPL); err != nil || got || w == waitTry {
+	// The try never waits: ctx's end does not interrupt it (runTryOn).
+	err = runTryOn(ctx, tx.Conn(), func(ctx context.Context, _ *pgx.Conn) error {
+		return tx.QueryRow(ctx, txFirstTrySQL[m][key.space-1], key.args()...).Scan(&got, &dtMs, &holdsAny, &canDoPL)
+	})
+	if err != nil || got || w == waitTry {
 		return got, err
+	}
+	if err := ctx.Err(); err != nil { // ended during the try: no wait begins
+		return false, err
 	}
 	switch {
 	case holdsAny != nil && *holdsAny:
@@ -160,9 +164,13 @@ func lockTxOnce(ctx context.Context, tx execer, key Key, m Mode, end time.Time) 
 // An uncontended DoTx is three round trips: the try, the BEGIN of fn's
 // transaction, the COMMIT. All of it works through PgBouncer in
 // transaction pooling mode: each step is one transaction or one message.
-// A cancelled ctx returns at once with ctx's error; a slice then in flight
-// is left to end on its own (within one slice) and the connection goes
-// back to the pool after it, without a grant that came late.
+// A cancelled ctx returns with ctx's error, and fn does not run: at once
+// during a wait slice, which is left to end on its own (within one slice),
+// the connection going back to the pool after it without a grant that came
+// late; during the try, which never waits on the server, once it has
+// answered (a round trip; if it has not answered 500 ms later, the
+// connection is closed, never cancelled, whatever context handler the pool
+// has).
 func DoTx(ctx context.Context, pool *pgxpool.Pool, key Key, fn func(context.Context, pgx.Tx) error, opts ...Option) (acquired bool, err error) {
 	cfg, err := newConfig(callDoTx, opts)
 	if err != nil {
@@ -242,9 +250,14 @@ func txWait(ctx context.Context, conn *pgxpool.Conn, key Key, cfg config) (got b
 		dtMs    int64
 		canDoPL bool
 	)
-	results, err := pc.Exec(ctx, txTrySQL(key, cfg.mode)).ReadAll()
-	got, err = txReport(results, err, &dtMs, &canDoPL)
+	err = runTryOn(ctx, conn.Conn(), func(ctx context.Context, _ *pgx.Conn) error { // not interrupted by ctx's end
+		results, err := pc.Exec(ctx, txTrySQL(key, cfg.mode)).ReadAll()
+		got, err = txReport(results, err, &dtMs, &canDoPL)
+		return err
+	})
 	switch {
+	case err == nil && ctx.Err() != nil: // ended during the try: no wait begins, fn would not run
+		got, err = false, context.Cause(ctx)
 	case err != nil || got || w == waitTry:
 	case !canDoPL:
 		noteNoSlices(ctx, nil)

@@ -163,3 +163,68 @@ func awaitNotHeld(e *env, key Key) {
 		return n == 0, err
 	})
 }
+
+// A cancel during DoTx's try (held up by a lock on pg_language, which it
+// reads), on a pool whose connections end a cancelled statement with a
+// cancel request (cancelHandler) as on the default one: ctx's error,
+// nothing logged, fn not run, nothing held.
+func TestCancelDuringDoTxFirstTry(t *testing.T) {
+	for _, handler := range []struct {
+		name string
+		mods []func(*pgxpool.Config)
+	}{{"default", nil}, {"cancel-request", []func(*pgxpool.Config){cancelHandler(time.Second)}}} {
+		t.Run(handler.name, func(t *testing.T) {
+			e := newEnv(t)
+			t.Cleanup(noErrorLogged(t)) // also when the test stops early, after the catalog lock ends
+			pool := e.pool(append(handler.mods, func(c *pgxpool.Config) { c.MaxConns = 1 })...)
+			key := StringKey(t.Name())
+			noop := func(context.Context, pgx.Tx) error { return nil }
+			_, err := DoTx(e.ctx, pool, key, noop)
+			must(t, err)
+			tx, awaitTry := firstTryHeldUp(e, "pg_language")
+			ran := false
+			err = endDuringFirstTry(e, tx, awaitTry, false, func(ctx context.Context) error {
+				_, err := DoTx(ctx, pool, key, func(context.Context, pgx.Tx) error { ran = true; return nil })
+				return err
+			})
+			wantCtxError(t, "DoTx", err, false)
+			if ran {
+				t.Error("DoTx ran fn after its ctx was cancelled during its try")
+			}
+			must(t, tx.Rollback(e.ctx))
+			awaitNotHeld(e, key)
+			_, err = DoTx(e.ctx, pool, key, noop) // the pool serves the next one
+			must(t, err)
+		})
+	}
+}
+
+// A cancel during LockTx's first try (held up by a lock on pg_language):
+// ctx's error, nothing logged.
+func TestCancelDuringLockTxFirstTry(t *testing.T) {
+	for _, handler := range []struct {
+		name string
+		mods []func(*pgxpool.Config)
+	}{{"default", nil}, {"cancel-request", []func(*pgxpool.Config){cancelHandler(time.Second)}}} {
+		t.Run(handler.name, func(t *testing.T) {
+			e := newEnv(t)
+			t.Cleanup(noErrorLogged(t)) // also when the test stops early, after the catalog lock ends
+			pool := e.pool(append(handler.mods, func(c *pgxpool.Config) { c.MaxConns = 1 })...)
+			key := StringKey(t.Name())
+			warm := e.begin(pool) // ended before the lock: a transaction that read pg_language holds it up
+			_, err := LockTx(e.ctx, warm, StringKey(t.Name()+"-warm"))
+			must(t, err)
+			must(t, warm.Commit(e.ctx))
+			host := e.begin(pool)
+			tx, awaitTry := firstTryHeldUp(e, "pg_language")
+			err = endDuringFirstTry(e, tx, awaitTry, false, func(ctx context.Context) error {
+				_, err := LockTx(ctx, host, key)
+				return err
+			})
+			wantCtxError(t, "LockTx", err, false)
+			must(t, tx.Rollback(e.ctx))
+			_ = host.Rollback(e.ctx)
+			awaitNotHeld(e, key)
+		})
+	}
+}
