@@ -39,10 +39,10 @@ var grantedThenCancelled atomic.Int64
 // once it has answered, with what it got, or, if it has not answered 500
 // ms after ctx ended, closes the connection, which ends the session (the
 // error then matches ctx's). If the connection is lost the session ends
-// and every hold goes with it: Done is closed, and the error matches ErrLockLost when the
-// session held locks; on a session that held nothing the call was only
-// waiting and never held the lock, so its error says the connection was
-// lost while waiting and does not match ErrLockLost.
+// and every hold goes with it: Done is closed, and the error matches
+// ErrLockLost when the session held locks; on a session that held nothing
+// the call was only waiting and never held the lock, so its error says the
+// connection was lost while waiting and does not match ErrLockLost.
 func (s *Session) Lock(ctx context.Context, key Key, opts ...Option) (bool, error) {
 	cfg, err := newConfig(callSessionLock, opts)
 	if err != nil {
@@ -283,19 +283,24 @@ func (s *Session) lockMore(ctx context.Context, key Key, m Mode, w wait, bound t
 	}
 	sql, args := lockStatement(scopeSession, m, w, key, bound)
 	got = true
-	f := func(ctx context.Context, c *pgx.Conn) error {
+	err = s.runLock(ctx, w, func(ctx context.Context, c *pgx.Conn) error {
 		row := c.QueryRow(ctx, sql, args...)
 		if w == waitTry {
 			return row.Scan(&got)
 		}
 		return row.Scan(nil)
-	}
-	if w == waitTry { // never waits on the server: not interrupted (runTry)
-		err = s.runTry(ctx, f)
-	} else {
-		err = s.run(ctx, true, f)
-	}
+	})
 	return got, err
+}
+
+// runLock runs f, a lock statement that waits as w says: a try, which
+// never waits on the server, with runTry (ctx's end does not interrupt
+// it), a wait with run (ctx's end interrupts it with a cancel request).
+func (s *Session) runLock(ctx context.Context, w wait, f func(context.Context, *pgx.Conn) error) error {
+	if w == waitTry {
+		return s.runTry(ctx, f)
+	}
+	return s.run(ctx, true, f)
 }
 
 // lockFailed makes sure a failed lock statement left nothing held, and

@@ -188,7 +188,7 @@ func (s *Session) lockFresh(ctx context.Context, keys []Key, cfg config, first b
 		}
 		return row.Scan(&n)
 	}
-	err := s.run(runCtx, true, func(ctx context.Context, c *pgx.Conn) error {
+	err := s.runLock(runCtx, w, func(ctx context.Context, c *pgx.Conn) error {
 		return scan(c.QueryRow(ctx, sql, args...))
 	})
 	if err == nil && w != waitTry && n != int64(len(keys)) {

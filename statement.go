@@ -94,7 +94,7 @@ func (st *statement) runTry(ctx context.Context, f func(context.Context, *pgx.Co
 	}
 	err := f(fctx, st.pc)
 	if st.ended(false) {
-		err = fmt.Errorf("%w: no answer within %v of that end (server or network held up), so the connection was closed: %w",
+		err = fmt.Errorf("%w; the try in flight had not answered %v later (a server or network held up), so its connection was closed: %w",
 			context.Cause(ctx), deadlineGrace, err)
 	}
 	return err

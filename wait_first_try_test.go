@@ -12,12 +12,12 @@ import (
 	"github.com/seed0ad592b7/advisory/internal/pgtest"
 )
 
-// The first try of a lock (a Session's, so an Acquire's and a Do's too, and
-// a semaphore's) held up on the server when the caller's ctx ends: by a
-// lock on a catalog it reads, pg_proc (the try's function, looked up when
-// a connection first parses it) or pg_language (a semaphore's try asks
-// whether PL/pgSQL can be used); a silent network cut holds it up the same
-// way. The try is not interrupted by a cancel request, which would write
+// The first try of a lock (a Session's, so an Acquire's and a Do's too; a
+// semaphore's; LockTx's and DoTx's) held up on the server when the
+// caller's ctx ends: by a lock on a catalog it reads, pg_proc (the try's
+// function, looked up when a connection first parses it) or pg_language
+// (the semaphore's, LockTx's and DoTx's tries ask whether PL/pgSQL can be
+// used); a silent network cut holds it up the same way. The try is not interrupted by a cancel request, which would write
 // an ERROR with the statement to the server log (SPEC §2a); the caller
 // returns within deadlineGrace of its ctx's end, its connection closed
 // (the server ends whatever the try took with it), and nothing is held.
@@ -40,7 +40,7 @@ func testEndDuringFirstTry(t *testing.T, byDeadline bool) {
 	must(t, pool.Ping(e.ctx)) // connected, without the try parsed
 	key := StringKey(t.Name())
 	tx, awaitTry := firstTryHeldUp(e, "pg_proc")
-	err := endDuringFirstTry(e, tx, awaitTry, byDeadline, func(ctx context.Context) error {
+	err := endDuringTry(e, "first", tx, awaitTry, byDeadline, func(ctx context.Context) error {
 		_, err := Acquire(ctx, pool, key)
 		return err
 	})
@@ -63,7 +63,7 @@ func TestCancelDuringSemaphoreFirstTry(t *testing.T) {
 	must(t, err)
 	must(t, warm.Release(e.ctx))
 	tx, awaitTry := firstTryHeldUp(e, "pg_language")
-	err = endDuringFirstTry(e, tx, awaitTry, false, func(ctx context.Context) error {
+	err = endDuringTry(e, "first", tx, awaitTry, false, func(ctx context.Context) error {
 		_, err := AcquireSemaphore(ctx, pool, key, 2)
 		return err
 	})
@@ -104,41 +104,6 @@ func firstTryHeldUp(e *env, catalog string) (tx pgx.Tx, awaitTry func(what strin
 	}
 }
 
-// endDuringFirstTry runs call with a ctx that ends while call's first try
-// is held up (by tx: firstTryHeldUp): its 300 ms deadline passing or, if
-// !byDeadline, cancelled once the try waits, and returns call's error. If
-// call has not returned within 3 s of that end (deadlineGrace is promised),
-// it rolls tx back and fails the test.
-func endDuringFirstTry(e *env, tx pgx.Tx, awaitTry func(string), byDeadline bool, call func(context.Context) error) error {
-	e.t.Helper()
-	const deadline, bound = 300 * time.Millisecond, 3 * time.Second
-	var (
-		ctx    context.Context
-		cancel context.CancelFunc
-	)
-	if byDeadline {
-		ctx, cancel = context.WithTimeout(e.ctx, deadline)
-	} else {
-		ctx, cancel = context.WithCancel(e.ctx)
-	}
-	defer cancel()
-	done := make(chan error, 1)
-	go func() { done <- call(ctx) }()
-	awaitTry("the first try waiting for the locked catalog")
-	if !byDeadline {
-		cancel()
-	}
-	select {
-	case err := <-done:
-		return err
-	case <-time.After(deadline + bound):
-		must(e.t, tx.Rollback(e.ctx))
-		<-done
-		e.t.Fatalf("the call did not return within %v of its ctx's end while its first try was held up on the server", bound)
-		return nil
-	}
-}
-
 // wantCtxError checks the error of call whose ctx ended: ErrTimeout and
 // context.DeadlineExceeded for a deadline, context.Canceled for a cancel.
 func wantCtxError(t *testing.T, call string, err error, byDeadline bool) {
@@ -155,13 +120,7 @@ func wantCtxError(t *testing.T, call string, err error, byDeadline bool) {
 // closed connection ends its locks a moment later).
 func awaitNotHeld(e *env, key Key) {
 	e.t.Helper()
-	classid, objid, objsubid := key.LockRow()
-	e.eventually(key.String()+" held by no backend", func(c *pgx.Conn) (bool, error) {
-		var n int
-		err := c.QueryRow(context.Background(), `SELECT count(*) FROM pg_catalog.pg_locks WHERE locktype = 'advisory'
-			AND classid::int8 = $1 AND objid::int8 = $2 AND objsubid = $3`, int64(classid), int64(objid), objsubid).Scan(&n)
-		return n == 0, err
-	})
+	pgtest.Await(e.t, key.String()+" held by no backend", notHung, func() (bool, error) { return len(e.lockRows(key)) == 0, nil })
 }
 
 // A cancel during DoTx's try (held up by a lock on pg_language, which it
@@ -169,62 +128,61 @@ func awaitNotHeld(e *env, key Key) {
 // cancel request (cancelHandler) as on the default one: ctx's error,
 // nothing logged, fn not run, nothing held.
 func TestCancelDuringDoTxFirstTry(t *testing.T) {
-	for _, handler := range []struct {
-		name string
-		mods []func(*pgxpool.Config)
-	}{{"default", nil}, {"cancel-request", []func(*pgxpool.Config){cancelHandler(time.Second)}}} {
-		t.Run(handler.name, func(t *testing.T) {
-			e := newEnv(t)
-			t.Cleanup(noErrorLogged(t)) // also when the test stops early, after the catalog lock ends
-			pool := e.pool(append(handler.mods, func(c *pgxpool.Config) { c.MaxConns = 1 })...)
-			key := StringKey(t.Name())
-			noop := func(context.Context, pgx.Tx) error { return nil }
-			_, err := DoTx(e.ctx, pool, key, noop)
-			must(t, err)
-			tx, awaitTry := firstTryHeldUp(e, "pg_language")
-			ran := false
-			err = endDuringFirstTry(e, tx, awaitTry, false, func(ctx context.Context) error {
-				_, err := DoTx(ctx, pool, key, func(context.Context, pgx.Tx) error { ran = true; return nil })
-				return err
-			})
-			wantCtxError(t, "DoTx", err, false)
-			if ran {
-				t.Error("DoTx ran fn after its ctx was cancelled during its try")
-			}
-			must(t, tx.Rollback(e.ctx))
-			awaitNotHeld(e, key)
-			_, err = DoTx(e.ctx, pool, key, noop) // the pool serves the next one
-			must(t, err)
+	eachContextHandler(t, func(t *testing.T, handler func(*pgxpool.Config)) {
+		e := newEnv(t)
+		t.Cleanup(noErrorLogged(t)) // also when the test stops early, after the catalog lock ends
+		pool := e.pool(handler, func(c *pgxpool.Config) { c.MaxConns = 1 })
+		key := StringKey(t.Name())
+		noop := func(context.Context, pgx.Tx) error { return nil }
+		_, err := DoTx(e.ctx, pool, key, noop)
+		must(t, err)
+		tx, awaitTry := firstTryHeldUp(e, "pg_language")
+		ran := false
+		err = endDuringTry(e, "first", tx, awaitTry, false, func(ctx context.Context) error {
+			_, err := DoTx(ctx, pool, key, func(context.Context, pgx.Tx) error { ran = true; return nil })
+			return err
 		})
-	}
+		wantCtxError(t, "DoTx", err, false)
+		if ran {
+			t.Error("DoTx ran fn after its ctx was cancelled during its try")
+		}
+		must(t, tx.Rollback(e.ctx))
+		awaitNotHeld(e, key)
+		_, err = DoTx(e.ctx, pool, key, noop) // the pool serves the next one
+		must(t, err)
+	})
 }
 
 // A cancel during LockTx's first try (held up by a lock on pg_language):
 // ctx's error, nothing logged.
 func TestCancelDuringLockTxFirstTry(t *testing.T) {
-	for _, handler := range []struct {
-		name string
-		mods []func(*pgxpool.Config)
-	}{{"default", nil}, {"cancel-request", []func(*pgxpool.Config){cancelHandler(time.Second)}}} {
-		t.Run(handler.name, func(t *testing.T) {
-			e := newEnv(t)
-			t.Cleanup(noErrorLogged(t)) // also when the test stops early, after the catalog lock ends
-			pool := e.pool(append(handler.mods, func(c *pgxpool.Config) { c.MaxConns = 1 })...)
-			key := StringKey(t.Name())
-			warm := e.begin(pool) // ended before the lock: a transaction that read pg_language holds it up
-			_, err := LockTx(e.ctx, warm, StringKey(t.Name()+"-warm"))
-			must(t, err)
-			must(t, warm.Commit(e.ctx))
-			host := e.begin(pool)
-			tx, awaitTry := firstTryHeldUp(e, "pg_language")
-			err = endDuringFirstTry(e, tx, awaitTry, false, func(ctx context.Context) error {
-				_, err := LockTx(ctx, host, key)
-				return err
-			})
-			wantCtxError(t, "LockTx", err, false)
-			must(t, tx.Rollback(e.ctx))
-			_ = host.Rollback(e.ctx)
-			awaitNotHeld(e, key)
+	eachContextHandler(t, func(t *testing.T, handler func(*pgxpool.Config)) {
+		e := newEnv(t)
+		t.Cleanup(noErrorLogged(t)) // also when the test stops early, after the catalog lock ends
+		pool := e.pool(handler, func(c *pgxpool.Config) { c.MaxConns = 1 })
+		key := StringKey(t.Name())
+		warm := e.begin(pool) // ended before the lock: a transaction that read pg_language holds it up
+		_, err := LockTx(e.ctx, warm, StringKey(t.Name()+"-warm"))
+		must(t, err)
+		must(t, warm.Commit(e.ctx))
+		host := e.begin(pool)
+		tx, awaitTry := firstTryHeldUp(e, "pg_language")
+		err = endDuringTry(e, "first", tx, awaitTry, false, func(ctx context.Context) error {
+			_, err := LockTx(ctx, host, key)
+			return err
 		})
-	}
+		wantCtxError(t, "LockTx", err, false)
+		must(t, tx.Rollback(e.ctx))
+		_ = host.Rollback(e.ctx)
+		awaitNotHeld(e, key)
+	})
+}
+
+// eachContextHandler runs test in a subtest for each context handler a
+// pool's connections may have, which a try must not depend on: pgx's
+// default (the socket's deadline, which closes the connection) and a
+// cancel request (cancelHandler).
+func eachContextHandler(t *testing.T, test func(t *testing.T, handler func(*pgxpool.Config))) {
+	t.Run("default", func(t *testing.T) { test(t, func(*pgxpool.Config) {}) })
+	t.Run("cancel-request", func(t *testing.T) { test(t, cancelHandler(time.Second)) })
 }

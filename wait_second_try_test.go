@@ -28,7 +28,7 @@ func TestDeadlineDuringSecondTry(t *testing.T) {
 	lent := showKeepalives(t, e.ctx, pool)
 	key := StringKey("deadline-during-second-try")
 	holder, tx, awaitTry := secondTryHeldUp(e, pool, key)
-	err := endDuringSecondTry(e, tx, awaitTry, true, func(ctx context.Context) error {
+	err := endDuringTry(e, "second", tx, awaitTry, true, func(ctx context.Context) error {
 		_, err := Acquire(ctx, pool, key)
 		return err
 	})
@@ -50,7 +50,7 @@ func TestCancelDuringSecondTry(t *testing.T) {
 	pool := e.pool()
 	key := StringKey("cancel-during-second-try")
 	_, tx, awaitTry := secondTryHeldUp(e, pool, key)
-	err := endDuringSecondTry(e, tx, awaitTry, false, func(ctx context.Context) error {
+	err := endDuringTry(e, "second", tx, awaitTry, false, func(ctx context.Context) error {
 		_, err := Acquire(ctx, pool, key)
 		return err
 	})
@@ -77,7 +77,7 @@ func TestSessionDeadlineDuringSecondTry(t *testing.T) {
 		return err
 	}))
 	holder, tx, awaitTry := secondTryHeldUp(e, pool, key)
-	err := endDuringSecondTry(e, tx, awaitTry, true, func(ctx context.Context) error {
+	err := endDuringTry(e, "second", tx, awaitTry, true, func(ctx context.Context) error {
 		_, err := s.Lock(ctx, key)
 		return err
 	})
@@ -182,12 +182,12 @@ func secondTryWaits(c *pgx.Conn) (bool, error) {
 	return n == 1, err
 }
 
-// endDuringSecondTry runs call with a ctx that ends while call's second
-// try is held up (by tx: secondTryHeldUp), its 300 ms deadline passing or,
-// if !byDeadline, cancelled once the try waits, and returns call's error.
-// If call has not returned within 5 s of that end, it rolls tx back and
-// fails the test.
-func endDuringSecondTry(e *env, tx pgx.Tx, awaitTry func(string), byDeadline bool, call func(context.Context) error) error {
+// endDuringTry runs call with a ctx that ends while call's try (which
+// names it: "first", "second") is held up (by tx: secondTryHeldUp,
+// firstTryHeldUp), its 300 ms deadline passing or, if !byDeadline,
+// cancelled once the try waits, and returns call's error. If call has not
+// returned within 5 s of that end, it rolls tx back and fails the test.
+func endDuringTry(e *env, which string, tx pgx.Tx, awaitTry func(string), byDeadline bool, call func(context.Context) error) error {
 	e.t.Helper()
 	const deadline, bound = 300 * time.Millisecond, 5 * time.Second
 	var (
@@ -202,7 +202,7 @@ func endDuringSecondTry(e *env, tx pgx.Tx, awaitTry func(string), byDeadline boo
 	defer cancel()
 	done := make(chan error, 1)
 	go func() { done <- call(ctx) }()
-	awaitTry("the second try waiting for pg_language")
+	awaitTry("the " + which + " try waiting for the locked catalog")
 	if !byDeadline {
 		cancel()
 	}
@@ -212,7 +212,7 @@ func endDuringSecondTry(e *env, tx pgx.Tx, awaitTry func(string), byDeadline boo
 	case <-time.After(deadline + bound):
 		must(e.t, tx.Rollback(e.ctx))
 		<-done
-		e.t.Fatalf("the call did not return within %v of its ctx's end while its second try was held up on the server", bound)
+		e.t.Fatalf("the call did not return within %v of its ctx's end while its %s try was held up on the server", bound, which)
 		return nil
 	}
 }
