@@ -30,17 +30,18 @@
 // context ends a sliced wait at once: its last slice is left to end on its
 // own (within one slice; the second try before the slices, within a round
 // trip), and a grant that comes then is dropped before the connection goes
-// back; meanwhile the Session is busy. A try (the first statement of every
-// lock, LockTx's and DoTx's included, and all of a NoWait one) is not
-// interrupted at all: it never waits on the server, so the call returns
-// once it has answered, within a round trip, with what it got (LockTx's
-// transaction stays usable). If it has not answered 500 ms after the
-// context ended (a server or a network holding it up), its connection is
-// closed, which ends whatever it took: a Session ends, LockTx's
-// transaction with it. Neither writes the library's statement to the
-// server log, as a cancel request would (an ERROR with the statement),
-// whatever context handler the pool has. A wait in one statement is
-// interrupted with a cancel request, not by closing the connection.
+// back; meanwhile the Session is busy. A try (the statement a lock begins
+// with, LockTx's and DoTx's included, and all of a NoWait one; a waiting
+// LockMany begins with a slice) is not interrupted at all: it never waits
+// on the server, so the call returns once it has answered, within a round
+// trip, with what it got (LockTx's transaction stays usable). If it has
+// not answered 500 ms after the context ended (a server or a network
+// holding it up), its connection is closed, which ends whatever it took:
+// a Session ends, LockTx's transaction with it. Neither writes the
+// library's statement to the server log, as a cancel request would (an
+// ERROR with the statement), whatever context handler the pool has. A
+// wait in one statement is interrupted with a cancel request, not by
+// closing the connection.
 // Because a cancel can land just after the server granted the lock, and a
 // session lock survives the failed statement, the library then reads the
 // session's own pg_locks rows and releases what was granted, or closes the

@@ -83,11 +83,15 @@ func TestCancelDuringSemaphoreFirstTry(t *testing.T) {
 func firstTryHeldUp(e *env, catalog string) (tx pgx.Tx, awaitTry func(what string)) {
 	e.t.Helper()
 	probe := e.conn()
+	var pids []uint32 // of the backends waiting for catalog, logged: a failed test's server log names its backends by pid
 	waits := func() (bool, error) {
-		var n int
-		err := probe.QueryRow(context.Background(), `SELECT count(*) FROM pg_catalog.pg_locks
-			WHERE locktype = 'relation' AND relation = $1::regclass AND NOT granted`, "pg_catalog."+catalog).Scan(&n)
-		return n == 1, err
+		pids = pids[:0]
+		rows, err := probe.Query(context.Background(), `SELECT pid FROM pg_catalog.pg_locks
+			WHERE locktype = 'relation' AND relation = $1::regclass AND NOT granted`, "pg_catalog."+catalog)
+		if err == nil {
+			pids, err = pgx.AppendRows(pids, rows, pgx.RowTo[uint32])
+		}
+		return len(pids) == 1, err
 	}
 	if _, err := waits(); err != nil {
 		e.t.Fatal(err)
@@ -101,6 +105,7 @@ func firstTryHeldUp(e *env, catalog string) (tx pgx.Tx, awaitTry func(what strin
 	return tx, func(what string) {
 		e.t.Helper()
 		pgtest.Await(e.t, what+" (on the server)", notHung, waits)
+		e.t.Logf("%s: backend %v", what, pids)
 	}
 }
 
