@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -95,7 +96,7 @@ func (st *statement) runTry(ctx context.Context, f func(context.Context, *pgx.Co
 	err := f(fctx, st.pc)
 	if st.ended(false) {
 		err = fmt.Errorf("%w; the try in flight had not answered %v later (a server or network held up), so its connection was closed: %w",
-			context.Cause(ctx), deadlineGrace, err)
+			context.Cause(ctx), time.Duration(tryGrace.Load()), err)
 	}
 	return err
 }
@@ -155,15 +156,22 @@ func (st *statement) ended(cleanup bool) (closedLate bool) {
 	return st.closedLate
 }
 
+// tryGrace is how long a try (runTry) in flight when its ctx ends may take
+// to answer before its connection is closed, in nanoseconds: deadlineGrace,
+// which tests lengthen to see a held-up try answer after its ctx ended.
+var tryGrace atomic.Int64
+
+func init() { tryGrace.Store(int64(deadlineGrace)) }
+
 // closeLate closes the connection if statement gen is still in flight
-// deadlineGrace from now (runTry: its ctx ended).
+// tryGrace from now (runTry: its ctx ended).
 func (st *statement) closeLate(gen uint64) {
 	st.mu.Lock()
 	defer st.mu.Unlock()
 	if !st.inFlight || st.gen != gen || st.stopper != nil {
 		return
 	}
-	st.stopper = time.AfterFunc(deadlineGrace, func() {
+	st.stopper = time.AfterFunc(time.Duration(tryGrace.Load()), func() {
 		st.mu.Lock()
 		defer st.mu.Unlock()
 		if st.inFlight && st.gen == gen {
