@@ -37,11 +37,13 @@
 // trip, with what it got (LockTx's transaction stays usable). If it has
 // not answered 500 ms after the context ended (a server or a network
 // holding it up), its connection is closed, which ends whatever it took:
-// a Session ends, LockTx's transaction with it. Neither writes the
-// library's statement to the server log, as a cancel request would (an
-// ERROR with the statement), whatever context handler the pool has. A
-// wait in one statement is interrupted with a cancel request, not by
-// closing the connection.
+// a Session ends, LockTx's transaction with it. The library sends no
+// cancel request for a try, whatever context handler the pool has (the
+// server would log an ERROR with the statement); but pgx, as it closes a
+// connection under a read, sends one of its own, so a try still held up
+// on the server then may leave that ERROR after all. A wait in one
+// statement is interrupted with a cancel request, not by closing the
+// connection.
 // Because a cancel can land just after the server granted the lock, and a
 // session lock survives the failed statement, the library then reads the
 // session's own pg_locks rows and releases what was granted, or closes the

@@ -145,7 +145,7 @@ func (s *Session) lockOnce(ctx context.Context, key Key, cfg config, h hold, fir
 // acquired: busy (waitTry) or the bound passed. The first try is not
 // interrupted when ctx ends (runTry: a cancel request would write an ERROR
 // to the server log, SPEC §2a); it answers within a round trip, and one
-// that has not answered deadlineGrace after ctx ended has its connection
+// that has not answered tryGrace after ctx ended has its connection
 // closed. If ctx ends during the second try or a slice, the error is a
 // leftToEnd (see waitSlices). The caller holds the turn.
 func (s *Session) lockFirst(ctx context.Context, key Key, m Mode, w wait, end time.Time) (got bool, err error) {

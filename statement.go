@@ -81,10 +81,12 @@ func (st *statement) run(ctx context.Context, untilEnd, cleanup bool, f func(con
 // Neither ctx's end nor the session's interrupts it: a cancel request
 // would write the statement to the server log as an ERROR, and it answers
 // in one round trip unless the server or the network holds it up. If it
-// has not answered deadlineGrace after ctx ended, its connection is
-// closed (which ends the statement, and whatever it took on the server),
-// and its error then wraps ctx's cause. f gets a context that is never
-// cancelled, with ctx's values.
+// has not answered tryGrace after ctx ended, its connection is closed
+// (which ends the statement, and whatever it took on the server), and its
+// error then wraps ctx's cause; pgx then sends a cancel request of its
+// own (pgconn's asyncClose), which the server logs if the statement is
+// still held up when it lands. f gets a context that is never cancelled,
+// with ctx's values.
 func (st *statement) runTry(ctx context.Context, f func(context.Context, *pgx.Conn) error) error {
 	gen := st.begin(false, false)
 	fctx := ctx
@@ -104,7 +106,7 @@ func (st *statement) runTry(ctx context.Context, f func(context.Context, *pgx.Co
 // runTryOn runs f, a statement that never waits on the server, on c, a
 // connection that is not a Session's (a LockTx's transaction, DoTx's
 // waiting one), as runTry does: ctx's end does not interrupt it, whatever
-// context handler c's pool has, but if it has not answered deadlineGrace
+// context handler c's pool has, but if it has not answered tryGrace
 // later, c is closed. It sends nothing if ctx is already done.
 func runTryOn(ctx context.Context, c *pgx.Conn, f func(context.Context, *pgx.Conn) error) error {
 	if err := ctx.Err(); err != nil {

@@ -110,7 +110,7 @@ func (s *Session) run(ctx context.Context, untilEnd bool, f func(context.Context
 // session's interrupts it: a cancel request would write the statement to
 // the server log as an ERROR (SPEC §2a). It answers within a round trip
 // unless the server or the network holds it up: if it has not answered
-// deadlineGrace after ctx ended, the connection is closed under it, and
+// tryGrace after ctx ended, the connection is closed under it, and
 // its error wraps ctx's cause (statement.runTry). f fails at once, sending
 // nothing, if ctx is already done or the session is ending.
 func (s *Session) runTry(ctx context.Context, f func(context.Context, *pgx.Conn) error) error {

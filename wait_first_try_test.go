@@ -196,7 +196,8 @@ func answerAfterEnd(e *env, h heldTry, byDeadline bool, call func(context.Contex
 		cancel()
 	}
 	<-ctx.Done() // the deadline passes while the try waits
-	for end := time.Now().Add(stillFor); time.Now().Before(end); time.Sleep(pgtest.PollEvery) { // polling the server's state
+	// Polling the server's state: the try must go on waiting.
+	for end := time.Now().Add(stillFor); time.Now().Before(end); time.Sleep(pgtest.PollEvery) {
 		select {
 		case err := <-done:
 			must(e.t, h.tx.Rollback(e.ctx))
