@@ -36,10 +36,7 @@ func TestDeadlineDuringFirstTry(t *testing.T) {
 }
 
 func testAnswerAfterEnd(t *testing.T, byDeadline bool) {
-	e := newEnv(t)
-	t.Cleanup(noErrorLogged(t)) // also when the test stops early, after the catalog lock ends
-	longTryGrace(t)
-	pool := e.pool(func(c *pgxpool.Config) { c.MaxConns = 1 })
+	e, pool := newTryEnv(t)
 	must(t, pool.Ping(e.ctx)) // connected, without the try parsed
 	key := StringKey(t.Name())
 	var l *Lock
@@ -59,10 +56,7 @@ func testAnswerAfterEnd(t *testing.T, byDeadline bool) {
 // A cancel during the first try of a semaphore's acquire (its slots' try,
 // on a connection that has run it before): the same.
 func TestCancelDuringSemaphoreFirstTry(t *testing.T) {
-	e := newEnv(t)
-	t.Cleanup(noErrorLogged(t)) // also when the test stops early, after the catalog lock ends
-	longTryGrace(t)
-	pool := e.pool(func(c *pgxpool.Config) { c.MaxConns = 1 })
+	e, pool := newTryEnv(t)
 	key := StringKey(t.Name())
 	l, err := AcquireSemaphore(e.ctx, pool, key, 2)
 	must(t, err)
@@ -83,10 +77,7 @@ func TestCancelDuringSemaphoreFirstTry(t *testing.T) {
 // running fn, and the key is not held; nothing is logged.
 func TestCancelDuringDoTxFirstTry(t *testing.T) {
 	eachContextHandler(t, func(t *testing.T, handler func(*pgxpool.Config)) {
-		e := newEnv(t)
-		t.Cleanup(noErrorLogged(t)) // also when the test stops early, after the catalog lock ends
-		longTryGrace(t)
-		pool := e.pool(handler, func(c *pgxpool.Config) { c.MaxConns = 1 })
+		e, pool := newTryEnv(t, handler)
 		key := StringKey(t.Name())
 		noop := func(context.Context, pgx.Tx) error { return nil }
 		_, err := DoTx(e.ctx, pool, key, noop)
@@ -110,10 +101,7 @@ func TestCancelDuringDoTxFirstTry(t *testing.T) {
 // and the caller's transaction is usable; nothing is logged.
 func TestCancelDuringLockTxFirstTry(t *testing.T) {
 	eachContextHandler(t, func(t *testing.T, handler func(*pgxpool.Config)) {
-		e := newEnv(t)
-		t.Cleanup(noErrorLogged(t)) // also when the test stops early, after the catalog lock ends
-		longTryGrace(t)
-		pool := e.pool(handler, func(c *pgxpool.Config) { c.MaxConns = 1 })
+		e, pool := newTryEnv(t, handler)
 		key := StringKey(t.Name())
 		warm := e.begin(pool) // ended before the lock: a transaction that read pg_language holds it up
 		_, err := LockTx(e.ctx, warm, StringKey(t.Name()+"-warm"))
@@ -169,6 +157,17 @@ func TestFirstTryHeldUpPastGrace(t *testing.T) {
 func longTryGrace(t *testing.T) {
 	was := tryGrace.Swap(int64(notHung))
 	t.Cleanup(func() { tryGrace.Store(was) })
+}
+
+// newTryEnv is the set-up of a test whose try is held up past its ctx's
+// end: a long tryGrace, a check that the server logged no ERROR (also
+// when the test stops early, after the catalog lock ends), and a pool of
+// one connection (with mods).
+func newTryEnv(t *testing.T, mods ...func(*pgxpool.Config)) (*env, *pgxpool.Pool) {
+	e := newEnv(t)
+	t.Cleanup(noErrorLogged(t))
+	longTryGrace(t)
+	return e, e.pool(append(mods, func(c *pgxpool.Config) { c.MaxConns = 1 })...)
 }
 
 // answerAfterEnd runs call with a ctx that ends while call's first try is
