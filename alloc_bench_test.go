@@ -39,28 +39,37 @@ func benchPool(b *testing.B) *pgxpool.Pool {
 	return pool
 }
 
-// processCPU is the CPU time this process has used, user and system.
-func processCPU(b *testing.B) time.Duration {
+// processCPU is the CPU time this process has used, user and system, and
+// how often its threads gave up their CPU to wait (voluntary context
+// switches: a thread parked in the scheduler, the network poller or a
+// futex, as each wake-up of an idle thread ends in).
+func processCPU(b *testing.B) (time.Duration, int64) {
 	var ru syscall.Rusage
 	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
 		b.Fatal(err)
 	}
-	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano()), ru.Nvcsw
 }
 
 // loopCPU runs op b.N times (b.Loop) and reports its CPU time per op as
-// cpu-ns/op.
+// cpu-ns/op, and its voluntary context switches per op as waits/op: the
+// client's own wake-ups, which on a small machine take CPU from the server
+// too.
 func loopCPU(b *testing.B, op func()) {
 	b.ReportAllocs()
 	var cpu time.Duration
+	var waits int64
 	started := false
 	for b.Loop() {
 		if !started { // b.Loop resets the timer at its first call
-			started, cpu = true, processCPU(b)
+			started = true
+			cpu, waits = processCPU(b)
 		}
 		op()
 	}
-	b.ReportMetric(float64(processCPU(b)-cpu)/float64(b.N), "cpu-ns/op")
+	cpuEnd, waitsEnd := processCPU(b)
+	b.ReportMetric(float64(cpuEnd-cpu)/float64(b.N), "cpu-ns/op")
+	b.ReportMetric(float64(waitsEnd-waits)/float64(b.N), "waits/op")
 }
 
 // Acquire and Release of a free key: two round trips, one connection from
