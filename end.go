@@ -91,9 +91,6 @@ func (s *Session) beginEnd(err, why error, inBackground bool) bool {
 	if inBackground {
 		s.watcher.Add(1)
 	}
-	if s.watchStart != nil && s.watchStart.Stop() {
-		s.watcher.Done() // the watcher never started
-	}
 	s.cancel(why)
 	s.stmt.interruptForEnd()
 	return true

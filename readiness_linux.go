@@ -99,6 +99,9 @@ func (r *readiness) disarm() {
 	_ = r.ctl(syscall.EPOLL_CTL_MOD, syscall.EPOLLONESHOT) // a closed socket leaves nothing to report
 }
 
+// unarmed reports whether r exists and its registration is not armed.
+func (r *readiness) unarmed() bool { return r != nil && !r.armed }
+
 // wait returns true when the registration reported, false when deadline
 // passed or r was closed.
 func (r *readiness) wait(deadline time.Time) bool {

@@ -15,5 +15,6 @@ type readiness struct{}
 func newReadiness(net.Conn) *readiness { return nil }
 func (*readiness) arm()                {}
 func (*readiness) disarm()             {}
+func (*readiness) unarmed() bool       { return false }
 func (*readiness) wait(time.Time) bool { return false }
 func (*readiness) close()              {}

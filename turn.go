@@ -82,14 +82,25 @@ func (s *Session) unlockTurn(ctx context.Context) error {
 	return s.takeTurn(ctx)
 }
 
-// giveTurn ends a takeTurn (or the watcher's takeWatchTurn), arming the health
-// watcher's readiness if the session holds something.
+// giveTurn ends a takeTurn. If the session holds something its watcher
+// does not watch, the watcher looks at it once the session has been quiet
+// for watchQuiet (watchSoon), not at once: a caller that takes the turn
+// again sooner leaves nothing to disarm.
 func (s *Session) giveTurn() {
 	if h := s.handOver; h != nil {
 		s.handOver = nil
 		close(h)
 		return
 	}
+	if s.unwatched() {
+		s.watchSoon()
+	}
+	<-s.turn
+}
+
+// giveWatchTurn ends the watcher's takeWatchTurn, arming the health
+// watcher's readiness if the session holds something.
+func (s *Session) giveWatchTurn() {
 	if s.holding() {
 		s.ready.Load().arm()
 	}

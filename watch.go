@@ -19,8 +19,10 @@ import (
 // (readiness_linux.go): a terminated backend's FATAL error, a stopped
 // server's end of stream, a notification or a changed setting wakes it, and
 // it pings, which reads what came; a closed connection is noticed at once.
-// A caller that takes the turn disarms that wait (one epoll_ctl), and gives
-// it back armed while the session holds something.
+// A caller that takes the turn disarms that wait (one epoll_ctl) if it was
+// armed; once the session has held something for watchQuiet with the turn
+// given back, the wait is armed again (watch_quiet.go), so that a Lock and
+// Unlock in quick succession make no system call for it.
 //
 // A silent network cut sends nothing, so the watcher also pings once the
 // connection has been quiet for a health interval (one small round trip); a
@@ -32,12 +34,12 @@ import (
 // The watcher takes the turn when it is free. When a caller holds it and
 // the watcher has something to look at (the socket reported input, or the
 // watcher has not set up its readiness yet), it waits for the turn instead
-// of sleeping until its next look: a caller that arms the readiness as it
-// gives the turn back (giveTurn) may wake the watcher before the turn is
-// free, and the report, once taken, does not come again; and a watcher that
-// starts while a WithConn callback runs (one begun right after the grant)
-// has no readiness for that caller to arm. A caller that holds the turn
-// detects a closed connection by the statement it runs.
+// of sleeping until its next look: the look that arms the readiness as it
+// gives the turn back (lookQuiet) may wake the watcher before the turn is
+// free, and the report, once taken, does not come again; and a watcher
+// whose turn was taken before it set up its readiness has no readiness for
+// that caller to leave armed. A caller that holds the turn detects a closed
+// connection by the statement it runs.
 //
 // The watcher owns its socket deadlines: its pings run under
 // context.Background, bounded by deadlines it sets on the net.Conn itself,
@@ -48,8 +50,8 @@ import (
 // watching is what the health watcher shares with the session's callers.
 // Its rule: the watcher owns its deadlines and borrows nothing from the
 // callers. They only tell it when the server last answered them
-// (lastAnswer), and arm its readiness as they give the turn back while the
-// session holds something.
+// (lastAnswer), and have it look at the session once quiet when they give
+// the turn back holding something unwatched (watchSoon).
 type watching struct {
 	health time.Duration // how often the watcher checks a quiet connection (HealthInterval)
 	// lastAnswer is when the server last answered one of the library's own
@@ -62,29 +64,45 @@ type watching struct {
 	// cannot be watched. Armed and disarmed under the turn, closed by
 	// whoever ends the session.
 	ready atomic.Pointer[readiness]
-	// watchStart starts the watcher once the session first holds something
-	// (see arm); nil until then. Guarded by the Session's mu.
-	watchStart *time.Timer
+	// watchStarted: the watcher has started (watch_quiet.go). Guarded by
+	// the Session's mu.
+	watchStarted bool
+	// lookDue: the session is to be looked at once quiet (watchSoon).
+	// Guarded by quietSessions.
+	lookDue bool
 }
 
-// watchQuiet is how long the session must hold something before the
-// watcher starts, so that a lock released sooner (an Acquire and Release in
-// quick succession) never starts a goroutine at all.
+// watchQuiet is how long the session must hold something, its turn given
+// back, before the watcher starts or its readiness is armed again
+// (watch_quiet.go), so that a lock released sooner (an Acquire and Release
+// in quick succession, or a Session's Lock and Unlock) costs no goroutine
+// and no system call to watch it. A loss while the session holds is
+// noticed at most that much later.
 const watchQuiet = 2 * time.Millisecond
 
-// arm tells the session it holds something to watch: the first call
-// schedules the watcher to start after watchQuiet. A NewConnSession has no
-// watcher: its owner uses the connection between the session's calls.
+// arm tells the session it holds something to watch, since when: the
+// watcher starts, or its readiness is armed, once the session has given
+// its turn back and watchQuiet has passed (giveTurn, watchSoon). A
+// NewConnSession has no watcher: its owner uses the connection between the
+// session's calls.
 func (s *Session) arm() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.heldSince.IsZero() {
 		s.heldSince = time.Now()
 	}
-	if s.watchStart == nil && !s.ending && s.conn != nil {
-		s.watcher.Add(1)
-		s.watchStart = time.AfterFunc(watchQuiet, s.watch)
+}
+
+// unwatched reports whether the session holds something that its watcher
+// does not watch: the watcher has not started, or its readiness is not
+// armed. The caller holds the turn.
+func (s *Session) unwatched() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.ending || s.conn == nil || len(s.holds) == 0 && !s.rawUsed {
+		return false
 	}
+	return !s.watchStarted || s.ready.Load().unarmed()
 }
 
 // watch runs until the session ends; when it finds the connection lost it
@@ -107,7 +125,7 @@ func (s *Session) watch() {
 				err = s.ping()
 				checked = time.Now()
 			}
-			s.giveTurn()
+			s.giveWatchTurn()
 			if err != nil {
 				s.lose(err)
 				return

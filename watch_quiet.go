@@ -1,0 +1,123 @@
+package advisory
+
+import (
+	"sync"
+	"time"
+)
+
+// The health watcher's start and its readiness's arming wait until a
+// session has held something for watchQuiet with its turn given back
+// (giveTurn): a lock released sooner (an Acquire and Release in quick
+// succession, a Session's Lock and Unlock) never starts a goroutine nor
+// makes a system call to watch its socket. Its rule: a session that gives
+// the turn back holding something and not watched is looked at once,
+// watchQuiet later (or a little later); the look starts its watcher, or
+// arms its readiness if the turn is free then. A session whose turn is
+// taken at the look is looked at again after that caller gives it back.
+//
+// One timer serves the process, not one per lock: a timer that becomes a
+// thread's next one wakes a thread of the Go scheduler to wait for it (a
+// futex or netpollBreak call, and a thread that runs, which on a small
+// machine takes a core from the database server): a timer per lock cost an
+// uncontended Acquire a netpollBreak each (profile and strace of
+// BenchmarkUncontendedAcquireRelease). The timer fires every watchQuiet (or
+// at the next look due) while looks are due, and goes on firing for
+// quietLinger after the last look was asked for, so that locks taken a few
+// milliseconds apart do not set it each time. An idle process sets no
+// timer.
+
+// quietLinger is how long the timer goes on firing after the last look was
+// asked for.
+const quietLinger = 4 * watchQuiet
+
+// quietSessions is the process's sessions to look at, in the order they
+// gave the turn back, so by when they are due.
+var quietSessions = struct {
+	sync.Mutex
+	due   []quietLook
+	timer *time.Timer // runs lookQuiet; made at the first look
+	set   bool        // the timer is set
+	asked time.Time   // when the last look was asked for
+}{}
+
+// quietLook is a session to look at, from when on.
+type quietLook struct {
+	s  *Session
+	at time.Time
+}
+
+// watchSoon has s looked at watchQuiet from now, unless a look is already
+// due.
+func (s *Session) watchSoon() {
+	quietSessions.Lock()
+	defer quietSessions.Unlock()
+	if s.lookDue {
+		return
+	}
+	s.lookDue = true
+	now := time.Now()
+	quietSessions.asked = now
+	quietSessions.due = append(quietSessions.due, quietLook{s, now.Add(watchQuiet)})
+	switch {
+	case quietSessions.set:
+	case quietSessions.timer == nil:
+		quietSessions.set = true
+		quietSessions.timer = time.AfterFunc(watchQuiet, lookQuiet)
+	default:
+		quietSessions.set = true
+		quietSessions.timer.Reset(watchQuiet)
+	}
+}
+
+// lookQuiet looks at the sessions that are due, and sets the timer for the
+// next one, or for watchQuiet later while looks were asked for within
+// quietLinger.
+func lookQuiet() {
+	now := time.Now()
+	quietSessions.Lock()
+	n := 0
+	for n < len(quietSessions.due) && !quietSessions.due[n].at.After(now) {
+		quietSessions.due[n].s.lookDue = false
+		n++
+	}
+	due := make([]*Session, 0, n)
+	for _, l := range quietSessions.due[:n] {
+		due = append(due, l.s)
+	}
+	rest := copy(quietSessions.due, quietSessions.due[n:])
+	clear(quietSessions.due[rest:]) // no ended session kept from the collector
+	quietSessions.due = quietSessions.due[:rest]
+	switch {
+	case rest > 0:
+		quietSessions.timer.Reset(quietSessions.due[0].at.Sub(now))
+	case now.Sub(quietSessions.asked) < quietLinger:
+		quietSessions.timer.Reset(watchQuiet)
+	default:
+		quietSessions.set = false
+	}
+	quietSessions.Unlock()
+	for _, s := range due {
+		s.lookQuiet()
+	}
+}
+
+// lookQuiet starts s's watcher if s still holds something and its watcher
+// has not started; or, if it has, arms its readiness if the turn is free.
+func (s *Session) lookQuiet() {
+	s.mu.Lock()
+	if s.ending || len(s.holds) == 0 && !s.rawUsed {
+		s.mu.Unlock()
+		return
+	}
+	if !s.watchStarted {
+		s.watchStarted = true
+		s.watcher.Add(1)
+		s.mu.Unlock()
+		go s.watch()
+		return
+	}
+	s.mu.Unlock()
+	if s.takeWatchTurn(false) {
+		s.giveWatchTurn()
+	}
+}
