@@ -3,6 +3,7 @@ package advisory
 import (
 	"net"
 	"os"
+	"sync/atomic"
 	"syscall"
 	"time"
 )
@@ -72,8 +73,13 @@ func newReadiness(nc net.Conn) *readiness {
 	return r
 }
 
+// readinessCalls counts the epoll_ctl calls of every readiness, for tests
+// to check that quick turns make none.
+var readinessCalls atomic.Int64
+
 // ctl changes the socket's registration.
 func (r *readiness) ctl(op int, events uint32) error {
+	readinessCalls.Add(1)
 	r.op, r.event, r.err = op, syscall.EpollEvent{Events: events}, nil
 	if err := r.epc.Control(r.onEp); r.err == nil {
 		r.err = err
