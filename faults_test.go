@@ -172,8 +172,8 @@ func TestCloseCleanupTimesOut(t *testing.T) {
 	t.Logf("Close over a cut network returned after %v", time.Since(start))
 }
 
-// A clean-up statement's bound is one timer per session, reset for each
-// (interruptOverdue): after many unlocks that ended in time, an unlock over
+// A clean-up statement's bound is one timer for the process, set for the
+// earliest statement in flight (overdue.go): after many unlocks that ended in time, an unlock over
 // a silently cut network is still interrupted at its bound, and the
 // session ends with its locks reported lost.
 func TestUnlockCleanupTimesOutAfterManyInTime(t *testing.T) {

@@ -47,11 +47,9 @@ type statement struct {
 	// closedLate: closeLate closed the connection under the statement in
 	// flight.
 	closedLate bool
-	// overdue interrupts a clean-up statement that runs for cleanupTimeout
-	// (interruptOverdue): one timer per session, made at its first clean-up
-	// statement and reset for each; cleanupSince is when the clean-up
-	// statement in flight began (zero for any other statement).
-	overdue      *time.Timer
+	// cleanupSince is when the clean-up statement in flight began (zero
+	// for any other statement): one that runs for cleanupTimeout is
+	// interrupted (interruptOverdue, from overdue.go's one timer).
 	cleanupSince time.Time
 }
 
@@ -61,8 +59,7 @@ type statement struct {
 // cleanup it is also interrupted once it has run for cleanupTimeout. It
 // allocates nothing to watch a ctx that cannot end (context.Background) or
 // the session's end (interruptForEnd interrupts the statement in flight
-// itself), nor, after a session's first clean-up statement, for the
-// timeout.
+// itself), and sets no timer of its own for the timeout (overdue.go).
 func (st *statement) run(ctx context.Context, untilEnd, cleanup bool, f func(context.Context, *pgx.Conn) error) error {
 	gen := st.begin(untilEnd, cleanup)
 	fctx := ctx
@@ -128,11 +125,7 @@ func (st *statement) begin(untilEnd, cleanup bool) (gen uint64) {
 	st.cleanupSince = time.Time{}
 	if cleanup {
 		st.cleanupSince = time.Now()
-		if st.overdue == nil {
-			st.overdue = time.AfterFunc(cleanupTimeout, st.interruptOverdue)
-		} else {
-			st.overdue.Reset(cleanupTimeout)
-		}
+		cleanupStarted(st, st.cleanupSince)
 	}
 	st.mu.Unlock()
 	if untilEnd && st.end.Err() != nil { // the end came just before inFlight was set
@@ -149,7 +142,7 @@ func (st *statement) ended(cleanup bool) (closedLate bool) {
 	defer st.mu.Unlock()
 	st.inFlight = false
 	if cleanup {
-		st.overdue.Stop()
+		cleanupEnded(st)
 	}
 	if st.stopper != nil {
 		st.stopper.Stop()
@@ -208,9 +201,9 @@ func (st *statement) interruptUntilEnd() {
 }
 
 // interruptOverdue interrupts the clean-up statement in flight if it has
-// run for cleanupTimeout. The timer may fire late for a statement that has
-// ended: the one in flight then began less than cleanupTimeout ago, or is
-// not a clean-up statement, and is left alone.
+// run for cleanupTimeout. It may come late for a statement that has ended:
+// the one in flight then began less than cleanupTimeout ago, or is not a
+// clean-up statement, and is left alone.
 func (st *statement) interruptOverdue() {
 	st.mu.Lock()
 	gen, due := st.gen, st.inFlight && !st.cleanupSince.IsZero() && time.Since(st.cleanupSince) >= cleanupTimeout
