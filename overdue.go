@@ -18,8 +18,7 @@ import (
 var cleanups = struct {
 	sync.Mutex
 	inFlight map[*statement]time.Time // since when
-	timer    *time.Timer              // runs checkCleanups; made at the first clean-up statement
-	set      bool                     // the timer is set
+	timer    sharedTimer              // runs checkCleanups
 }{inFlight: make(map[*statement]time.Time)}
 
 // cleanupStarted puts st, whose clean-up statement started at since, in
@@ -28,15 +27,7 @@ func cleanupStarted(st *statement, since time.Time) {
 	cleanups.Lock()
 	defer cleanups.Unlock()
 	cleanups.inFlight[st] = since
-	switch {
-	case cleanups.set:
-	case cleanups.timer == nil:
-		cleanups.set = true
-		cleanups.timer = time.AfterFunc(cleanupTimeout, checkCleanups)
-	default:
-		cleanups.set = true
-		cleanups.timer.Reset(cleanupTimeout)
-	}
+	cleanups.timer.setUnlessSet(cleanupTimeout, checkCleanups)
 }
 
 // cleanupEnded takes st, whose clean-up statement ended, out of cleanups.
@@ -65,9 +56,11 @@ func checkCleanups() {
 			next = at
 		}
 	}
-	if cleanups.set = !next.IsZero(); cleanups.set {
-		cleanups.timer.Reset(next.Sub(now))
+	var after time.Duration
+	if !next.IsZero() {
+		after = next.Sub(now) // positive: the due ones are out
 	}
+	cleanups.timer.fired(after)
 	cleanups.Unlock()
 	for _, st := range due {
 		st.interruptOverdue()

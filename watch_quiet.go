@@ -35,8 +35,7 @@ const quietLinger = 4 * watchQuiet
 var quietSessions = struct {
 	sync.Mutex
 	due   []quietLook
-	timer *time.Timer // runs lookQuiet; made at the first look
-	set   bool        // the timer is set
+	timer sharedTimer // runs lookQuiet
 	asked time.Time   // when the last look was asked for
 }{}
 
@@ -58,15 +57,7 @@ func (s *Session) watchSoon() {
 	now := time.Now()
 	quietSessions.asked = now
 	quietSessions.due = append(quietSessions.due, quietLook{s, now.Add(watchQuiet)})
-	switch {
-	case quietSessions.set:
-	case quietSessions.timer == nil:
-		quietSessions.set = true
-		quietSessions.timer = time.AfterFunc(watchQuiet, lookQuiet)
-	default:
-		quietSessions.set = true
-		quietSessions.timer.Reset(watchQuiet)
-	}
+	quietSessions.timer.setUnlessSet(watchQuiet, lookQuiet)
 }
 
 // lookQuiet looks at the sessions that are due, and sets the timer for the
@@ -87,14 +78,14 @@ func lookQuiet() {
 	rest := copy(quietSessions.due, quietSessions.due[n:])
 	clear(quietSessions.due[rest:]) // no ended session kept from the collector
 	quietSessions.due = quietSessions.due[:rest]
+	var next time.Duration
 	switch {
 	case rest > 0:
-		quietSessions.timer.Reset(quietSessions.due[0].at.Sub(now))
+		next = quietSessions.due[0].at.Sub(now) // positive: not due
 	case now.Sub(quietSessions.asked) < quietLinger:
-		quietSessions.timer.Reset(watchQuiet)
-	default:
-		quietSessions.set = false
+		next = watchQuiet
 	}
+	quietSessions.timer.fired(next)
 	quietSessions.Unlock()
 	for _, s := range due {
 		s.lookQuiet()

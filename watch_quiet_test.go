@@ -8,6 +8,31 @@ import (
 	"time"
 )
 
+// watchedSession returns a Session with an hour's health interval that
+// holds key, once its watcher watches it.
+func watchedSession(t *testing.T, e *env, key Key) *Session {
+	t.Helper()
+	s, err := NewSession(e.ctx, e.pool(), HealthInterval(time.Hour))
+	must(t, err)
+	t.Cleanup(func() { _ = s.Close(e.ctx) })
+	if got, err := s.Lock(e.ctx, key); err != nil || !got {
+		t.Fatalf("Lock(%v) = %v, %v", key, got, err)
+	}
+	awaitWatching(t, s)
+	return s
+}
+
+// lockUnlock locks and unlocks key on s, n times.
+func lockUnlock(t *testing.T, e *env, s *Session, key Key, n int) {
+	t.Helper()
+	for range n {
+		if got, err := s.Lock(e.ctx, key); err != nil || !got {
+			t.Fatalf("Lock(%v) = %v, %v", key, got, err)
+		}
+		must(t, s.Unlock(e.ctx, key))
+	}
+}
+
 // Turns taken and given back in quick succession on a session that holds a
 // lock leave the health watcher's readiness alone: it is armed again only
 // once the session has been quiet for watchQuiet, so the epoll_ctl calls
@@ -16,22 +41,11 @@ import (
 // Lock and Unlock.
 func TestQuickTurnsLeaveTheReadinessAlone(t *testing.T) {
 	e := newEnv(t)
-	s, err := NewSession(e.ctx, e.pool(), HealthInterval(time.Hour))
-	must(t, err)
-	defer s.Close(e.ctx)
-	held, cycled := StringKey("quiet-held"), StringKey("quiet-cycled")
-	if got, err := s.Lock(e.ctx, held); err != nil || !got {
-		t.Fatalf("Lock(%v) = %v, %v", held, got, err)
-	}
-	awaitWatching(t, s)
+	held := StringKey("quiet-held")
+	s := watchedSession(t, e, held)
 	const cycles = 200
 	calls, start := readinessCalls.Load(), time.Now()
-	for range cycles {
-		if got, err := s.Lock(e.ctx, cycled); err != nil || !got {
-			t.Fatalf("Lock(%v) = %v, %v", cycled, got, err)
-		}
-		must(t, s.Unlock(e.ctx, cycled))
-	}
+	lockUnlock(t, e, s, StringKey("quiet-cycled"), cycles)
 	calls, took := readinessCalls.Load()-calls, time.Since(start)
 	// At most one look per watchQuiet arms the readiness, and the next
 	// turn disarms it; and the first turn disarmed what awaitWatching saw.
@@ -49,26 +63,11 @@ func TestQuickTurnsLeaveTheReadinessAlone(t *testing.T) {
 // terminated backend is noticed with an hour's health interval.
 func TestWatcherNoticesLossAfterQuickTurns(t *testing.T) {
 	e := newEnv(t)
-	s, err := NewSession(e.ctx, e.pool(), HealthInterval(time.Hour))
-	must(t, err)
-	defer s.Close(e.ctx)
-	held, cycled := StringKey("quiet-loss-held"), StringKey("quiet-loss-cycled")
-	if got, err := s.Lock(e.ctx, held); err != nil || !got {
-		t.Fatalf("Lock(%v) = %v, %v", held, got, err)
-	}
-	awaitWatching(t, s)
-	for range 20 {
-		if got, err := s.Lock(e.ctx, cycled); err != nil || !got {
-			t.Fatalf("Lock(%v) = %v, %v", cycled, got, err)
-		}
-		must(t, s.Unlock(e.ctx, cycled))
-	}
+	held := StringKey("quiet-loss-held")
+	s := watchedSession(t, e, held)
+	lockUnlock(t, e, s, StringKey("quiet-loss-cycled"), 20)
 	e.terminate(s.pc.PgConn().PID())
-	select {
-	case <-s.Done():
-	case <-time.After(notHung):
-		t.Fatalf("a terminated backend not noticed after %v on a session that held a lock through quick turns", notHung)
-	}
+	e.awaitDone(s.Done(), "a session that held a lock through quick turns, its backend terminated")
 	if err := s.Close(e.ctx); !errors.Is(err, ErrLockLost) {
 		t.Errorf("Close after the loss = %v; want ErrLockLost", err)
 	}
