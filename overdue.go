@@ -63,6 +63,6 @@ func checkCleanups() {
 	cleanups.timer.fired(after)
 	cleanups.Unlock()
 	for _, st := range due {
-		st.interruptOverdue()
+		go st.interruptOverdue() // each may wait for its cancel request: not one after another
 	}
 }
