@@ -7,6 +7,7 @@ import (
 	"net"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -107,13 +108,13 @@ func TestWaitEndedByClose(t *testing.T) {
 }
 
 // proxiedPool returns a pool whose connections go through a cut proxy.
-func (e *env) proxiedPool() (*pgxpool.Pool, *pgtest.Proxy) {
+func (e *env) proxiedPool(mods ...func(*pgxpool.Config)) (*pgxpool.Pool, *pgtest.Proxy) {
 	e.t.Helper()
 	proxy := newCutProxy(e.t, net.JoinHostPort(server.Host, strconv.Itoa(server.Port)))
-	pool := e.pool(func(c *pgxpool.Config) {
+	pool := e.pool(append([]func(*pgxpool.Config){func(c *pgxpool.Config) {
 		c.ConnConfig.Host = "127.0.0.1"
 		c.ConnConfig.Port = proxy.Port()
-	})
+	}}, mods...)...)
 	return pool, proxy
 }
 
@@ -199,4 +200,72 @@ func TestUnlockCleanupTimesOutAfterManyInTime(t *testing.T) {
 		t.Errorf("Close = %v; want ErrLockLost", err)
 	}
 	t.Logf("Unlock over a cut network returned after %v", time.Since(start))
+}
+
+// Clean-up statements that hang at the same time are each cut at their own
+// bound, not one after another: the Closes of several sessions over a
+// silently cut network, where a cancel request cannot connect either (its
+// dial hangs, as to a host that drops packets), each return once their
+// unlock has run for cleanupTimeout and its cancel request for
+// cancelRequestTimeout, however many were due at once. Red at 3ae4e9a:
+// overdue.go's one timer interrupted the statements due at a firing one
+// after another, each waiting out its cancel request, so the n-th Close
+// returned (n-1) × 2 s late.
+func TestCloseCleanupsOverdueTogether(t *testing.T) {
+	e := newEnv(t)
+	const n = 5
+	var cut atomic.Bool // dials hang, until the test ends
+	ended := make(chan struct{})
+	t.Cleanup(func() { close(ended) }) // before the end check: pgconn's own cancel requests give up
+	pool, proxy := e.proxiedPool(func(c *pgxpool.Config) {
+		c.MaxConns = n
+		dial := c.ConnConfig.DialFunc
+		c.ConnConfig.DialFunc = func(ctx context.Context, network, addr string) (net.Conn, error) {
+			if cut.Load() {
+				select {
+				case <-ctx.Done():
+				case <-ended:
+				}
+				return nil, errors.New("the network is cut")
+			}
+			return dial(ctx, network, addr)
+		}
+	})
+	sessions := make([]*Session, n)
+	for i := range sessions {
+		s, err := NewSession(e.ctx, pool, HealthInterval(time.Hour)) // the watcher only listens: it cannot notice a silent cut
+		must(t, err)
+		if got, err := s.Lock(e.ctx, Int64Key(1620+int64(i))); err != nil || !got {
+			t.Fatalf("Lock = %v, %v", got, err)
+		}
+		sessions[i] = s
+	}
+	cut.Store(true)
+	proxy.Cut()
+	bound := cleanupTimeout + cancelRequestTimeout + cancelGrace
+	took := make(chan time.Duration, n)
+	start := make(chan struct{})
+	for _, s := range sessions {
+		go func() {
+			<-start
+			began := time.Now()
+			if err := s.Close(e.ctx); !errors.Is(err, ErrLockLost) {
+				t.Errorf("Close over a cut network = %v; want ErrLockLost", err)
+			}
+			took <- time.Since(began)
+		}()
+	}
+	close(start)
+	for range n {
+		var d time.Duration
+		select {
+		case d = <-took:
+		case <-time.After(3 * bound):
+			t.Fatalf("a Close over a cut network has not returned after %v", 3*bound)
+		}
+		t.Logf("Close over a cut network, its cancel request hanging, returned after %v", d)
+		if d > bound {
+			t.Errorf("Close over a cut network returned after %v; want at most %v (cleanupTimeout, cancelRequestTimeout and a grace)", d, bound)
+		}
+	}
 }
