@@ -85,17 +85,22 @@ func (s *Session) unlockTurn(ctx context.Context) error {
 // giveTurn ends a takeTurn. If the session holds something its watcher
 // does not watch, the watcher looks at it once the session has been quiet
 // for watchQuiet (watchSoon), not at once: a caller that takes the turn
-// again sooner leaves nothing to disarm.
+// again sooner leaves nothing to disarm. The look is asked for after the
+// turn is given back: a look that was already due, and finds the turn
+// taken, then found it taken by a later caller, whose giveTurn asks for
+// another (asked for before giving the turn back, the look could come in
+// between, find the turn still taken, and no look would follow).
 func (s *Session) giveTurn() {
 	if h := s.handOver; h != nil {
 		s.handOver = nil
 		close(h)
 		return
 	}
-	if s.unwatched() {
+	unwatched := s.unwatched() // under the turn, which guards the readiness
+	<-s.turn
+	if unwatched {
 		s.watchSoon()
 	}
-	<-s.turn
 }
 
 // giveWatchTurn ends the watcher's takeWatchTurn, arming the health
