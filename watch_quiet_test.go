@@ -4,8 +4,12 @@ package advisory
 
 import (
 	"errors"
+	"fmt"
+	"sync"
 	"testing"
 	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
 )
 
 // watchedSession returns a Session with an hour's health interval that
@@ -72,4 +76,57 @@ func TestWatcherNoticesLossAfterQuickTurns(t *testing.T) {
 		t.Errorf("Close after the loss = %v; want ErrLockLost", err)
 	}
 	e.awaitKeyFree(held)
+}
+
+// Many sessions that make quick turns at once, each holding a lock, are
+// all watched again once quiet: their backends terminated together, each
+// is noticed with an hour's health interval (the looks of one firing of
+// the process's one timer cover them all, whatever the order their turns
+// came back in).
+func TestManyQuietSessionsNoticeLoss(t *testing.T) {
+	e := newEnv(t)
+	const n = 16
+	pool := e.pool(func(c *pgxpool.Config) { c.MaxConns = n })
+	sessions := make([]*Session, n)
+	for i := range sessions {
+		s, err := NewSession(e.ctx, pool, HealthInterval(time.Hour))
+		must(t, err)
+		t.Cleanup(func() { _ = s.Close(e.ctx) })
+		if got, err := s.Lock(e.ctx, Int64Key(int64(1700+i))); err != nil || !got {
+			t.Fatalf("Lock = %v, %v", got, err)
+		}
+		sessions[i] = s
+	}
+	var wg sync.WaitGroup
+	for i, s := range sessions {
+		wg.Go(func() {
+			key := Int64Key(int64(1800 + i))
+			for range 20 {
+				if got, err := s.Lock(e.ctx, key); err != nil || !got {
+					t.Errorf("Lock(%v) = %v, %v", key, got, err)
+					return
+				}
+				if err := s.Unlock(e.ctx, key); err != nil {
+					t.Errorf("Unlock(%v) = %v", key, err)
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	pids := make([]int32, n)
+	for i, s := range sessions {
+		pids[i] = int32(s.pc.PgConn().PID())
+	}
+	var terminated int
+	must(t, e.adminConn().QueryRow(e.ctx, "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM unnest($1::int4[]) AS pid", pids).Scan(&terminated))
+	if terminated != n {
+		t.Fatalf("terminated %d of %d backends", terminated, n)
+	}
+	for i, s := range sessions {
+		e.awaitDone(s.Done(), fmt.Sprintf("session %d of %d that made quick turns, its backend terminated", i+1, n))
+		if err := s.Close(e.ctx); !errors.Is(err, ErrLockLost) {
+			t.Errorf("session %d: Close after the loss = %v; want ErrLockLost", i+1, err)
+		}
+	}
 }
