@@ -5,6 +5,7 @@ import (
 	"errors"
 	"net"
 	"strconv"
+	"sync"
 	"testing"
 	"time"
 
@@ -39,13 +40,46 @@ func cancelHandler(delay time.Duration) func(*pgxpool.Config) {
 }
 
 // cutPool returns a pool whose connections go through a pgtest.Proxy, with
-// mods applied.
+// mods applied. When the test ends, before the end checks, it waits (up to
+// pgconn's own 15 s) for pgconn to finish closing the pool's connections
+// that were closed under a statement: pgconn then sends a cancel request
+// and drains the socket in a goroutine of its own (asyncClose), which the
+// goroutine check would otherwise find still running on a loaded machine.
 func (e *env) cutPool(mods ...func(*pgxpool.Config)) (*pgtest.Proxy, *pgxpool.Pool) {
 	proxy := newCutProxy(e.t, net.JoinHostPort(server.Host, strconv.Itoa(server.Port)))
+	var (
+		mu    sync.Mutex
+		conns []*pgconn.PgConn
+	)
 	pool := e.pool(append(mods, func(c *pgxpool.Config) {
 		c.ConnConfig.Host = "127.0.0.1"
 		c.ConnConfig.Port = proxy.Port()
+		after := c.AfterConnect
+		c.AfterConnect = func(ctx context.Context, conn *pgx.Conn) error {
+			mu.Lock()
+			conns = append(conns, conn.PgConn())
+			mu.Unlock()
+			if after != nil {
+				return after(ctx, conn)
+			}
+			return nil
+		}
 	})...)
+	e.t.Cleanup(func() {
+		mu.Lock()
+		defer mu.Unlock()
+		for _, c := range conns {
+			if !c.IsClosed() {
+				continue // the pool closes it after this
+			}
+			select {
+			case <-c.CleanupDone():
+			case <-time.After(20 * time.Second):
+				e.t.Errorf("pgconn had not finished closing a connection after 20 s")
+				return
+			}
+		}
+	})
 	return proxy, pool
 }
 
