@@ -79,9 +79,10 @@ func BenchmarkInterleaved(b *testing.B) {
 		for i, p := range [][2]string{{"raw-pgx", "raw-pgx"}, {"advisory-session", "raw-pgx"}, {"raw-pgx", "advisory-session"}, {"advisory-session", "advisory-session"},
 			{"advisory-acquire", "raw-pgx"}, {"raw-pgx", "advisory-acquire"}, {"raw-pgx", "raw-pgx-sliced"},
 			{"pgxpool-naive", "raw-pgx"}, {"raw-pgx", "pgxpool-naive"}} {
-			pool := newPool(b, 4)
+			// Holder and waiter on pools of their own, as in two processes:
+			// two Sessions of one pool would queue in the process (SPEC §13).
 			key := handoffKey + 300 + int64(i)
-			holder, waiter := byName[p[0]].open(b, pool, key), byName[p[1]].open(b, pool, key)
+			holder, waiter := byName[p[0]].open(b, newPool(b, 4), key), byName[p[1]].open(b, newPool(b, 4), key)
 			names = append(names, p[0]+"_"+p[1])
 			ones = append(ones, func() time.Duration { return splitHandoff(b, monitor, holder, waiter) })
 		}
