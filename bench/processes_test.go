@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -33,19 +34,31 @@ const procBlock = time.Second
 // random order of subjects each op. NAME-p50-ns is the time per cycle (all
 // processes together), so NAME-vs-floor is the subject's throughput
 // against raw pgx's; compare with bench/pgbench, the server-side floor.
+// NAME-client-cpu-ns is the CPU time (user and system, from getrusage)
+// the subject's client processes spent per cycle while they ran cycles:
+// on a machine whose cores the server and the 16 clients share, it tells
+// a client-side cost from the scheduling noise that moves the p50.
 //
 //	go test -run '^$' -bench '^BenchmarkContendedProcesses$' -benchtime 5x -count 2 .
 func BenchmarkContendedProcesses(b *testing.B) {
 	names := []string{"raw-pgx", "advisory-acquire", "advisory-session"}
+	cpu := make([]time.Duration, len(names))
+	cycles := make([]int64, len(names))
 	interleave(b, names, func(i int) time.Duration {
-		cycles := runProcs(b, names[i], contendedKey+2000+int64(i*contendedKeys))
-		return procBlock / time.Duration(max(cycles, 1))
+		n, used := runProcs(b, names[i], contendedKey+2000+int64(i*contendedKeys))
+		cycles[i] += n
+		cpu[i] += used
+		return procBlock / time.Duration(max(n, 1))
 	})
+	for i, name := range names {
+		b.ReportMetric(float64(cpu[i].Nanoseconds())/float64(max(cycles[i], 1)), name+"-client-cpu-ns")
+	}
 }
 
 // runProcs runs contenders client processes of subject for procBlock and
-// returns how many cycles they ran in all.
-func runProcs(b *testing.B, subject string, firstKey int64) int64 {
+// returns how many cycles they ran in all, and the CPU time they spent
+// running them.
+func runProcs(b *testing.B, subject string, firstKey int64) (int64, time.Duration) {
 	b.Helper()
 	type proc struct {
 		cmd   *exec.Cmd
@@ -89,21 +102,34 @@ func runProcs(b *testing.B, subject string, firstKey int64) int64 {
 		_, _ = io.WriteString(p.in, "go\n")
 	}
 	var cycles int64
+	var cpu time.Duration
 	for _, p := range procs {
 		var n int64
-		if _, err := fmt.Sscan(line(p), &n); err != nil {
+		var used time.Duration
+		if _, err := fmt.Sscan(line(p), &n, &used); err != nil {
 			b.Fatal(err)
 		}
 		cycles += n
+		cpu += used
 		if err := p.cmd.Wait(); err != nil {
 			b.Fatalf("a %s client process: %v: %s", subject, err, p.stdio.String())
 		}
 	}
-	return cycles
+	return cycles, cpu
+}
+
+// processCPU is the CPU time, user and system, the process has used.
+func processCPU() time.Duration {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		return 0
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
 
 // procChild is one client process: it connects, says "ready", waits for a
-// line on stdin, runs lock+unlock cycles for procBlock and prints how many.
+// line on stdin, runs lock+unlock cycles for procBlock and prints how many
+// and the CPU time they took (nanoseconds).
 func procChild(spec string) int {
 	f := strings.Split(spec, "|")
 	subject, dsn := f[0], f[1]
@@ -156,6 +182,7 @@ func procChild(spec string) int {
 		return fail(err)
 	}
 	var n int64
+	cpu := processCPU()
 	for end := time.Now().Add(procBlock); time.Now().Before(end); n++ {
 		if err := lock(); err != nil {
 			return fail(err)
@@ -164,6 +191,6 @@ func procChild(spec string) int {
 			return fail(err)
 		}
 	}
-	fmt.Println(n)
+	fmt.Println(n, int64(processCPU()-cpu))
 	return 0
 }
