@@ -7,6 +7,8 @@ import (
 	"io"
 	"os"
 	"os/exec"
+	"path/filepath"
+	"runtime/pprof"
 	"strings"
 	"syscall"
 	"testing"
@@ -127,6 +129,14 @@ func processCPU() time.Duration {
 	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
 
+// envProcProfile, set to a directory, has each client process of
+// BenchmarkContendedProcesses write a CPU profile of its cycles there
+// (SUBJECT-PID.pprof), to be read together:
+//
+//	BENCH_PROC_PROFILE=/tmp/prof go test -run '^$' -bench '^BenchmarkContendedProcesses$' -benchtime 1x .
+//	go tool pprof -top /tmp/prof/advisory-acquire-*.pprof
+const envProcProfile = "BENCH_PROC_PROFILE"
+
 // procChild is one client process: it connects, says "ready", waits for a
 // line on stdin, runs lock+unlock cycles for procBlock and prints how many
 // and the CPU time they took (nanoseconds).
@@ -180,6 +190,17 @@ func procChild(spec string) int {
 	fmt.Println("ready")
 	if _, err := bufio.NewReader(os.Stdin).ReadString('\n'); err != nil {
 		return fail(err)
+	}
+	if dir := os.Getenv(envProcProfile); dir != "" {
+		f, err := os.Create(filepath.Join(dir, fmt.Sprintf("%s-%d.pprof", subject, os.Getpid())))
+		if err != nil {
+			return fail(err)
+		}
+		defer f.Close()
+		if err := pprof.StartCPUProfile(f); err != nil {
+			return fail(err)
+		}
+		defer pprof.StopCPUProfile()
 	}
 	var n int64
 	cpu := processCPU()
