@@ -37,30 +37,45 @@ const procBlock = time.Second
 // processes together), so NAME-vs-floor is the subject's throughput
 // against raw pgx's; compare with bench/pgbench, the server-side floor.
 // NAME-client-cpu-ns is the CPU time (user and system, from getrusage)
-// the subject's client processes spent per cycle while they ran cycles:
-// on a machine whose cores the server and the 16 clients share, it tells
-// a client-side cost from the scheduling noise that moves the p50.
+// the subject's client processes spent per cycle while they ran cycles,
+// and NAME-client-waits their voluntary context switches per cycle (a
+// thread that went to sleep: each costs a wake-up later): on a machine
+// whose cores the server and the 16 clients share, they tell a client-side
+// cost from the scheduling noise that moves the p50.
 //
 //	go test -run '^$' -bench '^BenchmarkContendedProcesses$' -benchtime 5x -count 2 .
 func BenchmarkContendedProcesses(b *testing.B) {
 	names := []string{"raw-pgx", "advisory-acquire", "advisory-session"}
-	cpu := make([]time.Duration, len(names))
-	cycles := make([]int64, len(names))
+	used := make([]procUse, len(names))
 	interleave(b, names, func(i int) time.Duration {
-		n, used := runProcs(b, names[i], contendedKey+2000+int64(i*contendedKeys))
-		cycles[i] += n
-		cpu[i] += used
-		return procBlock / time.Duration(max(n, 1))
+		u := runProcs(b, names[i], contendedKey+2000+int64(i*contendedKeys))
+		used[i].add(u)
+		return procBlock / time.Duration(max(u.cycles, 1))
 	})
 	for i, name := range names {
-		b.ReportMetric(float64(cpu[i].Nanoseconds())/float64(max(cycles[i], 1)), name+"-client-cpu-ns")
+		n := float64(max(used[i].cycles, 1))
+		b.ReportMetric(float64(used[i].cpu.Nanoseconds())/n, name+"-client-cpu-ns")
+		b.ReportMetric(float64(used[i].waits)/n, name+"-client-waits")
 	}
 }
 
+// procUse is what client processes did while they ran cycles: how many,
+// with what CPU time, and how many voluntary context switches.
+type procUse struct {
+	cycles int64
+	cpu    time.Duration
+	waits  int64
+}
+
+func (u *procUse) add(v procUse) {
+	u.cycles += v.cycles
+	u.cpu += v.cpu
+	u.waits += v.waits
+}
+
 // runProcs runs contenders client processes of subject for procBlock and
-// returns how many cycles they ran in all, and the CPU time they spent
-// running them.
-func runProcs(b *testing.B, subject string, firstKey int64) (int64, time.Duration) {
+// returns what they did in all.
+func runProcs(b *testing.B, subject string, firstKey int64) procUse {
 	b.Helper()
 	type proc struct {
 		cmd   *exec.Cmd
@@ -103,30 +118,28 @@ func runProcs(b *testing.B, subject string, firstKey int64) (int64, time.Duratio
 	for _, p := range procs {
 		_, _ = io.WriteString(p.in, "go\n")
 	}
-	var cycles int64
-	var cpu time.Duration
+	var all procUse
 	for _, p := range procs {
-		var n int64
-		var used time.Duration
-		if _, err := fmt.Sscan(line(p), &n, &used); err != nil {
+		var u procUse
+		if _, err := fmt.Sscan(line(p), &u.cycles, &u.cpu, &u.waits); err != nil {
 			b.Fatal(err)
 		}
-		cycles += n
-		cpu += used
+		all.add(u)
 		if err := p.cmd.Wait(); err != nil {
 			b.Fatalf("a %s client process: %v: %s", subject, err, p.stdio.String())
 		}
 	}
-	return cycles, cpu
+	return all
 }
 
-// processCPU is the CPU time, user and system, the process has used.
-func processCPU() time.Duration {
+// processUse is the CPU time, user and system, the process has used, and
+// its voluntary context switches.
+func processUse() (time.Duration, int64) {
 	var ru syscall.Rusage
 	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
-		return 0
+		return 0, 0
 	}
-	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano()), ru.Nvcsw
 }
 
 // envProcProfile, set to a directory, has each client process of
@@ -139,7 +152,8 @@ const envProcProfile = "BENCH_PROC_PROFILE"
 
 // procChild is one client process: it connects, says "ready", waits for a
 // line on stdin, runs lock+unlock cycles for procBlock and prints how many
-// and the CPU time they took (nanoseconds).
+// with the CPU time they took (nanoseconds) and the voluntary context
+// switches they made.
 func procChild(spec string) int {
 	f := strings.Split(spec, "|")
 	subject, dsn := f[0], f[1]
@@ -203,7 +217,7 @@ func procChild(spec string) int {
 		defer pprof.StopCPUProfile()
 	}
 	var n int64
-	cpu := processCPU()
+	cpu, waits := processUse()
 	for end := time.Now().Add(procBlock); time.Now().Before(end); n++ {
 		if err := lock(); err != nil {
 			return fail(err)
@@ -212,6 +226,7 @@ func procChild(spec string) int {
 			return fail(err)
 		}
 	}
-	fmt.Println(n, int64(processCPU()-cpu))
+	cpuEnd, waitsEnd := processUse()
+	fmt.Println(n, int64(cpuEnd-cpu), waitsEnd-waits)
 	return 0
 }
