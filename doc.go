@@ -177,9 +177,9 @@
 // pings only), for the idle socket to become readable, so a terminated backend or a stopped
 // server (a FATAL message or a closed socket) is noticed at once, and the
 // watcher pings to read what came. The watch starts, and after each call on
-// the session begins again, once the session has held its locks for 10 ms
+// the session begins again, once the session has held its locks for 10-20 ms
 // without a call: a lock released sooner costs no goroutine and no system
-// call to watch it, and a loss right after a call is noticed up to 10 ms later. Callers use the connection at once and
+// call to watch it, and a loss right after a call is noticed up to 20 ms later. Callers use the connection at once and
 // never wait for the watcher. When the connection has been quiet for a
 // HealthInterval (default 1 s) the watcher pings, for a network cut that
 // sends nothing: a ping unanswered within the interval (at least 1 s)

@@ -77,15 +77,13 @@ type watching struct {
 // (watch_quiet.go), so that a lock released sooner (an Acquire and Release
 // in quick succession, or a Session's Lock and Unlock) costs no goroutine
 // and no system call to watch it. A loss while the session holds is
-// noticed at most that much later.
+// noticed at most twice that much later (the look comes between
+// watchQuiet and twice that after the turn was given back).
 //
 // It is 10 ms, not less: while locks are taken, the process's one timer
 // for the looks (watch_quiet.go) fires every watchQuiet, and each firing
-// wakes a thread. With 2 ms, 16 client processes contending on 4 keys
-// (bench BenchmarkContendedProcesses, BENCH_PROC_PROFILE) spent 14-16 % of
-// their CPU putting those threads back to sleep (runtime.goexit0 after the
-// timer's goroutine); with 10 ms, 6-9 %. A 10 ms later notice is small
-// beside the health interval that bounds detection (default 1 s).
+// wakes a thread. A 20 ms later notice is small beside the health interval
+// that bounds detection (default 1 s).
 const watchQuiet = 10 * time.Millisecond
 
 // arm tells the session it holds something to watch, since when: the
