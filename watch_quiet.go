@@ -2,6 +2,7 @@ package advisory
 
 import (
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -34,6 +35,10 @@ import (
 // quietLinger is how long the timer goes on firing after the last look was
 // asked for.
 const quietLinger = 4 * watchQuiet
+
+// quietFirings counts the firings of the looks' timer, for tests that
+// check how often the process wakes for them.
+var quietFirings atomic.Int64
 
 // quietSessions is the process's sessions to look at, in the order they
 // gave the turn back, so by when they are due.
@@ -69,6 +74,7 @@ func (s *Session) watchSoon() {
 // watchQuiet later while looks are due or were asked for within
 // quietLinger.
 func lookQuiet() {
+	quietFirings.Add(1)
 	now := time.Now()
 	quietSessions.Lock()
 	n := 0

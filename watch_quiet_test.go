@@ -63,6 +63,29 @@ func TestQuickTurnsLeaveTheReadinessAlone(t *testing.T) {
 	e.awaitKeyFree(held)
 }
 
+// Locks taken and released fast, each on a session of its own (Acquire),
+// wake the process for their looks at most once per watchQuiet, however
+// many looks they ask for: the timer fires for all the looks then due, not
+// at each one's own time. Red before: a firing per lock taken (200 Acquire
+// and Release cycles made about as many firings).
+func TestQuietLooksWakeOncePerWatchQuiet(t *testing.T) {
+	e := newEnv(t)
+	pool := e.pool()
+	const cycles = 200
+	firings, start := quietFirings.Load(), time.Now()
+	for i := range cycles {
+		l, err := Acquire(e.ctx, pool, Int64Key(int64(1900+i%4)))
+		must(t, err)
+		must(t, l.Release(e.ctx))
+	}
+	firings, took := quietFirings.Load()-firings, time.Since(start)
+	bound := int64(took/watchQuiet) + 1
+	t.Logf("%d Acquire and Release in %v: %d firings of the looks' timer (bound %d)", cycles, took, firings, bound)
+	if firings > bound {
+		t.Errorf("%d Acquire and Release in %v woke the process %d times for the looks; want at most %d (one per watchQuiet)", cycles, took, firings, bound)
+	}
+}
+
 // After quick turns, a session that still holds a lock is watched again: a
 // terminated backend is noticed with an hour's health interval.
 func TestWatcherNoticesLossAfterQuickTurns(t *testing.T) {
