@@ -173,7 +173,7 @@
 // A session lock lives exactly as long as its session. While a Session holds
 // locks, a health watcher watches its connection without holding it: on
 // Linux it waits, through an epoll descriptor of the session's own (one more
-// open file per Session that has held a lock for 10 ms; without one, it
+// open file per Session that has held a lock for 10-20 ms; without one, it
 // pings only), for the idle socket to become readable, so a terminated backend or a stopped
 // server (a FATAL message or a closed socket) is noticed at once, and the
 // watcher pings to read what came. The watch starts, and after each call on

@@ -226,9 +226,10 @@ func TTL(d time.Duration) Option {
 // trip, sent once the connection has been quiet for d and skipped while
 // another statement is running on it. A closed connection or a terminated
 // backend is noticed at once on Linux (the watcher waits for the socket to
-// become readable), within one interval elsewhere; a silent network cut
-// within about two, as a check that gets no answer within one interval
-// closes the connection. A d that is not positive makes the call fail
+// become readable, from 10-20 ms after the session's last call on),
+// within one interval elsewhere; a silent network cut within about two,
+// as a check that gets no answer within one interval closes the
+// connection. A d that is not positive makes the call fail
 // before any SQL is sent. Any longer d is accepted, but the server-side
 // keep-alives it sets are clamped to what TCP allows (32767 s each): over
 // about 4.5 hours, the server may drop a silently cut client, and free its

@@ -43,9 +43,12 @@ const procBlock = time.Second
 // whose cores the server and the 16 clients share, they tell a client-side
 // cost from the scheduling noise that moves the p50. NAME-fair is how
 // evenly the processes were served: the fewest cycles a process ran in an
-// op against the mean per process, over all ops (1 is even, 0 means a
-// process starved in some op); a subject that lets a releasing process take
-// the key again before the waiters has a high p50 ratio and a low NAME-fair.
+// op against the mean per process, summed over all ops (interleave's
+// untimed first op included): 1 is even, near 0 means a process starved
+// in most ops (a starved process still counts the cycle whose lock call
+// waited until the others stopped, so its count is 1, not 0); a subject
+// that lets a releasing process take the key again before the waiters has
+// a high p50 ratio and a low NAME-fair.
 //
 //	go test -run '^$' -bench '^BenchmarkContendedProcesses$' -benchtime 5x -count 2 .
 func BenchmarkContendedProcesses(b *testing.B) {
