@@ -226,7 +226,8 @@ func TTL(d time.Duration) Option {
 // trip, sent once the connection has been quiet for d and skipped while
 // another statement is running on it. A closed connection or a terminated
 // backend is noticed at once on Linux (the watcher waits for the socket to
-// become readable, from 10-20 ms after the session's last call on),
+// become readable, from 10-20 ms after the session's last call on, or at
+// once for a d under 20 ms),
 // within one interval elsewhere; a silent network cut within about two,
 // as a check that gets no answer within one interval closes the
 // connection. A d that is not positive makes the call fail

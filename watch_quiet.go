@@ -56,8 +56,15 @@ type quietLook struct {
 }
 
 // watchSoon has s looked at watchQuiet from now, unless a look is already
-// due.
+// due. A session whose health interval is shorter than the longest a look
+// may take (twice watchQuiet) is looked at at once, as every session was
+// before the looks waited: SPEC §4 bounds the notice of a closed
+// connection by the interval.
 func (s *Session) watchSoon() {
+	if s.health < 2*watchQuiet {
+		s.lookQuiet()
+		return
+	}
 	quietSessions.Lock()
 	defer quietSessions.Unlock()
 	if s.lookDue {

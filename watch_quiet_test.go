@@ -86,6 +86,30 @@ func TestQuietLooksWakeOncePerWatchQuiet(t *testing.T) {
 	}
 }
 
+// A session whose health interval is shorter than a look may take is
+// watched from the call that took its lock, not from the look 10-20 ms
+// later: SPEC §4 bounds the notice of a closed connection by the interval.
+// Red before: its watcher had not started when Lock returned.
+func TestShortHealthIntervalWatchesAtOnce(t *testing.T) {
+	e := newEnv(t)
+	s, err := NewSession(e.ctx, e.pool(), HealthInterval(watchQuiet))
+	must(t, err)
+	t.Cleanup(func() { _ = s.Close(e.ctx) })
+	key := StringKey("short-health")
+	if got, err := s.Lock(e.ctx, key); err != nil || !got {
+		t.Fatalf("Lock(%v) = %v, %v", key, got, err)
+	}
+	s.mu.Lock()
+	started := s.watchStarted
+	s.mu.Unlock()
+	if !started {
+		t.Errorf("HealthInterval(%v): the watcher had not started when Lock returned; want it started at once", watchQuiet)
+	}
+	must(t, s.Unlock(e.ctx, key))
+	must(t, s.Close(e.ctx))
+	e.awaitKeyFree(key)
+}
+
 // After quick turns, a session that still holds a lock is watched again: a
 // terminated backend is noticed with an hour's health interval.
 func TestWatcherNoticesLossAfterQuickTurns(t *testing.T) {
