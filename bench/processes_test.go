@@ -53,25 +53,24 @@ const procBlock = time.Second
 //	go test -run '^$' -bench '^BenchmarkContendedProcesses$' -benchtime 5x -count 2 .
 func BenchmarkContendedProcesses(b *testing.B) {
 	names := []string{"raw-pgx", "advisory-acquire", "advisory-session"}
-	used := make([]procUse, len(names))
-	fewest := make([]int64, len(names))
+	used := make([]procUse, len(names)) // summed over the ops
 	interleave(b, names, func(i int) time.Duration {
 		u := runProcs(b, names[i], contendedKey+2000+int64(i*contendedKeys))
 		used[i].add(u)
-		fewest[i] += u.fewest
 		return procBlock / time.Duration(max(u.cycles, 1))
 	})
 	for i, name := range names {
 		n := float64(max(used[i].cycles, 1))
 		b.ReportMetric(float64(used[i].cpu.Nanoseconds())/n, name+"-client-cpu-ns")
 		b.ReportMetric(float64(used[i].waits)/n, name+"-client-waits")
-		b.ReportMetric(float64(fewest[i]*contenders)/n, name+"-fair")
+		b.ReportMetric(float64(used[i].fewest*contenders)/n, name+"-fair")
 	}
 }
 
 // procUse is what client processes did while they ran cycles: how many,
 // with what CPU time, and how many voluntary context switches; fewest is
-// the fewest cycles one of them ran (runProcs).
+// the fewest cycles one of them ran (in one op: runProcs; add sums it over
+// ops, as the others).
 type procUse struct {
 	cycles int64
 	cpu    time.Duration
@@ -83,6 +82,7 @@ func (u *procUse) add(v procUse) {
 	u.cycles += v.cycles
 	u.cpu += v.cpu
 	u.waits += v.waits
+	u.fewest += v.fewest
 }
 
 // runProcs runs contenders client processes of subject for procBlock and
@@ -131,19 +131,21 @@ func runProcs(b *testing.B, subject string, firstKey int64) procUse {
 		_, _ = io.WriteString(p.in, "go\n")
 	}
 	var all procUse
-	for g, p := range procs {
+	fewest := int64(-1)
+	for _, p := range procs {
 		var u procUse
 		if _, err := fmt.Sscan(line(p), &u.cycles, &u.cpu, &u.waits); err != nil {
 			b.Fatal(err)
 		}
 		all.add(u)
-		if g == 0 || u.cycles < all.fewest {
-			all.fewest = u.cycles
+		if fewest < 0 || u.cycles < fewest {
+			fewest = u.cycles
 		}
 		if err := p.cmd.Wait(); err != nil {
 			b.Fatalf("a %s client process: %v: %s", subject, err, p.stdio.String())
 		}
 	}
+	all.fewest = fewest
 	return all
 }
 
